@@ -1,0 +1,68 @@
+"""Every error leaves as RFC 9457 problem+json; never a stack trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sandbox.errors import SandboxError
+from sandbox.logs import get_logger
+
+PROBLEM_TYPE_BASE = "https://sandbox.invalid/problems/"
+log = get_logger("sandbox.api")
+
+_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
+           405: "Method not allowed", 409: "Conflict", 413: "Payload too large", 415: "Unsupported media type",
+           422: "Invalid request", 429: "Too many requests", 500: "Internal error"}
+
+
+def problem(status: int, detail: str, *, slug: str | None = None, title: str | None = None,
+            headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    title = title or _TITLES.get(status, "Error")
+    body = {
+        "type": PROBLEM_TYPE_BASE + (slug or title.lower().replace(" ", "-")),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="sandbox"'}
+    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # Only where and why; echoing `input` back could repeat a secret or a data value.
+    return [
+        {"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", "")),
+         "type": str(error.get("type", ""))}
+        for error in exc.errors()
+    ]
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SandboxError)
+    async def _sandbox_error(_request: Request, exc: SandboxError) -> JSONResponse:
+        return problem(exc.status, exc.detail, slug=exc.slug, title=exc.title, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _validation_errors(exc)
+        summary = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors[:5])
+        return problem(422, f"the request is malformed: {summary}", slug="invalid", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = str(exc.detail) if exc.detail else _TITLES.get(exc.status_code, "Error")
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.method} {request.url.path}"
+        return problem(exc.status_code, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled_error", path=request.url.path, error_type=type(exc).__name__, exc_info=exc)
+        return problem(500, "the service failed to handle this request; it has been logged")

@@ -1,0 +1,45 @@
+"""Contract endpoints: stewards write and revoke; buyers read their own org's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from sandbox import contracts
+from sandbox.api.deps import AnyRole, InstanceDep, Steward
+
+router = APIRouter(prefix="/v1/contracts", tags=["contracts"])
+
+
+class RevokeRequest(BaseModel):
+    reason: str = Field(default="", max_length=2000)
+
+
+@router.post("", status_code=201)
+def create_contract(body: contracts.ContractRequest, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    with instance.context(steward) as ctx:
+        return contracts.contract_view(contracts.create_contract(ctx, body))
+
+
+@router.get("")
+def list_contracts(instance: InstanceDep, principal: AnyRole) -> list[dict[str, Any]]:
+    with instance.context(principal) as ctx:
+        return [contracts.contract_view(c) for c in contracts.list_contracts(ctx)]
+
+
+@router.get("/{contract_id}")
+def get_contract(contract_id: str, instance: InstanceDep, principal: AnyRole) -> dict[str, Any]:
+    with instance.context(principal) as ctx:
+        contract = contracts.get_contract(ctx, contract_id)
+        ctx.record("contract.read", "contract", contract.id)
+        return contracts.contract_view(contract)
+
+
+@router.post("/{contract_id}/revoke")
+def revoke_contract(contract_id: str, instance: InstanceDep, steward: Steward,
+                    body: RevokeRequest | None = None) -> dict[str, Any]:
+    with instance.context(steward) as ctx:
+        reason = body.reason if body else ""
+        return contracts.contract_view(contracts.revoke_contract(ctx, contract_id, reason))

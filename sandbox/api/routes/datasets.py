@@ -1,0 +1,63 @@
+"""Catalog endpoints: stewards register datasets and versions; everyone reads the public card."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from sandbox.api.deps import AnyRole, InstanceDep, Steward
+from sandbox.api.uploads import receive_multipart
+from sandbox.auth.tokens import Role
+from sandbox.catalog import service
+from sandbox.catalog.cards import DatasetCard
+from sandbox.errors import Invalid
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=201)
+def create_dataset(card: DatasetCard, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    with instance.context(steward) as ctx:
+        dataset = service.create_dataset(ctx, card)
+        return service.dataset_view(dataset, steward=True)
+
+
+@router.get("")
+def list_datasets(instance: InstanceDep, principal: AnyRole) -> list[dict[str, Any]]:
+    steward = principal.role is Role.STEWARD
+    with instance.sessions() as session:
+        return [service.dataset_view(d, steward=steward) for d in service.list_datasets(session)]
+
+
+@router.get("/{name}")
+def get_dataset(name: str, instance: InstanceDep, principal: AnyRole) -> dict[str, Any]:
+    with instance.sessions() as session:
+        return service.dataset_view(service.get_dataset(session, name), steward=principal.role is Role.STEWARD)
+
+
+@router.post("/{name}/versions", status_code=201)
+async def add_version(name: str, request: Request, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    settings = instance.settings
+    with instance.sessions() as session:
+        card = service.card_of(service.get_dataset(session, name))
+    upload = await receive_multipart(request, file_fields={"file"}, staging_dir=settings.tmp_dir,
+                                     max_file_bytes=settings.max_upload_bytes)
+    try:
+        if "file" not in upload.files:
+            raise Invalid("the upload needs a part named 'file'")
+        uploaded = upload.files["file"]
+        staged, ingested, sha256 = await run_in_threadpool(
+            service.prepare_version, settings.tmp_dir, card, uploaded.path, uploaded.filename
+        )
+    finally:
+        upload.discard()
+    try:
+        with instance.context(steward) as ctx:
+            version = service.add_version(ctx, name=name, staged=staged, ingested=ingested, sha256=sha256,
+                                          upload_sha256=uploaded.sha256, size_bytes=uploaded.size)
+            view = service.version_view(version, steward=True)
+    finally:
+        staged.unlink(missing_ok=True)
+    return view

@@ -1,0 +1,23 @@
+"""Liveness and Prometheus metrics; no token needed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from sandbox.api.deps import InstanceDep
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+def healthz(instance: InstanceDep) -> dict[str, str]:
+    with instance.engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)

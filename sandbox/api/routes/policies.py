@@ -1,0 +1,53 @@
+"""Policy endpoints: stewards propose new versions and another steward approves them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from sandbox import policies
+from sandbox.api.deps import AnyRole, InstanceDep, Steward
+
+router = APIRouter(prefix="/v1/policies", tags=["policies"])
+
+
+class Decision(BaseModel):
+    comment: str = Field(default="", max_length=5000)
+
+
+@router.get("")
+def list_policies(instance: InstanceDep, _principal: AnyRole) -> list[dict[str, Any]]:
+    with instance.sessions() as session:
+        return [policies.policy_view(p) for p in policies.list_policies(session)]
+
+
+@router.get("/{name}/versions/{version}")
+def get_policy(name: str, version: int, instance: InstanceDep, _principal: AnyRole) -> dict[str, Any]:
+    with instance.sessions() as session:
+        return policies.policy_view(policies.get_policy_version(session, name, version))
+
+
+@router.post("", status_code=201)
+def propose_policy(body: dict[str, Any], instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    with instance.context(steward) as ctx:
+        return policies.policy_view(policies.propose_policy(ctx, body))
+
+
+@router.post("/{name}/versions/{version}/approve")
+def approve_policy(name: str, version: int, instance: InstanceDep, steward: Steward,
+                   body: Decision | None = None) -> dict[str, Any]:
+    with instance.context(steward) as ctx:
+        decided = policies.decide_policy(ctx, name=name, version=version, approve=True,
+                                         comment=body.comment if body else "")
+        return policies.policy_view(decided)
+
+
+@router.post("/{name}/versions/{version}/reject")
+def reject_policy(name: str, version: int, instance: InstanceDep, steward: Steward,
+                  body: Decision | None = None) -> dict[str, Any]:
+    with instance.context(steward) as ctx:
+        decided = policies.decide_policy(ctx, name=name, version=version, approve=False,
+                                         comment=body.comment if body else "")
+        return policies.policy_view(decided)

@@ -1,0 +1,1 @@
+"""Datasets: public cards with privacy metadata, and immutable versions uploaded by stewards."""

@@ -1,0 +1,185 @@
+"""Catalog operations: register datasets, add versions, and show the public view."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sandbox.auth.tokens import Role
+from sandbox.catalog.cards import DatasetCard, card_errors, public_schema
+from sandbox.catalog.ingest import IngestedVersion, ingest_version
+from sandbox.context import Context
+from sandbox.errors import Conflict, Invalid, NotFound
+from sandbox.store.models import Dataset, DatasetVersion
+
+
+def create_dataset(ctx: Context, card: DatasetCard) -> Dataset:
+    steward = ctx.require_role(Role.STEWARD)
+    errors = card_errors(card)
+    if errors:
+        raise Invalid("the dataset card is invalid", errors)
+    if ctx.session.execute(select(Dataset.id).where(Dataset.name == card.name)).first():
+        raise Conflict(f"dataset {card.name!r} already exists")
+    dataset = Dataset(
+        name=card.name,
+        title=card.title,
+        description=card.description,
+        card=card.model_dump(mode="json"),
+        privacy_unit=card.privacy_unit,
+        privacy_unit_rows=card.privacy_unit_rows,
+        columns={name: spec.model_dump(mode="json") for name, spec in card.columns.items()},
+        created_by=steward.sub,
+        created_at=datetime.now(UTC),
+    )
+    ctx.session.add(dataset)
+    ctx.session.flush()
+    ctx.record("dataset.create", "dataset", card.name, columns=sorted(card.columns))
+    return dataset
+
+
+def get_dataset(session: Session, name: str, *, for_update: bool = False) -> Dataset:
+    query = select(Dataset).where(Dataset.name == name)
+    if for_update:
+        query = query.with_for_update()
+    dataset = session.execute(query).scalar_one_or_none()
+    if dataset is None:
+        raise NotFound(f"dataset {name!r} does not exist")
+    return dataset
+
+
+def get_version(session: Session, name: str, version: int | None = None) -> DatasetVersion:
+    """A dataset's version `version`, or its newest when None."""
+    dataset = get_dataset(session, name)
+    if not dataset.versions:
+        raise NotFound(f"dataset {name!r} has no versions yet")
+    if version is None:
+        return dataset.versions[-1]
+    for candidate in dataset.versions:
+        if candidate.version == version:
+            return candidate
+    raise NotFound(f"dataset {name!r} has no version {version}")
+
+
+def card_of(dataset: Dataset) -> DatasetCard:
+    return DatasetCard.model_validate(dataset.card)
+
+
+def prepare_version(
+    settings_tmp: Path, card: DatasetCard, upload: Path, filename: str
+) -> tuple[Path, IngestedVersion, str]:
+    """Validate and convert an upload outside any transaction (it can take a while)."""
+    settings_tmp.mkdir(parents=True, exist_ok=True)
+    staged = settings_tmp / f"version-{uuid.uuid4().hex}.parquet"
+    try:
+        ingested = ingest_version(card, upload, filename, staged)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged, ingested, file_sha256(staged)
+
+
+def add_version(
+    ctx: Context,
+    *,
+    name: str,
+    staged: Path,
+    ingested: IngestedVersion,
+    sha256: str,
+    upload_sha256: str,
+    size_bytes: int,
+) -> DatasetVersion:
+    """Commit a staged Parquet file as the dataset's next immutable version."""
+    steward = ctx.require_role(Role.STEWARD)
+    # Row lock on PostgreSQL; SQLite's write lock is already held. Two uploads never share a number.
+    dataset = get_dataset(ctx.session, name, for_update=True)
+    if dataset.versions and dataset.versions[-1].sha256 == sha256:
+        raise Conflict(f"this file is identical to {name} version {dataset.versions[-1].version}")
+    number = (dataset.versions[-1].version if dataset.versions else 0) + 1
+    final = ctx.settings.artifacts_dir / "datasets" / name / f"v{number}.parquet"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        # A file without a row: a crash between rename and commit. The row is the truth.
+        final.unlink()
+    os.replace(staged, final)
+    os.chmod(final, 0o444)
+    version = DatasetVersion(
+        dataset_id=dataset.id,
+        version=number,
+        sha256=sha256,
+        rows=ingested.rows,
+        size_bytes=final.stat().st_size,
+        schema={"columns": ingested.schema, "upload_sha256": upload_sha256, "upload_bytes": size_bytes},
+        path=str(final.relative_to(ctx.settings.artifacts_dir)),
+        source_format=ingested.source_format,
+        created_by=steward.sub,
+        created_at=datetime.now(UTC),
+    )
+    ctx.session.add(version)
+    ctx.session.flush()
+    ctx.record(
+        "dataset.version.add", "dataset_version", f"{name}@{number}",
+        sha256=sha256, upload_sha256=upload_sha256, rows=ingested.rows, format=ingested.source_format,
+    )
+    return version
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def version_view(version: DatasetVersion, *, steward: bool) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "version": version.version,
+        "sha256": version.sha256,
+        "created_at": version.created_at.isoformat(),
+    }
+    if steward:
+        view["rows"] = version.rows
+        view["size_bytes"] = version.size_bytes
+        view["source_format"] = version.source_format
+        view["upload_sha256"] = version.schema.get("upload_sha256")
+    else:
+        # Exact counts of small cohorts are themselves disclosive; buyers get two significant digits.
+        view["rows_approx"] = _round_significant(version.rows, 2)
+    return view
+
+
+def dataset_view(dataset: Dataset, *, steward: bool) -> dict[str, Any]:
+    card = dataset.card
+    return {
+        "name": dataset.name,
+        "title": dataset.title,
+        "description": dataset.description,
+        "provenance": card.get("provenance", ""),
+        "deidentification": card.get("deidentification", ""),
+        "licence": card.get("licence", ""),
+        "update_cadence": card.get("update_cadence", ""),
+        "privacy_unit": dataset.privacy_unit,
+        "privacy_unit_rows": dataset.privacy_unit_rows,
+        "columns": dataset.columns if steward else public_schema(card),
+        "marginal_pairs": card.get("marginal_pairs", []),
+        "versions": [version_view(v, steward=steward) for v in dataset.versions],
+        "created_at": dataset.created_at.isoformat(),
+    }
+
+
+def list_datasets(session: Session) -> list[Dataset]:
+    return list(session.execute(select(Dataset).order_by(Dataset.name)).scalars())
+
+
+def _round_significant(value: int, digits: int) -> int:
+    if value == 0:
+        return 0
+    magnitude = 10 ** max(len(str(abs(value))) - digits, 0)
+    return int(round(value / magnitude) * magnitude)

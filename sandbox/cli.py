@@ -1,0 +1,374 @@
+"""The `sandbox` command: instance administration locally, everything else over HTTP."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from sandbox.auth.tokens import Role
+from sandbox.client import ApiError, SandboxClient
+from sandbox.config import Settings
+from sandbox.errors import SandboxError
+
+app = typer.Typer(help="Compute-to-data sandbox for de-identified health data.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+token_app = typer.Typer(help="Issue and revoke API tokens (local, needs the instance's key).", no_args_is_help=True)
+dataset_app = typer.Typer(help="Register datasets and their versions.", no_args_is_help=True)
+contract_app = typer.Typer(help="Data-use contracts.", no_args_is_help=True)
+policy_app = typer.Typer(help="Egress and review policies.", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+images_app = typer.Typer(help="Job and notebook images.", no_args_is_help=True)
+for sub, name in ((token_app, "token"), (dataset_app, "dataset"), (contract_app, "contract"),
+                  (policy_app, "policy"), (audit_app, "audit"), (images_app, "images")):
+    app.add_typer(sub, name=name)
+
+console = Console(stderr=True)
+out = Console()
+
+HomeOption = Annotated[
+    Path | None, typer.Option("--home", help="instance directory (default $SANDBOX_HOME or ./.sandbox)")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
+
+
+def _settings(home: Path | None) -> Settings:
+    return Settings(home=home) if home else Settings()
+
+
+def _fail(message: str, errors: list[Any] | None = None, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    for error in errors or []:
+        console.print(f"  - {error if isinstance(error, str) else json.dumps(error)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _client() -> SandboxClient:
+    return SandboxClient()
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ApiError as exc:
+        _fail(f"{exc.title} ({exc.status}): {exc.detail}" if exc.status else exc.detail, exc.errors)
+    except SandboxError as exc:
+        _fail(exc.detail, getattr(exc, "errors", None))
+
+
+def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
+    if as_json or table is None:
+        out.print_json(json.dumps(data, default=str))
+    else:
+        out.print(table)
+
+
+# Instance administration (local) -------------------------------------------------------------
+
+@app.command()
+def init(home: HomeOption = None) -> None:
+    """Create the instance (idempotent); prints where it is."""
+    from sandbox.instance import init_instance
+
+    report = _call(init_instance, _settings(home))
+    if report.created_key:
+        console.print("created a new Ed25519 signing key")
+    for ref in report.policies_added:
+        console.print(f"stored policy {ref}")
+    out.print(report.home, highlight=False)
+
+
+@app.command()
+def serve(home: HomeOption = None,
+          host: Annotated[str | None, typer.Option(help="bind address")] = None,
+          port: Annotated[int | None, typer.Option(help="port")] = None) -> None:
+    """Run the API server."""
+    _serve(_settings(home), host, port)
+
+
+def _serve(settings: Settings, host: str | None, port: int | None) -> None:
+    import uvicorn
+
+    from sandbox.api.app import create_app
+    from sandbox.instance import Instance, init_instance
+    from sandbox.logs import configure_logging
+
+    configure_logging(settings.log_level, json=settings.log_json)
+    _call(init_instance, settings)
+    application = _call(create_app, Instance(settings))
+    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_config=None,
+                access_log=False, server_header=False)
+
+
+@token_app.command("issue")
+def token_issue(
+    sub: Annotated[str, typer.Option("--sub", help="subject (user or service name)")],
+    org: Annotated[str, typer.Option("--org", help="organisation")],
+    role: Annotated[Role, typer.Option("--role", help="steward, buyer, auditor or admin")],
+    ttl: Annotated[int | None, typer.Option("--ttl", help="lifetime in seconds")] = None,
+    home: HomeOption = None,
+) -> None:
+    """Print one JWT on stdout and nothing else."""
+    from sandbox.instance import Instance
+
+    instance = Instance(_settings(home))
+    issued = _call(instance.issue_token, sub=sub, org=org, role=role, ttl_s=ttl)
+    instance.close()
+    sys.stdout.write(issued.token + "\n")
+
+
+@token_app.command("revoke")
+def token_revoke(jti: Annotated[str, typer.Argument(help="the token's jti claim")], home: HomeOption = None) -> None:
+    """Revoke a token by its jti; it is refused from then on."""
+    from sandbox.instance import Instance
+
+    instance = Instance(_settings(home))
+    _call(instance.revoke_token, jti)
+    instance.close()
+    console.print(f"revoked {jti}")
+
+
+@audit_app.command("verify")
+def audit_verify(home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Exit 0 iff the hash chain is intact; otherwise name the first bad event."""
+    from sandbox.audit import verify_chain
+    from sandbox.instance import Instance
+
+    instance = Instance(_settings(home))
+    _call(instance.require_initialised)
+    with instance.sessions() as session:
+        report = verify_chain(session, instance.public_key)
+    instance.close()
+    if as_json:
+        out.print_json(json.dumps(report.__dict__))
+    elif report.ok:
+        out.print(f"audit chain intact: {report.events} events")
+    else:
+        console.print(f"[bold red]audit chain broken[/] at event {report.first_bad_seq}: {report.problem}")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def demo(home: HomeOption = None,
+         host: Annotated[str | None, typer.Option(help="bind address")] = None,
+         port: Annotated[int | None, typer.Option(help="port")] = None,
+         no_serve: Annotated[bool, typer.Option("--no-serve", help="set up only; do not start the server")] = False,
+         ) -> None:
+    """Init, register the synthetic carotid-stenting registry and a buyer contract, then serve."""
+    from sandbox.demo_setup import set_up_demo
+
+    settings = _settings(home)
+    summary = _call(set_up_demo, settings)
+    url = f"http://{host or settings.host}:{port or settings.port}"
+    out.print(f"[bold]Demo instance[/] at {settings.home_dir}")
+    out.print(f"dataset [cyan]{summary['dataset']}[/] version {summary['version']} ({summary['rows']} procedures)")
+    out.print(f"contract [cyan]{summary['contract']}[/] for org [cyan]{summary['buyer_org']}[/]")
+    env_file = settings.home_dir / "demo.env"
+    lines = [f"export SANDBOX_URL={url}"]
+    lines += [f"export {role.upper()}_TOKEN={token}" for role, token in summary["tokens"].items()]
+    env_file.touch(mode=0o600)
+    env_file.write_text("\n".join(lines) + "\n")
+    out.print(f"tokens (valid 7 days) for a steward, a buyer and an auditor are in {env_file}")
+    out.print("\nIn another shell:")
+    out.print(f"  source {env_file}")
+    out.print("  SANDBOX_TOKEN=$BUYER_TOKEN sandbox dataset list")
+    out.print("  SANDBOX_TOKEN=$STEWARD_TOKEN sandbox contract list")
+    out.print("  SANDBOX_TOKEN=$AUDITOR_TOKEN sandbox audit log")
+    if not no_serve:
+        _serve(settings, host, port)
+
+
+# Client commands (HTTP) -------------------------------------------------------------------------
+
+@dataset_app.command("create")
+def dataset_create(name: str, card: Annotated[Path, typer.Option("--card", help="card YAML file", exists=True,
+                                                                  dir_okay=False)],
+                   as_json: JsonOption = False) -> None:
+    """Register a dataset from its card (privacy metadata included)."""
+    body = yaml.safe_load(card.read_text()) or {}
+    if not isinstance(body, dict):
+        _fail(f"{card} must hold a YAML mapping")
+    body["name"] = name
+    with _client() as client:
+        created = _call(client.create_dataset, body)
+    if as_json:
+        _emit(created, True)
+    else:
+        out.print(f"created dataset {created['name']} with {len(created['columns'])} columns")
+
+
+@dataset_app.command("add-version")
+def dataset_add_version(name: str, file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+                        as_json: JsonOption = False) -> None:
+    """Upload a .parquet or .csv file as the dataset's next version."""
+    size = file.stat().st_size
+    with _client() as client, Progress(TextColumn("uploading {task.description}"), BarColumn(), DownloadColumn(),
+                                       TransferSpeedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task(file.name, total=size)
+        created = _call(client.add_version, name, file, lambda n: progress.advance(task, n))
+    if as_json:
+        _emit(created, True)
+    else:
+        out.print(f"{name} version {created['version']}: {created['rows']} rows, sha256 {created['sha256'][:16]}…")
+
+
+@dataset_app.command("list")
+def dataset_list(as_json: JsonOption = False) -> None:
+    """The catalog."""
+    with _client() as client:
+        datasets = _call(client.list_datasets)
+    table = Table("name", "title", "unit", "columns", "versions")
+    for d in datasets:
+        table.add_row(d["name"], d["title"], d["privacy_unit"], str(len(d["columns"])), str(len(d["versions"])))
+    _emit(datasets, as_json, table)
+
+
+@dataset_app.command("show")
+def dataset_show(name: str, as_json: JsonOption = False) -> None:
+    """A dataset's public card and schema."""
+    with _client() as client:
+        dataset = _call(client.get_dataset, name)
+    table = Table("column", "type", "public", "domain", title=f"{dataset['name']}: {dataset['title']}")
+    for column, spec in dataset["columns"].items():
+        domain = spec.get("categories") or spec.get("bounds") or ""
+        table.add_row(column, spec["type"], "yes" if spec.get("public") else "no", str(domain))
+    _emit(dataset, as_json, table)
+
+
+@contract_app.command("create")
+def contract_create(
+    buyer_org: Annotated[str, typer.Option("--buyer-org")],
+    dataset: Annotated[list[str], typer.Option("--dataset", help="repeat for several datasets")],
+    tier: Annotated[str, typer.Option("--tier", help="dp_only, aggregate or trusted")],
+    kinds: Annotated[str, typer.Option("--kinds", help="comma list of analysis,training,notebook,query")],
+    epsilon: Annotated[float, typer.Option("--epsilon")],
+    valid_until: Annotated[str, typer.Option("--valid-until", help="YYYY-MM-DD or ISO timestamp")],
+    delta: Annotated[float, typer.Option("--delta")] = 0.0,
+    policy: Annotated[str, typer.Option("--policy", help="name or name@version")] = "default",
+    purpose: Annotated[str, typer.Option("--purpose")] = "research",
+    as_json: JsonOption = False,
+) -> None:
+    """Create a data-use contract for a buyer org."""
+    body = {"buyer_org": buyer_org, "datasets": dataset, "tier": tier,
+            "kinds": [k.strip() for k in kinds.split(",") if k.strip()], "purpose": purpose,
+            "valid_until": valid_until, "epsilon": epsilon, "delta": delta, "policy": policy}
+    with _client() as client:
+        created = _call(client.create_contract, body)
+    if as_json:
+        _emit(created, True)
+    else:
+        out.print(f"contract {created['id']} for {created['buyer_org']} "
+                  f"({created['tier']}, policy {created['policy']})")
+
+
+@contract_app.command("list")
+def contract_list(as_json: JsonOption = False) -> None:
+    """Contracts you may see."""
+    with _client() as client:
+        contracts = _call(client.list_contracts)
+    table = Table("id", "buyer org", "datasets", "tier", "kinds", "epsilon", "policy", "valid until", "state")
+    for c in contracts:
+        table.add_row(c["id"], c["buyer_org"], ",".join(c["datasets"]), c["tier"], ",".join(c["kinds"]),
+                      str(c["epsilon"]), c["policy"], c["valid_until"][:10], c["state"])
+    _emit(contracts, as_json, table)
+
+
+@contract_app.command("revoke")
+def contract_revoke(contract_id: str, reason: Annotated[str, typer.Option("--reason")] = "") -> None:
+    """Revoke a contract; everything it covered stops."""
+    with _client() as client:
+        _call(client.revoke_contract, contract_id, reason)
+    out.print(f"revoked {contract_id}")
+
+
+@policy_app.command("list")
+def policy_list(as_json: JsonOption = False) -> None:
+    """Every stored policy version."""
+    with _client() as client:
+        policies = _call(client.list_policies)
+    table = Table("policy", "status", "created by", "decided by", "sha256")
+    for p in policies:
+        table.add_row(p["ref"], p["status"], p["created_by"], p["decided_by"] or "", p["sha256"][:12])
+    _emit(policies, as_json, table)
+
+
+@policy_app.command("propose")
+def policy_propose(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
+    """Propose a new version of a policy from a YAML file; another steward must approve it."""
+    with _client() as client:
+        created = _call(client.propose_policy, yaml.safe_load(file.read_text()))
+    out.print(f"proposed {created['ref']} (pending approval by another steward)")
+
+
+@policy_app.command("approve")
+def policy_approve(ref: str, comment: Annotated[str, typer.Option("--comment")] = "") -> None:
+    """Approve a pending policy version, given as name@version."""
+    _decide_policy(ref, True, comment)
+
+
+@policy_app.command("reject")
+def policy_reject(ref: str, comment: Annotated[str, typer.Option("--comment")] = "") -> None:
+    """Reject a pending policy version, given as name@version."""
+    _decide_policy(ref, False, comment)
+
+
+def _decide_policy(ref: str, approve: bool, comment: str) -> None:
+    name, _, version = ref.partition("@")
+    if not version.isdigit():
+        _fail("give the policy as name@version")
+    with _client() as client:
+        decided = _call(client.decide_policy, name, int(version), approve=approve, comment=comment)
+    out.print(f"{decided['ref']} is now {decided['status']}")
+
+
+@audit_app.command("log")
+def audit_log(limit: Annotated[int, typer.Option("--limit")] = 50, as_json: JsonOption = False) -> None:
+    """The newest audit events."""
+    with _client() as client:
+        events = _call(client.audit_events, limit)
+    table = Table("seq", "at", "actor", "org", "action", "object")
+    for e in events:
+        table.add_row(str(e["seq"]), e["at"][:19], e["actor"], e["org"], e["action"],
+                      f"{e['object_type']}:{e['object_id']}")
+    _emit(events, as_json, table)
+
+
+@images_app.command("build")
+def images_build(
+    names: Annotated[list[str] | None, typer.Argument(help="images to build (default: all)")] = None,
+    base_image: Annotated[str | None, typer.Option("--base-image", help="a public base, e.g. python:3.11-slim")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="build even if up to date")] = False,
+    home: HomeOption = None,
+) -> None:
+    """Build the job images offline: a debootstrap base and a host-filled wheelhouse."""
+    from sandbox import images
+
+    settings = _settings(home)
+    with Progress(TextColumn("{task.description}"), BarColumn(), console=console) as progress:
+        task = progress.add_task("images", total=1.0)
+
+        def report(step: str, fraction: float | None) -> None:
+            progress.update(task, description=step[:80], completed=fraction if fraction is not None else None)
+
+        try:
+            built = images.build_images(names or None, base_image=base_image, wheel_cache=settings.wheel_cache,
+                                        rebuild=rebuild, progress=report)
+        except images.ImageBuildError as exc:
+            _fail(str(exc))
+    for name, image_id in built.items():
+        out.print(f"{name}: {image_id}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The Python SDK: a thin, typed client for the HTTP API (the CLI's client commands use it)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ApiError(Exception):
+    """A problem+json answer, or a transport failure, with a message a person can act on."""
+
+    def __init__(self, status: int, title: str, detail: str, errors: list[Any] | None = None) -> None:
+        super().__init__(f"{status} {title}: {detail}")
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.errors = errors or []
+
+
+class _ProgressReader:
+    """A file wrapper that reports bytes read, so uploads can draw a progress bar."""
+
+    def __init__(self, handle: IO[bytes], on_read: Callable[[int], None]) -> None:
+        self._handle = handle
+        self._on_read = on_read
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._handle.read(size)
+        self._on_read(len(chunk))
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+
+class SandboxClient:
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 300.0) -> None:
+        self.url = (url or os.environ.get("SANDBOX_URL") or DEFAULT_URL).rstrip("/")
+        token = token or os.environ.get("SANDBOX_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SandboxClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiError(0, "Unreachable", f"cannot reach {self.url}: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {}
+            raise ApiError(response.status_code, str(body.get("title", response.reason_phrase)),
+                           str(body.get("detail", response.text[:300])), body.get("errors"))
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.content
+
+    # Catalog
+    def create_dataset(self, card: dict[str, Any]) -> Any:
+        return self.request("POST", "/v1/datasets", json=card)
+
+    def list_datasets(self) -> Any:
+        return self.request("GET", "/v1/datasets")
+
+    def get_dataset(self, name: str) -> Any:
+        return self.request("GET", f"/v1/datasets/{name}")
+
+    def add_version(self, name: str, path: Path, on_progress: Callable[[int], None] | None = None) -> Any:
+        with path.open("rb") as handle:
+            body: Any = _ProgressReader(handle, on_progress) if on_progress else handle
+            return self.request("POST", f"/v1/datasets/{name}/versions", files={"file": (path.name, body)})
+
+    # Contracts
+    def create_contract(self, body: dict[str, Any]) -> Any:
+        return self.request("POST", "/v1/contracts", json=body)
+
+    def list_contracts(self) -> Any:
+        return self.request("GET", "/v1/contracts")
+
+    def revoke_contract(self, contract_id: str, reason: str = "") -> Any:
+        return self.request("POST", f"/v1/contracts/{contract_id}/revoke", json={"reason": reason})
+
+    # Policies
+    def list_policies(self) -> Any:
+        return self.request("GET", "/v1/policies")
+
+    def propose_policy(self, body: dict[str, Any]) -> Any:
+        return self.request("POST", "/v1/policies", json=body)
+
+    def decide_policy(self, name: str, version: int, *, approve: bool, comment: str = "") -> Any:
+        verb = "approve" if approve else "reject"
+        return self.request("POST", f"/v1/policies/{name}/versions/{version}/{verb}", json={"comment": comment})
+
+    # Audit
+    def audit_events(self, limit: int = 100) -> Any:
+        return self.request("GET", "/v1/audit", params={"limit": limit})
+
+    def whoami(self) -> Any:
+        return self.request("GET", "/v1/whoami")

@@ -1,0 +1,126 @@
+"""The one settings object: defaults, then `<home>/config.toml`, then `SANDBOX_*` variables."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_policies_dir() -> Path:
+    # A source checkout keeps policies/ beside the package; an installed wheel carries a copy.
+    for candidate in (REPO_ROOT / "policies", Path(__file__).resolve().parent / "_policies"):
+        if candidate.is_dir():
+            return candidate
+    return REPO_ROOT / "policies"
+
+
+class _HomeConfigFile(PydanticBaseSettingsSource):
+    """Reads `<home>/config.toml`, where home comes from the constructor or `SANDBOX_HOME`."""
+
+    def __init__(self, settings_cls: type[BaseSettings], home: Path) -> None:
+        super().__init__(settings_cls)
+        path = home.expanduser() / CONFIG_FILE
+        self._values: dict[str, Any] = tomllib.loads(path.read_text()) if path.is_file() else {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {key: value for key, value in self._values.items() if key in self.settings_cls.model_fields}
+
+
+CONFIG_FILE = "config.toml"
+
+
+class Settings(BaseSettings):
+    """Every tunable of an instance; `SANDBOX_<NAME>` overrides each field."""
+
+    model_config = SettingsConfigDict(env_prefix="SANDBOX_", extra="ignore")
+
+    home: Path = Field(default=Path(".sandbox"))
+    database_url: str | None = None
+    policies_dir: Path = Field(default_factory=_default_policies_dir)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+
+    # Tokens: this instance is an issuer; an external identity provider may be one too.
+    token_issuer: str = "sandbox"
+    token_audience: str = "sandbox-api"
+    token_default_ttl_s: int = 8 * 3600
+    token_max_ttl_s: int = 30 * 24 * 3600
+    token_leeway_s: int = 30
+    jwks_url: str | None = None
+    jwks_issuer: str | None = None
+    jwks_audience: str | None = None
+    jwks_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+
+    # Request bodies: JSON calls are small; uploads stream to disk under their own cap.
+    max_body_bytes: int = 1 * 1024 * 1024
+    max_upload_bytes: int = 2 * 1024 * 1024 * 1024
+
+    # Wheels for the offline image builds, fetched by the host's pip; shared by instances.
+    wheel_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "sandbox" / "wheelhouse")
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        home = Path(init_settings().get("home") or os.environ.get("SANDBOX_HOME") or ".sandbox")
+        return (init_settings, env_settings, _HomeConfigFile(settings_cls, home))
+
+    @cached_property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home_dir / "keys"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.keys_dir / "signing-ed25519.pem"
+
+    @property
+    def verify_key_path(self) -> Path:
+        return self.keys_dir / "signing-ed25519.pub.pem"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home_dir / "artifacts"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.home_dir / "tmp"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home_dir / 'sandbox.db'}"
+
+    @property
+    def url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"

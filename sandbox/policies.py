@@ -1,0 +1,187 @@
+"""Policies: YAML files validated by a JSON schema, stored as immutable, approved versions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from sandbox.audit import SystemActor
+from sandbox.auth.tokens import Role
+from sandbox.context import Context
+from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
+from sandbox.store.models import Policy
+
+SCHEMA_FILE = "policy.schema.json"
+PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
+
+
+@cache
+def _validator(policies_dir: Path) -> Draft202012Validator:
+    schema = json.loads((policies_dir / SCHEMA_FILE).read_text())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def policy_errors(body: Any, policies_dir: Path) -> list[str]:
+    """Every way `body` breaks the schema, as `path: message` lines a steward can act on."""
+    errors = []
+    for error in sorted(_validator(policies_dir).iter_errors(body), key=lambda e: list(e.absolute_path)):
+        path = "/".join(str(part) for part in error.absolute_path) or "(top)"
+        errors.append(f"{path}: {error.message}")
+    return errors
+
+
+def parse_policy_text(text: str) -> Any:
+    """YAML (a superset of JSON) to a document, with a readable error."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise Invalid(f"policy is not valid YAML: {exc}") from exc
+
+
+def load_shipped_policies(policies_dir: Path) -> dict[str, dict[str, Any]]:
+    """The policies in `policies/`, validated; a broken shipped file is an error at start-up."""
+    shipped: dict[str, dict[str, Any]] = {}
+    for path in sorted(policies_dir.glob("*.yaml")):
+        body = parse_policy_text(path.read_text())
+        errors = policy_errors(body, policies_dir)
+        if errors:
+            raise Invalid(f"shipped policy {path.name} is invalid", errors)
+        if body["name"] != path.stem:
+            raise Invalid(f"shipped policy {path.name} names itself {body['name']!r}")
+        shipped[body["name"]] = body
+    return shipped
+
+
+def digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _versions(session: Session, name: str) -> list[Policy]:
+    return list(session.execute(select(Policy).where(Policy.name == name).order_by(Policy.version)).scalars())
+
+
+def _add_version(ctx: Context, body: dict[str, Any], status: str) -> Policy:
+    latest = ctx.session.execute(select(func.max(Policy.version)).where(Policy.name == body["name"])).scalar()
+    now = datetime.now(UTC)
+    system = isinstance(ctx.actor, SystemActor)
+    policy = Policy(
+        name=body["name"],
+        version=(latest or 0) + 1,
+        body=body,
+        sha256=digest(body),
+        status=status,
+        created_by=ctx.actor.sub,
+        created_at=now,
+        decided_by=ctx.actor.sub if system and status == APPROVED else None,
+        decided_at=now if system and status == APPROVED else None,
+    )
+    ctx.session.add(policy)
+    ctx.session.flush()
+    return policy
+
+
+def sync_shipped_policies(ctx: Context) -> list[Policy]:
+    """Store each shipped policy: the first version is approved as the bootstrap, a changed
+    file becomes a pending version that a steward must approve. Returns what was added."""
+    added = []
+    for name, body in load_shipped_policies(ctx.settings.policies_dir).items():
+        versions = _versions(ctx.session, name)
+        if any(v.sha256 == digest(body) for v in versions):
+            continue
+        status = PENDING if versions else APPROVED
+        policy = _add_version(ctx, body, status)
+        ctx.record(
+            "policy.bootstrap" if status == APPROVED else "policy.propose", "policy",
+            f"{policy.name}@{policy.version}", sha256=policy.sha256, status=status, source="policies/",
+        )
+        added.append(policy)
+    return added
+
+
+def propose_policy(ctx: Context, body: Any) -> Policy:
+    """A steward's new version of a policy; it is pending until another steward approves it."""
+    ctx.require_role(Role.STEWARD)
+    errors = policy_errors(body, ctx.settings.policies_dir)
+    if errors:
+        raise Invalid("policy does not match the schema", errors)
+    versions = _versions(ctx.session, body["name"])
+    for existing in versions:
+        if existing.sha256 == digest(body) and existing.status != REJECTED:
+            raise Conflict(f"policy {existing.name}@{existing.version} already has this content")
+    policy = _add_version(ctx, body, PENDING)
+    ctx.record("policy.propose", "policy", f"{policy.name}@{policy.version}", sha256=policy.sha256)
+    return policy
+
+
+def decide_policy(ctx: Context, *, name: str, version: int, approve: bool, comment: str = "") -> Policy:
+    """Approve or reject a pending version; the steward who wrote it may not decide it."""
+    steward = ctx.require_role(Role.STEWARD)
+    policy = get_policy_version(ctx.session, name, version)
+    if policy.status != PENDING:
+        raise Conflict(f"policy {name}@{version} is already {policy.status}")
+    if policy.created_by == steward.sub:
+        raise Forbidden("a policy change needs a different steward's approval than its author's")
+    policy.status = APPROVED if approve else REJECTED
+    policy.decided_by = steward.sub
+    policy.decided_at = datetime.now(UTC)
+    policy.comment = comment
+    ctx.record(
+        "policy.approve" if approve else "policy.reject", "policy", f"{name}@{version}",
+        sha256=policy.sha256, comment=comment,
+    )
+    return policy
+
+
+def get_policy_version(session: Session, name: str, version: int) -> Policy:
+    policy = session.execute(
+        select(Policy).where(Policy.name == name, Policy.version == version)
+    ).scalar_one_or_none()
+    if policy is None:
+        raise NotFound(f"policy {name}@{version} does not exist")
+    return policy
+
+
+def resolve_policy(session: Session, reference: str) -> Policy:
+    """`name` means its newest approved version; `name@N` must be approved."""
+    name, _, version_text = reference.partition("@")
+    if version_text:
+        if not version_text.isdigit():
+            raise Invalid(f"policy reference {reference!r} must look like name or name@version")
+        policy = get_policy_version(session, name, int(version_text))
+        if policy.status != APPROVED:
+            raise Invalid(f"policy {reference} is {policy.status}, not approved")
+        return policy
+    approved = [p for p in _versions(session, name) if p.status == APPROVED]
+    if not approved:
+        raise Invalid(f"policy {name!r} has no approved version")
+    return approved[-1]
+
+
+def list_policies(session: Session) -> list[Policy]:
+    return list(session.execute(select(Policy).order_by(Policy.name, Policy.version)).scalars())
+
+
+def policy_view(policy: Policy) -> dict[str, Any]:
+    return {
+        "name": policy.name,
+        "version": policy.version,
+        "ref": f"{policy.name}@{policy.version}",
+        "status": policy.status,
+        "sha256": policy.sha256,
+        "created_by": policy.created_by,
+        "created_at": policy.created_at.isoformat(),
+        "decided_by": policy.decided_by,
+        "decided_at": policy.decided_at.isoformat() if policy.decided_at else None,
+        "comment": policy.comment,
+        "body": policy.body,
+    }
