@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
@@ -60,6 +61,14 @@ class ContractRequest(BaseModel):
     delta: float = Field(default=0.0, ge=0, lt=1e-3)
     quotas: Quotas = Field(default_factory=Quotas)
     policy: str = Field(default="default", pattern=r"^[a-z][a-z0-9-]{0,62}(@[0-9]+)?$")
+
+    @field_validator("valid_from", "valid_until", mode="before")
+    @classmethod
+    def _plain_dates(cls, value: Any) -> Any:
+        # Pydantic reads "2027-06-30" as that day's midnight; a plain date means the whole UTC day.
+        if isinstance(value, str) and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+            return date.fromisoformat(value)
+        return value
 
     @field_validator("datasets", "kinds")
     @classmethod

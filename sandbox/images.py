@@ -323,6 +323,7 @@ def _download_wheels(spec: ImageSpec, destination: Path, *, machine: str, progre
     command = [
         sys.executable, "-m", "pip", "download",
         "--disable-pip-version-check",
+        "--progress-bar", "off",
         "--only-binary=:all:",
         "--implementation", "cp",
         "--python-version", TARGET_PYTHON_VERSION,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sandbox.audit import AuditLog, SystemActor
@@ -84,6 +84,20 @@ class Instance:
         return make_sessionmaker(self.engine)
 
     @cached_property
+    def read_engine(self) -> Engine:
+        if not self.settings.sqlalchemy_url.startswith("sqlite"):
+            return self.engine
+        return make_engine(self.settings.sqlalchemy_url, read_only=True)
+
+    @cached_property
+    def read_sessions(self) -> sessionmaker[Session]:
+        """Sessions for reads that write nothing, not even an audit event."""
+        return make_sessionmaker(self.read_engine)
+
+    def read_session(self) -> Session:
+        return self.read_sessions()
+
+    @cached_property
     def signing_key(self) -> Ed25519PrivateKey:
         self.require_initialised()
         return load_private_key(self.settings.signing_key_path)
@@ -153,9 +167,13 @@ class Instance:
             ctx.record("token.revoke", "token", jti)
 
     def is_revoked(self, jti: str) -> bool:
-        with self.sessions() as session:
-            return session.get(models.RevokedToken, jti) is not None
+        # Checked on every request, so a bare Core query rather than an ORM session.
+        with self.read_engine.connect() as connection:
+            query = select(models.RevokedToken.jti).where(models.RevokedToken.jti == jti)
+            return connection.execute(query).first() is not None
 
     def close(self) -> None:
-        if "engine" in self.__dict__:
-            self.engine.dispose()
+        for name in ("read_engine", "engine"):
+            engine = self.__dict__.get(name)
+            if isinstance(engine, Engine):
+                engine.dispose()

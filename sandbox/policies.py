@@ -157,7 +157,11 @@ def resolve_policy(session: Session, reference: str) -> Policy:
     if version_text:
         if not version_text.isdigit():
             raise Invalid(f"policy reference {reference!r} must look like name or name@version")
-        policy = get_policy_version(session, name, int(version_text))
+        try:
+            policy = get_policy_version(session, name, int(version_text))
+        except NotFound as exc:
+            # A reference inside a request body is a malformed body (422), not a missing resource.
+            raise Invalid(exc.detail) from exc
         if policy.status != APPROVED:
             raise Invalid(f"policy {reference} is {policy.status}, not approved")
         return policy

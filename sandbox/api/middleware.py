@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sandbox.api.problems import problem
+from sandbox.api.problems import REQUEST_ID_STATE, problem
 from sandbox.logs import get_logger
 
 log = get_logger("sandbox.access")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class RequestContextMiddleware:
@@ -36,7 +36,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        # An unhandled error is answered by Starlette's outermost middleware, outside this one;
+        # the problem handler reads the id from here to put it on that answer too.
+        scope.setdefault("state", {})[REQUEST_ID_STATE] = request_id
         status_holder = {"status": 500}
         started = time.perf_counter()
 

@@ -13,11 +13,16 @@ from sandbox.errors import SandboxError
 from sandbox.logs import get_logger
 
 PROBLEM_TYPE_BASE = "https://sandbox.invalid/problems/"
+# Where RequestContextMiddleware leaves the request id in the ASGI scope's state.
+REQUEST_ID_STATE = "request_id"
 log = get_logger("sandbox.api")
 
 _TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
            405: "Method not allowed", 409: "Conflict", 413: "Payload too large", 415: "Unsupported media type",
            422: "Invalid request", 429: "Too many requests", 500: "Internal error"}
+
+
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 
 def problem(status: int, detail: str, *, slug: str | None = None, title: str | None = None,
@@ -58,6 +63,9 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = str(exc.detail) if exc.detail else _TITLES.get(exc.status_code, "Error")
+        if exc.status_code == 400 and exc.__cause__ is not None and detail == _FASTAPI_BODY_ERROR:
+            # FastAPI calls a body it cannot decode (say, invalid UTF-8) a 400; it is a malformed body.
+            return problem(422, "the request body is not valid JSON", slug="invalid")
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path}"
         return problem(exc.status_code, detail, headers=getattr(exc, "headers", None))
@@ -65,4 +73,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled_error", path=request.url.path, error_type=type(exc).__name__, exc_info=exc)
-        return problem(500, "the service failed to handle this request; it has been logged")
+        # This answer is sent from outside the request-id middleware, so it sets the header itself.
+        request_id = getattr(request.state, REQUEST_ID_STATE, None)
+        headers = {"x-request-id": request_id} if request_id else None
+        return problem(500, "the service failed to handle this request; it has been logged", headers=headers)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import Request
 
 from sandbox.errors import Invalid, PayloadTooLarge
@@ -114,6 +114,10 @@ async def receive_multipart(request: Request, *, file_fields: set[str], staging_
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
+        # finalize() does not check that the body ended; a cut-off body would leave a half
+        # written part open on disk and be taken for a complete one.
+        if parser.state != MultipartState.END:
+            raise Invalid("the multipart body ended before its closing boundary")
     except BaseException as exc:
         state.close_and_remove()
         result.discard()

@@ -106,13 +106,14 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Principal:
         try:
-            unverified = jwt.decode(token, options={"verify_signature": False})
-            issuer = unverified.get("iss") if isinstance(unverified, dict) else None
-            if self._jwks is not None and self._jwks_issuer and issuer == self._jwks_issuer:
+            if self._jwks is not None and self._jwks_issuer and _unverified_issuer(token) == self._jwks_issuer:
+                # The PyJWK itself, not its raw key: PyJWT then refuses a header `alg` other than
+                # the key's own, where a raw RSA key met by `alg: ES256` or `EdDSA` raised a
+                # TypeError or InvalidKeyError that surfaced as a 500.
                 signing_key = self._jwks.get_signing_key_from_jwt(token)
                 claims = jwt.decode(
                     token,
-                    signing_key.key,
+                    signing_key,
                     algorithms=self._jwks_algorithms,
                     audience=self._jwks_audience,
                     issuer=self._jwks_issuer,
@@ -141,9 +142,18 @@ class TokenVerifier:
             raise Unauthorized(f"token lacks the {exc.claim!r} claim") from exc
         except jwt.PyJWKClientError as exc:
             raise Unauthorized("token signing key not found at the identity provider") from exc
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
+            # Not only InvalidTokenError: InvalidKeyError and PyJWKError are no token errors to
+            # PyJWT, yet here they are still a caller's bad token, never a server fault.
             raise Unauthorized("token invalid") from exc
         return _principal(claims)
+
+
+def _unverified_issuer(token: str) -> str | None:
+    """Only to pick which key set to verify with; nothing unverified is trusted beyond that."""
+    claims = jwt.decode(token, options={"verify_signature": False})
+    issuer = claims.get("iss") if isinstance(claims, dict) else None
+    return issuer if isinstance(issuer, str) else None
 
 
 def _principal(claims: dict[str, Any]) -> Principal:

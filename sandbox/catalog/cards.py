@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from typing import Any, Literal
@@ -64,6 +65,9 @@ def card_errors(card: DatasetCard) -> list[str]:
         if spec.bounds is not None:
             if spec.type not in NUMERIC:
                 errors.append(f"column {column!r}: bounds apply only to integer and float columns")
+            elif not all(math.isfinite(bound) for bound in spec.bounds):
+                # JSON parsers accept Infinity and NaN; clamping to them bounds nothing.
+                errors.append(f"column {column!r}: bounds must be finite numbers")
             elif not spec.bounds[0] < spec.bounds[1]:
                 errors.append(f"column {column!r}: lower bound must be below upper bound")
         if spec.categories is not None:
@@ -106,17 +110,18 @@ def _category_fits(value: Any, column_type: ColumnType) -> bool:
     return isinstance(value, str)
 
 
-def public_schema(card: DatasetCard | dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The catalog's view of the columns: types always, bounds and categories only when public."""
-    columns = card.columns if isinstance(card, DatasetCard) else DatasetCard.model_validate(card).columns
+def public_schema(columns: DatasetCard | dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The catalog's view of column specs: types always, bounds and categories only when public."""
+    if isinstance(columns, DatasetCard):
+        columns = {name: spec.model_dump(mode="json") for name, spec in columns.columns.items()}
     schema = {}
     for column, spec in columns.items():
-        entry: dict[str, Any] = {"type": spec.type.value, "public": spec.public}
-        if spec.description:
-            entry["description"] = spec.description
-        if spec.public and spec.bounds is not None:
-            entry["bounds"] = list(spec.bounds)
-        if spec.public and spec.categories is not None:
-            entry["categories"] = spec.categories
+        entry: dict[str, Any] = {"type": spec["type"], "public": bool(spec.get("public"))}
+        if spec.get("description"):
+            entry["description"] = spec["description"]
+        if spec.get("public"):
+            for key in ("bounds", "categories"):
+                if spec.get(key) is not None:
+                    entry[key] = list(spec[key])
         schema[column] = entry
     return schema

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from sandbox.auth.tokens import Role
@@ -150,8 +151,9 @@ def version_view(version: DatasetVersion, *, steward: bool) -> dict[str, Any]:
         view["source_format"] = version.source_format
         view["upload_sha256"] = version.schema.get("upload_sha256")
     else:
-        # Exact counts of small cohorts are themselves disclosive; buyers get two significant digits.
-        view["rows_approx"] = _round_significant(version.rows, 2)
+        # Exact counts of small cohorts are themselves disclosive; buyers get two significant digits,
+        # and never finer than tens (two significant digits of a count under 100 are the count).
+        view["rows_approx"] = _round_significant(version.rows, 2, minimum_step=10)
     return view
 
 
@@ -167,7 +169,7 @@ def dataset_view(dataset: Dataset, *, steward: bool) -> dict[str, Any]:
         "update_cadence": card.get("update_cadence", ""),
         "privacy_unit": dataset.privacy_unit,
         "privacy_unit_rows": dataset.privacy_unit_rows,
-        "columns": dataset.columns if steward else public_schema(card),
+        "columns": dataset.columns if steward else public_schema(dataset.columns),
         "marginal_pairs": card.get("marginal_pairs", []),
         "versions": [version_view(v, steward=steward) for v in dataset.versions],
         "created_at": dataset.created_at.isoformat(),
@@ -178,8 +180,49 @@ def list_datasets(session: Session) -> list[Dataset]:
     return list(session.execute(select(Dataset).order_by(Dataset.name)).scalars())
 
 
-def _round_significant(value: int, digits: int) -> int:
+# Rendered catalog entries per (store, dataset id, version count, audience). Datasets and versions
+# are insert-only, so an entry with the same version count is still exact; only new datasets or
+# versions are rendered again. The whole listing is reused while the table counts do not move.
+_entries: dict[tuple[str, int, int, bool], bytes] = {}
+_listings: dict[tuple[str, bool], tuple[tuple[Any, ...], bytes, str]] = {}
+_MAX_ENTRIES = 200_000
+
+
+def catalog_listing(session: Session, *, steward: bool) -> tuple[bytes, str]:
+    """The catalog as JSON bytes and its ETag, rendering only datasets that are new or changed."""
+    store = str(session.get_bind().engine.url)
+    generation = tuple(session.execute(select(
+        select(func.count(Dataset.id)).scalar_subquery(), select(func.max(Dataset.id)).scalar_subquery(),
+        select(func.count(DatasetVersion.id)).scalar_subquery(),
+        select(func.max(DatasetVersion.id)).scalar_subquery(),
+    )).one())
+    cached = _listings.get((store, steward))
+    if cached is not None and cached[0] == generation:
+        return cached[1], cached[2]
+    index = session.execute(
+        select(Dataset.id, func.count(DatasetVersion.id))
+        .outerjoin(DatasetVersion, DatasetVersion.dataset_id == Dataset.id)
+        .group_by(Dataset.id, Dataset.name).order_by(Dataset.name)
+    ).all()
+    keys = [(store, int(dataset_id), int(versions), steward) for dataset_id, versions in index]
+    if len(_entries) + len(keys) > _MAX_ENTRIES:
+        _entries.clear()
+    fragments = {key: _entries.get(key) for key in keys}
+    missing = {key[1]: key for key, fragment in fragments.items() if fragment is None}
+    ids = list(missing)
+    for start in range(0, len(ids), 500):
+        for dataset in session.execute(select(Dataset).where(Dataset.id.in_(ids[start:start + 500]))).scalars():
+            fragment = json.dumps(dataset_view(dataset, steward=steward), separators=(",", ":")).encode()
+            fragments[missing[dataset.id]] = _entries[missing[dataset.id]] = fragment
+    body = b"[" + b",".join(fragment for fragment in fragments.values() if fragment is not None) + b"]"
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    _listings[(store, steward)] = (generation, body, etag)
+    return body, etag
+
+
+def _round_significant(value: int, digits: int, *, minimum_step: int = 1) -> int:
     if value == 0:
         return 0
-    magnitude = 10 ** max(len(str(abs(value))) - digits, 0)
-    return int(round(value / magnitude) * magnitude)
+    magnitude = max(int(10 ** max(len(str(abs(value))) - digits, 0)), minimum_step)
+    # A non-empty version never shows as 0 rows.
+    return max(int(round(value / magnitude) * magnitude), magnitude)

@@ -15,8 +15,12 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, foreign keys and writer-serialising transactions."""
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """An engine for `url`; SQLite gets WAL, foreign keys and writer-serialising transactions.
+
+    `read_only` engines (SQLite only) start deferred transactions: readers then share the
+    database instead of queueing behind the write lock.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
@@ -35,7 +39,7 @@ def make_engine(url: str) -> Engine:
             # BEGIN IMMEDIATE takes the write lock up front: a deferred transaction that reads and
             # later writes can fail with SQLITE_BUSY instead of waiting, which would break the
             # audit chain's and the budget ledger's read-then-append.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

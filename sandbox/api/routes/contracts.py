@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from sandbox import contracts
 from sandbox.api.deps import AnyRole, InstanceDep, Steward
+from sandbox.auth.tokens import Role
 
 router = APIRouter(prefix="/v1/contracts", tags=["contracts"])
 
@@ -32,6 +33,7 @@ def list_contracts(instance: InstanceDep, principal: AnyRole) -> list[dict[str, 
 @router.get("/{contract_id}")
 def get_contract(contract_id: str, instance: InstanceDep, principal: AnyRole) -> dict[str, Any]:
     with instance.context(principal) as ctx:
+        ctx.require_role(Role.STEWARD, Role.BUYER, Role.AUDITOR)
         contract = contracts.get_contract(ctx, contract_id)
         ctx.record("contract.read", "contract", contract.id)
         return contracts.contract_view(contract)

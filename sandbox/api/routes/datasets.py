@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from sandbox.api.deps import AnyRole, InstanceDep, Steward
@@ -25,22 +25,25 @@ def create_dataset(card: DatasetCard, instance: InstanceDep, steward: Steward) -
 
 
 @router.get("")
-def list_datasets(instance: InstanceDep, principal: AnyRole) -> list[dict[str, Any]]:
-    steward = principal.role is Role.STEWARD
-    with instance.sessions() as session:
-        return [service.dataset_view(d, steward=steward) for d in service.list_datasets(session)]
+def list_datasets(request: Request, instance: InstanceDep, principal: AnyRole) -> Response:
+    with instance.read_session() as session:
+        body, etag = service.catalog_listing(session, steward=principal.role is Role.STEWARD)
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.get("/{name}")
 def get_dataset(name: str, instance: InstanceDep, principal: AnyRole) -> dict[str, Any]:
-    with instance.sessions() as session:
+    with instance.read_session() as session:
         return service.dataset_view(service.get_dataset(session, name), steward=principal.role is Role.STEWARD)
 
 
 @router.post("/{name}/versions", status_code=201)
 async def add_version(name: str, request: Request, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
     settings = instance.settings
-    with instance.sessions() as session:
+    with instance.read_session() as session:
         card = service.card_of(service.get_dataset(session, name))
     upload = await receive_multipart(request, file_fields={"file"}, staging_dir=settings.tmp_dir,
                                      max_file_bytes=settings.max_upload_bytes)

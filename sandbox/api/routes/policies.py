@@ -19,13 +19,13 @@ class Decision(BaseModel):
 
 @router.get("")
 def list_policies(instance: InstanceDep, _principal: AnyRole) -> list[dict[str, Any]]:
-    with instance.sessions() as session:
+    with instance.read_session() as session:
         return [policies.policy_view(p) for p in policies.list_policies(session)]
 
 
 @router.get("/{name}/versions/{version}")
 def get_policy(name: str, version: int, instance: InstanceDep, _principal: AnyRole) -> dict[str, Any]:
-    with instance.sessions() as session:
+    with instance.read_session() as session:
         return policies.policy_view(policies.get_policy_version(session, name, version))
 
 

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian/Ubuntu machine:
+#   ./run.sh demo   set up a virtualenv, then start the service with the synthetic demo registry
+#   ./run.sh test   also install and start PostgreSQL and Docker, build the job images, run every test
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_venv() {
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then apt_install python3-venv python3-pip; fi
+  local stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    log "creating the virtualenv in .venv"
+    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+    "$VENV/bin/pip" install -q -e ".[dev]"
+    rm -f "$VENV"/.installed-*
+    touch "$stamp"
+  fi
+}
+
+ensure_postgres() {
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then apt_install postgresql; fi
+  local version
+  version=$(ls /usr/lib/postgresql | sort -V | tail -1)
+  if ! pg_lsclusters -h 2>/dev/null | grep -q "^$version main"; then
+    as_root pg_createcluster "$version" main >/dev/null
+  fi
+  if ! pg_lsclusters -h | grep -q "^$version main .* online"; then
+    log "starting PostgreSQL $version"
+    as_root pg_ctlcluster "$version" main start
+  fi
+  as_root su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname = 'sandbox'\"" | grep -q 1 ||
+    as_root su postgres -c "psql -qc \"CREATE ROLE sandbox LOGIN SUPERUSER PASSWORD 'sandbox'\""
+  export SANDBOX_TEST_POSTGRES_URL="${SANDBOX_TEST_POSTGRES_URL:-postgresql+psycopg://sandbox:sandbox@127.0.0.1:5432/postgres}"
+}
+
+ensure_docker() {
+  if ! command -v dockerd >/dev/null 2>&1; then apt_install docker.io; fi
+  if ! docker info >/dev/null 2>&1; then
+    log "starting dockerd"
+    as_root sh -c 'nohup dockerd >/var/log/dockerd.log 2>&1 &'
+    for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/dockerd.log" >&2; exit 1; }
+  fi
+  if ! command -v debootstrap >/dev/null 2>&1; then apt_install debootstrap; fi
+}
+
+case "${1:-}" in
+  demo)
+    shift
+    ensure_venv
+    exec "$VENV/bin/sandbox" demo "$@"
+    ;;
+  test)
+    shift
+    ensure_venv
+    ensure_postgres
+    ensure_docker
+    log "building job images (reused when up to date)"
+    "$VENV/bin/sandbox" images build
+    log "running the test suite on SQLite and PostgreSQL"
+    export SANDBOX_REQUIRE_POSTGRES=1 SANDBOX_REQUIRE_DOCKER=1
+    exec "$VENV/bin/pytest" "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh demo [--port N] | ./run.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac

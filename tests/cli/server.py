@@ -1,0 +1,74 @@
+"""Helpers for a real `sandbox serve` process on a loopback port, driven by the real CLI."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    url: str
+    home: Path
+    env: dict[str, str]
+    process: subprocess.Popen[str]
+
+    def cli(self, *args: str, token: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**self.env, "SANDBOX_URL": self.url}
+        if token:
+            env["SANDBOX_TOKEN"] = token
+        result = subprocess.run([sys.executable, "-m", "sandbox.cli", *args], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert "Traceback" not in result.stderr, f"the CLI printed a traceback:\n{result.stderr}"
+        if check:
+            assert result.returncode == 0, f"sandbox {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def token(self, role: str, org: str, sub: str) -> str:
+        return self.cli("token", "issue", "--sub", sub, "--org", org, "--role", role).stdout.strip()
+
+
+def base_env(home: Path, database_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
+    env["SANDBOX_HOME"] = str(home)
+    if database_url:
+        env["SANDBOX_DATABASE_URL"] = database_url
+    return env
+
+
+def wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{process.stderr.read() if process.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not become healthy")
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    process.terminate()
+    try:
+        _, err = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+    return err or ""

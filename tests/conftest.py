@@ -1,0 +1,94 @@
+"""Fixtures that build real instances: a temp home, and SQLite or a real PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from helpers import Tokens
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from sandbox.config import Settings
+from sandbox.instance import Instance, init_instance
+from sandbox.store.database import make_engine, migrate
+
+POSTGRES_URL = os.environ.get(
+    "SANDBOX_TEST_POSTGRES_URL", "postgresql+psycopg://sandbox:sandbox@127.0.0.1:5432/postgres"
+)
+REQUIRE_POSTGRES = os.environ.get("SANDBOX_REQUIRE_POSTGRES") == "1"
+
+
+def _admin_engine():  # type: ignore[no-untyped-def]
+    return create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[str]:
+    """A migrated template database; each test clones it (CREATE DATABASE ... TEMPLATE is fast)."""
+    try:
+        admin = _admin_engine()
+        with admin.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL is required but unreachable at {POSTGRES_URL}: {exc}")
+        pytest.skip(f"PostgreSQL unreachable at {POSTGRES_URL} (set SANDBOX_REQUIRE_POSTGRES=1 to fail)")
+    name = f"sbx_template_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    migrate(engine)
+    engine.dispose()
+    yield name
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """None means the instance's own SQLite file; otherwise a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield None
+        return
+    template = request.getfixturevalue("postgres_template")
+    name = f"sbx_test_{uuid.uuid4().hex[:12]}"
+    admin = _admin_engine()
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str | None) -> Settings:
+    return Settings(home=tmp_path / "home", database_url=database_url, log_json=True)
+
+
+@pytest.fixture
+def instance(settings: Settings) -> Iterator[Instance]:
+    init_instance(settings)
+    opened = Instance(settings)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def tokens(instance: Instance) -> Tokens:
+    return Tokens(instance)
+
+
+@pytest.fixture
+def api(instance: Instance) -> Iterator[TestClient]:
+    from sandbox.api.app import create_app
+
+    with TestClient(create_app(instance), raise_server_exceptions=False) as client:
+        yield client

@@ -1,0 +1,353 @@
+"""The job images: what goes into their build, and what a job finds inside the analysis image."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+
+import sandbox.images as images
+from sandbox.images import (
+    IMAGES,
+    ImageBuildError,
+    ImageSpec,
+    build_base_image,
+    build_images,
+    debian_mirror,
+    fill_wheelhouse,
+    image_digest,
+    inputs_hash,
+    wheel_platforms,
+    wheelhouse_key,
+)
+
+ANALYSIS_DIR = IMAGES["analysis"].directory
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# How the runner starts a job container; the image must work under all of it.
+HARDENED: dict[str, Any] = {
+    "network_mode": "none",
+    "read_only": True,
+    "cap_drop": ["ALL"],
+    "security_opt": ["no-new-privileges"],
+    "tmpfs": {"/tmp": "size=256m"},
+    "pids_limit": 256,
+    "mem_limit": "2g",
+}
+
+
+@dataclass
+class ProgressLog:
+    """Collects what a build reports through its progress callback."""
+
+    steps: list[tuple[str, float | None]] = field(default_factory=list)
+
+    def __call__(self, step: str, fraction: float | None) -> None:
+        self.steps.append((step, fraction))
+
+    def lines(self) -> list[str]:
+        return [step for step, _ in self.steps]
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    image_id: str
+    seconds: float
+    progress: ProgressLog
+
+
+@pytest.fixture(scope="session")
+def wheel_cache() -> Path:
+    # Kept across runs on purpose: the wheelhouse is ~230 MB and keyed by the requirements' hash.
+    return Path(os.environ.get("SANDBOX_WHEEL_CACHE", REPO_ROOT / ".cache" / "wheels"))
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[Any]:
+    try:
+        client = docker.from_env(timeout=600)
+        client.ping()
+    except (docker.errors.DockerException, OSError) as error:
+        if os.environ.get("SANDBOX_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"Docker is required but unreachable: {error}")
+        pytest.skip(f"no reachable Docker engine (set SANDBOX_REQUIRE_DOCKER=1 to fail): {error}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def analysis_image(docker_client: Any, wheel_cache: Path) -> BuiltImage:
+    """Build (or reuse) the analysis image and its base, as `sandbox images build analysis` would."""
+    progress = ProgressLog()
+    started = time.monotonic()
+    ids = build_images(["analysis"], base_image=None, wheel_cache=wheel_cache, rebuild=False, progress=progress)
+    return BuiltImage(image_id=ids["analysis"], seconds=time.monotonic() - started, progress=progress)
+
+
+def run_in(client: Any, image_id: str, command: list[str], **options: Any) -> str:
+    """Run `command` in a fresh, network-less container of `image_id`; return its output."""
+    settings = {"network_mode": "none", **options}
+    output: bytes = client.containers.run(image_id, command, remove=True, stdout=True, stderr=True, **settings)
+    return output.decode().strip()
+
+
+def copy_image_folder(destination: Path) -> Path:
+    shutil.copytree(ANALYSIS_DIR, destination)
+    return destination
+
+
+# --- inputs and wheelhouse, no Docker needed ---
+
+
+def test_inputs_hash_depends_on_content_not_location_or_mtime(tmp_path: Path) -> None:
+    first = copy_image_folder(tmp_path / "first")
+    second = copy_image_folder(tmp_path / "second")
+    (second / "Dockerfile").touch()
+    assert inputs_hash(first, base_image_id="sha256:base") == inputs_hash(second, base_image_id="sha256:base"), (
+        "the same Dockerfile and requirements in another folder would rebuild the image"
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda folder: (folder / "Dockerfile").write_text("FROM scratch\n"), id="Dockerfile"),
+        pytest.param(lambda folder: (folder / "requirements.txt").write_text("numpy==2.4.6\n"), id="requirements"),
+        pytest.param(lambda folder: (folder / "extra.cfg").write_text("x\n"), id="new file"),
+    ],
+)
+def test_inputs_hash_changes_with_any_input_file(tmp_path: Path, change: Any) -> None:
+    folder = copy_image_folder(tmp_path / "analysis")
+    before = inputs_hash(folder, base_image_id="sha256:base")
+    change(folder)
+    assert inputs_hash(folder, base_image_id="sha256:base") != before, "a changed input would not rebuild"
+
+
+def test_inputs_hash_changes_with_the_base_image() -> None:
+    assert inputs_hash(ANALYSIS_DIR, base_image_id="sha256:old") != inputs_hash(
+        ANALYSIS_DIR, base_image_id="sha256:new"
+    ), "a rebuilt base image would not rebuild the job image"
+
+
+def test_every_requirement_is_pinned_exactly() -> None:
+    lines = [line.strip() for line in IMAGES["analysis"].requirements.read_text().splitlines()]
+    unpinned = [line for line in lines if line and not line.startswith("#") and "==" not in line]
+    assert not unpinned, f"unpinned requirements make the wheelhouse drift: {unpinned}"
+
+
+def test_wheel_platforms_cover_bookworm_glibc_and_legacy_aliases() -> None:
+    platforms = wheel_platforms("x86_64")
+    assert platforms[0] == "manylinux_2_36_x86_64"
+    for expected in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"):
+        assert expected in platforms, f"wheels tagged {expected} would not be downloaded"
+    assert "manylinux_2_37_x86_64" not in platforms, "wheels needing a newer glibc than bookworm's would be taken"
+
+
+def test_wheelhouse_key_follows_requirements_and_machine() -> None:
+    key = wheelhouse_key(b"numpy==2.4.6\n", "x86_64")
+    assert key == wheelhouse_key(b"numpy==2.4.6\n", "x86_64")
+    assert key != wheelhouse_key(b"numpy==2.4.5\n", "x86_64"), "changed pins would reuse stale wheels"
+    assert key != wheelhouse_key(b"numpy==2.4.6\n", "aarch64"), "another architecture would reuse x86_64 wheels"
+
+
+def test_fresh_wheelhouse_is_reused_without_downloading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = ImageSpec(name="analysis", directory=copy_image_folder(tmp_path / "analysis"), tag="unused:latest")
+    wheelhouse = tmp_path / "cache" / "analysis"
+    wheelhouse.mkdir(parents=True)
+    key = wheelhouse_key(spec.requirements.read_bytes(), platform.machine())
+    (wheelhouse / images.WHEELHOUSE_STAMP).write_text(key + "\n")
+
+    def no_download(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("pip download ran although the wheelhouse matched the requirements")
+
+    monkeypatch.setattr(images, "_download_wheels", no_download)
+    progress = ProgressLog()
+    assert fill_wheelhouse(spec, wheel_cache=tmp_path / "cache", progress=progress) == wheelhouse
+    assert progress.lines() == ["analysis: wheelhouse up to date"]
+
+
+def test_pip_download_failure_is_a_readable_error(tmp_path: Path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "requirements.txt").write_text("numpy===[not a version\n")
+    spec = ImageSpec(name="broken", directory=folder, tag="unused:latest")
+    with pytest.raises(ImageBuildError, match=r"broken: downloading wheels failed \(exit code \d+\)") as raised:
+        fill_wheelhouse(spec, wheel_cache=tmp_path / "cache", progress=ProgressLog())
+    assert "Invalid requirement" in str(raised.value), "the error hides pip's own explanation"
+    assert not (tmp_path / "cache" / "broken").exists(), "a failed download left a wheelhouse behind"
+    assert list((tmp_path / "cache").iterdir()) == [], "a failed download left its staging folder behind"
+
+
+def test_unknown_image_name_is_a_readable_error(tmp_path: Path) -> None:
+    with pytest.raises(ImageBuildError, match="unknown image notebook-typo; known images: analysis"):
+        build_images(["notebook-typo"], base_image=None, wheel_cache=tmp_path, rebuild=False, progress=ProgressLog())
+
+
+def test_missing_debootstrap_is_a_readable_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoImages:
+        def get(self, reference: str) -> Any:
+            raise docker.errors.ImageNotFound(reference)
+
+    class EmptyEngine:
+        images = NoImages()
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ImageBuildError, match="debootstrap is not installed"):
+        build_base_image(rebuild=False, progress=ProgressLog(), client=EmptyEngine())
+
+
+def test_unreachable_docker_is_a_readable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    with pytest.raises(ImageBuildError, match="cannot reach the Docker engine"):
+        image_digest("analysis")
+
+
+@pytest.mark.parametrize(
+    ("sources", "expected"),
+    [
+        pytest.param(
+            {
+                "sources.list.d/debian.sources": "Types: deb\nURIs: http://mirror.example/debian\n"
+                "Suites: bookworm bookworm-updates\nComponents: main\n\n"
+                "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n"
+            },
+            "http://mirror.example/debian",
+            id="deb822",
+        ),
+        pytest.param(
+            {"sources.list": "# comment\ndeb [arch=amd64] http://old.example/debian bookworm main\n"},
+            "http://old.example/debian",
+            id="one-line",
+        ),
+        pytest.param({}, "http://deb.debian.org/debian", id="none"),
+    ],
+)
+def test_debian_mirror_comes_from_apt_sources(tmp_path: Path, sources: dict[str, str], expected: str) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    for name, text in sources.items():
+        (tmp_path / name).write_text(text)
+    assert debian_mirror(tmp_path) == expected
+
+
+# --- the built analysis image, on a real Docker engine ---
+
+
+@pytest.mark.docker
+def test_job_runs_as_the_unprivileged_sandbox_user(docker_client: Any, analysis_image: BuiltImage) -> None:
+    assert run_in(docker_client, analysis_image.image_id, ["id", "-u"]) == "10001", "jobs would run as root"
+    assert run_in(docker_client, analysis_image.image_id, ["id", "-un"]) == "sandbox"
+
+
+@pytest.mark.docker
+def test_python_is_3_11_from_the_image_venv(docker_client: Any, analysis_image: BuiltImage) -> None:
+    script = "import sys; print(sys.version_info[:2] == (3, 11), sys.prefix, sys.executable)"
+    output = run_in(docker_client, analysis_image.image_id, ["python3", "-c", script])
+    assert output == "True /opt/venv /opt/venv/bin/python3", f"unexpected interpreter: {output}"
+
+
+@pytest.mark.docker
+def test_scientific_stack_works_in_a_hardened_container(docker_client: Any, analysis_image: BuiltImage) -> None:
+    script = "\n".join(
+        [
+            "import numpy, pandas, pyarrow, duckdb, sklearn, statsmodels, matplotlib, opendp",
+            "import pyarrow.parquet as pq, matplotlib.pyplot as plt",
+            "from sklearn.linear_model import LinearRegression",
+            "frame = pandas.DataFrame({'x': numpy.arange(10.0), 'y': 2 * numpy.arange(10.0)})",
+            "pq.write_table(pyarrow.Table.from_pandas(frame), '/tmp/t.parquet')",
+            "total = duckdb.sql(\"select sum(y) from '/tmp/t.parquet'\").fetchall()[0][0]",
+            "slope = LinearRegression().fit(frame[['x']], frame['y']).coef_[0]",
+            "plt.plot(frame.x, frame.y); plt.savefig('/tmp/plot.png')",
+            "print(total, round(slope, 6), matplotlib.get_backend())",
+        ]
+    )
+    output = run_in(docker_client, analysis_image.image_id, ["python3", "-c", script], **HARDENED)
+    assert output.splitlines()[-1].lower() == "90.0 2.0 agg", f"the analysis stack misbehaved: {output}"
+    assert "warning" not in output.lower(), f"the analysis stack warned under the runner's hardening: {output}"
+
+
+@pytest.mark.docker
+def test_no_wheelhouse_left_and_job_folders_are_empty(docker_client: Any, analysis_image: BuiltImage) -> None:
+    script = "\n".join(
+        [
+            "import os",
+            "print(os.path.exists('/wheels'), os.path.exists('/build'))",
+            "print(*(f'{p}={os.listdir(p)}' for p in ('/data', '/code', '/output', '/run/sandbox')))",
+            "print(os.getcwd(), os.environ['HOME'])",
+        ]
+    )
+    lines = run_in(docker_client, analysis_image.image_id, ["python3", "-c", script]).splitlines()
+    assert lines[0] == "False False", "the wheelhouse or build inputs leaked into the final image"
+    assert lines[1] == "/data=[] /code=[] /output=[] /run/sandbox=[]", f"job folders are not empty: {lines[1]}"
+    assert lines[2] == "/code /tmp"
+
+
+@pytest.mark.docker
+def test_image_config_and_labels(docker_client: Any, analysis_image: BuiltImage) -> None:
+    config = docker_client.images.get(analysis_image.image_id).attrs["Config"]
+    environment = dict(item.split("=", 1) for item in config["Env"])
+    assert config["User"] == "10001"
+    assert config["WorkingDir"] == "/code"
+    assert environment["PATH"].startswith("/opt/venv/bin:")
+    assert environment["HOME"] == "/tmp"
+    assert environment["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert environment["MPLBACKEND"] == "Agg"
+    assert config["Labels"]["org.sandbox.image"] == "analysis"
+    assert config["Labels"]["org.sandbox.image.version"]
+    assert len(config["Labels"][images.INPUTS_LABEL]) == 64
+
+
+@pytest.mark.docker
+def test_image_digest_is_the_built_id(analysis_image: BuiltImage) -> None:
+    assert image_digest("analysis") == analysis_image.image_id
+    assert analysis_image.image_id.startswith("sha256:")
+
+
+@pytest.mark.docker
+def test_unchanged_inputs_are_not_rebuilt(analysis_image: BuiltImage, wheel_cache: Path) -> None:
+    progress = ProgressLog()
+    started = time.monotonic()
+    ids = build_images(["analysis"], base_image=None, wheel_cache=wheel_cache, rebuild=False, progress=progress)
+    seconds = time.monotonic() - started
+    assert ids == {"analysis": analysis_image.image_id}, "an unchanged image got a new id"
+    assert progress.lines() == [
+        "base: up to date (sandbox-base:bookworm)",
+        "analysis: up to date (sandbox-analysis:latest)",
+    ], f"something was rebuilt: {progress.lines()}"
+    assert seconds < 10, f"checking for changes took {seconds:.1f}s"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_changed_dockerfile_rebuilds(
+    docker_client: Any, analysis_image: BuiltImage, wheel_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Same name (so the same wheelhouse) but its own tag, so the real image is left alone.
+    folder = copy_image_folder(tmp_path / "analysis")
+    spec = ImageSpec(name="analysis", directory=folder, tag="sandbox-analysis-test:latest")
+    monkeypatch.setitem(IMAGES, "analysis", spec)
+    try:
+        first = build_images(
+            ["analysis"], base_image=None, wheel_cache=wheel_cache, rebuild=False, progress=ProgressLog()
+        )
+        with (folder / "Dockerfile").open("a") as dockerfile:
+            dockerfile.write('LABEL org.sandbox.test="changed"\n')
+        progress = ProgressLog()
+        second = build_images(["analysis"], base_image=None, wheel_cache=wheel_cache, rebuild=False, progress=progress)
+        assert second["analysis"] != first["analysis"], "a changed Dockerfile did not rebuild the image"
+        assert any(line.startswith("analysis: Step ") for line in progress.lines())
+        labels = docker_client.images.get(spec.tag).labels
+        assert labels["org.sandbox.test"] == "changed"
+        assert labels[images.INPUTS_LABEL] == inputs_hash(folder, base_image_id=image_digest(images.DEFAULT_BASE_IMAGE))
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(spec.tag)
