@@ -1,0 +1,105 @@
+"""The runner contract: what the scheduler asks of an execution backend, step by idempotent step.
+
+The scheduler never imports Docker. It hands a `JobDefinition` to a `JobRunner` and re-derives
+each job's state from `poll()` on every tick, so a service restarted mid-job loses nothing:
+every step may be called again after a crash and must then do nothing harmful.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+# Labels on everything a runner creates, so reconciliation can find (and remove) what it owns.
+LABEL_MANAGED = "org.sandbox.managed"
+LABEL_JOB = "org.sandbox.job"
+LABEL_ORG = "org.sandbox.org"
+LABEL_INSTANCE = "org.sandbox.instance"
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 1.0
+    memory_mb: int = 1024
+    timeout_s: int = 600
+    gpus: int = 0
+    pids: int = 256
+    output_mb: int = 100
+    tmp_mb: int = 256
+    log_bytes: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class JobDefinition:
+    """Everything needed to run one job; built by the scheduler from the stored job."""
+
+    id: str
+    org: str
+    image: str  # an image id (sha256:...), never a mutable tag
+    command: list[str]
+    code_dir: Path  # host folder mounted read-only at /code
+    data_files: dict[str, Path] = field(default_factory=dict)  # name in /data -> host file, read-only
+    resources: Resources = field(default_factory=Resources)
+    dp_socket: Path | None = None  # host socket mounted at /run/sandbox/dp.sock
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class RunState(StrEnum):
+    UNKNOWN = "unknown"  # the runner has nothing for this job (never started, or vanished)
+    PREPARED = "prepared"  # created but not started
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    state: RunState
+    exit_code: int | None = None
+    oom_killed: bool = False
+    timed_out: bool = False
+    output_full: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+    cpu_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class CollectedFile:
+    path: str  # relative to /output, POSIX separators
+    size: int
+    sha256: str
+    stored_at: Path  # where the runner copied it on the host
+
+
+@dataclass(frozen=True)
+class Collected:
+    files: list[CollectedFile]
+    refused: dict[str, str]  # path -> why it was not copied (symlink, device, fifo, too large...)
+    stdout: CollectedFile
+    stderr: CollectedFile
+
+
+class JobRunner(Protocol):
+    def prepare(self, job: JobDefinition) -> None:
+        """Create whatever the job needs (output quota, container); idempotent."""
+
+    def start(self, job: JobDefinition) -> None:
+        """Start the prepared job; a no-op if it is running or has exited."""
+
+    def poll(self, job_id: str) -> RunStatus:
+        """The job's current state; enforces the wall-clock timeout as a side effect."""
+
+    def collect(self, job_id: str, destination: Path) -> Collected:
+        """Copy /output files and the logs to `destination` (after exit); idempotent."""
+
+    def terminate(self, job_id: str) -> None:
+        """Stop the job now if it is running; a no-op otherwise."""
+
+    def cleanup(self, job_id: str) -> None:
+        """Remove the container and any scratch state; a no-op if already gone."""
+
+    def managed_jobs(self) -> set[str]:
+        """Ids of every job this runner has anything for (to find orphans)."""
