@@ -26,8 +26,11 @@ contract_app = typer.Typer(help="Data-use contracts.", no_args_is_help=True)
 policy_app = typer.Typer(help="Egress and review policies.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 images_app = typer.Typer(help="Job and notebook images.", no_args_is_help=True)
+job_app = typer.Typer(help="Submit and follow jobs; download released outputs.", no_args_is_help=True)
+review_app = typer.Typer(help="Review job outputs (stewards).", no_args_is_help=True)
 for sub, name in ((token_app, "token"), (dataset_app, "dataset"), (contract_app, "contract"),
-                  (policy_app, "policy"), (audit_app, "audit"), (images_app, "images")):
+                  (policy_app, "policy"), (audit_app, "audit"), (images_app, "images"), (job_app, "job"),
+                  (review_app, "review")):
     app.add_typer(sub, name=name)
 
 console = Console(stderr=True)
@@ -102,9 +105,42 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> None:
 
     configure_logging(settings.log_level, json=settings.log_json)
     _call(init_instance, settings)
-    application = _call(create_app, Instance(settings))
-    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_config=None,
-                access_log=False, server_header=False)
+    instance = Instance(settings)
+    application = _call(create_app, instance)
+    worker = None
+    if settings.embedded_worker:
+        from sandbox.worker import docker_worker
+
+        try:
+            worker = docker_worker(instance)
+        except Exception as exc:  # no engine here: the API still serves; queued jobs wait for a worker
+            console.print(f"[yellow]no job worker:[/] {exc}; jobs stay queued until `sandbox worker` runs")
+        else:
+            application.state.wake_worker = worker.wake
+            worker.start_thread(settings.worker_interval_s)
+    try:
+        uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_config=None,
+                    access_log=False, server_header=False)
+    finally:
+        if worker is not None:
+            worker.stop()
+
+
+@app.command()
+def worker(home: HomeOption = None) -> None:
+    """Run the job worker alone (the only process that needs the Docker socket)."""
+    from sandbox.instance import Instance, init_instance
+    from sandbox.logs import configure_logging
+    from sandbox.worker import docker_worker
+
+    settings = _settings(home)
+    configure_logging(settings.log_level, json=settings.log_json)
+    _call(init_instance, settings)
+    running = docker_worker(Instance(settings))
+    try:
+        running.run_forever(settings.worker_interval_s)
+    except KeyboardInterrupt:
+        running.stop()
 
 
 @token_app.command("issue")
@@ -364,6 +400,217 @@ def images_build(
             _fail(str(exc))
     for name, image_id in built.items():
         out.print(f"{name}: {image_id}")
+
+
+TERMINAL_STATES = {"done", "failed", "rejected", "cancelled"}
+
+
+@job_app.command("submit", context_settings={"allow_interspersed_args": False})
+def job_submit(
+    command: Annotated[list[str], typer.Argument(help="the command, after --")],
+    contract: Annotated[str, typer.Option("--contract")],
+    dataset: Annotated[str, typer.Option("--dataset", help="NAME or NAME@VERSION")],
+    code: Annotated[Path, typer.Option("--code", help="folder with your code", exists=True, file_okay=False)],
+    image: Annotated[str, typer.Option("--image")] = "analysis",
+    kind: Annotated[str, typer.Option("--kind", help="analysis or training")] = "analysis",
+    cpus: Annotated[float, typer.Option("--cpus")] = 1.0,
+    memory_mb: Annotated[int, typer.Option("--memory-mb")] = 1024,
+    timeout_s: Annotated[int, typer.Option("--timeout-s")] = 600,
+    gpus: Annotated[int, typer.Option("--gpus")] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the job until it settles")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Send code to the data: pack --code, submit, and optionally wait."""
+    import tempfile
+
+    from sandbox.release import ReleaseError, pack_code
+
+    name, _, version = dataset.partition("@")
+    if version and not version.isdigit():
+        _fail("--dataset takes NAME or NAME@VERSION")
+    spec = {"contract": contract, "dataset": name, "version": int(version) if version else None, "kind": kind,
+            "image": image, "command": command,
+            "resources": {"cpus": cpus, "memory_mb": memory_mb, "timeout_s": timeout_s, "gpus": gpus}}
+    try:
+        packed = pack_code(code)
+    except ReleaseError as exc:
+        _fail(str(exc))
+    with tempfile.NamedTemporaryFile(suffix=".tar.gz") as bundle, _client() as client:
+        bundle.write(packed)
+        bundle.flush()
+        created = _call(client.submit_job, spec, Path(bundle.name))
+        if not wait:
+            _emit(created, True) if as_json else out.print(f"job {created['id']} {created['state']}")
+            return
+        job = _follow(client, created["id"])
+    if as_json:
+        _emit(job, True)
+    else:
+        _print_job(job)
+    # Waiting for review is where a healthy job stops; only a job that went wrong exits non-zero.
+    raise typer.Exit(0 if job["state"] in ("done", "in_review") else 1)
+
+
+def _follow(client: SandboxClient, job_id: str) -> Any:
+    states = ["pending_approval", "queued", "running", "checking", "in_review"]
+    with Progress(TextColumn("{task.description}"), BarColumn(), console=console, transient=True) as progress:
+        task = progress.add_task(f"{job_id}: submitted", total=len(states))
+        job = _call(client.job, job_id)
+        while True:
+            state = job["state"]
+            done = states.index(state) + 1 if state in states else len(states)
+            progress.update(task, completed=done, description=f"{job_id}: {state}")
+            if state in TERMINAL_STATES or state == "in_review":
+                return job
+            job = _call(client.job, job_id, wait_s=20, since=state)
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    out.print(f"job {job['id']}: [bold]{job['state']}[/] {job['reason']}".rstrip())
+    table = Table("output", "size", "kind", "status", "rules")
+    for o in job["outputs"]:
+        table.add_row(o["path"], str(o["size"]), o["kind"], o["status"], ", ".join(o["rules"]))
+    if job["outputs"]:
+        out.print(table)
+
+
+@job_app.command("status")
+def job_status(job_id: str, as_json: JsonOption = False) -> None:
+    """A job's state, reason, usage and outputs."""
+    with _client() as client:
+        job = _call(client.job, job_id)
+    _emit(job, True) if as_json else _print_job(job)
+
+
+@job_app.command("list")
+def job_list(as_json: JsonOption = False) -> None:
+    """Jobs you may see."""
+    with _client() as client:
+        jobs = _call(client.jobs)
+    table = Table("id", "org", "dataset", "state", "reason", "created")
+    for j in jobs:
+        table.add_row(j["id"], j["buyer_org"], f"{j['dataset']}@{j['version']}", j["state"], j["reason"],
+                      j["created_at"][:19])
+    _emit(jobs, as_json, table)
+
+
+@job_app.command("logs")
+def job_logs(job_id: str) -> None:
+    """The job's stdout and stderr, once released."""
+    with _client() as client:
+        out.print(_call(client.job_logs, job_id), markup=False, highlight=False, end="")
+
+
+@job_app.command("outputs")
+def job_outputs(job_id: str, as_json: JsonOption = False) -> None:
+    """Each output with its verdict and release status."""
+    with _client() as client:
+        outputs = _call(client.job_outputs, job_id)
+    table = Table("path", "size", "kind", "verdict", "status", "rules")
+    for o in outputs:
+        table.add_row(o["path"], str(o["size"]), o["kind"], o["verdict"], o["status"], ", ".join(o["rules"]))
+    _emit(outputs, as_json, table)
+
+
+def _job_action(job_id: str, action: str, comment: str = "") -> None:
+    with _client() as client:
+        job = _call(client.job_action, job_id, action, comment)
+    out.print(f"job {job['id']}: {job['state']}")
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: str) -> None:
+    """Cancel a job in any state but a final one."""
+    _job_action(job_id, "cancel")
+
+
+@job_app.command("approve")
+def job_approve(job_id: str, comment: Annotated[str, typer.Option("--comment")] = "") -> None:
+    """Approve a job waiting for approval (stewards)."""
+    _job_action(job_id, "approve", comment)
+
+
+@job_app.command("reject")
+def job_reject(job_id: str, comment: Annotated[str, typer.Option("--comment")] = "") -> None:
+    """Reject a job waiting for approval (stewards)."""
+    _job_action(job_id, "reject", comment)
+
+
+@job_app.command("download")
+def job_download(
+    job_id: str,
+    to: Annotated[Path, typer.Option("--to", help="destination folder")] = Path("."),
+    verify_key: Annotated[Path | None, typer.Option("--verify-key", envvar="SANDBOX_VERIFY_KEY",
+                                                    help="the instance's public key (PEM) to pin")] = None,
+) -> None:
+    """Download released files after verifying the signed manifest and every file's sha256."""
+    from sandbox.release import ReleaseError, check_file, key_fingerprint, safe_destination, verify_manifest
+
+    with _client() as client:
+        signed = _call(client.job_manifest, job_id)
+        if verify_key is not None:
+            pem = verify_key.read_bytes()
+        else:
+            pem = _call(client.signing_key)["public_key_pem"].encode()
+            console.print(f"verifying with the server's key {key_fingerprint(pem)} (pin it with --verify-key)")
+        try:
+            manifest = verify_manifest(signed, pem)
+            to.mkdir(parents=True, exist_ok=True)
+            for entry in manifest["files"]:
+                content = _call(client.output_bytes, job_id, entry["path"])
+                check_file(content, entry["sha256"], entry["path"])
+                target = safe_destination(to, entry["path"])
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+                out.print(f"{entry['path']}  {entry['size']} bytes  sha256 {entry['sha256'][:16]}… verified")
+        except ReleaseError as exc:
+            _fail(str(exc))
+    if not manifest["files"]:
+        out.print("nothing has been released for this job yet")
+
+
+@review_app.command("list")
+def review_list(as_json: JsonOption = False) -> None:
+    """Jobs with files waiting for review, with each file's checks."""
+    with _client() as client:
+        jobs = _call(client.reviews)
+    table = Table()
+    for name in ("job", "org", "file", "size", "kind"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("checks")
+    for job in jobs:
+        for o in job["outputs"]:
+            if o["status"] == "in_review":
+                checks = "; ".join(f"{c['rule']}: {c['reason']}" for c in o["checks"] if c["verdict"] != "pass")
+                table.add_row(job["id"], job["buyer_org"], o["path"], str(o["size"]), o["kind"], checks)
+    _emit(jobs, as_json, table)
+
+
+@review_app.command("decide")
+def review_decide(
+    job_id: str,
+    release: Annotated[list[str] | None, typer.Option("--release", help="a path to release (repeat)")] = None,
+    reject: Annotated[list[str] | None, typer.Option("--reject", help="a path to reject (repeat)")] = None,
+    comment: Annotated[str, typer.Option("--comment")] = "",
+) -> None:
+    """Release or reject files of a job, each decision audited."""
+    if not release and not reject:
+        _fail("give at least one --release PATH or --reject PATH")
+    with _client() as client:
+        job = _call(client.decide_review, job_id, release=release or [], reject=reject or [], comment=comment)
+    _print_job(job)
+
+
+@app.command()
+def usage(as_json: JsonOption = False) -> None:
+    """CPU, GPU and wall hours and bytes released, per contract."""
+    with _client() as client:
+        rows = _call(client.usage)
+    table = Table("contract", "org", "jobs", "cpu h", "quota h", "wall h", "bytes released")
+    for r in rows:
+        table.add_row(r["contract"], r["buyer_org"], str(r["jobs"]), f"{r['cpu_hours']:.4f}",
+                      str(r["cpu_hours_quota"]), f"{r['wall_hours']:.4f}", str(r["bytes_released"]))
+    _emit(rows, as_json, table)
 
 
 def main() -> None:

@@ -114,5 +114,52 @@ class SandboxClient:
     def audit_events(self, limit: int = 100) -> Any:
         return self.request("GET", "/v1/audit", params={"limit": limit})
 
+    # Jobs
+    def submit_job(self, spec: dict[str, Any], bundle: Path) -> Any:
+        import json
+
+        with bundle.open("rb") as handle:
+            return self.request("POST", "/v1/jobs", files={"code": ("code.tar.gz", handle, "application/gzip")},
+                                data={"spec": json.dumps(spec)})
+
+    def job(self, job_id: str, *, wait_s: float = 0, since: str | None = None) -> Any:
+        """A job; with `since`, waits up to `wait_s` for its state to change from `since`."""
+        params: dict[str, Any] = {"wait_s": wait_s, "since": since} if since else {}
+        return self.request("GET", f"/v1/jobs/{job_id}", params=params)
+
+    def jobs(self) -> Any:
+        return self.request("GET", "/v1/jobs")
+
+    def job_logs(self, job_id: str) -> str:
+        body = self.request("GET", f"/v1/jobs/{job_id}/logs")
+        return body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+
+    def job_outputs(self, job_id: str) -> Any:
+        return self.request("GET", f"/v1/jobs/{job_id}/outputs")
+
+    def job_action(self, job_id: str, action: str, comment: str = "") -> Any:
+        body = {"comment": comment} if action in ("approve", "reject") else None
+        return self.request("POST", f"/v1/jobs/{job_id}/{action}", json=body)
+
+    def job_manifest(self, job_id: str) -> Any:
+        return self.request("GET", f"/v1/jobs/{job_id}/manifest")
+
+    def output_bytes(self, job_id: str, path: str) -> bytes:
+        body = self.request("GET", f"/v1/jobs/{job_id}/outputs/{path}")
+        return body if isinstance(body, bytes) else str(body).encode()
+
+    def signing_key(self) -> Any:
+        return self.request("GET", "/v1/signing-key")
+
+    def reviews(self) -> Any:
+        return self.request("GET", "/v1/reviews")
+
+    def decide_review(self, job_id: str, *, release: list[str], reject: list[str], comment: str = "") -> Any:
+        return self.request("POST", f"/v1/reviews/{job_id}/decisions",
+                            json={"release": release, "reject": reject, "comment": comment})
+
+    def usage(self) -> Any:
+        return self.request("GET", "/v1/usage")
+
     def whoami(self) -> Any:
         return self.request("GET", "/v1/whoami")

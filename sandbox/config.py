@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1 * 1024 * 1024
     max_upload_bytes: int = 2 * 1024 * 1024 * 1024
 
+    # The worker: runs inside `sandbox serve` unless disabled (production runs `sandbox worker`).
+    embedded_worker: bool = True
+    worker_interval_s: float = 0.5
+    worker_cpus: float = 2.0
+    worker_memory_mb: int = 8192
+
     # Wheels for the offline image builds, fetched by the host's pip; shared by instances.
     wheel_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "sandbox" / "wheelhouse")
 
@@ -110,6 +116,10 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.home_dir / "artifacts"
+
+    @property
+    def runner_dir(self) -> Path:
+        return self.home_dir / "runner"
 
     @property
     def tmp_dir(self) -> Path:

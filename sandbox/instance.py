@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sandbox.audit import AuditLog, SystemActor
-from sandbox.auth.keys import ensure_signing_key, load_private_key, load_public_key
+from sandbox.auth.keys import ensure_signing_key, key_id, load_private_key, load_public_key
 from sandbox.auth.tokens import IssuedToken, Principal, Role, TokenVerifier, issue_token
 from sandbox.config import CONFIG_FILE, Settings
 from sandbox.context import Context
@@ -70,6 +71,8 @@ class Instance:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Notified after every commit in this process: long-polling readers wake on it.
+        self.changes = threading.Condition()
 
     def require_initialised(self) -> None:
         if not self.settings.signing_key_path.exists():
@@ -108,6 +111,11 @@ class Instance:
         return load_public_key(self.settings.verify_key_path)
 
     @cached_property
+    def instance_id(self) -> str:
+        """Stable for the life of the key pair; labels what this instance's runner owns."""
+        return key_id(self.public_key)
+
+    @cached_property
     def audit(self) -> AuditLog:
         return AuditLog(self.signing_key)
 
@@ -129,6 +137,8 @@ class Instance:
         try:
             with self.sessions() as session, session.begin():
                 yield Context(session=session, actor=actor, audit=self.audit, settings=self.settings)
+            with self.changes:
+                self.changes.notify_all()
         except Forbidden as refusal:
             if isinstance(actor, Principal):
                 with self.sessions() as session, session.begin():
@@ -136,6 +146,17 @@ class Instance:
                                       object_id=str(refusal.extra.get("object", "-")),
                                       details={"detail": refusal.detail})
             raise
+
+    @contextmanager
+    def read_context(self, actor: Principal | SystemActor) -> Iterator[Context]:
+        """A read-only context (it must not write, not even an audit event)."""
+        with self.read_session() as session:
+            yield Context(session=session, actor=actor, audit=self.audit, settings=self.settings)
+
+    def wait_for_change(self, timeout_s: float) -> None:
+        """Block until something commits in this process, or `timeout_s` passes."""
+        with self.changes:
+            self.changes.wait(timeout_s)
 
     def system_context(self) -> AbstractContextManager[Context]:
         return self.context(SystemActor())

@@ -92,3 +92,18 @@ def api(instance: Instance) -> Iterator[TestClient]:
 
     with TestClient(create_app(instance), raise_server_exceptions=False) as client:
         yield client
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the whole suite, no container with the project's labels may be left running."""
+    try:
+        import docker
+
+        client = docker.from_env()
+        left = client.api.containers(all=True, filters={"label": "org.sandbox.managed=1"})
+    except Exception:  # no engine: nothing can be left
+        return
+    if left:
+        names = ", ".join(c["Names"][0] for c in left)
+        print(f"\nFAILED: containers with the project's labels were left behind: {names}")
+        session.exitstatus = 1

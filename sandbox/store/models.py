@@ -159,3 +159,68 @@ class AuditHead(Base):
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
     signature: Mapped[str] = mapped_column(String(200))
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
+    buyer_org: Mapped[str] = mapped_column(String(64), index=True)
+    submitted_by: Mapped[str] = mapped_column(String(200))
+    dataset: Mapped[str] = mapped_column(String(64))
+    dataset_version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    tier: Mapped[str] = mapped_column(String(16))
+    policy: Mapped[str] = mapped_column(String(80))
+    image: Mapped[str] = mapped_column(String(80))
+    image_id: Mapped[str] = mapped_column(String(80))
+    command: Mapped[list[Any]] = mapped_column()
+    resources: Mapped[dict[str, Any]] = mapped_column()
+    code_sha256: Mapped[str] = mapped_column(String(64))
+    code_bytes: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    exit_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    manifest_signature: Mapped[str | None] = mapped_column(String(200), default=None)
+    created_at: Mapped[datetime] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column()
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    outputs: Mapped[list[JobOutput]] = relationship(back_populates="job", order_by="JobOutput.path", lazy="selectin")
+
+
+class JobOutput(Base):
+    """One file a job produced (logs included), with its checks and release state."""
+
+    __tablename__ = "job_outputs"
+    __table_args__ = (UniqueConstraint("job_id", "path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    path: Mapped[str] = mapped_column(String(500))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    verdict: Mapped[str] = mapped_column(String(16))  # pass | review | block
+    checks: Mapped[list[Any]] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16))  # released | blocked | in_review
+    stored_path: Mapped[str | None] = mapped_column(String(500), default=None)
+    decided_by: Mapped[str | None] = mapped_column(String(200), default=None)
+    decided_at: Mapped[datetime | None] = mapped_column(default=None)
+    comment: Mapped[str] = mapped_column(Text, default="")
+
+    job: Mapped[Job] = relationship(back_populates="outputs")
+
+
+class ImageRecord(Base):
+    """Job images the worker found in its engine; the API resolves names here, never in Docker."""
+
+    __tablename__ = "images"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    image_id: Mapped[str] = mapped_column(String(80))
+    seen_at: Mapped[datetime] = mapped_column()

@@ -30,6 +30,8 @@ STEWARD = frozenset({Role.STEWARD})
 ADMIN = frozenset({Role.ADMIN})
 STEWARD_OR_AUDITOR = frozenset({Role.STEWARD, Role.AUDITOR})
 CONTRACT_READERS = frozenset({Role.STEWARD, Role.BUYER, Role.AUDITOR})
+BUYER = frozenset({Role.BUYER})
+JOB_READERS = frozenset({Role.BUYER, Role.STEWARD})
 
 ROLE_TABLE: dict[tuple[str, str], frozenset[Role]] = {
     ("GET", "/v1/whoami"): ANY_ROLE,
@@ -50,6 +52,21 @@ ROLE_TABLE: dict[tuple[str, str], frozenset[Role]] = {
     ("POST", "/v1/policies/{name}/versions/{version}/reject"): STEWARD,
     ("GET", "/v1/audit"): STEWARD_OR_AUDITOR,
     ("GET", "/v1/audit/verify"): STEWARD_OR_AUDITOR,
+    ("POST", "/v1/jobs"): BUYER,
+    ("GET", "/v1/jobs"): JOB_READERS,
+    ("GET", "/v1/jobs/{job_id}"): JOB_READERS,
+    ("GET", "/v1/jobs/{job_id}/logs"): JOB_READERS,
+    ("GET", "/v1/jobs/{job_id}/outputs"): JOB_READERS,
+    ("GET", "/v1/jobs/{job_id}/outputs/{path}"): JOB_READERS,
+    ("GET", "/v1/jobs/{job_id}/manifest"): JOB_READERS,
+    ("POST", "/v1/jobs/{job_id}/cancel"): JOB_READERS,
+    ("POST", "/v1/jobs/{job_id}/approve"): STEWARD,
+    ("POST", "/v1/jobs/{job_id}/reject"): STEWARD,
+    ("GET", "/v1/reviews"): STEWARD,
+    ("GET", "/v1/reviews/{job_id}/files/{path}"): STEWARD,
+    ("POST", "/v1/reviews/{job_id}/decisions"): STEWARD,
+    ("GET", "/v1/usage"): JOB_READERS,
+    ("GET", "/v1/signing-key"): ANY_ROLE,
 }
 
 PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
@@ -69,7 +86,8 @@ def v1_routes(app: object) -> dict[tuple[str, str], APIRoute]:
     for original, context in candidates:
         if not isinstance(original, APIRoute):
             continue
-        path = str(getattr(context, "path", None) or original.path)
+        # `{path:path}` in the route is `{path}` in the schema and in ROLE_TABLE.
+        path = re.sub(r"\{(\w+):\w+\}", r"{\1}", str(getattr(context, "path", None) or original.path))
         if not path.startswith("/v1/") and path != "/v1":
             continue
         for method in sorted(original.methods or ()):
@@ -108,7 +126,7 @@ class World:
     def path(self, template: str) -> str:
         name = "default" if template.startswith("/v1/policies/") else self.dataset
         return fill(template, {"name": name, "version": "1", "contract_id": self.contract_id,
-                               "jti": self.spare_jti})
+                               "jti": self.spare_jti, "job_id": "j-0000000000000000", "path": "result.csv"})
 
 
 @pytest.fixture

@@ -24,3 +24,8 @@ def server(tmp_path: Path, database_url: str | None) -> Iterator[Server]:
     running = Server(url=url, home=home, env=env, process=process)
     yield running
     stop(process)
+
+
+from jobworld import analysis_image  # noqa: E402
+
+__all__ = ["analysis_image", "server"]

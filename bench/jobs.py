@@ -1,0 +1,198 @@
+"""No-op job latency: submit-to-done through the whole service vs a raw hardened `docker run --rm`.
+
+Run: .venv/bin/python bench/jobs.py [--sequential 20] [--concurrent 8] [--per-thread 4]
+Both sides use the same image id and run `true`, measured in the same run on the same engine.
+The raw side gets the same hardening flags the runner uses (no network, read-only root, no
+capabilities, no-new-privileges, non-root, init, pids/memory/CPU limits, tmpfs /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from sandbox.demo import CARD, write_registry
+from sandbox.images import image_digest
+
+RAW_FLAGS = ["--rm", "--network", "none", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+             "--user", "10001:10001", "--init", "--pids-limit", "256", "--memory", "256m", "--memory-swap", "256m",
+             "--cpus", "1", "--tmpfs", "/tmp:rw,noexec,nosuid,nodev,size=64m", "--log-opt", "max-size=1m"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bundle() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("README")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"ok"))
+    return buffer.getvalue()
+
+
+def timed(fn: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1000
+
+
+def concurrent(fn: Callable[[], None], threads: int, per_thread: int) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(per_thread):
+            elapsed = timed(fn)
+            with lock:
+                latencies.append(elapsed)
+
+    started = time.perf_counter()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return latencies, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sequential", type=int, default=20)
+    parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--per-thread", type=int, default=4)
+    args = parser.parse_args()
+    image = image_digest("analysis")
+
+    home = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
+    env = {**os.environ, "SANDBOX_HOME": str(home), "SANDBOX_LOG_LEVEL": "WARNING", "SANDBOX_WORKER_CPUS": "64",
+           "SANDBOX_WORKER_MEMORY_MB": "65536", "SANDBOX_WORKER_INTERVAL_S": "0.5"}
+    cli = [sys.executable, "-m", "sandbox.cli"]
+    subprocess.run([*cli, "init"], env=env, check=True, capture_output=True)
+
+    def token(role: str, org: str) -> str:
+        return subprocess.run([*cli, "token", "issue", "--sub", role, "--org", org, "--role", role], env=env,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    steward = {"Authorization": f"Bearer {token('steward', 'hospital')}"}
+    buyer = {"Authorization": f"Bearer {token('buyer', 'acme')}"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=60)
+    try:
+        for _ in range(300):
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client.post("/v1/datasets", json=CARD, headers=steward).raise_for_status()
+        data = write_registry(home / "registry.parquet", procedures=200)
+        with data.open("rb") as handle:
+            client.post("/v1/datasets/carotid-stenting/versions", headers=steward,
+                        files={"file": ("r.parquet", handle)}).raise_for_status()
+        contract = client.post("/v1/contracts", headers=steward, json={
+            "buyer_org": "acme", "datasets": ["carotid-stenting"], "tier": "aggregate", "kinds": ["analysis"],
+            "purpose": "bench", "valid_until": "2099-01-01", "epsilon": 1.0,
+            "quotas": {"concurrent_jobs": 64, "cpu_hours": 1000}}).json()
+        spec = json.dumps({"contract": contract["id"], "dataset": "carotid-stenting", "command": ["true"],
+                           "resources": {"cpus": 1, "memory_mb": 256, "timeout_s": 60}})
+        code = bundle()
+
+        def service_job() -> None:
+            with httpx.Client(base_url=url, timeout=60) as session:
+                response = session.post("/v1/jobs", headers=buyer, data={"spec": spec},
+                                        files={"code": ("c.tar.gz", code, "application/gzip")})
+                response.raise_for_status()
+                job_id, state = response.json()["id"], response.json()["state"]
+                while state not in ("done", "failed", "cancelled", "in_review"):
+                    state = session.get(f"/v1/jobs/{job_id}", headers=buyer,
+                                        params={"wait_s": 20, "since": state}).json()["state"]
+                assert state == "done", f"no-op job ended {state}"
+
+        def raw_job() -> None:
+            subprocess.run(["docker", "run", *RAW_FLAGS, image, "true"], check=True, capture_output=True)
+
+        deadline = time.monotonic() + 60
+        while True:  # wait until the worker has published the image
+            try:
+                service_job()
+                break
+            except httpx.HTTPStatusError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        raw_job()
+
+        service_seq = [timed(service_job) for _ in range(args.sequential)]
+        raw_seq = [timed(raw_job) for _ in range(args.sequential)]
+        service_conc, service_wall = concurrent(service_job, args.concurrent, args.per_thread)
+        raw_conc, raw_wall = concurrent(raw_job, args.concurrent, args.per_thread)
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=30)
+
+    total = args.concurrent * args.per_thread
+    phases = phase_breakdown(home / "sandbox.db")
+    print(f"no-op job, image {image[:19]}, {args.sequential} sequential, {args.concurrent} concurrent x "
+          f"{args.per_thread}")
+    for name, seq, conc, wall in (("service submit-to-done", service_seq, service_conc, service_wall),
+                                  ("raw docker run --rm", raw_seq, raw_conc, raw_wall)):
+        print(f"  {name:24} seq p50 {statistics.median(seq):7.0f} ms  p99 {percentile(seq, 0.99):7.0f} ms | "
+              f"x{args.concurrent} p50 {statistics.median(conc):7.0f} ms  p99 {percentile(conc, 0.99):7.0f} ms | "
+              f"{total / wall * 60:6.0f} jobs/min")
+    p50_gap = statistics.median(service_seq) - statistics.median(raw_seq)
+    p99_ratio = percentile(service_conc, 0.99) / percentile(raw_conc, 0.99)
+    print(f"  sequential p50 overhead      {p50_gap:+7.0f} ms   (target <= +150 ms)")
+    print(f"  p99 at {args.concurrent} concurrent ratio  {p99_ratio:7.2f}x    (target <= 2x)")
+    print(f"  throughput ratio             {(total / service_wall) / (total / raw_wall):7.2f}x")
+    print("  where a service job's time goes (median over all jobs, from the audit log):")
+    for name, values in phases.items():
+        print(f"    {name:26} {statistics.median(values):7.0f} ms")
+
+
+def phase_breakdown(database: Path) -> dict[str, list[float]]:
+    """Median gaps between a job's audited transitions: queueing, running, checking."""
+    import sqlite3
+    from datetime import datetime
+
+    connection = sqlite3.connect(database)
+    rows = connection.execute("SELECT object_id, action, at FROM audit_events WHERE object_type = 'job' "
+                              "AND action IN ('job.submit', 'job.running', 'job.checking', 'job.done')").fetchall()
+    times: dict[str, dict[str, datetime]] = {}
+    for job_id, action, at in rows:
+        times.setdefault(job_id, {})[action] = datetime.fromisoformat(str(at))
+    phases: dict[str, list[float]] = {"submit -> running": [], "running -> exited+checking": [],
+                                      "checking -> done": []}
+    for marks in times.values():
+        if {"job.submit", "job.running", "job.checking", "job.done"} <= marks.keys():
+            phases["submit -> running"].append((marks["job.running"] - marks["job.submit"]).total_seconds() * 1000)
+            phases["running -> exited+checking"].append(
+                (marks["job.checking"] - marks["job.running"]).total_seconds() * 1000)
+            phases["checking -> done"].append((marks["job.done"] - marks["job.checking"]).total_seconds() * 1000)
+    return phases
+
+
+if __name__ == "__main__":
+    main()

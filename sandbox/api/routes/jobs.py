@@ -1,0 +1,202 @@
+"""Job endpoints: buyers submit and follow their jobs; stewards approve and review."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, PlainTextResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from sandbox.api.deps import Buyer, InstanceDep, PrincipalDep, Steward
+from sandbox.api.uploads import receive_multipart
+from sandbox.auth.tokens import Role
+from sandbox.errors import Invalid, NotFound
+from sandbox.jobs import service
+from sandbox.store.models import ImageRecord
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+
+
+class Decision(BaseModel):
+    comment: str = Field(default="", max_length=5000)
+
+
+class ReviewDecision(BaseModel):
+    release: list[str] = Field(default_factory=list, max_length=10_000)
+    reject: list[str] = Field(default_factory=list, max_length=10_000)
+    comment: str = Field(default="", max_length=5000)
+
+
+@router.post("/jobs", status_code=201)
+async def submit_job(request: Request, instance: InstanceDep, buyer: Buyer) -> dict[str, Any]:
+    settings = instance.settings
+    upload = await receive_multipart(request, file_fields={"code"}, staging_dir=settings.tmp_dir,
+                                     max_file_bytes=min(settings.max_upload_bytes, MAX_BUNDLE_BYTES))
+    try:
+        if "spec" not in upload.fields or "code" not in upload.files:
+            raise Invalid("a job needs a 'spec' part (JSON) and a 'code' part (tar.gz)")
+        try:
+            spec = service.JobSpec.model_validate(json.loads(upload.fields["spec"]))
+        except (ValueError, ValidationError) as exc:
+            errors = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()] \
+                if isinstance(exc, ValidationError) else [str(exc)]
+            raise Invalid("the job spec is malformed", errors) from exc
+        code = upload.files["code"]
+        with instance.read_session() as session:
+            image = session.get(ImageRecord, spec.image)
+        if image is None:
+            raise Invalid(f"image {spec.image!r} is not available on the workers (ask the operator to build it)")
+
+        def submit() -> dict[str, Any]:
+            with instance.context(buyer) as ctx:
+                job = service.submit_job(ctx, spec=spec, bundle=code.path, bundle_sha256=code.sha256,
+                                         image_id=image.image_id)
+                return {"id": job.id, "state": job.state, "image_id": job.image_id}
+
+        created = await run_in_threadpool(submit)
+        wake_worker(request)
+        return created
+    finally:
+        upload.discard()
+
+
+def wake_worker(request: Request) -> None:
+    """An embedded worker starts on new work at once; a separate one finds it on its next tick."""
+    wake = getattr(request.app.state, "wake_worker", None)
+    if wake is not None:
+        wake()
+
+
+@router.get("/jobs")
+def list_jobs(instance: InstanceDep, principal: PrincipalDep, state: str | None = Query(default=None, max_length=20),
+              limit: int = Query(default=100, ge=1, le=1000)) -> list[dict[str, Any]]:
+    with instance.context(principal) as ctx:
+        steward = principal.role is Role.STEWARD
+        return [service.job_view(j, steward=steward) for j in service.list_jobs(ctx, state=state, limit=limit)]
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: str, instance: InstanceDep, principal: PrincipalDep,
+            wait_s: float = Query(default=0, ge=0, le=30, description="long-poll: wait this long for a change"),
+            since: str | None = Query(default=None, max_length=20, description="the state the caller last saw"),
+            ) -> dict[str, Any]:
+    """A job; with `wait_s` and `since`, answers as soon as its state differs from `since`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with instance.read_context(principal) as ctx:
+            view = service.job_view(service.get_job(ctx, job_id), steward=principal.role is Role.STEWARD)
+        remaining = deadline - time.monotonic()
+        if since is None or view["state"] != since or remaining <= 0:
+            return view
+        # A separate worker process commits elsewhere; the short slice bounds the delay then.
+        instance.wait_for_change(min(remaining, 0.25))
+
+
+@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
+def get_logs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> PlainTextResponse:
+    """Released logs only: logs are outputs and pass the same checks."""
+    with instance.context(principal) as ctx:
+        job = service.get_job(ctx, job_id)
+        parts = []
+        for name in ("logs/stdout.txt", "logs/stderr.txt"):
+            output = next((o for o in job.outputs if o.path == name), None)
+            if output is None:
+                continue
+            if output.status != "released" or output.stored_path is None:
+                parts.append(f"== {name}: {output.status} ==\n")
+                continue
+            text = (instance.settings.artifacts_dir / output.stored_path).read_text(errors="replace")
+            parts.append(f"== {name} ==\n{text}")
+        if not parts:
+            raise NotFound(f"job {job_id} has no logs yet (state {job.state})")
+        ctx.record("job.logs.read", "job", job.id)
+        return PlainTextResponse("".join(parts))
+
+
+@router.get("/jobs/{job_id}/outputs")
+def list_outputs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> list[dict[str, Any]]:
+    with instance.context(principal) as ctx:
+        job = service.get_job(ctx, job_id)
+        return [service.output_view(o, steward=principal.role is Role.STEWARD) for o in job.outputs]
+
+
+@router.get("/jobs/{job_id}/outputs/{path:path}")
+def download_output(job_id: str, path: str, instance: InstanceDep, principal: PrincipalDep) -> FileResponse:
+    with instance.context(principal) as ctx:
+        output, stored = service.released_file(ctx, job_id, path)
+        return FileResponse(stored, media_type="application/octet-stream",
+                            headers={"X-Content-SHA256": output.sha256})
+
+
+@router.get("/jobs/{job_id}/manifest")
+def get_manifest(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> dict[str, Any]:
+    with instance.context(principal) as ctx:
+        job = service.get_job(ctx, job_id)
+        if job.manifest is None:
+            raise NotFound(f"job {job_id} has no release manifest yet")
+        return {"manifest": job.manifest, "signature": job.manifest_signature, "algorithm": "Ed25519"}
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(job_id: str, request: Request, instance: InstanceDep, principal: PrincipalDep) -> dict[str, Any]:
+    with instance.context(principal) as ctx:
+        view = service.job_view(service.cancel_job(ctx, job_id), steward=principal.role is Role.STEWARD)
+    wake_worker(request)
+    return view
+
+
+@router.post("/jobs/{job_id}/approve")
+def approve(job_id: str, request: Request, instance: InstanceDep, steward: Steward,
+            body: Decision | None = None) -> dict[str, Any]:
+    with instance.context(steward) as ctx:
+        job = service.decide_approval(ctx, job_id, approve=True, comment=body.comment if body else "")
+        view = service.job_view(job, steward=True)
+    wake_worker(request)
+    return view
+
+
+@router.post("/jobs/{job_id}/reject")
+def reject(job_id: str, instance: InstanceDep, steward: Steward, body: Decision | None = None) -> dict[str, Any]:
+    with instance.context(steward) as ctx:
+        job = service.decide_approval(ctx, job_id, approve=False, comment=body.comment if body else "")
+        return service.job_view(job, steward=True)
+
+
+@router.get("/reviews")
+def reviews(instance: InstanceDep, steward: Steward) -> list[dict[str, Any]]:
+    with instance.context(steward) as ctx:
+        return [service.job_view(j, steward=True) for j in service.review_queue(ctx)]
+
+
+@router.get("/reviews/{job_id}/files/{path:path}")
+def review_file(job_id: str, path: str, instance: InstanceDep, steward: Steward) -> FileResponse:
+    """A steward reads any output of a job, whatever its status, to decide on it (audited)."""
+    with instance.context(steward) as ctx:
+        output, stored = service.output_for_review(ctx, job_id, path)
+        return FileResponse(stored, media_type="application/octet-stream",
+                            headers={"X-Content-SHA256": output.sha256})
+
+
+@router.post("/reviews/{job_id}/decisions")
+def decide(job_id: str, body: ReviewDecision, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    with instance.context(steward) as ctx:
+        job = service.decide_outputs(ctx, job_id, release=body.release, reject=body.reject, comment=body.comment,
+                                     signer=instance.signing_key)
+        return service.job_view(job, steward=True)
+
+
+@router.get("/usage")
+def usage(instance: InstanceDep, principal: PrincipalDep) -> list[dict[str, Any]]:
+    with instance.context(principal) as ctx:
+        return service.usage_report(ctx)
+
+
+@router.get("/signing-key")
+def signing_key(instance: InstanceDep, _principal: PrincipalDep) -> dict[str, str]:
+    """The Ed25519 public key that signs release manifests (PEM); pin it out of band for real trust."""
+    return {"algorithm": "Ed25519", "public_key_pem": instance.settings.verify_key_path.read_text()}

@@ -1,0 +1,1 @@
+"""Jobs: buyer code submitted against a contract, run by the worker, released by policy."""

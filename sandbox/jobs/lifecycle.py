@@ -1,0 +1,49 @@
+"""The job lifecycle as a transition table, and the one function that applies it. Pure."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sandbox.errors import Conflict
+
+
+class JobState(StrEnum):
+    PENDING_APPROVAL = "pending_approval"
+    QUEUED = "queued"
+    RUNNING = "running"
+    CHECKING = "checking"
+    IN_REVIEW = "in_review"
+    DONE = "done"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+S = JobState
+
+# A job that exits non-zero still passes through checking: its logs are outputs, and the buyer
+# may only see them once they pass egress. `failed` straight from queued/running means the
+# platform could not run it (image gone, container vanished).
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.PENDING_APPROVAL: frozenset({S.QUEUED, S.REJECTED, S.CANCELLED}),
+    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
+    S.RUNNING: frozenset({S.CHECKING, S.FAILED, S.CANCELLED}),
+    S.CHECKING: frozenset({S.IN_REVIEW, S.DONE, S.FAILED, S.CANCELLED}),
+    S.IN_REVIEW: frozenset({S.DONE, S.FAILED, S.CANCELLED}),
+    S.DONE: frozenset(),
+    S.REJECTED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+TERMINAL = frozenset(state for state, targets in TRANSITIONS.items() if not targets)
+ACTIVE = frozenset({S.RUNNING, S.CHECKING})  # hold resources or a container
+
+
+def next_state(current: JobState | str, target: JobState | str) -> JobState:
+    """`target`, if the table allows it from `current`; otherwise a Conflict naming both."""
+    current, target = JobState(current), JobState(target)
+    if target not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(TRANSITIONS[current])) or "nothing (it is final)"
+        raise Conflict(f"a {current.value} job cannot become {target.value}; it may become {allowed}")
+    return target

@@ -1,0 +1,312 @@
+"""Job operations for the API: submit, read, cancel, approve, review and download."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+
+from sandbox.auth.tokens import Principal, Role
+from sandbox.catalog.service import get_version
+from sandbox.context import Context
+from sandbox.contracts import JobKind, Tier, require_usable
+from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
+from sandbox.jobs.bundles import unpack_bundle
+from sandbox.jobs.lifecycle import TERMINAL, JobState, next_state
+from sandbox.policies import get_policy_version
+from sandbox.release import canonical
+from sandbox.store.models import Contract, Job, JobOutput
+
+
+class ResourceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float = Field(default=1.0, gt=0, le=256)
+    memory_mb: int = Field(default=1024, ge=64, le=1_048_576)
+    timeout_s: int = Field(default=600, ge=1, le=604_800)
+    gpus: int = Field(default=0, ge=0, le=16)
+
+
+class JobSpec(BaseModel):
+    """The `spec` part of `POST /v1/jobs`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    contract: str = Field(min_length=1, max_length=40)
+    dataset: str = Field(min_length=1, max_length=64)
+    version: int | None = Field(default=None, ge=1)
+    kind: Literal["analysis", "training"] = "analysis"
+    image: str = Field(default="analysis", pattern=r"^[a-z][a-z0-9-]{0,39}$")
+    command: list[str] = Field(min_length=1, max_length=256)
+    resources: ResourceRequest = Field(default_factory=ResourceRequest)
+
+
+def resource_problems(resources: ResourceRequest, runtime: dict[str, Any]) -> list[str]:
+    """Where a request exceeds the policy's runtime limits. Pure."""
+    problems = []
+    for field_name, limit_name in (("cpus", "max_cpus"), ("memory_mb", "max_memory_mb"),
+                                   ("timeout_s", "max_timeout_s"), ("gpus", "max_gpus")):
+        value, limit = getattr(resources, field_name), runtime[limit_name]
+        if value > limit:
+            problems.append(f"resources.{field_name} {value} is above the policy's limit of {limit}")
+    return problems
+
+
+def job_id() -> str:
+    return f"j-{uuid.uuid4().hex[:16]}"
+
+
+def jobs_dir(ctx: Context, job: str) -> Path:
+    return ctx.settings.artifacts_dir / "jobs" / job
+
+
+def usage_totals(ctx: Context, contract_id: str) -> dict[str, float]:
+    rows = ctx.session.execute(select(Job.usage).where(Job.contract_id == contract_id)).scalars()
+    totals = {"cpu_seconds": 0.0, "gpu_seconds": 0.0, "wall_seconds": 0.0, "bytes_released": 0.0}
+    for usage in rows:
+        for key in totals:
+            totals[key] += float((usage or {}).get(key, 0.0))
+    return totals
+
+
+def submit_job(ctx: Context, *, spec: JobSpec, bundle: Path, bundle_sha256: str, image_id: str) -> Job:
+    """Validate a submission against contract, tier, policy and quota, then store it."""
+    buyer = ctx.require_role(Role.BUYER)
+    contract = require_usable(ctx, spec.contract, kind=JobKind(spec.kind), dataset=spec.dataset)
+    if contract.tier == Tier.DP_ONLY.value:
+        raise Conflict("dp_only contracts run code on the dataset's DP mock, which this version does not have yet")
+    version = get_version(ctx.session, spec.dataset, spec.version)
+    policy = get_policy_version(ctx.session, contract.policy_name, contract.policy_version)
+    runtime = policy.body["runtime"]
+    problems = resource_problems(spec.resources, runtime)
+    if spec.image not in runtime["allowed_images"]:
+        problems.append(f"image {spec.image!r} is not allowed by policy {policy.name}@{policy.version}")
+    if spec.resources.gpus and not contract.quotas.get("gpu_hours"):
+        problems.append("the contract has no GPU hours")
+    if problems:
+        raise Invalid("the job spec exceeds what the contract and policy allow", problems)
+    used = usage_totals(ctx, contract.id)
+    quota_s = float(contract.quotas.get("cpu_hours", 0)) * 3600
+    if used["cpu_seconds"] >= quota_s:
+        raise Forbidden(f"contract {contract.id} has used its {contract.quotas.get('cpu_hours')} CPU-hours",
+                        object=contract.id)
+    identifier = job_id()
+    directory = jobs_dir(ctx, identifier)
+    directory.mkdir(parents=True)
+    try:
+        summary = unpack_bundle(bundle, directory / "code")
+        shutil.copyfile(bundle, directory / "code.tar.gz")
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    needs_approval = bool(policy.body["review"].get("approve_jobs", False))
+    now = datetime.now(UTC)
+    job = Job(
+        id=identifier, contract_id=contract.id, buyer_org=buyer.org, submitted_by=buyer.sub,
+        dataset=spec.dataset, dataset_version=version.version, kind=spec.kind, tier=contract.tier,
+        policy=f"{policy.name}@{policy.version}", image=spec.image, image_id=image_id, command=spec.command,
+        resources=spec.resources.model_dump(), code_sha256=bundle_sha256, code_bytes=summary.expanded_bytes,
+        state=(JobState.PENDING_APPROVAL if needs_approval else JobState.QUEUED).value, reason="",
+        usage={}, created_at=now, updated_at=now,
+    )
+    ctx.session.add(job)
+    ctx.session.flush()
+    ctx.record("job.submit", "job", job.id, contract=contract.id, dataset=f"{spec.dataset}@{version.version}",
+               image=spec.image, image_id=image_id, command=spec.command, code_sha256=bundle_sha256,
+               state=job.state)
+    return job
+
+
+def get_job(ctx: Context, identifier: str, *, for_update: bool = False) -> Job:
+    """A job the caller may see: a buyer only its own org's, as 404 otherwise."""
+    ctx.require_role(Role.BUYER, Role.STEWARD)
+    query = select(Job).where(Job.id == identifier)
+    if for_update:
+        query = query.with_for_update()
+    job = ctx.session.execute(query).scalar_one_or_none()
+    if job is None or (ctx.is_buyer and isinstance(ctx.actor, Principal) and job.buyer_org != ctx.actor.org):
+        raise NotFound(f"job {identifier!r} does not exist")
+    return job
+
+
+def list_jobs(ctx: Context, *, state: str | None = None, limit: int = 100) -> list[Job]:
+    ctx.require_role(Role.BUYER, Role.STEWARD)
+    query = select(Job).order_by(Job.created_at.desc()).limit(limit)
+    if ctx.is_buyer and isinstance(ctx.actor, Principal):
+        query = query.where(Job.buyer_org == ctx.actor.org)
+    if state:
+        query = query.where(Job.state == state)
+    return list(ctx.session.execute(query).scalars())
+
+
+def move(ctx: Context, job: Job, target: JobState, reason: str | None = None, **details: Any) -> None:
+    """Apply one lifecycle transition and audit it; every state change goes through here."""
+    previous = job.state
+    job.state = next_state(job.state, target).value
+    now = datetime.now(UTC)
+    job.updated_at = now
+    if reason is not None:
+        job.reason = reason
+    if target is JobState.RUNNING:
+        job.started_at = now
+    if target in TERMINAL:
+        job.finished_at = now
+    ctx.record(f"job.{target.value}", "job", job.id, previous=previous, reason=job.reason, **details)
+
+
+def cancel_job(ctx: Context, identifier: str) -> Job:
+    principal = ctx.require_role(Role.BUYER, Role.STEWARD)
+    job = get_job(ctx, identifier, for_update=True)
+    if JobState(job.state) in TERMINAL:
+        raise Conflict(f"job {job.id} is already {job.state}")
+    # The worker sees a cancelled job that still has a container and stops it.
+    move(ctx, job, JobState.CANCELLED, reason=f"cancelled by {principal.sub}")
+    return job
+
+
+def decide_approval(ctx: Context, identifier: str, *, approve: bool, comment: str = "") -> Job:
+    steward = ctx.require_role(Role.STEWARD)
+    job = get_job(ctx, identifier, for_update=True)
+    if job.state != JobState.PENDING_APPROVAL.value:
+        raise Conflict(f"job {job.id} is {job.state}, not pending approval")
+    if approve:
+        move(ctx, job, JobState.QUEUED, reason="", approved_by=steward.sub, comment=comment)
+    else:
+        move(ctx, job, JobState.REJECTED, reason=f"rejected by {steward.sub}: {comment}".strip(": "))
+    return job
+
+
+def output_view(output: JobOutput, *, steward: bool) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "path": output.path, "size": output.size, "sha256": output.sha256, "kind": output.kind,
+        "verdict": output.verdict, "status": output.status,
+        "rules": [c["rule"] for c in output.checks if c["verdict"] != "pass"],
+    }
+    if steward:
+        # Reasons can quote what a check found; buyers see the rule names only.
+        view["checks"] = output.checks
+        view["decided_by"] = output.decided_by
+        view["comment"] = output.comment
+    return view
+
+
+def job_view(job: Job, *, steward: bool) -> dict[str, Any]:
+    return {
+        "id": job.id, "contract": job.contract_id, "buyer_org": job.buyer_org, "submitted_by": job.submitted_by,
+        "dataset": job.dataset, "version": job.dataset_version, "kind": job.kind, "tier": job.tier,
+        "policy": job.policy, "image": job.image, "image_id": job.image_id, "command": job.command,
+        "resources": job.resources, "state": job.state, "reason": job.reason, "exit_code": job.exit_code,
+        "usage": job.usage, "created_at": job.created_at.isoformat(),
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "outputs": [output_view(o, steward=steward) for o in job.outputs],
+    }
+
+
+def released_file(ctx: Context, identifier: str, path: str) -> tuple[JobOutput, Path]:
+    job = get_job(ctx, identifier)
+    for output in job.outputs:
+        if output.path == path:
+            if output.status != "released" or output.stored_path is None:
+                raise Forbidden(f"{path} is {output.status}, not released", object=f"{job.id}:{path}")
+            ctx.record("job.output.download", "job", job.id, path=path, sha256=output.sha256)
+            return output, ctx.settings.artifacts_dir / output.stored_path
+    raise NotFound(f"job {identifier} has no output {path!r}")
+
+
+def output_for_review(ctx: Context, identifier: str, path: str) -> tuple[JobOutput, Path]:
+    steward = ctx.require_role(Role.STEWARD)
+    job = get_job(ctx, identifier)
+    if steward.org == job.buyer_org:
+        raise Forbidden("a steward may not review outputs of their own organisation's job", object=job.id)
+    for output in job.outputs:
+        if output.path == path and output.stored_path is not None:
+            ctx.record("job.output.inspect", "job", job.id, path=path, sha256=output.sha256)
+            return output, ctx.settings.artifacts_dir / output.stored_path
+    raise NotFound(f"job {identifier} has no stored output {path!r}")
+
+
+def sign_manifest(job: Job, signer: Any) -> None:
+    """(Re)write the job's release manifest over its released files, sign it (Ed25519), and
+    count the released bytes for usage."""
+    files = [{"path": o.path, "sha256": o.sha256, "size": o.size} for o in job.outputs if o.status == "released"]
+    manifest = {"job": job.id, "dataset": f"{job.dataset}@{job.dataset_version}", "code_sha256": job.code_sha256,
+                "image_id": job.image_id, "files": files, "signed_at": datetime.now(UTC).isoformat()}
+    job.manifest = manifest
+    job.manifest_signature = signer.sign(canonical(manifest)).hex()
+    job.usage = {**job.usage, "bytes_released": sum(f["size"] for f in files)}
+
+
+def settle_review(ctx: Context, job: Job) -> None:
+    """Once no file waits for review, the job reaches its final state."""
+    if job.state != JobState.IN_REVIEW.value or any(o.status == "in_review" for o in job.outputs):
+        return
+    move(ctx, job, JobState.DONE if job.exit_code == 0 else JobState.FAILED)
+
+
+def review_queue(ctx: Context) -> list[Job]:
+    ctx.require_role(Role.STEWARD)
+    waiting = select(JobOutput.job_id).where(JobOutput.status == "in_review").distinct()
+    return list(ctx.session.execute(select(Job).where(Job.id.in_(waiting)).order_by(Job.created_at)).scalars())
+
+
+def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject: list[str], comment: str,
+                   signer: Any) -> Job:
+    """A steward's per-file decisions; a steward of the submitting org may not review its outputs."""
+    steward = ctx.require_role(Role.STEWARD)
+    job = get_job(ctx, identifier, for_update=True)
+    if steward.org == job.buyer_org:
+        raise Forbidden("a steward may not review outputs of their own organisation's job", object=job.id)
+    if set(release) & set(reject):
+        raise Invalid("a file cannot be both released and rejected", sorted(set(release) & set(reject)))
+    by_path = {o.path: o for o in job.outputs}
+    unknown = [p for p in [*release, *reject] if p not in by_path]
+    if unknown:
+        raise Invalid("no such outputs", unknown)
+    now = datetime.now(UTC)
+    for path in release + reject:
+        output = by_path[path]
+        if output.status != "in_review":
+            raise Conflict(f"{path} is {output.status}, not in review")
+        if path in release and output.verdict == "block":
+            raise Conflict(f"{path} was blocked by a check and cannot be released")
+        output.status = "released" if path in release else "blocked"
+        output.decided_by, output.decided_at, output.comment = steward.sub, now, comment
+        ctx.record("job.output.release" if path in release else "job.output.reject", "job", job.id,
+                   path=path, sha256=output.sha256, comment=comment)
+    sign_manifest(job, signer)
+    settle_review(ctx, job)
+    return job
+
+
+def usage_report(ctx: Context) -> list[dict[str, Any]]:
+    """Usage per contract: the steward sees all, a buyer its own org's."""
+    ctx.require_role(Role.STEWARD, Role.BUYER)
+    query = select(Contract).order_by(Contract.created_at)
+    if ctx.is_buyer and isinstance(ctx.actor, Principal):
+        query = query.where(Contract.buyer_org == ctx.actor.org)
+    report = []
+    for contract in ctx.session.execute(query).scalars():
+        totals = usage_totals(ctx, contract.id)
+        jobs = ctx.session.execute(select(func.count(Job.id)).where(Job.contract_id == contract.id)).scalar_one()
+        report.append({"contract": contract.id, "buyer_org": contract.buyer_org, "jobs": jobs,
+                       "cpu_hours": round(totals["cpu_seconds"] / 3600, 6),
+                       "cpu_hours_quota": contract.quotas.get("cpu_hours"),
+                       "wall_hours": round(totals["wall_seconds"] / 3600, 6),
+                       "gpu_hours": round(totals["gpu_seconds"] / 3600, 6),
+                       "bytes_released": int(totals["bytes_released"])})
+    return report
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

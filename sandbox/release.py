@@ -1,0 +1,71 @@
+"""Client-side release checks: pack a code folder, verify a signed manifest and downloaded files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+SKIP_DIRS = {".git", "__pycache__", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
+
+
+class ReleaseError(Exception):
+    """A manifest or a file did not verify; nothing unverified is kept."""
+
+
+def pack_code(folder: Path) -> bytes:
+    """A tar.gz of `folder` with relative names; symlinks are stored as links (the server checks them)."""
+    if not folder.is_dir():
+        raise ReleaseError(f"{folder} is not a folder")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder)
+            if set(relative.parts) & SKIP_DIRS:
+                continue
+            tar.add(path, arcname=relative.as_posix(), recursive=False)
+    return buffer.getvalue()
+
+
+def canonical(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def verify_manifest(signed: dict[str, Any], public_key_pem: bytes) -> dict[str, Any]:
+    """The manifest, if its Ed25519 signature verifies under `public_key_pem`."""
+    key = serialization.load_pem_public_key(public_key_pem)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ReleaseError("the signing key is not an Ed25519 key")
+    manifest, signature = signed.get("manifest"), signed.get("signature")
+    if not isinstance(manifest, dict) or not isinstance(signature, str):
+        raise ReleaseError("the release manifest is malformed")
+    try:
+        key.verify(bytes.fromhex(signature), canonical(manifest))
+    except (InvalidSignature, ValueError) as exc:
+        raise ReleaseError("the release manifest's signature does not verify") from exc
+    return manifest
+
+
+def key_fingerprint(public_key_pem: bytes) -> str:
+    return hashlib.sha256(public_key_pem.strip()).hexdigest()[:16]
+
+
+def safe_destination(root: Path, relative: str) -> Path:
+    """`root/relative`, refusing anything that would land outside `root`."""
+    target = (root / relative).resolve()
+    if root.resolve() not in target.parents:
+        raise ReleaseError(f"refusing to write {relative!r} outside {root}")
+    return target
+
+
+def check_file(content: bytes, expected_sha256: str, path: str) -> None:
+    actual = hashlib.sha256(content).hexdigest()
+    if actual != expected_sha256:
+        raise ReleaseError(f"{path}: sha256 {actual[:16]}… does not match the signed manifest")

@@ -1,0 +1,412 @@
+"""The worker: the only part that touches the runner. Each tick re-derives state and admits work.
+
+A tick is safe to repeat and to interrupt: everything it knows comes from the store and from
+the runner's `poll()`, never from memory, so a worker killed with SIGKILL and restarted picks
+every job up where it was.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from runners.base import Collected, CollectedFile, JobDefinition, JobRunner, Resources, RunState, RunStatus
+from sandbox.audit import SystemActor
+from sandbox.context import Context
+from sandbox.egress import OutputFacts, decide_outputs
+from sandbox.images import IMAGES, ImageBuildError, image_digest
+from sandbox.instance import Instance
+from sandbox.jobs.lifecycle import TERMINAL, JobState
+from sandbox.jobs.service import move, settle_review, sign_manifest, usage_totals
+from sandbox.logs import get_logger
+from sandbox.policies import get_policy_version
+from sandbox.store.models import Contract, ImageRecord, Job, JobOutput
+
+log = get_logger("sandbox.worker")
+HEAD_BYTES = 64 * 1024
+IMAGE_REFRESH_S = 60.0
+STEP_THREADS = 8
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the worker's machine may give to jobs at once."""
+
+    cpus: float = 2.0
+    memory_mb: int = 8192
+
+
+def job_definition(instance: Instance, job: Job) -> JobDefinition:
+    directory = instance.settings.artifacts_dir / "jobs" / job.id
+    data = instance.settings.artifacts_dir / "datasets" / job.dataset / f"v{job.dataset_version}.parquet"
+    resources = job.resources
+    return JobDefinition(
+        id=job.id, org=job.buyer_org, image=job.image_id, command=list(job.command),
+        code_dir=directory / "code", data_files={f"{job.dataset}.parquet": data},
+        resources=Resources(cpus=float(resources["cpus"]), memory_mb=int(resources["memory_mb"]),
+                            timeout_s=int(resources["timeout_s"]), gpus=int(resources.get("gpus", 0))),
+    )
+
+
+def fair_order(queued: list[Job], running: list[Job]) -> list[Job]:
+    """Queued jobs, interleaved so the org with the fewest running jobs goes first. Pure."""
+    load: dict[str, int] = defaultdict(int)
+    for job in running:
+        load[job.buyer_org] += 1
+    by_org: dict[str, list[Job]] = defaultdict(list)
+    for job in sorted(queued, key=lambda j: j.created_at):
+        by_org[job.buyer_org].append(job)
+    ordered = []
+    while by_org:
+        org = min(by_org, key=lambda o: (load[o], by_org[o][0].created_at))
+        ordered.append(by_org[org].pop(0))
+        load[org] += 1
+        if not by_org[org]:
+            del by_org[org]
+    return ordered
+
+
+class WorkerBusy(RuntimeError):
+    """Another worker already serves this instance on this machine."""
+
+
+def hold_worker_lock(directory: Path) -> int:
+    """An exclusive lock for the life of the process: two workers on one runner state would race."""
+    directory.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(directory / "worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise WorkerBusy(f"another worker holds {directory / 'worker.lock'}") from None
+    return descriptor
+
+
+def docker_worker(instance: Instance) -> Worker:
+    """The worker for this instance on the local Docker engine (one per machine and instance)."""
+    from runners.docker import DockerRunner
+    from runners.docker_events import watch_job_containers
+
+    settings = instance.settings
+    lock = hold_worker_lock(settings.runner_dir)
+    try:
+        runner = DockerRunner(state_dir=settings.runner_dir, instance_id=instance.instance_id)
+    except BaseException:
+        os.close(lock)  # no engine: let a later `sandbox worker` take the lock
+        raise
+    worker = Worker(instance, runner, Capacity(cpus=settings.worker_cpus, memory_mb=settings.worker_memory_mb))
+    watch_job_containers(instance.instance_id, worker.wake, worker.stopping)
+    return worker
+
+
+class Worker:
+    def __init__(self, instance: Instance, runner: JobRunner, capacity: Capacity | None = None) -> None:
+        self.instance = instance
+        self.runner = runner
+        self.capacity = capacity or Capacity()
+        self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=STEP_THREADS, thread_name_prefix="sandbox-job")
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
+        self._images_seen_at = -IMAGE_REFRESH_S
+
+    def context(self) -> Any:
+        return self.instance.context(SystemActor(sub="worker"))
+
+    # The loop ------------------------------------------------------------------------------------
+
+    def run_forever(self, interval_s: float = 0.5) -> None:
+        log.info("worker_started")
+        while not self.stopping.is_set():
+            self._wake.clear()
+            try:
+                self.tick(wait=False)
+            except Exception as exc:  # one bad tick must not end the worker
+                log.error("worker_tick_failed", error=str(exc), exc_info=exc)
+            self._wake.wait(interval_s)
+
+    def wake(self) -> None:
+        """Tick now rather than at the next interval (a job was submitted, or a container ended)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def start_thread(self, interval_s: float = 0.5) -> threading.Thread:
+        thread = threading.Thread(target=self.run_forever, args=(interval_s,), name="sandbox-worker", daemon=True)
+        thread.start()
+        return thread
+
+    def tick(self, *, wait: bool = True) -> None:
+        """One pass: admit queued work, then follow running jobs. Runner steps run in a pool so
+        eight jobs starting together do not queue behind one another; `wait` lets a caller (a
+        test, a one-shot command) wait for this pass's steps to end."""
+        if time.monotonic() - self._images_seen_at > IMAGE_REFRESH_S:
+            self.refresh_images()
+        futures = self.admit()
+        futures += self.reconcile()
+        if wait:
+            for future in futures:
+                future.result()
+
+    def _in_background(self, job_id: str, step: Callable[[], object]) -> Future[None] | None:
+        """Run `step` for `job_id` in the pool unless a step for that job is already in flight."""
+        with self._busy_lock:
+            if job_id in self._busy:
+                return None
+            self._busy.add(job_id)
+
+        def run() -> None:
+            try:
+                step()
+            except Exception as exc:  # a failed step is retried from scratch on a later tick
+                log.error("job_step_failed", job=job_id, error=str(exc), exc_info=exc)
+            finally:
+                with self._busy_lock:
+                    self._busy.discard(job_id)
+                self.wake()
+
+        return self._pool.submit(run)
+
+    def _busy_jobs(self) -> set[str]:
+        with self._busy_lock:
+            return set(self._busy)
+
+    def refresh_images(self) -> None:
+        """Publish the job images this worker's engine has, so the API can resolve names."""
+        found = {}
+        for name in IMAGES:
+            try:
+                found[name] = image_digest(name)
+            except ImageBuildError as exc:
+                log.warning("image_unavailable", image=name, error=str(exc))
+        with self.context() as ctx:
+            for name, image_id in found.items():
+                record = ctx.session.get(ImageRecord, name)
+                if record is None:
+                    ctx.session.add(ImageRecord(name=name, image_id=image_id, seen_at=datetime.now(UTC)))
+                    ctx.record("image.register", "image", name, image_id=image_id)
+                elif record.image_id != image_id:
+                    ctx.record("image.update", "image", name, image_id=image_id, previous=record.image_id)
+                    record.image_id, record.seen_at = image_id, datetime.now(UTC)
+        self._images_seen_at = time.monotonic()
+
+    # Reconciliation -------------------------------------------------------------------------------
+
+    def reconcile(self) -> list[Future[None]]:
+        managed = self.runner.managed_jobs()
+        busy = self._busy_jobs()
+        with self.instance.read_session() as session:
+            jobs = {j.id: j.state for j in session.execute(
+                select(Job).where(Job.id.in_(managed) | Job.state.in_([JobState.RUNNING.value]))).scalars()}
+        futures = []
+        for job_id in managed - busy:
+            state = jobs.get(job_id)
+            if state is None or JobState(state) in TERMINAL or state == JobState.IN_REVIEW.value:
+                # Unknown to the store, cancelled, or already settled: nothing of it may keep running.
+                futures.append(self._in_background(job_id, partial(self._remove, job_id, known=state is not None)))
+            elif state == JobState.QUEUED.value:
+                self._adopt(job_id)
+        for job_id, state in jobs.items():
+            if state == JobState.RUNNING.value and job_id not in busy:
+                futures.append(self._follow(job_id))
+        return [f for f in futures if f is not None]
+
+    def _remove(self, job_id: str, *, known: bool) -> None:
+        self.runner.terminate(job_id)
+        self.runner.cleanup(job_id)
+        if not known:
+            log.warning("removed_unknown_container", job=job_id)
+
+    def _adopt(self, job_id: str) -> None:
+        # Started by a worker that died before it could record so.
+        with self.context() as ctx:
+            job = ctx.session.get(Job, job_id, with_for_update=True)
+            if job is not None and job.state == JobState.QUEUED.value:
+                move(ctx, job, JobState.RUNNING, adopted=True)
+
+    def _follow(self, job_id: str) -> Future[None] | None:
+        status = self.runner.poll(job_id)
+        if status.state is RunState.UNKNOWN:
+            with self.context() as ctx:
+                job = ctx.session.get(Job, job_id, with_for_update=True)
+                if job is not None and job.state == JobState.RUNNING.value:
+                    move(ctx, job, JobState.FAILED, reason="the job's container vanished")
+            return None
+        if status.state is RunState.PREPARED:
+            with self.instance.read_session() as session:
+                job = session.get(Job, job_id)
+                definition = job_definition(self.instance, job) if job else None
+            if definition is not None:
+                return self._in_background(job_id, partial(self.runner.start, definition))
+            return None
+        if status.state is RunState.RUNNING:
+            self._record_usage(job_id, status)
+            return None
+        return self._in_background(job_id, partial(self._finish, job_id, status))
+
+    def _record_usage(self, job_id: str, status: RunStatus) -> None:
+        with self.context() as ctx:
+            job = ctx.session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.RUNNING.value:
+                return
+            job.usage = {**job.usage, **_usage(status)}
+            contract = ctx.session.get(Contract, job.contract_id)
+            quota_s = float((contract.quotas if contract else {}).get("cpu_hours", 0)) * 3600
+            if usage_totals(ctx, job.contract_id)["cpu_seconds"] > quota_s:
+                move(ctx, job, JobState.CANCELLED, reason="quota: the contract's CPU-hours are used up")
+
+    def _finish(self, job_id: str, status: RunStatus) -> None:
+        destination = self.instance.settings.artifacts_dir / "jobs" / job_id / "outputs"
+        collected = self.runner.collect(job_id, destination)
+        with self.context() as ctx:
+            job = ctx.session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.RUNNING.value:
+                return
+            job.exit_code = status.exit_code
+            job.usage = {**job.usage, **_usage(status)}
+            move(ctx, job, JobState.CHECKING, reason=_reason(status))
+            self._check_outputs(ctx, job, collected, destination)
+        self.runner.cleanup(job_id)
+
+    def _check_outputs(self, ctx: Context, job: Job, collected: Collected, destination: Path) -> None:
+        policy_name, _, version = job.policy.partition("@")
+        policy = get_policy_version(ctx.session, policy_name, int(version)).body
+        declared = _declared_kinds(collected)
+        facts: list[OutputFacts] = []
+        stored: dict[str, CollectedFile] = {}
+        for log_name, log_file in (("logs/stdout.txt", collected.stdout), ("logs/stderr.txt", collected.stderr)):
+            facts.append(_facts(log_name, log_file, is_log=True))
+            stored[log_name] = log_file
+        for file in collected.files:
+            facts.append(_facts(file.path, file, declared_kind=declared.get(file.path)))
+            stored[file.path] = file
+        for path, why in collected.refused.items():
+            facts.append(OutputFacts(path=path, size=0, head=b"", refused_reason=why))
+        artifacts = self.instance.settings.artifacts_dir
+        for decision in decide_outputs(facts, policy=policy, tier=job.tier):
+            file_ = stored.get(decision.path)
+            ctx.session.add(JobOutput(
+                job_id=job.id, path=decision.path, size=file_.size if file_ else 0,
+                sha256=file_.sha256 if file_ else "", kind=decision.kind.value, verdict=decision.verdict.value,
+                checks=[c.as_dict() for c in decision.checks], status=decision.status,
+                stored_path=str(file_.stored_at.relative_to(artifacts)) if file_ else None,
+            ))
+        ctx.session.flush()
+        ctx.session.refresh(job)
+        ctx.record("job.outputs.checked", "job", job.id,
+                   outputs={o.path: o.status for o in job.outputs})
+        sign_manifest(job, self.instance.signing_key)
+        move(ctx, job, JobState.IN_REVIEW)
+        settle_review(ctx, job)
+
+    # Admission ------------------------------------------------------------------------------------
+
+    def admit(self) -> list[Future[None]]:
+        busy = self._busy_jobs()
+        with self.instance.read_session() as session:
+            running = list(session.execute(select(Job).where(Job.state == JobState.RUNNING.value)).scalars())
+            queued = list(session.execute(select(Job).where(Job.state == JobState.QUEUED.value)).scalars())
+            caps = {c.id: int(c.quotas.get("concurrent_jobs", 1)) for c in session.execute(
+                select(Contract).where(Contract.id.in_({j.contract_id for j in queued}))).scalars()}
+        # Jobs being launched right now hold their resources already.
+        holding = running + [j for j in queued if j.id in busy]
+        cpus = sum(float(j.resources["cpus"]) for j in holding)
+        memory = sum(int(j.resources["memory_mb"]) for j in holding)
+        per_contract: dict[str, int] = defaultdict(int)
+        for job in holding:
+            per_contract[job.contract_id] += 1
+        futures = []
+        for job in fair_order([j for j in queued if j.id not in busy], holding):
+            need_cpus, need_memory = float(job.resources["cpus"]), int(job.resources["memory_mb"])
+            if per_contract[job.contract_id] >= caps.get(job.contract_id, 1):
+                continue
+            if cpus + need_cpus > self.capacity.cpus or memory + need_memory > self.capacity.memory_mb:
+                continue
+            future = self._in_background(job.id, partial(self._launch, job.id))
+            if future is not None:
+                futures.append(future)
+                cpus += need_cpus
+                memory += need_memory
+                per_contract[job.contract_id] += 1
+        return futures
+
+    def _launch(self, job_id: str) -> bool:
+        with self.context() as ctx:
+            job = ctx.session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.QUEUED.value:
+                return False
+            contract = ctx.session.get(Contract, job.contract_id)
+            if contract is None or contract.revoked_at is not None or contract.valid_until < datetime.now(UTC):
+                move(ctx, job, JobState.CANCELLED, reason="the contract was revoked or expired before the job ran")
+                return False
+            definition = job_definition(self.instance, job)
+        try:
+            self.runner.prepare(definition)
+            self.runner.start(definition)
+        except Exception as exc:  # a runner failure fails this job, not the worker
+            self.runner.cleanup(job_id)
+            with self.context() as ctx:
+                job = ctx.session.get(Job, job_id, with_for_update=True)
+                if job is not None and job.state == JobState.QUEUED.value:
+                    move(ctx, job, JobState.FAILED, reason=f"could not start: {exc}")
+            return False
+        with self.context() as ctx:
+            job = ctx.session.get(Job, job_id, with_for_update=True)
+            if job is not None and job.state == JobState.QUEUED.value:
+                move(ctx, job, JobState.RUNNING)
+        return True
+
+
+def _usage(status: RunStatus) -> dict[str, float]:
+    wall = 0.0
+    if status.started_at:
+        wall = max((status.finished_at or time.time()) - status.started_at, 0.0)
+    return {"cpu_seconds": round(status.cpu_seconds, 3), "wall_seconds": round(wall, 3),
+            "peak_memory_bytes": float(status.peak_memory_bytes)}
+
+
+def _reason(status: RunStatus) -> str:
+    if status.timed_out:
+        return "timeout: the job ran past its time limit and was killed"
+    if status.oom_killed:
+        return "oom: the job ran out of memory and was killed"
+    if status.output_full:
+        return f"quota: /output filled its quota (exit code {status.exit_code})"
+    return f"exit code {status.exit_code}"
+
+
+def _facts(path: str, file: CollectedFile, *, is_log: bool = False, declared_kind: str | None = None) -> OutputFacts:
+    with file.stored_at.open("rb") as handle:
+        head = handle.read(HEAD_BYTES)
+    return OutputFacts(path=path, size=file.size, head=head, is_log=is_log, declared_kind=declared_kind)
+
+
+def _declared_kinds(collected: Collected) -> dict[str, str]:
+    for file in collected.files:
+        if file.path == "manifest.json" and file.size < 1_000_000:
+            try:
+                document = json.loads(file.stored_at.read_text())
+            except (ValueError, UnicodeDecodeError):
+                return {}
+            if isinstance(document, dict):
+                files = document.get("files", document)
+                if isinstance(files, dict):
+                    return {str(k): str(v.get("kind") if isinstance(v, dict) else v) for k, v in files.items()}
+    return {}

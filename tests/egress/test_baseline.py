@@ -1,0 +1,121 @@
+"""Baseline egress checks: kind by extension and content, sizes, special files, policy routing."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sandbox.egress import OutputFacts, Verdict, decide_outputs, detect_kind, sniff
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+def policy(name: str = "default") -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((POLICIES / f"{name}.yaml").read_text())
+    return body
+
+
+def facts(path: str, content: bytes, **extra: Any) -> OutputFacts:
+    return OutputFacts(path=path, size=len(content), head=content[:65536], **extra)
+
+
+def one(path: str, content: bytes, tier: str = "aggregate", name: str = "default", **extra: Any):  # type: ignore[no-untyped-def]
+    [decision] = decide_outputs([facts(path, content, **extra)], policy=policy(name), tier=tier)
+    return decision
+
+
+def safetensors_bytes() -> bytes:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    return struct.pack("<Q", len(header)) + header + b"\0\0\0\0"
+
+
+def test_a_plain_table_goes_to_review_until_content_checks_exist() -> None:
+    decision = one("summary.csv", b"group,n\na,12\nb,15\n")
+    assert decision.kind.value == "table" and decision.status == "in_review"
+    assert "content-review" in [c.rule for c in decision.checks]
+
+
+@pytest.mark.parametrize(("path", "content", "rule"), [
+    ("model.pkl", pickle.dumps({"w": [1, 2]}), "safe-format"),
+    ("model.joblib", b"\x80\x04\x95 joblib", "safe-format"),
+    ("model.pt", b"PK\x03\x04....archive/data.pkl....", "safe-format"),
+    ("innocent.csv", pickle.dumps([1, 2, 3]), "safe-format"),
+    ("figure.png", b"GIF89a not a png", "kind"),
+    ("report.pdf", b"plain text pretending", "kind"),
+    ("table.parquet", b"a,b\n1,2\n", "kind"),
+    ("rows.csv", b"\x00\x01\x02binary", "kind"),
+    ("weights.safetensors", b"\xff" * 64, "kind"),
+    ("program.exe", b"MZ\x90\x00", "kind"),
+    ("noextension", b"data", "kind"),
+])
+def test_wrong_or_dangerous_content_is_blocked(path: str, content: bytes, rule: str) -> None:
+    decision = one(path, content)
+    assert decision.verdict is Verdict.BLOCK and decision.status == "blocked", f"{path} was not blocked"
+    assert rule in [c.rule for c in decision.checks if c.verdict is Verdict.BLOCK]
+
+
+def test_models_go_to_review_and_safetensors_is_recognised() -> None:
+    decision = one("model.safetensors", safetensors_bytes(), tier="aggregate", name="default")
+    assert decision.kind.value == "model" and decision.status == "in_review"
+    assert "model-release" in [c.rule for c in decision.checks]
+
+
+def test_dp_only_policy_lets_no_table_leave() -> None:
+    decision = one("summary.csv", b"a,b\n1,2\n", tier="dp_only", name="dp-only")
+    assert decision.status == "blocked" and "allowed-kinds" in [c.rule for c in decision.checks]
+
+
+def test_size_caps_per_file_and_in_total() -> None:
+    big = OutputFacts(path="big.csv", size=101 * 1024 * 1024, head=b"a,b\n")
+    decision = decide_outputs([big], policy=policy(), tier="aggregate")[0]
+    assert decision.status == "blocked" and "size" in [c.rule for c in decision.checks]
+    parts = [OutputFacts(path=f"part{n}.csv", size=90 * 1024 * 1024, head=b"a,b\n") for n in range(7)]
+    statuses = [d.status for d in decide_outputs(parts, policy=policy(), tier="aggregate")]
+    assert statuses[:5] == ["in_review"] * 5 and statuses[5:] == ["blocked", "blocked"]
+
+
+def test_files_the_runner_refused_are_blocked_with_the_reason() -> None:
+    refused = OutputFacts(path="link-to-data", size=0, head=b"", refused_reason="symlink (not copied)")
+    [decision] = decide_outputs([refused], policy=policy(), tier="aggregate")
+    assert decision.status == "blocked" and decision.checks[0].reason == "symlink (not copied)"
+
+
+def test_a_false_manifest_claim_is_flagged() -> None:
+    decision = one("result.json", b'{"mean": 1.5}', declared_kind="dp_result")
+    assert "declared-kind" in [c.rule for c in decision.checks]
+
+
+def test_logs_are_outputs_and_never_auto_release() -> None:
+    decision = one("logs/stdout.txt", b"P000123,72,M\n", is_log=True)
+    assert decision.kind.value == "log" and decision.status == "in_review"
+
+
+def test_trusted_tier_reviews_everything() -> None:
+    decision = one("summary.csv", b"a,b\n1,2\n", tier="trusted")
+    assert decision.status == "in_review"
+
+
+def test_sniff_recognises_common_magic() -> None:
+    assert sniff(b"\x89PNG\r\n\x1a\n....") == "png"
+    assert sniff(b"%PDF-1.7") == "pdf"
+    assert sniff(b"PAR1....") == "parquet"
+    assert sniff(pickle.dumps(1)) == "pickle"
+    assert sniff(b"plain") is None
+
+
+def test_detect_kind_accepts_utf8_cut_mid_character() -> None:
+    text = ("é" * 40000).encode()
+    kind, checks = detect_kind(OutputFacts(path="notes.txt", size=len(text), head=text[:65535]))
+    assert kind.value == "text" and checks[0].verdict is Verdict.PASS
+
+
+def test_empty_files_have_nothing_to_disclose_and_follow_the_policy() -> None:
+    assert one("logs/stderr.txt", b"", is_log=True).status == "released"
+    assert one("logs/stderr.txt", b"", is_log=True, tier="trusted").status == "in_review"
+    assert one("logs/stderr.txt", b"", is_log=True, name="strict").status == "in_review"
