@@ -358,9 +358,10 @@ class DockerRunner:
     def managed_jobs(self) -> set[str]:
         """Jobs with a container labelled for this instance (exited ones too) or a state folder."""
         filters = {"label": [f"{LABEL_MANAGED}=1", f"{LABEL_INSTANCE}={self.instance_id}"]}
+        # The low-level list carries labels already; the high-level one inspects every container.
         with _failures("listing this instance's containers"):
-            containers = self.client.containers.list(all=True, filters=filters, ignore_removed=True)
-        jobs = {str(container.labels[LABEL_JOB]) for container in containers if LABEL_JOB in container.labels}
+            containers = self.client.api.containers(all=True, filters=filters)
+        jobs = {str(c["Labels"][LABEL_JOB]) for c in containers if LABEL_JOB in (c.get("Labels") or {})}
         with _failures(f"listing {self.state_dir}"):
             folders = list(self.state_dir.iterdir()) if self.state_dir.is_dir() else []
         jobs |= {folder.name for folder in folders if folder.is_dir() and _JOB_ID.fullmatch(folder.name)}

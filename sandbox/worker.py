@@ -39,6 +39,7 @@ log = get_logger("sandbox.worker")
 HEAD_BYTES = 64 * 1024
 IMAGE_REFRESH_S = 60.0
 STEP_THREADS = 8
+USAGE_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(max_workers=STEP_THREADS, thread_name_prefix="sandbox-job")
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
+        self._usage_recorded: dict[str, float] = {}
         self._images_seen_at = -IMAGE_REFRESH_S
 
     def context(self) -> Any:
@@ -262,6 +264,12 @@ class Worker:
         return self._in_background(job_id, partial(self._finish, job_id, status))
 
     def _record_usage(self, job_id: str, status: RunStatus) -> None:
+        # A write per running job per tick would queue every other write behind it; usage and the
+        # CPU quota are settled every USAGE_EVERY_S, and exactly at exit.
+        now = time.monotonic()
+        if now - self._usage_recorded.get(job_id, -USAGE_EVERY_S) < USAGE_EVERY_S:
+            return
+        self._usage_recorded[job_id] = now
         with self.context() as ctx:
             job = ctx.session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.RUNNING.value:
@@ -273,6 +281,7 @@ class Worker:
                 move(ctx, job, JobState.CANCELLED, reason="quota: the contract's CPU-hours are used up")
 
     def _finish(self, job_id: str, status: RunStatus) -> None:
+        self._usage_recorded.pop(job_id, None)
         destination = self.instance.settings.artifacts_dir / "jobs" / job_id / "outputs"
         collected = self.runner.collect(job_id, destination)
         with self.context() as ctx:
