@@ -42,7 +42,7 @@ class JobDefinition:
     code_dir: Path  # host folder mounted read-only at /code
     data_files: dict[str, Path] = field(default_factory=dict)  # name in /data -> host file, read-only
     resources: Resources = field(default_factory=Resources)
-    dp_socket: Path | None = None  # host socket mounted at /run/sandbox/dp.sock
+    dp_socket: Path | None = None  # host socket `<folder>/dp.sock`; the folder is mounted at /run/sandbox
     env: dict[str, str] = field(default_factory=dict)
 
 

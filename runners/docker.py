@@ -62,7 +62,8 @@ LOG_FILE_FACTOR = 4
 # Below this much free space (or with no free inode) the output file system counts as full.
 OUTPUT_FULL_BYTES = 64 * 1024
 
-DP_SOCKET_TARGET = "/run/sandbox/dp.sock"
+DP_SOCKET_DIR = "/run/sandbox"
+DP_SOCKET_TARGET = f"{DP_SOCKET_DIR}/dp.sock"
 # The container's own tmpfs, not the host's /tmp.
 CONTAINER_TMP = "/tmp"  # noqa: S108
 STATUS_FILE = "status.json"
@@ -129,9 +130,13 @@ def container_options(job: JobDefinition, *, instance_id: str, output_dir: Path)
         docker.types.Mount(target="/output", source=str(output_dir), type="bind", read_only=False),
     ]
     if job.dp_socket is not None:
-        # Read-only still lets the job connect: Linux checks write access to a socket's inode, not its mount.
+        # The socket's own folder is mounted, not the socket: a worker restarted mid-job binds a new
+        # socket there, which a file mount (pinned to the old inode) would never see. Read-only still
+        # lets the job connect: Linux checks write access to a socket's inode, not its mount.
         socket = _host_path(job.dp_socket, "DP socket", "socket")
-        mounts.append(docker.types.Mount(target=DP_SOCKET_TARGET, source=str(socket), type="bind", read_only=True))
+        if socket.name != "dp.sock" or any(entry.name != "dp.sock" for entry in socket.parent.iterdir()):
+            raise RunnerError(f"job {job.id}: the DP socket must be the only entry, dp.sock, of its own folder")
+        mounts.append(docker.types.Mount(target=DP_SOCKET_DIR, source=str(socket.parent), type="bind", read_only=True))
     options: dict[str, Any] = {
         "image": job.image,
         "command": list(job.command),

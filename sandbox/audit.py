@@ -25,7 +25,8 @@ def event_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _fields(event: AuditEvent) -> dict[str, Any]:
+def event_fields(event: AuditEvent) -> dict[str, Any]:
+    """Everything the hash covers, in the form it is hashed (and shown)."""
     return {
         "seq": event.seq,
         "at": event.at.astimezone(UTC).isoformat(),
@@ -92,7 +93,7 @@ class AuditLog:
             prev_hash=head.hash,
             hash="",
         )
-        event.hash = event_hash(_fields(event))
+        event.hash = event_hash(event_fields(event))
         session.add(event)
         head.seq = event.seq
         head.hash = event.hash
@@ -126,7 +127,7 @@ def verify_chain(session: Session, public_key: Ed25519PublicKey) -> ChainReport:
                 False, count, event.seq,
                 f"event {event.seq} does not link to event {event.seq - 1}: deleted or reordered",
             )
-        if event_hash(_fields(event)) != event.hash:
+        if event_hash(event_fields(event)) != event.hash:
             return ChainReport(False, count, event.seq, f"event {event.seq} was changed after it was written")
         previous_hash = event.hash
         expected_seq += 1

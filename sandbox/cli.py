@@ -33,8 +33,9 @@ for sub, name in ((token_app, "token"), (dataset_app, "dataset"), (contract_app,
                   (review_app, "review")):
     app.add_typer(sub, name=name)
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)  # messages stay one line: easy to grep and to copy
+# Piped output is not cut to 80 columns: ids and names stay whole for grep and scripts.
+out = Console() if sys.stdout.isatty() else Console(width=250)
 
 HomeOption = Annotated[
     Path | None, typer.Option("--home", help="instance directory (default $SANDBOX_HOME or ./.sandbox)")
@@ -599,6 +600,47 @@ def review_decide(
     with _client() as client:
         job = _call(client.decide_review, job_id, release=release or [], reject=reject or [], comment=comment)
     _print_job(job)
+
+
+@app.command("query")
+def query_command(
+    sql: Annotated[str, typer.Argument(help='e.g. SELECT sex, COUNT(*) FROM "carotid-stenting" GROUP BY sex')],
+    contract: Annotated[str, typer.Option("--contract")],
+    dataset: Annotated[str, typer.Option("--dataset")],
+    epsilon: Annotated[float | None, typer.Option("--epsilon", help="pure DP budget for this query")] = None,
+    rho: Annotated[float | None, typer.Option("--rho", help="zCDP budget instead of epsilon")] = None,
+    delta: Annotated[float, typer.Option("--delta", help="for private GROUP BY keys or zCDP")] = 0.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Run a differentially private SQL query; every cell comes with its 95% accuracy."""
+    if (epsilon is None) == (rho is None):
+        _fail("give exactly one of --epsilon or --rho")
+    with _client() as client:
+        answer = _call(client.query, contract, dataset, sql, epsilon=epsilon, rho=rho, delta=delta)
+    if as_json:
+        _emit(answer, True)
+        return
+    table = Table(*answer["columns"])
+    for row, accuracy in zip(answer["rows"], answer["accuracy"], strict=True):
+        table.add_row(*[str(v) if a is None else f"{v:.6g} ± {a:.3g}" if isinstance(v, float) else f"{v} ± {a:.3g}"
+                        for v, a in zip(row, accuracy, strict=True)])
+    out.print(table)
+    spent = "nothing (cached answer)" if answer["cached"] else f"epsilon {answer['epsilon_spent']:g}"
+    out.print(f"spent {spent}; {answer['epsilon_remaining']:g} remains on this contract for {dataset}")
+    out.print("± is the half-width of a 95% interval", style="dim")
+
+
+@app.command("budget")
+def budget_command(as_json: JsonOption = False) -> None:
+    """DP budgets per contract and dataset."""
+    with _client() as client:
+        rows = _call(client.budgets)
+    table = Table("contract", "dataset", "epsilon total", "spent", "remaining", "dataset cap")
+    for r in rows:
+        table.add_row(r["contract"], r["dataset"], f"{r['epsilon_total']:g}", f"{r['epsilon_spent']:g}",
+                      f"{r['epsilon_remaining']:g}", "none" if r["dataset_epsilon_cap"] is None
+                      else f"{r['dataset_epsilon_cap']:g}")
+    _emit(rows, as_json, table)
 
 
 @app.command()

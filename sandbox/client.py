@@ -161,5 +161,16 @@ class SandboxClient:
     def usage(self) -> Any:
         return self.request("GET", "/v1/usage")
 
+    # Differential privacy
+    def query(self, contract: str, dataset: str, sql: str, *, epsilon: float | None = None,
+              rho: float | None = None, delta: float = 0.0) -> Any:
+        """A DP answer: columns, rows, per-cell 95% half-widths, what it spent and what remains."""
+        body: dict[str, Any] = {"contract": contract, "dataset": dataset, "sql": sql, "delta": delta}
+        body.update({"epsilon": epsilon} if epsilon is not None else {"rho": rho})
+        return self.request("POST", "/v1/queries", json=body)
+
+    def budgets(self) -> Any:
+        return self.request("GET", "/v1/budgets")
+
     def whoami(self) -> Any:
         return self.request("GET", "/v1/whoami")

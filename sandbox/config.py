@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import tomllib
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +26,13 @@ def _default_policies_dir() -> Path:
         if candidate.is_dir():
             return candidate
     return REPO_ROOT / "policies"
+
+
+def _short_runtime_dir(name: str) -> Path:
+    run = Path("/run")
+    if os.access(run, os.W_OK):
+        return run / name
+    return Path(tempfile.gettempdir()) / f"{name}-{os.getuid()}"
 
 
 class _HomeConfigFile(PydanticBaseSettingsSource):
@@ -78,6 +86,9 @@ class Settings(BaseSettings):
     worker_interval_s: float = 0.5
     worker_cpus: float = 2.0
     worker_memory_mb: int = 8192
+
+    # Per-job DP sockets. Unix socket paths are limited to 108 bytes, so they live under a short root.
+    dp_socket_root: Path = Field(default_factory=lambda: _short_runtime_dir("sandbox-dp"))
 
     # Wheels for the offline image builds, fetched by the host's pip; shared by instances.
     wheel_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "sandbox" / "wheelhouse")

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sandbox.auth.tokens import Principal, Role
 from sandbox.catalog.service import get_dataset
 from sandbox.context import Context
+from sandbox.dp.ledger import ensure_ledgers
 from sandbox.errors import Conflict, ContractNotUsable, Invalid, NotFound
 from sandbox.policies import resolve_policy
 from sandbox.store.models import Contract
@@ -124,6 +125,7 @@ def create_contract(ctx: Context, request: ContractRequest) -> Contract:
     )
     ctx.session.add(contract)
     ctx.session.flush()
+    ensure_ledgers(ctx.session, contract)
     ctx.record(
         "contract.create", "contract", contract.id, buyer_org=contract.buyer_org, datasets=contract.datasets,
         tier=contract.tier, kinds=contract.kinds, epsilon=contract.epsilon, policy=f"{policy.name}@{policy.version}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import threading
 import time
 from collections import defaultdict
@@ -26,7 +27,12 @@ from sqlalchemy import select
 from runners.base import Collected, CollectedFile, JobDefinition, JobRunner, Resources, RunState, RunStatus
 from sandbox.audit import SystemActor
 from sandbox.context import Context
+from sandbox.contracts import JobKind, Tier
+from sandbox.dp.mock_publication import mock_path
+from sandbox.dp.queries import QueryRequest, job_principal, run_query
+from sandbox.dp.socket_server import DpSocket
 from sandbox.egress import OutputFacts, decide_outputs
+from sandbox.errors import Invalid
 from sandbox.images import IMAGES, ImageBuildError, image_digest
 from sandbox.instance import Instance
 from sandbox.jobs.lifecycle import TERMINAL, JobState
@@ -50,15 +56,23 @@ class Capacity:
     memory_mb: int = 8192
 
 
-def job_definition(instance: Instance, job: Job) -> JobDefinition:
+def dp_socket_path(instance: Instance, job_id: str) -> Path:
+    return instance.settings.dp_socket_root / instance.instance_id / job_id / "dp.sock"
+
+
+def job_definition(instance: Instance, job: Job, *, dp_socket: Path | None = None) -> JobDefinition:
     directory = instance.settings.artifacts_dir / "jobs" / job.id
     data = instance.settings.artifacts_dir / "datasets" / job.dataset / f"v{job.dataset_version}.parquet"
+    if job.tier == Tier.DP_ONLY.value:
+        # dp_only code never sees a real row: /data holds the version's DP mock under the same name.
+        data = mock_path(instance.settings.artifacts_dir, job.dataset, job.dataset_version)
     resources = job.resources
     return JobDefinition(
         id=job.id, org=job.buyer_org, image=job.image_id, command=list(job.command),
         code_dir=directory / "code", data_files={f"{job.dataset}.parquet": data},
         resources=Resources(cpus=float(resources["cpus"]), memory_mb=int(resources["memory_mb"]),
                             timeout_s=int(resources["timeout_s"]), gpus=int(resources.get("gpus", 0))),
+        dp_socket=dp_socket,
     )
 
 
@@ -124,6 +138,8 @@ class Worker:
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
         self._usage_recorded: dict[str, float] = {}
+        self._dp_sockets: dict[str, DpSocket] = {}
+        self._dp_lock = threading.Lock()
         self._images_seen_at = -IMAGE_REFRESH_S
 
     def context(self) -> Any:
@@ -233,6 +249,7 @@ class Worker:
     def _remove(self, job_id: str, *, known: bool) -> None:
         self.runner.terminate(job_id)
         self.runner.cleanup(job_id)
+        self._close_dp_socket(job_id)
         if not known:
             log.warning("removed_unknown_container", job=job_id)
 
@@ -259,6 +276,7 @@ class Worker:
                 return self._in_background(job_id, partial(self.runner.start, definition))
             return None
         if status.state is RunState.RUNNING:
+            self._reopen_dp_socket(job_id)
             self._record_usage(job_id, status)
             return None
         return self._in_background(job_id, partial(self._finish, job_id, status))
@@ -282,6 +300,7 @@ class Worker:
 
     def _finish(self, job_id: str, status: RunStatus) -> None:
         self._usage_recorded.pop(job_id, None)
+        self._close_dp_socket(job_id)
         destination = self.instance.settings.artifacts_dir / "jobs" / job_id / "outputs"
         collected = self.runner.collect(job_id, destination)
         with self.context() as ctx:
@@ -325,6 +344,48 @@ class Worker:
         move(ctx, job, JobState.IN_REVIEW)
         settle_review(ctx, job)
 
+    # DP sockets -----------------------------------------------------------------------------------
+
+    def _open_dp_socket(self, job: Job) -> Path:
+        """Serve DP queries for `job` on its own socket, under the job's contract and the same ledger."""
+        path = dp_socket_path(self.instance, job.id)
+        job_id, org, contract, dataset = job.id, job.buyer_org, job.contract_id, job.dataset
+
+        def handle(body: dict[str, Any]) -> dict[str, Any]:
+            unknown = set(body) - {"sql", "epsilon", "rho", "delta"}
+            if unknown:
+                raise Invalid(f"unknown fields {sorted(unknown)}; send sql and epsilon (or rho and delta)")
+            request = QueryRequest(contract=contract, dataset=dataset, **body)
+            return run_query(self.instance, job_principal(job_id, org), request, via=f"job:{job_id}")
+
+        with self._dp_lock:
+            existing = self._dp_sockets.pop(job_id, None)
+            if existing is not None:
+                existing.close()
+            self._dp_sockets[job_id] = DpSocket(path, handle)
+        return path
+
+    def _reopen_dp_socket(self, job_id: str) -> None:
+        # After a restart the running job's folder is still mounted; a new socket in it is reachable.
+        with self._dp_lock:
+            if job_id in self._dp_sockets:
+                return
+        if not dp_socket_path(self.instance, job_id).parent.is_dir():
+            return
+        with self.instance.read_session() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                self._open_dp_socket(job)
+
+    def _close_dp_socket(self, job_id: str) -> None:
+        with self._dp_lock:
+            served = self._dp_sockets.pop(job_id, None)
+        if served is not None:
+            served.close()
+        folder = dp_socket_path(self.instance, job_id).parent
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
     # Admission ------------------------------------------------------------------------------------
 
     def admit(self) -> list[Future[None]]:
@@ -365,12 +426,15 @@ class Worker:
             if contract is None or contract.revoked_at is not None or contract.valid_until < datetime.now(UTC):
                 move(ctx, job, JobState.CANCELLED, reason="the contract was revoked or expired before the job ran")
                 return False
-            definition = job_definition(self.instance, job)
+            allows_queries = JobKind.QUERY.value in contract.kinds
+            dp_socket = self._open_dp_socket(job) if allows_queries else None
+            definition = job_definition(self.instance, job, dp_socket=dp_socket)
         try:
             self.runner.prepare(definition)
             self.runner.start(definition)
         except Exception as exc:  # a runner failure fails this job, not the worker
             self.runner.cleanup(job_id)
+            self._close_dp_socket(job_id)
             with self.context() as ctx:
                 job = ctx.session.get(Job, job_id, with_for_update=True)
                 if job is not None and job.state == JobState.QUEUED.value:

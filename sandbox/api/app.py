@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from sandbox import __version__
 from sandbox.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from sandbox.api.problems import install_problem_handlers
-from sandbox.api.routes import audit, contracts, datasets, health, jobs, policies, tokens
+from sandbox.api.routes import audit, contracts, datasets, health, jobs, policies, queries, tokens
 from sandbox.instance import Instance
 
 # Paths that take a file upload get the upload cap; everything else the small JSON cap.
@@ -29,7 +29,7 @@ def create_app(instance: Instance) -> FastAPI:
 
     install_problem_handlers(app)
     for router in (health.router, datasets.router, contracts.router, policies.router, audit.router,
-                   tokens.router, jobs.router):
+                   tokens.router, jobs.router, queries.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(RequestContextMiddleware, registry=app.state.metrics)

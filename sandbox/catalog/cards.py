@@ -38,6 +38,15 @@ class ColumnSpec(BaseModel):
     description: str = Field(default="", max_length=2000)
 
 
+class DpSettings(BaseModel):
+    """Contribution bounds the DP query engine enforces per privacy unit before any aggregate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows_per_unit: int = Field(default=1, ge=1, le=1000)
+    groups_per_unit: int = Field(default=1, ge=1, le=1000)
+
+
 class DatasetCard(BaseModel):
     """What a steward declares about a dataset; everything but bounds and categories is public."""
 
@@ -54,6 +63,7 @@ class DatasetCard(BaseModel):
     privacy_unit_rows: Literal["one", "many"] = "many"
     columns: dict[str, ColumnSpec] = Field(min_length=1, max_length=2000)
     marginal_pairs: list[tuple[str, str]] = Field(default_factory=list, max_length=200)
+    dp: DpSettings | None = None
 
 
 def card_errors(card: DatasetCard) -> list[str]:

@@ -17,6 +17,7 @@ from sandbox.auth.tokens import Role
 from sandbox.catalog.cards import DatasetCard, card_errors, public_schema
 from sandbox.catalog.ingest import IngestedVersion, ingest_version
 from sandbox.context import Context
+from sandbox.dp.ledger import ensure_dataset_budget
 from sandbox.errors import Conflict, Invalid, NotFound
 from sandbox.store.models import Dataset, DatasetVersion
 
@@ -41,6 +42,7 @@ def create_dataset(ctx: Context, card: DatasetCard) -> Dataset:
     )
     ctx.session.add(dataset)
     ctx.session.flush()
+    ensure_dataset_budget(ctx.session, card.name)
     ctx.record("dataset.create", "dataset", card.name, columns=sorted(card.columns))
     return dataset
 

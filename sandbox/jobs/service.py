@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import uuid
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ from sandbox.auth.tokens import Principal, Role
 from sandbox.catalog.service import get_version
 from sandbox.context import Context
 from sandbox.contracts import JobKind, Tier, require_usable
+from sandbox.dp.mock_publication import find_mock
 from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
 from sandbox.jobs.bundles import unpack_bundle
 from sandbox.jobs.lifecycle import TERMINAL, JobState, next_state
@@ -79,9 +79,10 @@ def submit_job(ctx: Context, *, spec: JobSpec, bundle: Path, bundle_sha256: str,
     """Validate a submission against contract, tier, policy and quota, then store it."""
     buyer = ctx.require_role(Role.BUYER)
     contract = require_usable(ctx, spec.contract, kind=JobKind(spec.kind), dataset=spec.dataset)
-    if contract.tier == Tier.DP_ONLY.value:
-        raise Conflict("dp_only contracts run code on the dataset's DP mock, which this version does not have yet")
     version = get_version(ctx.session, spec.dataset, spec.version)
+    if contract.tier == Tier.DP_ONLY.value and find_mock(ctx.session, version) is None:
+        raise Conflict(f"dp_only jobs run on the DP mock, and {spec.dataset}@{version.version} has none yet; "
+                       "a steward publishes it")
     policy = get_policy_version(ctx.session, contract.policy_name, contract.policy_version)
     runtime = policy.body["runtime"]
     problems = resource_problems(spec.resources, runtime)
@@ -302,11 +303,3 @@ def usage_report(ctx: Context) -> list[dict[str, Any]]:
                        "gpu_hours": round(totals["gpu_seconds"] / 3600, 6),
                        "bytes_released": int(totals["bytes_released"])})
     return report
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

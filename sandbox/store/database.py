@@ -10,7 +10,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -47,6 +47,15 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _locking_reads_are_fresh(state: ORMExecuteState) -> None:
+    # A row read earlier in the session stays in the identity map, and a later SELECT ... FOR UPDATE
+    # would hand back those stale attributes: read-modify-write on them loses concurrent updates
+    # (seen as a budget ledger that counted one query of ten). Locking reads always reload.
+    if state.is_select and getattr(state.statement, "_for_update_arg", None) is not None:
+        state.update_execution_options(populate_existing=True)
 
 
 @contextmanager

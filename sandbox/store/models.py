@@ -224,3 +224,78 @@ class ImageRecord(Base):
     name: Mapped[str] = mapped_column(String(40), primary_key=True)
     image_id: Mapped[str] = mapped_column(String(80))
     seen_at: Mapped[datetime] = mapped_column()
+
+
+class BudgetLedger(Base):
+    """DP spend of one contract on one dataset lineage (all its versions); never above the total."""
+
+    __tablename__ = "budget_ledgers"
+    __table_args__ = (UniqueConstraint("contract_id", "dataset"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
+    dataset: Mapped[str] = mapped_column(String(64))
+    epsilon_total: Mapped[float] = mapped_column(Float)
+    epsilon_spent: Mapped[float] = mapped_column(Float, default=0.0)
+    epsilon_reserved: Mapped[float] = mapped_column(Float, default=0.0)
+    delta_total: Mapped[float] = mapped_column(Float, default=0.0)
+    delta_spent: Mapped[float] = mapped_column(Float, default=0.0)
+    delta_reserved: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class DatasetBudget(Base):
+    """A cap on DP spend per dataset across all buyers, set by a steward (none means uncapped)."""
+
+    __tablename__ = "dataset_budgets"
+
+    dataset: Mapped[str] = mapped_column(String(64), primary_key=True)
+    epsilon_cap: Mapped[float | None] = mapped_column(Float, default=None)
+    epsilon_spent: Mapped[float] = mapped_column(Float, default=0.0)
+    epsilon_reserved: Mapped[float] = mapped_column(Float, default=0.0)
+    mock_epsilon: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class BudgetReservation(Base):
+    """Budget held for one query between reservation and its answer (or its failure)."""
+
+    __tablename__ = "budget_reservations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    ledger_id: Mapped[int] = mapped_column(ForeignKey("budget_ledgers.id"), index=True)
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16))  # reserved | committed | released
+    query_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column()
+
+
+class DpAnswer(Base):
+    """A released answer, kept so the same query on the same version costs nothing again."""
+
+    __tablename__ = "dp_answers"
+    __table_args__ = (UniqueConstraint("contract_id", "cache_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
+    cache_key: Mapped[str] = mapped_column(String(64))
+    dataset: Mapped[str] = mapped_column(String(64))
+    dataset_version: Mapped[int] = mapped_column(Integer)
+    sql: Mapped[str] = mapped_column(Text)
+    answer: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column()
+
+
+class DatasetMock(Base):
+    """The DP synthetic mock of one version: what dp_only jobs see at /data, and what buyers download."""
+
+    __tablename__ = "dataset_mocks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"), unique=True)
+    path: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(BigInteger)
+    epsilon: Mapped[float] = mapped_column(Float)
+    report: Mapped[dict[str, Any]] = mapped_column()
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column()

@@ -15,18 +15,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from helpers import Tokens
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from sandbox.auth.keys import load_private_key
-from sandbox.auth.tokens import Role
 from sandbox.config import Settings
 from sandbox.instance import Instance, init_instance
 
@@ -39,26 +38,8 @@ POSTGRES_URL = os.environ.get(
 )
 
 
-@dataclass
-class RoleTokens:
-    """Real tokens issued and recorded by `instance`, one helper per role."""
-
-    instance: Instance
-
-    def make(self, role: Role, org: str, sub: str | None = None, ttl: int = 3600) -> str:
-        return self.instance.issue_token(sub=sub or f"{role.value}-{org}", org=org, role=role, ttl_s=ttl).token
-
-    def steward(self, sub: str = "steward-1", org: str = "hospital") -> str:
-        return self.make(Role.STEWARD, org, sub)
-
-    def buyer(self, org: str = "acme", sub: str | None = None) -> str:
-        return self.make(Role.BUYER, org, sub)
-
-    def auditor(self, org: str = "hospital") -> str:
-        return self.make(Role.AUDITOR, org)
-
-    def admin(self, org: str = "ops") -> str:
-        return self.make(Role.ADMIN, org)
+# Real tokens issued and recorded by an instance, one helper per role.
+RoleTokens = Tokens
 
 
 def b64url(data: bytes) -> str:

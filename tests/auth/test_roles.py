@@ -67,6 +67,11 @@ ROLE_TABLE: dict[tuple[str, str], frozenset[Role]] = {
     ("POST", "/v1/reviews/{job_id}/decisions"): STEWARD,
     ("GET", "/v1/usage"): JOB_READERS,
     ("GET", "/v1/signing-key"): ANY_ROLE,
+    ("POST", "/v1/queries"): BUYER,
+    ("GET", "/v1/budgets"): JOB_READERS,
+    ("POST", "/v1/datasets/{name}/budget-cap"): STEWARD,
+    ("POST", "/v1/datasets/{name}/versions/{version}/mock"): STEWARD,
+    ("GET", "/v1/datasets/{name}/versions/{version}/mock"): JOB_READERS,
 }
 
 PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")

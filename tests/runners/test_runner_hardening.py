@@ -50,7 +50,8 @@ def prepared(docker_client: Any, analysis_image: str, tmp_path_factory: pytest.T
     files.code_dir.mkdir()
     (root / "cohort.parquet").write_bytes(b"PAR1")
     files.data_files["cohort.parquet"] = root / "cohort.parquet"
-    dp_socket = root / "dp.sock"
+    (root / "dp").mkdir()
+    dp_socket = root / "dp" / "dp.sock"
     instance_id = f"test-{uuid.uuid4().hex[:10]}"
     state_dir = root / "state"
     runner = DockerRunner(state_dir=state_dir, instance_id=instance_id, client=docker_client)
@@ -136,7 +137,7 @@ def check_tmpfs(c: Prepared) -> None:
 
 
 def check_code_and_data_read_only(c: Prepared) -> None:
-    for target in ("/code", "/data/cohort.parquet", "/run/sandbox/dp.sock"):
+    for target in ("/code", "/data/cohort.parquet", "/run/sandbox"):
         mount = c.mount(target)
         assert mount["Type"] == "bind" and mount["RW"] is False, f"{target} is writable: {mount}"
 
@@ -149,7 +150,7 @@ def check_output_is_the_quota_mount(c: Prepared) -> None:
 
 def check_no_other_mounts(c: Prepared) -> None:
     targets = sorted(mount["Destination"] for mount in c.attrs["Mounts"])
-    assert targets == ["/code", "/data/cohort.parquet", "/output", "/run/sandbox/dp.sock"], targets
+    assert targets == ["/code", "/data/cohort.parquet", "/output", "/run/sandbox"], targets
     sources = [mount["Source"] for mount in c.attrs["Mounts"]] + list(c.host["Binds"] or [])
     assert not [s for s in sources if "docker.sock" in s], "the Docker socket is mounted: full host takeover"
     assert not c.host["VolumesFrom"], "volumes from another container"

@@ -137,13 +137,23 @@ def test_host_paths_must_exist_with_the_right_kind(job: JobDefinition, tmp_path:
         options_for(job, tmp_path)
 
 
-def test_dp_socket_is_bound_at_its_documented_path(job: JobDefinition, tmp_path: Path) -> None:
-    path = tmp_path / "dp.sock"
+def test_dp_socket_folder_is_bound_at_its_documented_path(job: JobDefinition, tmp_path: Path) -> None:
+    (tmp_path / "dp").mkdir()
+    path = tmp_path / "dp" / "dp.sock"
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(str(path))
         mounts = options_for(dataclasses.replace(job, dp_socket=path), tmp_path)["mounts"]
-    (bound,) = [mount for mount in mounts if mount["Target"] == "/run/sandbox/dp.sock"]
-    assert bound["Source"] == str(path)
+    (bound,) = [mount for mount in mounts if mount["Target"] == "/run/sandbox"]
+    assert bound["Source"] == str(path.parent) and bound["ReadOnly"]
+
+
+def test_dp_socket_folder_must_hold_nothing_else(job: JobDefinition, tmp_path: Path) -> None:
+    (tmp_path / "dp").mkdir()
+    (tmp_path / "dp" / "secret.txt").write_text("host file")
+    path = tmp_path / "dp" / "dp.sock"
+    with socket.socket(socket.AF_UNIX) as server, pytest.raises(RunnerError, match="only entry"):
+        server.bind(str(path))
+        options_for(dataclasses.replace(job, dp_socket=path), tmp_path)
 
 
 # --- logs, names, timestamps ---

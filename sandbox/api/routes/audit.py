@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from sandbox.api.deps import InstanceDep, StewardOrAuditor
-from sandbox.audit import verify_chain
+from sandbox.audit import event_fields, verify_chain
 from sandbox.store.models import AuditEvent
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -39,16 +39,4 @@ def verify(instance: InstanceDep, principal: StewardOrAuditor) -> dict[str, Any]
 
 
 def _event_view(event: AuditEvent) -> dict[str, Any]:
-    return {
-        "seq": event.seq,
-        "at": event.at.isoformat(),
-        "actor": event.actor,
-        "org": event.org,
-        "role": event.role,
-        "action": event.action,
-        "object_type": event.object_type,
-        "object_id": event.object_id,
-        "details": event.details,
-        "prev_hash": event.prev_hash,
-        "hash": event.hash,
-    }
+    return {**event_fields(event), "hash": event.hash}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,9 +13,13 @@ from sandbox.api.uploads import receive_multipart
 from sandbox.auth.tokens import Role
 from sandbox.catalog import service
 from sandbox.catalog.cards import DatasetCard
+from sandbox.dp import queries
 from sandbox.errors import Invalid
+from sandbox.instance import Instance
+from sandbox.logs import get_logger
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+log = get_logger("sandbox.catalog")
 
 
 @router.post("", status_code=201)
@@ -63,4 +68,13 @@ async def add_version(name: str, request: Request, instance: InstanceDep, stewar
             view = service.version_view(version, steward=True)
     finally:
         staged.unlink(missing_ok=True)
+    # DP queries bound each unit's rows through a ranked copy of the version; build it now, not on a query.
+    threading.Thread(target=_warm_up, args=(instance, name, view["version"]), daemon=True).start()
     return view
+
+
+def _warm_up(instance: Instance, name: str, version: int) -> None:
+    try:
+        queries.warm_up(instance, name, version)
+    except Exception as exc:  # the first query builds it instead
+        log.warning("dp_warm_up_failed", dataset=name, version=version, error=str(exc))

@@ -1,0 +1,1 @@
+"""Differential privacy: the DP SQL engine, budgets and DP mock data."""
