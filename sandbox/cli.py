@@ -513,6 +513,21 @@ def job_outputs(job_id: str, as_json: JsonOption = False) -> None:
     _emit(outputs, as_json, table)
 
 
+@job_app.command("report")
+def job_report(job_id: str, as_json: JsonOption = False) -> None:
+    """The release report: released files, blocked files with their rules, files in review."""
+    with _client() as client:
+        report = _call(client.job_report, job_id)
+    table = Table("file", "status", "rules / approvals")
+    for entry in report["released"]:
+        table.add_row(entry["path"], "released", "")
+    for entry in report["blocked"]:
+        table.add_row(entry["path"], "blocked", ", ".join(entry["rules"]))
+    for entry in report["in_review"]:
+        table.add_row(entry["path"], "in review", f"{entry['approvals']} of {entry['needed']} approvals")
+    _emit(report, as_json, table)
+
+
 def _job_action(job_id: str, action: str, comment: str = "") -> None:
     with _client() as client:
         job = _call(client.job_action, job_id, action, comment)

@@ -141,6 +141,9 @@ class SandboxClient:
         body = {"comment": comment} if action in ("approve", "reject") else None
         return self.request("POST", f"/v1/jobs/{job_id}/{action}", json=body)
 
+    def job_report(self, job_id: str) -> Any:
+        return self.request("GET", f"/v1/jobs/{job_id}/report")
+
     def job_manifest(self, job_id: str) -> Any:
         return self.request("GET", f"/v1/jobs/{job_id}/manifest")
 

@@ -21,7 +21,7 @@ from sandbox.jobs.bundles import unpack_bundle
 from sandbox.jobs.lifecycle import TERMINAL, JobState, next_state
 from sandbox.policies import get_policy_version
 from sandbox.release import canonical
-from sandbox.store.models import Contract, Job, JobOutput
+from sandbox.store.models import Contract, Job, JobOutput, OutputReview
 
 
 class ResourceRequest(BaseModel):
@@ -257,9 +257,23 @@ def review_queue(ctx: Context) -> list[Job]:
     return list(ctx.session.execute(select(Job).where(Job.id.in_(waiting)).order_by(Job.created_at)).scalars())
 
 
+def reviewers_needed(ctx: Context, job: Job) -> int:
+    name, _, version = job.policy.partition("@")
+    return int(get_policy_version(ctx.session, name, int(version)).body["review"]["reviewers"])
+
+
+def approvals(ctx: Context, output: JobOutput) -> list[OutputReview]:
+    """Releases that count for the file as it is now: a changed file resets its reviews."""
+    return list(ctx.session.execute(select(OutputReview).where(
+        OutputReview.output_id == output.id, OutputReview.decision == "release",
+        OutputReview.sha256 == output.sha256)).scalars())
+
+
 def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject: list[str], comment: str,
                    signer: Any) -> Job:
-    """A steward's per-file decisions; a steward of the submitting org may not review its outputs."""
+    """A steward's per-file decisions. A file leaves once as many different stewards as the policy
+    asks have released it, as it is now; one rejection blocks it. A steward of the submitting org
+    never reviews its outputs."""
     steward = ctx.require_role(Role.STEWARD)
     job = get_job(ctx, identifier, for_update=True)
     if steward.org == job.buyer_org:
@@ -270,6 +284,7 @@ def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject:
     unknown = [p for p in [*release, *reject] if p not in by_path]
     if unknown:
         raise Invalid("no such outputs", unknown)
+    needed = reviewers_needed(ctx, job)
     now = datetime.now(UTC)
     for path in release + reject:
         output = by_path[path]
@@ -277,13 +292,47 @@ def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject:
             raise Conflict(f"{path} is {output.status}, not in review")
         if path in release and output.verdict == "block":
             raise Conflict(f"{path} was blocked by a check and cannot be released")
-        output.status = "released" if path in release else "blocked"
-        output.decided_by, output.decided_at, output.comment = steward.sub, now, comment
-        ctx.record("job.output.release" if path in release else "job.output.reject", "job", job.id,
-                   path=path, sha256=output.sha256, comment=comment)
+        if path in release and any(a.steward == steward.sub for a in approvals(ctx, output)):
+            raise Conflict(f"{steward.sub} already released {path}; it needs a different steward")
+        decision = "release" if path in release else "reject"
+        ctx.session.add(OutputReview(output_id=output.id, steward=steward.sub, org=steward.org, decision=decision,
+                                     sha256=output.sha256, comment=comment, at=now))
+        ctx.session.flush()
+        released = decision == "release" and len(approvals(ctx, output)) >= needed
+        if decision == "reject" or released:
+            output.status = "released" if released else "blocked"
+            output.decided_by, output.decided_at, output.comment = steward.sub, now, comment
+        ctx.record(f"job.output.{decision}", "job", job.id, path=path, sha256=output.sha256, comment=comment,
+                   approvals=len(approvals(ctx, output)), needed=needed, status=output.status)
     sign_manifest(job, signer)
     settle_review(ctx, job)
     return job
+
+
+def release_report(ctx: Context, identifier: str) -> dict[str, Any]:
+    """Released files, blocked files with the rules that blocked them, and files waiting for review."""
+    job = get_job(ctx, identifier)
+    steward = not ctx.is_buyer
+    needed = reviewers_needed(ctx, job)
+    report: dict[str, Any] = {"job": job.id, "state": job.state, "reason": job.reason, "released": [],
+                              "blocked": [], "in_review": []}
+    for output in job.outputs:
+        rules = [c["rule"] for c in output.checks if c["verdict"] == "block"]
+        entry: dict[str, Any] = {"path": output.path, "size": output.size, "sha256": output.sha256,
+                                 "kind": output.kind}
+        if output.status == "released":
+            report["released"].append(entry)
+        elif output.status == "blocked":
+            entry["rules"] = rules or ["rejected-in-review"]
+            if steward:
+                entry["reasons"] = [c["reason"] for c in output.checks if c["verdict"] == "block"]
+            report["blocked"].append(entry)
+        else:
+            entry["approvals"] = len(approvals(ctx, output))
+            entry["needed"] = needed
+            entry["rules"] = [c["rule"] for c in output.checks if c["verdict"] == "review"]
+            report["in_review"].append(entry)
+    return report
 
 
 def usage_report(ctx: Context) -> list[dict[str, Any]]:

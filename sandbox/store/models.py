@@ -299,3 +299,18 @@ class DatasetMock(Base):
     report: Mapped[dict[str, Any]] = mapped_column()
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column()
+
+
+class OutputReview(Base):
+    """One steward's decision on one output file, tied to the content it saw (sha256)."""
+
+    __tablename__ = "output_reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("job_outputs.id"), index=True)
+    steward: Mapped[str] = mapped_column(String(200))
+    org: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))  # release | reject
+    sha256: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column()

@@ -59,6 +59,7 @@ ROLE_TABLE: dict[tuple[str, str], frozenset[Role]] = {
     ("GET", "/v1/jobs/{job_id}/outputs"): JOB_READERS,
     ("GET", "/v1/jobs/{job_id}/outputs/{path}"): JOB_READERS,
     ("GET", "/v1/jobs/{job_id}/manifest"): JOB_READERS,
+    ("GET", "/v1/jobs/{job_id}/report"): JOB_READERS,
     ("POST", "/v1/jobs/{job_id}/cancel"): JOB_READERS,
     ("POST", "/v1/jobs/{job_id}/approve"): STEWARD,
     ("POST", "/v1/jobs/{job_id}/reject"): STEWARD,

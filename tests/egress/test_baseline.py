@@ -119,3 +119,41 @@ def test_empty_files_have_nothing_to_disclose_and_follow_the_policy() -> None:
     assert one("logs/stderr.txt", b"", is_log=True).status == "released"
     assert one("logs/stderr.txt", b"", is_log=True, tier="trusted").status == "in_review"
     assert one("logs/stderr.txt", b"", is_log=True, name="strict").status == "in_review"
+
+
+CLEAN_SVG = b'<svg xmlns="http://www.w3.org/2000/svg"><defs><linearGradient id="g"/></defs>' \
+            b'<rect fill="url(#g)" width="10" height="10"/><use href="#g"/></svg>'
+
+
+@pytest.mark.parametrize(("svg", "what"), [
+    (b'<svg xmlns="http://www.w3.org/2000/svg"><script>fetch("x")</script></svg>', "a script"),
+    (b'<svg xmlns="http://www.w3.org/2000/svg"><rect onload="alert(1)"/></svg>', "an event handler"),
+    (b'<svg xmlns="http://www.w3.org/2000/svg"><image href="https://evil.example/p.png"/></svg>',
+     "an external reference"),
+    (b'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink">'
+     b'<image xlink:href="file:///etc/passwd"/></svg>', "an external reference"),
+    (b'<svg xmlns="http://www.w3.org/2000/svg"><rect style="fill:url(https://evil.example/x)"/></svg>',
+     "an external url()"),
+    (b'<svg xmlns="http://www.w3.org/2000/svg"><foreignObject><div/></foreignObject></svg>', "a foreignObject"),
+    (b'<!DOCTYPE svg [<!ENTITY x SYSTEM "file:///etc/passwd">]><svg>&x;</svg>', "an XML entity"),
+])
+def test_active_svg_is_refused(svg: bytes, what: str) -> None:
+    decision = one("figure.svg", svg)
+    assert decision.status == "blocked", f"an SVG with {what} was not refused"
+    assert any(c.rule == "svg-active-content" and what in c.reason for c in decision.checks)
+
+
+def test_a_plain_svg_goes_to_review() -> None:
+    decision = one("figure.svg", CLEAN_SVG)
+    assert decision.status == "in_review" and "figure-release" in [c.rule for c in decision.checks]
+
+
+def test_skops_must_be_a_skops_archive() -> None:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("schema.json", "{}")
+    assert one("model.skops", buffer.getvalue()).status == "in_review"
+    assert one("model.skops", pickle.dumps({"w": 1})).status == "blocked"

@@ -133,6 +133,13 @@ def download_output(job_id: str, path: str, instance: InstanceDep, principal: Pr
                             headers={"X-Content-SHA256": output.sha256})
 
 
+@router.get("/jobs/{job_id}/report")
+def release_report(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> dict[str, Any]:
+    """What was released, what was blocked and by which rule, and what waits for review."""
+    with instance.read_context(principal) as ctx:
+        return service.release_report(ctx, job_id)
+
+
 @router.get("/jobs/{job_id}/manifest")
 def get_manifest(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> dict[str, Any]:
     with instance.context(principal) as ctx:

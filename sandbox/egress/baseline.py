@@ -1,4 +1,4 @@
-"""What may leave: pure checks from facts about an output file to verdicts a steward can read.
+"""Baseline egress: kind by extension and content, sizes, special files, and routing by policy.
 
 This is the baseline pipeline (kind, content, size, file type, policy routing). Disclosure checks
 on the content itself (cell counts, dominance, leak scans) plug in as further checks; until a
@@ -9,6 +9,7 @@ an unchecked free-text log could carry patient rows.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import PurePosixPath
@@ -136,11 +137,37 @@ def detect_kind(facts: OutputFacts) -> tuple[OutputKind, list[CheckResult]]:
         return kind, [CheckResult("kind", Verdict.BLOCK, f"named {suffix} but the content is not UTF-8 text")]
     if suffix == ".safetensors" and not _safetensors_header_ok(facts.head):
         return kind, [CheckResult("kind", Verdict.BLOCK, "not a valid safetensors file")]
+    if suffix == ".skops" and not (content == "zip" and b"schema.json" in facts.head):
+        return kind, [CheckResult("kind", Verdict.BLOCK, "not a skops archive (a zip holding schema.json)")]
+    if suffix == ".svg":
+        active = svg_active_content(facts.head)
+        if active:
+            return kind, [CheckResult("svg-active-content", Verdict.BLOCK,
+                                      f"SVG with {active} can run code or fetch from elsewhere when opened")]
     results = [CheckResult("kind", Verdict.PASS, f"{kind.value} ({suffix})")]
     if facts.declared_kind and facts.declared_kind != kind.value:
         results.append(CheckResult("declared-kind", Verdict.REVIEW,
                                    f"manifest.json declares {facts.declared_kind!r}, content says {kind.value!r}"))
     return kind, results
+
+
+_SVG_ACTIVE = [
+    (re.compile(rb"<\s*script", re.IGNORECASE), "a script"),
+    (re.compile(rb"\son[a-z]+\s*=", re.IGNORECASE), "an event handler"),
+    (re.compile(rb"<\s*foreignObject", re.IGNORECASE), "a foreignObject"),
+    (re.compile(rb"<!ENTITY", re.IGNORECASE), "an XML entity"),
+    (re.compile(rb"(?:xlink:)?href\s*=\s*[\"']\s*(?!#)", re.IGNORECASE), "an external reference"),
+    (re.compile(rb"url\(\s*[\"']?\s*(?!#)", re.IGNORECASE), "an external url()"),
+    (re.compile(rb"javascript:", re.IGNORECASE), "a javascript: URL"),
+]
+
+
+def svg_active_content(data: bytes) -> str | None:
+    """What in an SVG could run or reach out: scripts, handlers, external references. None if clean."""
+    for pattern, what in _SVG_ACTIVE:
+        if pattern.search(data):
+            return what
+    return None
 
 
 def _safetensors_header_ok(head: bytes) -> bool:

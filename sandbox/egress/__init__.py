@@ -1,0 +1,29 @@
+"""What may leave: pure checks from facts about an output file to verdicts a steward can read.
+
+`baseline` routes each file by kind, content, size and policy; the disclosure checks (tables,
+leak scanning) plug into it as content checks.
+"""
+
+from sandbox.egress.baseline import (
+    CONTENT_CHECKED_KINDS,
+    CheckResult,
+    OutputDecision,
+    OutputFacts,
+    OutputKind,
+    Verdict,
+    decide_outputs,
+    detect_kind,
+    sniff,
+)
+
+__all__ = [
+    "CONTENT_CHECKED_KINDS",
+    "CheckResult",
+    "OutputDecision",
+    "OutputFacts",
+    "OutputKind",
+    "Verdict",
+    "decide_outputs",
+    "detect_kind",
+    "sniff",
+]
