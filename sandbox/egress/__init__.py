@@ -4,17 +4,8 @@
 leak scanning) plug into it as content checks.
 """
 
-from sandbox.egress.baseline import (
-    CONTENT_CHECKED_KINDS,
-    CheckResult,
-    OutputDecision,
-    OutputFacts,
-    OutputKind,
-    Verdict,
-    decide_outputs,
-    detect_kind,
-    sniff,
-)
+from sandbox.egress.baseline import CONTENT_CHECKED_KINDS, OutputDecision, decide_outputs, detect_kind, sniff
+from sandbox.egress.verdicts import CheckResult, OutputFacts, OutputKind, Verdict
 
 __all__ = [
     "CONTENT_CHECKED_KINDS",

@@ -11,30 +11,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any
 
-
-class Verdict(StrEnum):
-    PASS = "pass"
-    REVIEW = "review"
-    BLOCK = "block"
-
-
-SEVERITY = {Verdict.PASS: 0, Verdict.REVIEW: 1, Verdict.BLOCK: 2}
-
-
-class OutputKind(StrEnum):
-    TABLE = "table"
-    FIGURE = "figure"
-    TEXT = "text"
-    MODEL = "model"
-    DP_RESULT = "dp_result"
-    CODE = "code"
-    LOG = "log"
-    UNKNOWN = "unknown"
-
+from sandbox.egress.models import model_risk_checks
+# Re-exported: checks written against this module keep working.
+from sandbox.egress.verdicts import SEVERITY as SEVERITY
+from sandbox.egress.verdicts import CheckResult as CheckResult
+from sandbox.egress.verdicts import OutputFacts as OutputFacts
+from sandbox.egress.verdicts import OutputKind as OutputKind
+from sandbox.egress.verdicts import Verdict as Verdict
 
 EXTENSION_KINDS: dict[str, OutputKind] = {
     ".csv": OutputKind.TABLE, ".tsv": OutputKind.TABLE, ".parquet": OutputKind.TABLE, ".json": OutputKind.TABLE,
@@ -49,28 +35,6 @@ TEXT_EXTENSIONS = {".csv", ".tsv", ".json", ".txt", ".md", ".log", ".py", ".ipyn
 # Kinds whose content an automatic disclosure check inspects; only these may auto-release.
 CONTENT_CHECKED_KINDS: frozenset[OutputKind] = frozenset()
 PICKLE_EXTENSIONS = {".pkl", ".pickle", ".joblib", ".pt", ".pth", ".bin", ".npy", ".npz", ".h5", ".keras"}
-
-
-@dataclass(frozen=True)
-class OutputFacts:
-    """What the worker knows about one file, without the checks touching the disk."""
-
-    path: str
-    size: int
-    head: bytes  # the first few KiB
-    declared_kind: str | None = None  # from /output/manifest.json, a claim to verify
-    is_log: bool = False
-    refused_reason: str | None = None  # the runner did not copy it (symlink, device...)
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    rule: str
-    verdict: Verdict
-    reason: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"rule": self.rule, "verdict": self.verdict.value, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -218,6 +182,7 @@ def decide_outputs(outputs: list[OutputFacts], *, policy: dict[str, Any], tier: 
             checks.append(CheckResult("model-release", Verdict.BLOCK if release == "block" else Verdict.REVIEW,
                                       "models leave only after review" if release == "review" else
                                       "policy does not let models leave"))
+            checks.extend(model_risk_checks(facts))
         if kind is OutputKind.FIGURE:
             release = egress["figures"]["release"]
             checks.append(CheckResult("figure-release", Verdict.BLOCK if release == "block" else Verdict.REVIEW,

@@ -157,3 +157,20 @@ def test_skops_must_be_a_skops_archive() -> None:
         archive.writestr("schema.json", "{}")
     assert one("model.skops", buffer.getvalue()).status == "in_review"
     assert one("model.skops", pickle.dumps({"w": 1})).status == "blocked"
+
+
+def test_models_meet_the_membership_inference_hook() -> None:
+    from sandbox.egress import models
+
+    decision = one("model.safetensors", safetensors_bytes())
+    assert "membership-inference" in [c.rule for c in decision.checks]
+
+    @models.register_model_check
+    def too_risky(facts: OutputFacts):  # type: ignore[no-untyped-def]
+        from sandbox.egress.baseline import CheckResult
+        return CheckResult("membership-inference", Verdict.BLOCK, f"attack AUC 0.9 on {facts.path}")
+
+    try:
+        assert one("model.safetensors", safetensors_bytes()).status == "blocked"
+    finally:
+        models.MODEL_CHECKS.remove(too_risky)
