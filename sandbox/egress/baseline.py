@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from sandbox.egress.models import model_risk_checks
+
 # Re-exported: checks written against this module keep working.
 from sandbox.egress.verdicts import SEVERITY as SEVERITY
 from sandbox.egress.verdicts import CheckResult as CheckResult
