@@ -4,11 +4,10 @@
 leak scanning) plug into it as content checks.
 """
 
-from sandbox.egress.baseline import CONTENT_CHECKED_KINDS, OutputDecision, decide_outputs, detect_kind, sniff
+from sandbox.egress.baseline import OutputDecision, decide_outputs, detect_kind, sniff
 from sandbox.egress.verdicts import CheckResult, OutputFacts, OutputKind, Verdict
 
 __all__ = [
-    "CONTENT_CHECKED_KINDS",
     "CheckResult",
     "OutputDecision",
     "OutputFacts",

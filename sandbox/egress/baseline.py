@@ -33,8 +33,6 @@ EXTENSION_KINDS: dict[str, OutputKind] = {
     ".py": OutputKind.CODE, ".ipynb": OutputKind.CODE, ".r": OutputKind.CODE, ".sql": OutputKind.CODE,
 }
 TEXT_EXTENSIONS = {".csv", ".tsv", ".json", ".txt", ".md", ".log", ".py", ".ipynb", ".r", ".sql", ".svg"}
-# Kinds whose content an automatic disclosure check inspects; only these may auto-release.
-CONTENT_CHECKED_KINDS: frozenset[OutputKind] = frozenset()
 PICKLE_EXTENSIONS = {".pkl", ".pickle", ".joblib", ".pt", ".pth", ".bin", ".npy", ".npz", ".h5", ".keras"}
 
 
@@ -150,8 +148,13 @@ def _safetensors_header_ok(head: bytes) -> bool:
         return False
 
 
-def decide_outputs(outputs: list[OutputFacts], *, policy: dict[str, Any], tier: str) -> list[OutputDecision]:
-    """Verdict and release status for every file of one job, in the order given."""
+def decide_outputs(outputs: list[OutputFacts], *, policy: dict[str, Any], tier: str,
+                   content: dict[str, list[CheckResult] | None] | None = None) -> list[OutputDecision]:
+    """Verdict and release status for every file of one job, in the order given.
+
+    `content` holds, per path, what the disclosure checks found (None: no check covers that file).
+    Only a file whose content was checked, or that is empty, may release without a person.
+    """
     egress = policy["egress"]
     max_file = int(float(egress["max_file_mb"]) * 1024 * 1024)
     max_total = int(float(egress["max_total_mb"]) * 1024 * 1024)
@@ -189,10 +192,13 @@ def decide_outputs(outputs: list[OutputFacts], *, policy: dict[str, Any], tier: 
             checks.append(CheckResult("figure-release", Verdict.BLOCK if release == "block" else Verdict.REVIEW,
                                       "figures leave only after review" if release == "review" else
                                       "policy does not let figures leave"))
+        found = (content or {}).get(facts.path)
+        if found is not None:
+            checks.extend(found)
         verdict = max((c.verdict for c in checks), key=SEVERITY.__getitem__, default=Verdict.PASS)
         if verdict is Verdict.PASS and facts.size == 0:
             checks.append(CheckResult("content", Verdict.PASS, "empty: nothing to disclose"))
-        elif verdict is Verdict.PASS and kind not in CONTENT_CHECKED_KINDS:
+        elif verdict is Verdict.PASS and found is None:
             checks.append(CheckResult("content-review", Verdict.REVIEW,
                                       "no automatic disclosure check covers this content yet; a steward reviews it"))
             verdict = Verdict.REVIEW
@@ -202,4 +208,16 @@ def decide_outputs(outputs: list[OutputFacts], *, policy: dict[str, Any], tier: 
             verdict = Verdict.REVIEW
         status = {Verdict.BLOCK: "blocked", Verdict.REVIEW: "in_review", Verdict.PASS: "released"}[verdict]
         decisions.append(OutputDecision(facts.path, kind, verdict, status, checks))
-    return decisions
+    return quarantine_after_leaks(decisions)
+
+
+def quarantine_after_leaks(decisions: list[OutputDecision]) -> list[OutputDecision]:
+    """A job caught leaking rows in one file releases nothing by itself: a person looks at the rest."""
+    leaked = [d.path for d in decisions
+              if any(c.rule == "leak-scan" and c.verdict is Verdict.BLOCK for c in d.checks)]
+    if not leaked:
+        return decisions
+    held = CheckResult("leak-quarantine", Verdict.REVIEW,
+                       f"the same job leaked dataset rows in {', '.join(leaked[:3])}; nothing leaves unreviewed")
+    return [OutputDecision(d.path, d.kind, Verdict.REVIEW, "in_review", [*d.checks, held])
+            if d.status == "released" else d for d in decisions]

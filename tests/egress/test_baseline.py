@@ -174,3 +174,30 @@ def test_models_meet_the_membership_inference_hook() -> None:
         assert one("model.safetensors", safetensors_bytes()).status == "blocked"
     finally:
         models.MODEL_CHECKS.remove(too_risky)
+
+
+def test_a_file_whose_content_passed_its_checks_releases_by_policy() -> None:
+    from sandbox.egress.verdicts import CheckResult
+
+    table = facts("crosstab.csv", b"sex,n\nF,120\nM,480\n")
+    passed = {"crosstab.csv": [CheckResult("leak-scan", Verdict.PASS, "no rows"),
+                               CheckResult("min-cell-count", Verdict.PASS, "all cells >= 10")]}
+    [decision] = decide_outputs([table], policy=policy(), tier="aggregate", content=passed)
+    assert decision.status == "released"
+    [strict] = decide_outputs([table], policy=policy("strict"), tier="aggregate", content=passed)
+    assert strict.status == "in_review", "the strict policy released without review"
+    [trusted] = decide_outputs([table], policy=policy(), tier="trusted", content=passed)
+    assert trusted.status == "in_review", "the trusted tier released without review"
+
+
+def test_a_leak_in_one_file_holds_the_whole_job() -> None:
+    from sandbox.egress.verdicts import CheckResult
+
+    files = [facts("summary.json", b'{"rows": []}'), facts("crosstab.csv", b"sex,n\nF,120\n"),
+             facts("logs/stderr.txt", b"", is_log=True)]
+    content = {"summary.json": [CheckResult("leak-scan", Verdict.BLOCK, "50 dataset rows")],
+               "crosstab.csv": [CheckResult("leak-scan", Verdict.PASS, "no rows")]}
+    decisions = {d.path: d for d in decide_outputs(files, policy=policy(), tier="aggregate", content=content)}
+    assert decisions["summary.json"].status == "blocked"
+    assert decisions["crosstab.csv"].status == "in_review" and decisions["logs/stderr.txt"].status == "in_review"
+    assert all("leak-quarantine" in [c.rule for c in decisions[p].checks] for p in ("crosstab.csv", "logs/stderr.txt"))
