@@ -26,12 +26,14 @@ from sqlalchemy import select
 
 from runners.base import Collected, CollectedFile, JobDefinition, JobRunner, Resources, RunState, RunStatus
 from sandbox.audit import SystemActor
+from sandbox.catalog.service import get_dataset, get_version
 from sandbox.context import Context
 from sandbox.contracts import JobKind, Tier
 from sandbox.dp.mock_publication import mock_path
 from sandbox.dp.queries import QueryRequest, job_principal, run_query
 from sandbox.dp.socket_server import DpSocket
-from sandbox.egress import OutputFacts, decide_outputs
+from sandbox.egress import CheckResult, OutputFacts, decide_outputs, detect_kind
+from sandbox.egress.content import ContentContext, content_checks, ensure_fingerprints, sidecar
 from sandbox.errors import Invalid
 from sandbox.images import IMAGES, ImageBuildError, image_digest
 from sandbox.instance import Instance
@@ -303,6 +305,9 @@ class Worker:
         self._close_dp_socket(job_id)
         destination = self.instance.settings.artifacts_dir / "jobs" / job_id / "outputs"
         collected = self.runner.collect(job_id, destination)
+        # The content checks read whole files and may build the version's fingerprints: outside any
+        # transaction, so a slow scan never holds the store's locks.
+        content = self._content_checks(job_id, collected)
         with self.context() as ctx:
             job = ctx.session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.RUNNING.value:
@@ -310,10 +315,38 @@ class Worker:
             job.exit_code = status.exit_code
             job.usage = {**job.usage, **_usage(status)}
             move(ctx, job, JobState.CHECKING, reason=_reason(status))
-            self._check_outputs(ctx, job, collected, destination)
+            self._check_outputs(ctx, job, collected, content)
         self.runner.cleanup(job_id)
 
-    def _check_outputs(self, ctx: Context, job: Job, collected: Collected, destination: Path) -> None:
+    def _content_checks(self, job_id: str, collected: Collected) -> dict[str, list[CheckResult] | None]:
+        """Leak scan of every text-like output (logs included) and disclosure control of tables."""
+        artifacts = self.instance.settings.artifacts_dir
+        with self.instance.read_session() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return {}
+            dataset = get_dataset(session, job.dataset)
+            version = get_version(session, job.dataset, job.dataset_version)
+            policy_name, _, policy_version = job.policy.partition("@")
+            policy = get_policy_version(session, policy_name, int(policy_version)).body
+            card, parquet, number = dataset.card, artifacts / version.path, version.version
+        index = ensure_fingerprints(artifacts, job.dataset, number, parquet, card)
+        context = ContentContext(index=index, dataset_parquet=parquet, card=card, policy=policy)
+        limit = int(float(policy["egress"]["max_file_mb"]) * 1024 * 1024)
+        files = [("logs/stdout.txt", collected.stdout, True), ("logs/stderr.txt", collected.stderr, True)]
+        files += [(f.path, f, False) for f in collected.files]
+        contents = {path: f.stored_at.read_bytes() for path, f, _ in files if f.size <= limit}
+        results: dict[str, list[CheckResult] | None] = {}
+        for path, file, is_log in files:
+            if path not in contents:
+                continue  # over the size cap: blocked whatever it says
+            facts = _facts(path, file, is_log=is_log)
+            kind, _ = detect_kind(facts)
+            results[path] = content_checks(facts, kind, contents[path], context, provenance=sidecar(contents, path))
+        return results
+
+    def _check_outputs(self, ctx: Context, job: Job, collected: Collected,
+                       content: dict[str, list[CheckResult] | None]) -> None:
         policy_name, _, version = job.policy.partition("@")
         policy = get_policy_version(ctx.session, policy_name, int(version)).body
         declared = _declared_kinds(collected)
@@ -328,7 +361,7 @@ class Worker:
         for path, why in collected.refused.items():
             facts.append(OutputFacts(path=path, size=0, head=b"", refused_reason=why))
         artifacts = self.instance.settings.artifacts_dir
-        for decision in decide_outputs(facts, policy=policy, tier=job.tier):
+        for decision in decide_outputs(facts, policy=policy, tier=job.tier, content=content):
             file_ = stored.get(decision.path)
             ctx.session.add(JobOutput(
                 job_id=job.id, path=decision.path, size=file_.size if file_ else 0,

@@ -168,7 +168,7 @@ def _table_from_json(document: Any) -> pa.Table | None:
 
 
 def _table_from_xlsx(data: bytes) -> pa.Table | None:
-    import openpyxl
+    import openpyxl  # type: ignore[import-untyped]
 
     workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
     try:
@@ -297,8 +297,9 @@ def recompute_cells(dataset_parquet: Path, *, groups: Sequence[str], value: str 
     where, parameters = _where(filters, groups)
     unit_grouping = ", ".join([*group_names, "u"])
     outer_grouping = f" GROUP BY {', '.join(group_names)}" if group_names else ""
+    # Every name was checked against the dataset's schema and is quoted; values travel as parameters.
     sql = (
-        f"WITH base AS (SELECT {', '.join([*selected, f'{value_expression} AS v', f'{unit_expression} AS u'])} "
+        f"WITH base AS (SELECT {', '.join([*selected, f'{value_expression} AS v', f'{unit_expression} AS u'])} "  # noqa: S608
         f"FROM read_parquet(?, file_row_number = true){where}), "
         f"per_unit AS (SELECT {unit_grouping}, count(*) AS n_rows, count(v) AS n_values, sum(v) AS contribution, "
         f"count_if(v < 0) AS negatives FROM base GROUP BY {unit_grouping}) "
@@ -432,6 +433,40 @@ def cells_from_frame(frame: pa.Table, provenance: TableProvenance) -> list[Cell]
 # -- the rules (pure) ------------------------------------------------------------------------------------------------
 
 
+def small_cells(counts: Sequence[tuple[str, float]], minimum: int) -> set[str]:
+    """Cells with a count above zero and under the minimum."""
+    return {label for label, count in counts if 0 < count < minimum}
+
+
+def zero_cells(counts: Sequence[tuple[str, float]]) -> set[str]:
+    return {label for label, count in counts if count == 0}
+
+
+def dominated_cells(cells: Sequence[tuple[str, CellStats]], n: int, k: float) -> set[str]:
+    """Cells whose n largest contributions make up k or more of the total (ACRO's NK rule: >= k).
+
+    A total of 0 from contributors who all gave 0 reveals each one's value, so it counts as dominated.
+    """
+    flagged = set()
+    for label, stats in cells:
+        if stats.value_contributors == 0:
+            continue
+        total = stats.total or 0.0
+        if not total or sum(stats.top[:n]) / total >= k:
+            flagged.add(label)
+    return flagged
+
+
+def _p_ratio(stats: CellStats) -> float:
+    return ((stats.total or 0.0) - sum(stats.top[:2])) / stats.top[0]
+
+
+def p_ratio_cells(cells: Sequence[tuple[str, CellStats]], p: float) -> set[str]:
+    """Cells where all but the two largest contributions add up to less than p of the largest (ACRO's p-ratio)."""
+    return {label for label, stats in cells
+            if stats.value_contributors and stats.top and stats.top[0] != 0 and _p_ratio(stats) < p}
+
+
 def _listing(items: Sequence[str]) -> str:
     shown = "; ".join(items[:CELLS_NAMED_IN_REASON])
     more = len(items) - CELLS_NAMED_IN_REASON
@@ -447,7 +482,7 @@ def min_cell_count_rule(counts: Sequence[tuple[str, float]], *, minimum: int | N
     """Every non-zero cell counts at least `minimum` (zeros are the zeros rule's)."""
     if minimum is None:
         return CheckResult("min-cell-count", Verdict.PASS, "the policy sets no minimum cell count")
-    small = [f"{label}: {_fmt(count)}" for label, count in counts if 0 < count < minimum]
+    small = [f"{label}: {_fmt(count)}" for label, count in counts if label in small_cells(counts, minimum)]
     if small:
         return CheckResult("min-cell-count", Verdict.BLOCK,
                            f"{len(small)} cell(s) count fewer than {minimum} {unit} (the policy's min_cell_count), "
@@ -458,7 +493,7 @@ def min_cell_count_rule(counts: Sequence[tuple[str, float]], *, minimum: int | N
 
 def zeros_rule(counts: Sequence[tuple[str, float]], *, zeros: str) -> CheckResult:
     """Zero cells can reveal that nobody in a group has an attribute; policy allows, reviews or blocks them."""
-    empty = [label for label, count in counts if count == 0]
+    empty = sorted(zero_cells(counts))
     if not empty:
         return CheckResult("zeros", Verdict.PASS, "no cell is zero")
     if zeros == "allow":
@@ -491,13 +526,12 @@ def dominance_rule(cells: Sequence[tuple[str, CellStats]], *, n: int | None, k: 
         return CheckResult("dominance", Verdict.REVIEW,
                            f"dominance is not defined where values are negative: {_listing(negative)}")
     dominated = []
+    flagged = dominated_cells(cells, n, k)
     for label, stats in cells:
-        if stats.value_contributors == 0:
-            continue
-        total = stats.total or 0.0
-        share = sum(stats.top[:n]) / total if total else math.inf
-        if share >= k:
-            what = "every contribution is 0" if not total else f"the largest {n} {unit} make up {share:.1%}"
+        if label in flagged:
+            total = stats.total or 0.0
+            what = f"the largest {n} {unit} make up {sum(stats.top[:n]) / total:.1%}" if total else \
+                "every contribution is 0"
             dominated.append(f"{label}: {what}")
     if dominated:
         return CheckResult("dominance", Verdict.BLOCK,
@@ -514,14 +548,9 @@ def p_ratio_rule(cells: Sequence[tuple[str, CellStats]], *, p: float | None) -> 
     if negative:
         return CheckResult("p-ratio", Verdict.REVIEW,
                            f"the p-ratio is not defined where values are negative: {_listing(negative)}")
-    exposed = []
-    for label, stats in cells:
-        if stats.value_contributors == 0 or not stats.top or stats.top[0] == 0:
-            continue
-        remainder = (stats.total or 0.0) - sum(stats.top[:2])
-        ratio = remainder / stats.top[0]
-        if ratio < p:
-            exposed.append(f"{label}: the rest is {ratio:.1%} of the largest contribution")
+    flagged = p_ratio_cells(cells, p)
+    exposed = [f"{label}: the rest is {_p_ratio(stats):.1%} of the largest contribution" for label, stats in cells
+               if label in flagged]
     if exposed:
         return CheckResult("p-ratio", Verdict.BLOCK,
                            f"{len(exposed)} cell(s) let the second-largest contributor estimate the largest within "
@@ -618,7 +647,8 @@ def _check_with_provenance(frame: pa.Table, provenance: TableProvenance, *, sdc:
             "published"))
     rounding = sdc.get("rounding")
     rounding = int(rounding) if rounding else None
-    disclosed = [(cell, recomputed.get(cell.key, EMPTY_CELL)) for cell in cells if cell.value is not None]
+    paired = [(cell, recomputed.get(cell.key, EMPTY_CELL)) for cell in cells]
+    disclosed = [(cell, stats) for cell, stats in paired if cell.value is not None]
     results = [CheckResult("provenance", Verdict.PASS,
                            f"{provenance.aggfunc} table by {', '.join(provenance.index + provenance.columns)}"
                            f"{' of ' + provenance.values if provenance.values else ''}"
@@ -644,10 +674,14 @@ def _check_with_provenance(frame: pa.Table, provenance: TableProvenance, *, sdc:
         results.append(CheckResult("provenance-match", Verdict.PASS,
                                    f"all {len(disclosed)} published cells match the recomputation"))
     source = "recomputed from the dataset"
+    # An empty group shows as 0 in a count table and as a blank in a mean table: either way it says nobody
+    # in that group exists, so the zeros rule looks at every cell, suppressed or not.
+    zeros = zeros_rule([(cell.label, float(stats.contributors)) for cell, stats in paired],
+                       zeros=str(sdc.get("zeros", "review")))
     if provenance.aggfunc == "count":
         counts = [(cell.label, float(stats.contributors)) for cell, stats in disclosed]
         results.append(min_cell_count_rule(counts, minimum=sdc.get("min_cell_count"), unit=unit, source=source))
-        results.append(zeros_rule(counts, zeros=str(sdc.get("zeros", "review"))))
+        results.append(zeros)
         results.append(rounding_rule([(cell.label, cell.value) for cell, _ in disclosed if cell.value is not None],
                                      base=rounding))
     else:
@@ -655,6 +689,7 @@ def _check_with_provenance(frame: pa.Table, provenance: TableProvenance, *, sdc:
                         if stats.value_contributors > 0]
         results.append(min_cell_count_rule(contributors, minimum=sdc.get("min_cell_count"), unit=unit,
                                            source=f"contributors to each {provenance.aggfunc}, {source}"))
+        results.append(zeros)
         labelled = [(cell.label, stats) for cell, stats in disclosed]
         n, k, p = sdc.get("dominance_n"), sdc.get("dominance_k"), sdc.get("p_ratio")
         results.append(dominance_rule(labelled, n=int(n) if n else None, k=float(k) if k is not None else None,
@@ -740,8 +775,10 @@ def _check_regression(frame: pa.Table, provenance: RegressionProvenance, *, sdc:
         return [*results, claimed]
     assert dataset_parquet is not None
     nobs = recompute_rows(dataset_parquet, filters=provenance.filters, not_null=provenance.data_columns)
+    # statsmodels reports nobs - rank; rank <= parameters, so nobs - parameters is the verified floor
+    # and the rule uses it. A claim below that floor, or above nobs, cannot come from this fit.
     df_resid = nobs - params
-    if nobs != provenance.nobs or not math.isclose(df_resid, provenance.df_resid):
+    if nobs != provenance.nobs or not df_resid <= provenance.df_resid < nobs:
         results.append(CheckResult(
             "provenance-match", Verdict.BLOCK,
             f"the sidecar claims {_fmt(provenance.nobs)} observations and {_fmt(provenance.df_resid)} residual "

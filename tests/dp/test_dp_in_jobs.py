@@ -58,5 +58,5 @@ def test_jobs_without_query_rights_have_no_socket(job_world: JobWorld) -> None:
     w = job_world
     code = "import os\nprint(os.path.exists('/run/sandbox/dp.sock'))\n"
     created = w.submit({"main.py": code}, ["python3", "main.py"])
-    w.run_until(created["id"], {"in_review"})
+    w.run_until(created["id"], {"in_review", "done"})
     assert w.review_text(created["id"], "logs/stdout.txt").strip() == "False"

@@ -11,7 +11,10 @@ from sandbox.store.models import JobOutput
 
 pytestmark = pytest.mark.docker
 
-CODE = "open('/output/summary.csv', 'w').write('group,n\\na,12\\nb,15\\n')\nprint('done')\n"
+# Counts that meet every rule of the strict policy (>= 10, multiples of 5), and a mean table that no
+# check can verify without provenance: both wait for people.
+CODE = "open('/output/summary.csv', 'w').write('group,n\\na,15\\nb,20\\n')\nprint('done')\n"
+MEANS = "open('/output/summary.csv', 'w').write('group,mean\\na,12.5\\nb,15.25\\n')\nprint('done')\n"
 
 
 def test_strict_policy_needs_two_different_stewards(job_world: JobWorld, tokens: Tokens) -> None:
@@ -55,10 +58,10 @@ def test_strict_policy_needs_two_different_stewards(job_world: JobWorld, tokens:
 
 def test_default_policy_releases_after_one_review(job_world: JobWorld) -> None:
     w = job_world
-    created = w.submit({"main.py": CODE}, ["python3", "main.py"])
+    created = w.submit({"main.py": MEANS}, ["python3", "main.py"])
     w.run_until(created["id"], {"in_review"})
     decided = w.api.post(f"/v1/reviews/{created['id']}/decisions", headers=auth(w.steward),
-                         json={"release": ["summary.csv", "logs/stdout.txt"]})
+                         json={"release": ["summary.csv"]})
     assert decided.json()["state"] == "done"
     report = w.api.get(f"/v1/jobs/{created['id']}/report", headers=auth(w.buyer)).json()
     assert {e["path"] for e in report["released"]} == {"summary.csv", "logs/stdout.txt", "logs/stderr.txt"}

@@ -14,6 +14,7 @@ from sandbox.auth.tokens import Role
 from sandbox.catalog import service
 from sandbox.catalog.cards import DatasetCard
 from sandbox.dp import queries
+from sandbox.egress.content import ensure_fingerprints
 from sandbox.errors import Invalid
 from sandbox.instance import Instance
 from sandbox.logs import get_logger
@@ -68,13 +69,19 @@ async def add_version(name: str, request: Request, instance: InstanceDep, stewar
             view = service.version_view(version, steward=True)
     finally:
         staged.unlink(missing_ok=True)
-    # DP queries bound each unit's rows through a ranked copy of the version; build it now, not on a query.
+    # Fingerprints for the leak scan and the DP ranked copy: built now, not on the first job or query.
     threading.Thread(target=_warm_up, args=(instance, name, view["version"]), daemon=True).start()
     return view
 
 
 def _warm_up(instance: Instance, name: str, version: int) -> None:
+    """Build what each new version needs before its first use: the leak-scan fingerprints and the
+    ranked copy for DP bounding. A failure only means the first job or query builds it."""
     try:
+        with instance.read_session() as session:
+            card = service.get_dataset(session, name).card
+            parquet = instance.settings.artifacts_dir / service.get_version(session, name, version).path
+        ensure_fingerprints(instance.settings.artifacts_dir, name, version, parquet, card)
         queries.warm_up(instance, name, version)
-    except Exception as exc:  # the first query builds it instead
-        log.warning("dp_warm_up_failed", dataset=name, version=version, error=str(exc))
+    except Exception as exc:
+        log.warning("version_warm_up_failed", dataset=name, version=version, error=str(exc))

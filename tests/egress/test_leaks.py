@@ -1,0 +1,354 @@
+"""Leak scan: every form of a leaked row, id or column run is caught; legitimate aggregates pass."""
+# ruff: noqa: S608 - the aggregates are SQL over fixed column names, written on purpose
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pytest
+
+from sandbox.demo import CARD, generate_registry, write_registry
+from sandbox.egress.leaks import FingerprintIndex, LeakReport, leak_verdict
+
+PROCEDURES = 2550
+Row = dict[str, Any]
+COLUMNS = list(CARD["columns"])
+QUASI = ["age", "sex", "site", "stenosis_pct", "stent_type", "embolic_protection", "length_of_stay"]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_registry(tmp_path_factory.mktemp("leaks") / "registry.parquet", procedures=PROCEDURES)
+
+
+@pytest.fixture(scope="module")
+def index_path(registry: Path) -> Path:
+    path = registry.with_name("registry.leakindex")
+    FingerprintIndex.build(registry, CARD, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def index(index_path: Path) -> FingerprintIndex:
+    return FingerprintIndex.load(index_path)
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[Row]:
+    """Registry rows whose QI tuples are unique, so a count of rows found is a count of rows leaked."""
+    every: list[Row] = generate_registry(PROCEDURES).to_pylist()
+    seen: dict[tuple[Any, ...], int] = {}
+    for row in every:
+        key = tuple(sorted(map(str, (row[c] for c in QUASI))))
+        seen[key] = seen.get(key, 0) + 1
+    unique = [row for row in every if seen[tuple(sorted(map(str, (row[c] for c in QUASI))))] == 1]
+    random.Random(5).shuffle(unique)
+    return unique
+
+
+def csv_copy(rows: list[Row]) -> bytes:
+    lines = [",".join(COLUMNS)] + [",".join(str(row[c]) for c in COLUMNS) for row in rows]
+    return "\n".join(lines).encode()
+
+
+def tsv_reordered_quoted(rows: list[Row]) -> bytes:
+    order = list(reversed(COLUMNS))
+    lines = ["\t".join(order)] + ["\t".join(f'"{row[c]}"' for c in order) for row in rows]
+    return "\n".join(lines).encode()
+
+
+def json_lines(rows: list[Row]) -> bytes:
+    return "\n".join(json.dumps(row) for row in rows).encode()
+
+
+def json_summary_pretty(rows: list[Row]) -> bytes:
+    summary = {"n": PROCEDURES, "mean_age": 67.3, "model": {"auc": 0.71}, "examples": rows}
+    return json.dumps(summary, indent=2).encode()
+
+
+def python_repr_log(rows: list[Row]) -> bytes:
+    lines = ["2024-06-01 12:00:00 INFO starting job", "loaded 2550 rows"]
+    lines += [f"2024-06-01 12:00:{n % 60:02d} DEBUG row {row!r}" for n, row in enumerate(rows)]
+    return "\n".join(lines).encode()
+
+
+def printed_dataframe(rows: list[Row]) -> bytes:
+    """The layout of pandas' print(df): an index column, right-aligned, space-padded columns."""
+    cells = [[str(n)] + [str(row[c]) for c in COLUMNS] for n, row in enumerate(rows)]
+    header = ["", *COLUMNS]
+    widths = [max(len(header[i]), *(len(line[i]) for line in cells)) for i in range(len(header))]
+    render = lambda line: "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))  # noqa: E731
+    table = "\n".join([render(header)] + [render(line) for line in cells])
+    return (table + f"\n\n[{len(rows)} rows x {len(COLUMNS)} columns]").encode()
+
+
+def duckdb_box(rows: list[Row]) -> bytes:
+    connection = duckdb.connect()
+    connection.execute("CREATE TABLE t (" + ", ".join(f"{c} VARCHAR" for c in COLUMNS) + ")")
+    connection.executemany(f"INSERT INTO t VALUES ({', '.join('?' * len(COLUMNS))})",
+                           [[str(row[c]) for c in COLUMNS] for row in rows])
+    # Only the QI columns, no id: the box must fit the terminal or DuckDB elides columns.
+    return str(connection.sql(f"SELECT {', '.join(reversed(QUASI))} FROM t")).encode()
+
+
+def reformatted_numbers(rows: list[Row]) -> bytes:
+    """Floats, exponents, padding and flipped case, no ids: only the QI tuple identifies the row."""
+    lines = []
+    for n, row in enumerate(rows):
+        age = [f"{row['age']:.1f}", f"{row['age'] / 10:.1f}e1", f"0{row['age']}"][n % 3]
+        lines.append(f"{row['site'].upper()};{float(row['stenosis_pct']):.2f};{row['sex'].lower()};{age};"
+                     f"{row['length_of_stay']}.000;{row['embolic_protection'].title()};{row['stent_type']}")
+    return "\n".join(lines).encode()
+
+
+def rows_without_ids_shuffled(rows: list[Row]) -> bytes:
+    shuffler = random.Random(11)
+    lines = []
+    for row in rows:
+        fields = [f"{c}={row[c]}" for c in COLUMNS if c != "patient_id"]
+        shuffler.shuffle(fields)
+        lines.append(" | ".join(fields))
+    return "\n".join(lines).encode()
+
+
+def prose_with_id(rows: list[Row]) -> bytes:
+    row = rows[0]
+    return (f"Interesting case: patient {row['patient_id']} was treated at {row['site']} with a "
+            f"{row['stent_type']} stent.\nNothing else of note.").encode()
+
+
+def prose_without_id(rows: list[Row]) -> bytes:
+    row = rows[0]
+    sex = "male" if row["sex"] == "M" else "female"
+    return (f"Results look fine. One outlier: a {row['age']}-year-old ({row['sex']}, {sex}) from {row['site']}, "
+            f"stenosis {row['stenosis_pct']}%, got a {row['stent_type']} stent with {row['embolic_protection']} "
+            f"protection and stayed {row['length_of_stay']} days. We excluded them.").encode()
+
+
+def columnar_json(rows: list[Row]) -> bytes:
+    """df.head(60).to_dict('list') without the id: columns in dataset order."""
+    table = generate_registry(PROCEDURES).slice(100, 60).to_pydict()
+    return json.dumps({c: table[c] for c in ("age", "stenosis_pct", "length_of_stay", "site")}).encode()
+
+
+def ids_in_log(rows: list[Row]) -> bytes:
+    return ("WARNING: dropped duplicates for " + ", ".join(row["patient_id"] for row in rows[:3])).encode()
+
+
+# (form, builder, rows leaked, expected kind): each must block under the default policy (1 row, 1 id).
+LEAK_FORMS: list[tuple[str, Callable[[list[Row]], bytes], int, str]] = [
+    ("csv copy", csv_copy, 60, "row"),
+    ("tsv, reversed columns, quoted", tsv_reordered_quoted, 60, "row"),
+    ("json lines", json_lines, 60, "row"),
+    ("pretty json summary with 50 rows", json_summary_pretty, 50, "row"),
+    ("printed log of python dict reprs, 50 rows", python_repr_log, 50, "row"),
+    ("pandas print(df) table", printed_dataframe, 50, "row"),
+    ("duckdb box table of QI columns, no ids", duckdb_box, 20, "row"),
+    ("reformatted numbers, no ids", reformatted_numbers, 60, "row"),
+    ("shuffled key=value rows, no ids", rows_without_ids_shuffled, 60, "row"),
+    ("single partial row in prose, with id", prose_with_id, 0, "id"),
+    ("single row in prose, no id", prose_without_id, 1, "row"),
+    ("columnar json runs, no ids", columnar_json, 0, "values"),
+    ("ids alone in a log line", ids_in_log, 0, "id"),
+]
+
+
+@pytest.mark.parametrize(("form", "build", "leaked", "kind"), LEAK_FORMS, ids=[f[0] for f in LEAK_FORMS])
+def test_every_leak_form_is_caught(index: FingerprintIndex, rows: list[Row], form: str,
+                                   build: Callable[[list[Row]], bytes], leaked: int, kind: str) -> None:
+    data = build(rows[:max(leaked, 3)] if leaked else rows)
+    report = index.scan(data)
+    verdict, reason = leak_verdict(report, block_rows=1, block_ids=1)
+    assert verdict == "block", f"missed leak form {form!r}: {report.rows} rows, {report.ids} ids, {reason}"
+    assert report.rows >= leaked, f"{form!r}: {report.rows} of {leaked} leaked rows found"
+    assert any(f.kind == kind for f in report.findings), f"{form!r}: no {kind!r} finding in {report.findings}"
+
+
+def test_findings_name_columns_never_values(index: FingerprintIndex, rows: list[Row]) -> None:
+    report = index.scan(csv_copy(rows[:20]) + b"\n" + columnar_json(rows))
+    values = {str(row[c]) for row in rows[:20] for c in ("patient_id", "site", "stent_type", "embolic_protection")}
+    assert report.findings
+    for finding in report.findings:
+        leaked = [value for value in values if value.lower() in finding.detail.lower()]
+        assert not leaked, f"finding detail {finding.detail!r} repeats data values {leaked}"
+        assert f"line {finding.line}" in finding.detail
+
+
+def test_ids_alone_are_found_and_counted_once(index: FingerprintIndex, rows: list[Row]) -> None:
+    patient = rows[7]["patient_id"]
+    report = index.scan(f"{patient}\n'{patient.lower()}' again: {patient}".encode())
+    assert (report.ids, report.rows) == (1, 0)
+    assert leak_verdict(report, block_rows=1, block_ids=1)[0] == "block"
+    assert leak_verdict(report, block_rows=1, block_ids=2) == ("pass", "below policy thresholds: 0 row(s), "
+                                                                        "1 id(s), 0 value run(s)")
+
+
+def test_thresholds_come_from_policy(index: FingerprintIndex, rows: list[Row]) -> None:
+    report = index.scan(rows_without_ids_shuffled(rows[:3]))
+    assert report.rows == 3 and report.ids == 0
+    assert leak_verdict(report, block_rows=4, block_ids=1)[0] == "pass"
+    verdict, reason = leak_verdict(report, block_rows=3, block_ids=1)
+    assert verdict == "block" and "3 dataset row(s)" in reason
+
+
+def test_index_file_holds_no_raw_value(index_path: Path, rows: list[Row]) -> None:
+    stored = index_path.read_bytes()
+    raw = [row["patient_id"] for row in rows[:50]] + ["beijing-xuanwu", "chengdu-west-china", "closed-cell",
+                                                      "distal-filter", "proximal-occlusion"]
+    found = [value for value in raw if value.encode() in stored or value.encode("utf-16-le") in stored]
+    assert not found, f"the index file holds raw values {found}"
+
+
+def test_scanning_is_deterministic(index: FingerprintIndex, index_path: Path, rows: list[Row]) -> None:
+    data = json_summary_pretty(rows[:50]) + python_repr_log(rows[50:80])
+    first = index.scan(data)
+    assert index.scan(data) == first
+    assert FingerprintIndex.load(index_path).scan(data) == first
+
+
+def test_empty_and_binary_inputs(index: FingerprintIndex, rows: list[Row]) -> None:
+    assert index.scan(b"") == LeakReport(rows=0, ids=0, value_runs=0, findings=[])
+    noise = np.random.default_rng(3).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
+    report = index.scan(noise)
+    assert (report.rows, report.ids, report.value_runs) == (0, 0, 0)
+    hidden = b"\x00\xff\x13" + rows[0]["patient_id"].encode() + b"\x00" * 10
+    assert index.scan(noise[:1000] + hidden).ids == 1
+
+
+def test_long_inputs_cross_chunk_boundaries(index: FingerprintIndex, rows: list[Row]) -> None:
+    filler = b"x" * 70 + b"\n"
+    data = filler * 40_000 + json_summary_pretty(rows[:50]) + filler * 40_000
+    assert index.scan(data).rows >= 50
+
+
+def aggregates(registry: Path) -> list[tuple[str, bytes]]:
+    """Legitimate outputs of the demo registry: counts, crosstabs, means, quantiles and regressions."""
+    connection = duckdb.connect()
+    connection.execute(f"CREATE TABLE r AS SELECT * FROM read_parquet('{registry}')")
+    categorical = ["sex", "site", "stent_type", "embolic_protection", "symptomatic", "stroke_death_30d",
+                   "restenosis_1y"]
+    files: list[tuple[str, bytes]] = []
+    for size in (1, 2, 3):
+        for group in itertools.combinations(categorical, size):
+            keys = ", ".join(group)
+            counts = connection.execute(f"SELECT {keys}, count(*) AS n FROM r GROUP BY ALL ORDER BY ALL").fetchall()
+            files.append((f"counts by {keys}.csv", "\n".join([f"{keys},n"] + [
+                ",".join(map(str, record)) for record in counts]).encode()))
+            share = sum(record[-1] for record in counts)
+            heading = [f"| {' | '.join(group)} | n | % |", "|---" * (size + 2)]
+            files.append((f"shares by {keys}.md", "\n".join(heading + [
+                f"| {' | '.join(map(str, record[:-1]))} | {record[-1]} | {100 * record[-1] / share:.1f} |"
+                for record in counts]).encode()))
+            means = connection.execute(
+                f"SELECT {keys}, count(*) AS n, round(avg(age), 1) AS age, round(avg(stenosis_pct), 1) AS stenosis, "
+                f"round(avg(length_of_stay), 2) AS stay, round(stddev(age), 2) AS sd_age FROM r "
+                f"GROUP BY ALL HAVING count(*) >= 10 ORDER BY ALL").fetchall()
+            names = [*group, "n", "age", "stenosis", "stay", "sd_age"]
+            files.append((f"means by {keys}.json", json.dumps(
+                [dict(zip(names, record, strict=True)) for record in means], indent=2, default=str).encode()))
+            if size == 2:
+                first, second = group
+                crosstab = connection.execute(
+                    f"PIVOT (SELECT {first}, {second} FROM r) ON {second} USING count(*) GROUP BY {first}").fetchall()
+                files.append((f"crosstab {first} x {second}.txt", "\n".join(
+                    "  ".join(str(cell).rjust(14) for cell in record) for record in crosstab).encode()))
+    for column in ("age", "stenosis_pct", "length_of_stay"):
+        quantiles = connection.execute(
+            f"SELECT site, quantile_cont({column}, [0.1, 0.25, 0.5, 0.75, 0.9]) FROM r GROUP BY site ORDER BY site"
+        ).fetchall()
+        files.append((f"quantiles of {column}.txt", "\n".join(f"{site}: {q}" for site, q in quantiles).encode()))
+        histogram = connection.execute(
+            f"SELECT {column} // 5 * 5 AS bin, count(*) FROM r GROUP BY bin HAVING count(*) >= 10 ORDER BY bin"
+        ).fetchall()
+        files.append((f"histogram of {column}.csv", "\n".join(f"{b},{n}" for b, n in histogram).encode()))
+    table = connection.execute("SELECT age, stenosis_pct, length_of_stay, symptomatic::INT, "
+                               "(sex = 'F')::INT, stroke_death_30d::INT FROM r").fetchall()
+    data = np.array(table, dtype=np.float64)
+    predictors = ["age", "stenosis_pct", "length_of_stay", "symptomatic", "female"]
+    rng = np.random.default_rng(1)
+    for model in range(30):
+        chosen = sorted(rng.choice(len(predictors), size=int(rng.integers(1, 6)), replace=False).tolist())
+        sample = data[rng.choice(len(data), size=len(data) // 2, replace=False)]
+        design = np.column_stack([np.ones(len(sample)), sample[:, chosen]])
+        outcome = sample[:, 5] if model % 2 else sample[:, 2]
+        coefficients, *_ = np.linalg.lstsq(design, outcome, rcond=None)
+        residual = outcome - design @ coefficients
+        sigma2 = residual @ residual / (len(sample) - design.shape[1])
+        errors = np.sqrt(np.diag(sigma2 * np.linalg.inv(design.T @ design)))
+        lines = [f"OLS regression {model}, n={len(sample)}", f"{'term':<16}{'coef':>10}{'se':>10}{'t':>8}"]
+        for name, b, se in zip(["intercept"] + [predictors[c] for c in chosen], coefficients, errors, strict=True):
+            lines.append(f"{name:<16}{b:>10.4f}{se:>10.4f}{b / se:>8.2f}")
+        files.append((f"regression {model}.txt", "\n".join(lines).encode()))
+    return files
+
+
+def test_false_positives_on_legitimate_aggregates(index: FingerprintIndex, registry: Path) -> None:
+    files = aggregates(registry)
+    assert len(files) >= 200
+    flagged = [(name, leak_verdict(index.scan(data), block_rows=1, block_ids=1)[1])
+               for name, data in files if leak_verdict(index.scan(data), block_rows=1, block_ids=1)[0] == "block"]
+    assert len(flagged) <= len(files) // 100, f"{len(flagged)} of {len(files)} aggregates flagged: {flagged}"
+
+
+EDGE_CASES = [
+    b"", b"-", b"+.", b"0", b"-0", b"+0.000", b"00.", b"0.0", b"-.5", b".50", b"072 72.0 72. +72 7.2e1 7.2E+1 720e-1",
+    b"79-year-old 30-day x-1 1-x 1--x -1-a", b"1e5e3 e 1e 1e+ 1.2.3 --5 +-5 5+-", b"beijing-xuanwu. Sentence end...",
+    b"A" * 7 + b" " + b"B" * 8 + b" " + b"c" * 9 + b" " + b"D" * 16 + b" " + b"e" * 17 + b" " + b"F" * 24 + b" "
+    + b"g" * 25 + b" " + b"H1" * 128 + b" " + b"9" * 255 + b" " + b"9" * 256 + b" " + b"0" * 300 + b".5",
+    "naïve café Ünïcödé 東京 ﬁ".encode(), b"\x00\xff\x80-1\xfe0.0e0\x7f_a_", b"1.5e308 1e999 -0e0 0.0e-0 1_000 0x1F",
+]
+
+
+def test_compiled_tokeniser_matches_numpy_passes(registry: Path, rows: list[Row]) -> None:
+    from sandbox.egress import leaks
+
+    if leaks._compiled_tokens is None:
+        pytest.skip("numba is not installed: only the numpy tokeniser exists")
+    keys = leaks._Keys.derive(b"k" * 32)
+    corpus = [*EDGE_CASES, *(build(rows[:60]) for _, build, _, _ in LEAK_FORMS), *(data for _, data in aggregates(
+        registry)[::7])]
+    rng = np.random.default_rng(17)
+    alphabet = np.frombuffer(b"0123456789.-+eE_aAzZ ,;\n\t\"'`{|~\x7f\x80\xff000..--++", dtype=np.uint8)
+    corpus += [alphabet[rng.integers(0, alphabet.size, int(rng.integers(0, 400)))].tobytes() for _ in range(2000)]
+    corpus += [bytes(rng.integers(0, 256, 5000, dtype=np.uint8)) for _ in range(20)]
+    for data in corpus:
+        expected_starts, expected = leaks._token_hashes_numpy(data, keys)
+        starts, hashes = leaks._token_hashes_numba(data, keys)
+        assert np.array_equal(starts, expected_starts), data[:200]
+        assert np.array_equal(hashes, expected), data[:200]
+
+
+def test_numpy_fallback_scans_the_same(index: FingerprintIndex, rows: list[Row],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.egress import leaks
+
+    data = b"\n".join([csv_copy(rows[:40]), reformatted_numbers(rows[40:60]), prose_without_id(rows[60:]),
+                       columnar_json(rows), ids_in_log(rows[70:])])
+    compiled = index.scan(data)
+    monkeypatch.setattr(leaks, "_compiled_tokens", None)
+    assert index.scan(data) == compiled
+
+
+def test_compiled_membership_matches_binary_search() -> None:
+    from sandbox.egress import leaks
+
+    rng = np.random.default_rng(23)
+    for size in (1, 2, 7, 100, 5000, 300_000):
+        members = np.unique(rng.integers(0, 2**64, size, dtype=np.uint64, endpoint=False))
+        members[0] = 0
+        members[-1] = max(members[-1], np.uint64(2**64 - 1)) if size > 1 else members[-1]
+        queries = np.concatenate([members[rng.integers(0, members.size, 10_000)], members[:1], members[-1:],
+                                  rng.integers(0, 2**64, 10_000, dtype=np.uint64, endpoint=False),
+                                  members[rng.integers(0, members.size, 100)] + np.uint64(1)])
+        directory = leaks._directory(members)
+        assert (directory is None) == (leaks._compiled_member is None)
+        assert np.array_equal(leaks._member(members, queries, directory), np.isin(queries, members))
+        assert leaks._distinct(queries) == np.unique(queries).size
+    assert leaks._distinct(np.zeros(0, dtype=np.uint64)) == 0
