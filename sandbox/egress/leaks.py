@@ -549,6 +549,130 @@ def _member_kernel(sorted_hashes: U64, directory: npt.NDArray[np.uint32], shift:
 _compiled_member: Any = _compile(_member_kernel)
 
 
+def _is_member(sorted_hashes: U64, directory: npt.NDArray[np.uint32], shift: np.uint64, wanted: np.uint64) -> bool:
+    """One lookup of _member_kernel."""
+    bucket = wanted >> shift
+    low = np.int64(directory[bucket])
+    high = np.int64(directory[bucket + np.uint64(1)])
+    end = high
+    while low < high:
+        middle = (low + high) >> 1
+        if sorted_hashes[middle] < wanted:
+            low = middle + 1
+        else:
+            high = middle
+    return bool(low < end and sorted_hashes[low] == wanted)
+
+
+def _bitmap_pass(table: npt.NDArray[np.uint8], shift: np.uint64, totals: U64, count: int,
+                 passed: npt.NDArray[np.uint8]) -> None:
+    """_maybe over totals[:count] into passed, without branches, so the table's cache misses overlap."""
+    for i in range(count):
+        slot = totals[i] >> shift
+        passed[i] = (table[slot >> np.uint64(3)] >> (slot & np.uint64(7))) & np.uint8(1)
+
+
+def _rows_kernel(stream: U64, row_key: np.uint64, widths: I64, table: npt.NDArray[np.uint8],
+                 table_shift: np.uint64, rows: U64, directory: npt.NDArray[np.uint32],
+                 directory_shift: np.uint64) -> tuple[int, I64]:
+    """FingerprintIndex._find_rows_numpy in compiled loops: the count of distinct row sums matched, and the
+    sorted stream positions of each one's first match, in the numpy path's order of matching."""
+    n = stream.size
+    weights = np.empty(n, dtype=np.uint64)
+    prefix = np.zeros(n + 1, dtype=np.uint64)
+    for i in range(n):
+        weights[i] = _fmix_one(stream[i] ^ row_key)
+        prefix[i + 1] = prefix[i] + weights[i]
+    capacity = 1024
+    sums = np.empty(capacity, dtype=np.uint64)
+    at = np.empty(capacity, dtype=np.int64)
+    count = 0
+    covered = np.zeros(n + 1, dtype=np.int64)
+    uncovered = np.zeros(n + 1, dtype=np.int64)
+    totals = np.empty(n, dtype=np.uint64)
+    passed = np.empty(n, dtype=np.uint8)
+    positions = np.empty(n, dtype=np.int64)
+    for w in range(widths.size):
+        width = widths[w]
+        if n < width:
+            continue
+        covered[:] = 0
+        windows = n - width + 1
+        for p in range(windows):
+            totals[p] = prefix[p + width] - prefix[p]
+        _bitmap_pass_one(table, table_shift, totals, windows, passed)
+        for p in range(windows):
+            if passed[p] and _is_member_one(rows, directory, directory_shift, totals[p]):
+                if count == capacity:
+                    capacity *= 2
+                    grown_sums = np.empty(capacity, dtype=np.uint64)
+                    grown_sums[:count] = sums[:count]
+                    sums = grown_sums
+                    grown_at = np.empty(capacity, dtype=np.int64)
+                    grown_at[:count] = at[:count]
+                    at = grown_at
+                sums[count] = totals[p]
+                at[count] = p
+                count += 1
+                covered[p] += 1
+                covered[p + width] -= 1
+        if n < width + 1:
+            continue
+        depth = 0
+        for i in range(n):
+            depth += covered[i]
+            uncovered[i + 1] = uncovered[i] + (1 if depth == 0 else 0)
+        found = 0
+        for p in range(n - width):
+            if uncovered[p + width + 1] - uncovered[p] > 1:
+                positions[found] = p
+                found += 1
+        for inner in range(1, width):
+            for k in range(found):
+                p = positions[k]
+                totals[k] = prefix[p + width + 1] - prefix[p] - weights[p + inner]
+            _bitmap_pass_one(table, table_shift, totals, found, passed)
+            for k in range(found):
+                if passed[k] and _is_member_one(rows, directory, directory_shift, totals[k]):
+                    if count == capacity:
+                        capacity *= 2
+                        grown_sums = np.empty(capacity, dtype=np.uint64)
+                        grown_sums[:count] = sums[:count]
+                        sums = grown_sums
+                        grown_at = np.empty(capacity, dtype=np.int64)
+                        grown_at[:count] = at[:count]
+                        at = grown_at
+                    sums[count] = totals[k]
+                    at[count] = positions[k]
+                    count += 1
+    # First match of each distinct sum, by an open-addressing table keyed on the (uniform) sums' low bits.
+    slots = 16
+    while slots < 2 * count:
+        slots *= 2
+    mask = np.uint64(slots - 1)
+    keys = np.empty(slots, dtype=np.uint64)
+    used = np.zeros(slots, dtype=np.bool_)
+    first = np.empty(count, dtype=np.int64)
+    distinct = 0
+    for i in range(count):
+        total = sums[i]
+        slot = _fmix_one(total) & mask
+        while used[slot] and keys[slot] != total:
+            slot = (slot + np.uint64(1)) & mask
+        if not used[slot]:
+            used[slot] = True
+            keys[slot] = total
+            first[distinct] = at[i]
+            distinct += 1
+    return distinct, np.sort(first[:distinct])
+
+
+# _rows_kernel calls these by name, so they must be compiled before it is.
+_is_member_one: Any = _compile(_is_member)
+_bitmap_pass_one: Any = _compile(_bitmap_pass)
+_compiled_rows: Any = _compile(_rows_kernel)
+
+
 def _member(sorted_hashes: U64, hashes: U64, directory: Directory | None = None) -> Mask:
     if not sorted_hashes.size or not hashes.size:
         return np.zeros(hashes.size, dtype=np.bool_)
@@ -570,8 +694,43 @@ def _member(sorted_hashes: U64, hashes: U64, directory: Directory | None = None)
     return direct
 
 
+def _run_hashes_kernel(stream: U64, width: int, run_key: np.uint64, base: np.uint64, base_inverse: np.uint64,
+                       salt: np.uint64, windows: U64) -> None:
+    """_run_hashes in one compiled pass, as a rolling sum: arithmetic modulo 2**64 is exact and `base` is
+    invertible, so sum(f[j + k] * base**k) rolled forward equals the numpy path's prefix differences times
+    base**-j, bit for bit."""
+    top = np.uint64(1)  # base ** (width - 1)
+    rolling = np.uint64(0)
+    power = np.uint64(1)
+    for k in range(width):
+        rolling += _fmix_one(stream[k] ^ run_key) * power
+        top = power
+        power *= base
+    windows[0] = _fmix_one(rolling ^ salt)
+    for j in range(1, windows.size):
+        leaving = _fmix_one(stream[j - 1] ^ run_key)
+        entering = _fmix_one(stream[j + width - 1] ^ run_key)
+        rolling = (rolling - leaving) * base_inverse + entering * top
+        windows[j] = _fmix_one(rolling ^ salt)
+
+
+_compiled_run_hashes: Any = _compile(_run_hashes_kernel)
+
+
 def _run_hashes(stream: U64, width: int, keys: _Keys) -> U64:
     """Order-dependent keyed hashes of every `width` consecutive values of a hash stream."""
+    count = stream.size - width + 1
+    if count <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    if _compiled_run_hashes is not None:
+        windows = np.empty(count, dtype=np.uint64)
+        _compiled_run_hashes(stream, width, keys.run, keys.run_base, keys.run_base_inverse,
+                             np.uint64((width * int(_C1)) & int(_ALL)), windows)
+        return windows
+    return _run_hashes_numpy(stream, width, keys)
+
+
+def _run_hashes_numpy(stream: U64, width: int, keys: _Keys) -> U64:
     count = stream.size - width + 1
     if count <= 0:
         return np.zeros(0, dtype=np.uint64)
@@ -590,6 +749,22 @@ def _run_hashes(stream: U64, width: int, keys: _Keys) -> U64:
 
 def _sampled(hashes: U64) -> Mask:
     return np.asarray((hashes >> RUN_SAMPLE_SHIFT) == 0)
+
+
+def _sampled_kernel(windows: U64, table: npt.NDArray[np.uint8], shift: np.uint64, positions: I64) -> int:
+    """Fills positions with np.flatnonzero(_sampled(windows) & _maybe(bitmap, windows)); returns their count."""
+    found = 0
+    for i in range(windows.size):
+        window = windows[i]
+        if window >> RUN_SAMPLE_SHIFT == np.uint64(0):
+            slot = window >> shift
+            if (table[slot >> np.uint64(3)] >> (slot & np.uint64(7))) & np.uint8(1):
+                positions[found] = i
+                found += 1
+    return found
+
+
+_compiled_sampled: Any = _compile(_sampled_kernel)
 
 
 def _run_width(column: pa.ChunkedArray) -> int | None:
@@ -626,6 +801,9 @@ class FingerprintIndex:
         _token_hashes(b"warm -1.50 2e3 x-1 7-day", self._keys)
         warm = np.arange(1, 40, dtype=np.uint64) << np.uint64(58)
         _member(warm, warm, _directory(warm))
+        _run_hashes(warm, 4, self._keys)
+        if _compiled_rows is not None and self._directories["rows"] is not None:
+            self._find_rows(warm, np.arange(warm.size, dtype=np.int64))
 
     @property
     def size_bytes(self) -> int:
@@ -760,6 +938,20 @@ class FingerprintIndex:
                           value_runs=len(run_offsets) + len(distinctive_lines), findings=report_findings)
 
     def _find_rows(self, stream: U64, offsets: I64) -> tuple[int, list[int]]:
+        """Distinct indexed rows whose values appear as a window of the stream (at most one foreign value inside),
+        and the sorted offsets of each one's first match."""
+        if not self._rows.size or not stream.size:
+            return 0, []
+        directory = self._directories["rows"]
+        if _compiled_rows is None or directory is None:
+            return self._find_rows_numpy(stream, offsets)
+        table, table_shift = self._rows_bitmap
+        widths = np.asarray(self.header["row_widths"], dtype=np.int64)
+        distinct, at = _compiled_rows(stream, self._keys.row, widths, table, np.uint64(table_shift), self._rows,
+                                      directory[0], np.uint64(directory[1]))
+        return int(distinct), offsets[at].tolist()
+
+    def _find_rows_numpy(self, stream: U64, offsets: I64) -> tuple[int, list[int]]:
         if not self._rows.size or not stream.size:
             return 0, []
         weights = _fmix(stream ^ self._keys.row)
@@ -805,8 +997,13 @@ class FingerprintIndex:
             by_width.setdefault(int(width), []).append(column)
         for width, columns in sorted(by_width.items()):
             windows = _run_hashes(stream, width, self._keys)
-            sampled = np.flatnonzero(_sampled(windows))
-            sampled = sampled[_maybe(self._runs_bitmap, windows[sampled])]
+            if _compiled_sampled is not None:
+                table, shift = self._runs_bitmap
+                sampled = np.empty(windows.size, dtype=np.int64)
+                sampled = sampled[:_compiled_sampled(windows, table, np.uint64(shift), sampled)]
+            else:
+                sampled = np.flatnonzero(_sampled(windows))
+                sampled = sampled[_maybe(self._runs_bitmap, windows[sampled])]
             for column in columns:
                 hits = sampled[_member(self._runs[column], windows[sampled], self._directories[f"runs:{column}"])]
                 # Overlapping windows of one run count once: a new run starts past the last one's end.

@@ -333,7 +333,63 @@ def test_numpy_fallback_scans_the_same(index: FingerprintIndex, rows: list[Row],
                        columnar_json(rows), ids_in_log(rows[70:])])
     compiled = index.scan(data)
     monkeypatch.setattr(leaks, "_compiled_tokens", None)
+    monkeypatch.setattr(leaks, "_compiled_rows", None)
+    monkeypatch.setattr(leaks, "_compiled_run_hashes", None)
+    monkeypatch.setattr(leaks, "_compiled_sampled", None)
     assert index.scan(data) == compiled
+
+
+def test_compiled_rows_match_numpy_path(index: FingerprintIndex, registry: Path, rows: list[Row],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.egress import leaks
+
+    if leaks._compiled_rows is None:
+        pytest.skip("numba is not installed: only the numpy row search exists")
+    rng = random.Random(31)
+    corpus = [*EDGE_CASES, *(build(rows[:60]) for _, build, _, _ in LEAK_FORMS), *(data for _, data in aggregates(
+        registry)[::5])]
+    # Rows' tokens with some dropped, duplicated, swapped or foreign ones inserted, and whole rows repeated.
+    tokens = csv_copy(rows[:300]).replace(b"\n", b" \n ").replace(b",", b" ").split(b" ")
+    for _ in range(60):
+        mutated: list[bytes] = []
+        for token in tokens[:rng.randint(0, len(tokens))]:
+            roll = rng.random()
+            if roll < 0.03:
+                continue
+            mutated.append(token)
+            if roll > 0.97:
+                mutated.append(rng.choice([b"0", b"1", b"17", token, rng.choice(tokens)]))
+            elif roll > 0.95 and len(mutated) > 1:
+                mutated[-1], mutated[-2] = mutated[-2], mutated[-1]
+        corpus.append(b" ".join(mutated * rng.randint(1, 3)))
+    expected = []
+    for data in corpus:
+        expected.append(index.scan(data))
+    monkeypatch.setattr(leaks, "_compiled_rows", None)
+    monkeypatch.setattr(leaks, "_compiled_run_hashes", None)
+    monkeypatch.setattr(leaks, "_compiled_sampled", None)
+    assert [index.scan(data) for data in corpus] == expected
+    monkeypatch.undo()
+    # Streams straight from the index's QI value hashes, with matches throughout, deduplicated by first match.
+    generator = np.random.default_rng(37)
+    values = index._values
+    for size in (0, 1, 5, 7, 8, 50, 2000, 40_000):
+        stream = values[generator.integers(0, values.size, size)]
+        offsets = np.cumsum(generator.integers(1, 9, size)).astype(np.int64)
+        assert index._find_rows(stream, offsets) == index._find_rows_numpy(stream, offsets)
+    for data in corpus[-20:]:
+        starts, hashes = leaks._token_hashes(data, index._keys)
+        kept = leaks._member(values, hashes)
+        stream, offsets = hashes[kept], starts[kept]
+        repeated = np.concatenate([stream, stream[::-1], stream])
+        at = np.arange(repeated.size, dtype=np.int64)
+        assert index._find_rows(stream, offsets) == index._find_rows_numpy(stream, offsets)
+        assert index._find_rows(repeated, at) == index._find_rows_numpy(repeated, at)
+    keys = leaks._Keys.derive(b"r" * 32)
+    for size in (0, 1, 3, 4, 5, 33, 1000):
+        stream = generator.integers(0, 2**64, size, dtype=np.uint64, endpoint=False)
+        for width in (1, 4, 5, 32):
+            assert np.array_equal(leaks._run_hashes(stream, width, keys), leaks._run_hashes_numpy(stream, width, keys))
 
 
 def test_compiled_membership_matches_binary_search() -> None:
