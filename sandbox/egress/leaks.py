@@ -572,6 +572,20 @@ def _bitmap_pass(table: npt.NDArray[np.uint8], shift: np.uint64, totals: U64, co
         passed[i] = (table[slot >> np.uint64(3)] >> (slot & np.uint64(7))) & np.uint8(1)
 
 
+def _append_match(sums: U64, at: I64, count: int, total: np.uint64, position: int) -> tuple[U64, I64]:
+    """Store match `count` (its row sum and stream position), doubling both arrays when they are full."""
+    if count == sums.size:
+        grown_sums = np.empty(2 * sums.size, dtype=np.uint64)
+        grown_sums[:count] = sums[:count]
+        sums = grown_sums
+        grown_at = np.empty(2 * at.size, dtype=np.int64)
+        grown_at[:count] = at[:count]
+        at = grown_at
+    sums[count] = total
+    at[count] = position
+    return sums, at
+
+
 def _rows_kernel(stream: U64, row_key: np.uint64, widths: I64, table: npt.NDArray[np.uint8],
                  table_shift: np.uint64, rows: U64, directory: npt.NDArray[np.uint32],
                  directory_shift: np.uint64) -> tuple[int, I64]:
@@ -583,9 +597,8 @@ def _rows_kernel(stream: U64, row_key: np.uint64, widths: I64, table: npt.NDArra
     for i in range(n):
         weights[i] = _fmix_one(stream[i] ^ row_key)
         prefix[i + 1] = prefix[i] + weights[i]
-    capacity = 1024
-    sums = np.empty(capacity, dtype=np.uint64)
-    at = np.empty(capacity, dtype=np.int64)
+    sums = np.empty(1024, dtype=np.uint64)
+    at = np.empty(1024, dtype=np.int64)
     count = 0
     covered = np.zeros(n + 1, dtype=np.int64)
     uncovered = np.zeros(n + 1, dtype=np.int64)
@@ -603,16 +616,7 @@ def _rows_kernel(stream: U64, row_key: np.uint64, widths: I64, table: npt.NDArra
         _bitmap_pass_one(table, table_shift, totals, windows, passed)
         for p in range(windows):
             if passed[p] and _is_member_one(rows, directory, directory_shift, totals[p]):
-                if count == capacity:
-                    capacity *= 2
-                    grown_sums = np.empty(capacity, dtype=np.uint64)
-                    grown_sums[:count] = sums[:count]
-                    sums = grown_sums
-                    grown_at = np.empty(capacity, dtype=np.int64)
-                    grown_at[:count] = at[:count]
-                    at = grown_at
-                sums[count] = totals[p]
-                at[count] = p
+                sums, at = _append_match_one(sums, at, count, totals[p], p)
                 count += 1
                 covered[p] += 1
                 covered[p + width] -= 1
@@ -634,16 +638,7 @@ def _rows_kernel(stream: U64, row_key: np.uint64, widths: I64, table: npt.NDArra
             _bitmap_pass_one(table, table_shift, totals, found, passed)
             for k in range(found):
                 if passed[k] and _is_member_one(rows, directory, directory_shift, totals[k]):
-                    if count == capacity:
-                        capacity *= 2
-                        grown_sums = np.empty(capacity, dtype=np.uint64)
-                        grown_sums[:count] = sums[:count]
-                        sums = grown_sums
-                        grown_at = np.empty(capacity, dtype=np.int64)
-                        grown_at[:count] = at[:count]
-                        at = grown_at
-                    sums[count] = totals[k]
-                    at[count] = positions[k]
+                    sums, at = _append_match_one(sums, at, count, totals[k], positions[k])
                     count += 1
     # First match of each distinct sum, by an open-addressing table keyed on the (uniform) sums' low bits.
     slots = 16
@@ -670,6 +665,7 @@ def _rows_kernel(stream: U64, row_key: np.uint64, widths: I64, table: npt.NDArra
 # _rows_kernel calls these by name, so they must be compiled before it is.
 _is_member_one: Any = _compile(_is_member)
 _bitmap_pass_one: Any = _compile(_bitmap_pass)
+_append_match_one: Any = _compile(_append_match)
 _compiled_rows: Any = _compile(_rows_kernel)
 
 

@@ -348,6 +348,8 @@ def test_compiled_rows_match_numpy_path(index: FingerprintIndex, registry: Path,
     rng = random.Random(31)
     corpus = [*EDGE_CASES, *(build(rows[:60]) for _, build, _, _ in LEAK_FORMS), *(data for _, data in aggregates(
         registry)[::5])]
+    assert len(rows) > 1100
+    corpus.append(csv_copy(rows))  # more matches than the kernel's first 1,024 slots: its arrays must grow
     # Rows' tokens with some dropped, duplicated, swapped or foreign ones inserted, and whole rows repeated.
     tokens = csv_copy(rows[:300]).replace(b"\n", b" \n ").replace(b",", b" ").split(b" ")
     for _ in range(60):
