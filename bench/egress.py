@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python bench/egress.py [--rows 10000000] [--sample-rows 1000000] [--repeats 3]
 The demo registry at --rows procedures is generated once and cached under .cache/bench/, with its leak
-index (the index build time is measured when it is built and remembered beside it). Outputs scanned,
+index (the index build time is measured when it is built and remembered beside it; an index of an older
+format is rebuilt). Outputs scanned,
 all made from --sample-rows rows of the registry with DuckDB, so most of their bytes are real hits:
 - CSV (`COPY ... (FORMAT csv)`), JSON lines (`FORMAT json`), and a pretty JSON array of records;
 - an aggregate CSV and pretty JSON (a crosstab by every categorical column with means), what legitimate
@@ -29,6 +30,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -68,7 +70,7 @@ def registry(rows: int) -> Path:
 def index(rows: int, parquet: Path) -> tuple[FingerprintIndex, float, int]:
     path = CACHE / f"leak-index-{rows}.npz"
     timing = path.with_suffix(".build.json")
-    if not path.exists() or not timing.exists():
+    if not path.exists() or not timing.exists() or stored_format(path) != leaks.INDEX_FORMAT:
         started = time.perf_counter()
         FingerprintIndex.build(parquet, CARD, path)
         timing.write_text(json.dumps({"build_s": time.perf_counter() - started}))
@@ -76,6 +78,13 @@ def index(rows: int, parquet: Path) -> tuple[FingerprintIndex, float, int]:
     loaded = FingerprintIndex.load(path)
     print(f"index loaded in {time.perf_counter() - started:.2f} s", flush=True)
     return loaded, float(json.loads(timing.read_text())["build_s"]), path.stat().st_size
+
+
+def stored_format(path: Path) -> int | None:
+    """The format of a cached index, so one written by an older version of the scanner is rebuilt."""
+    with np.load(path, allow_pickle=False) as stored:
+        header: dict[str, int] = json.loads(bytes(stored["header"]).decode())
+    return header.get("format")
 
 
 def outputs(parquet: Path, sample_rows: int) -> dict[str, bytes]:

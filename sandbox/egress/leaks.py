@@ -37,7 +37,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -54,13 +54,14 @@ U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 Mask = npt.NDArray[np.bool_]
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2 adds each run column's domain; format 1 still loads, and scans the same, slower
 MAX_FINDINGS = 100
 CHUNK_BYTES = 1 << 21
 RUN_BITS = 48  # entropy an n-gram of column values must carry to count as a run
 MAX_RUN = 32
 RUN_SAMPLE_SHIFT = np.uint64(62)  # keep the n-grams whose top 2 bits are 0: a quarter
 DISTINCTIVE_MIN_CHARS = 6
+TOKEN_CACHE_ENTRIES = 2048  # 64 KiB of remembered token hashes
 MIN_ROW_VALUES = 3
 
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
@@ -131,9 +132,11 @@ def _fmix(x: U64) -> U64:
     return x
 
 
-def _chunks(data: bytes) -> list[tuple[int, bytes]]:
-    """Pieces of about CHUNK_BYTES cut at a line break or separator, so no token is cut in two."""
+def _chunks(data: bytes) -> list[tuple[int, memoryview]]:
+    """Pieces of about CHUNK_BYTES cut at a line break or separator, so no token is cut in two (views, not
+    copies)."""
     pieces = []
+    view = memoryview(data)
     start = 0
     while start < len(data):
         end = start + CHUNK_BYTES
@@ -145,12 +148,12 @@ def _chunks(data: bytes) -> list[tuple[int, bytes]]:
                 separators = np.flatnonzero(~_TOKEN[tail])
                 cut = end - len(tail) + int(separators[-1]) if separators.size else end - 1
             end = cut + 1
-        pieces.append((start, data[start:end]))
+        pieces.append((start, view[start:end]))
         start = end
     return pieces
 
 
-def _token_hashes_numpy(chunk: bytes, keys: _Keys) -> tuple[I64, U64]:
+def _token_hashes_numpy(chunk: bytes | memoryview, keys: _Keys) -> tuple[I64, U64]:
     """Start offsets and keyed hashes of the canonical tokens of one chunk, in numpy passes."""
     raw = np.frombuffer(chunk, dtype=np.uint8)
     size = raw.size
@@ -239,16 +242,17 @@ def _token_hashes_numpy(chunk: bytes, keys: _Keys) -> tuple[I64, U64]:
     return starts.astype(np.int64), hashes
 
 
-def _canonical_exponents(chunk: bytes, starts: I64, ends: I64, candidates: I64, hashes: U64, keys: _Keys) -> None:
+def _canonical_exponents(chunk: bytes | memoryview, starts: I64, ends: I64, candidates: I64, hashes: U64,
+                         keys: _Keys) -> None:
     """Exponent notation is rare in outputs; canonicalise it in Python, one token at a time."""
     for position in candidates.tolist():
-        text = chunk[int(starts[position]):int(ends[position])].lower()
+        text = bytes(chunk[int(starts[position]):int(ends[position])]).lower()
         if _EXPONENT.fullmatch(text):
             hashes[position] = _number_hash(float(text), keys)
 
 
 # Byte classes for the compiled tokeniser, one bit each; a byte is in a token when _IN is set.
-_IN, _DIGIT, _LETTER, _DOT, _SIGN, _E, _OTHER = 1, 2, 4, 8, 16, 32, 64
+_IN, _DIGIT, _LETTER, _DOT, _SIGN, _E, _OTHER, _DASH = 1, 2, 4, 8, 16, 32, 64, 128
 _CLASSES = np.zeros(256, dtype=np.uint8)
 for _byte in range(256):
     _char = chr(_byte)
@@ -256,7 +260,63 @@ for _byte in range(256):
                        | (_LETTER if _char.isascii() and _char.isalpha() else 0) | (_DOT if _char == "." else 0)
                        | (_SIGN if _char in "-+" else 0) | (_E if _char in "eE" else 0)
                        | (_OTHER if (_char.isascii() and _char.isalpha() and _char not in "eE") or _char == "_"
-                          or _byte >= 0x80 else 0))
+                          or _byte >= 0x80 else 0) | (_DASH if _char == "-" else 0))
+_LOW_BITS = np.uint64(0x7F7F7F7F7F7F7F7F)
+_HIGH_BITS = np.uint64(0x8080808080808080)
+_BYTE_ONES = np.uint64(0x0101010101010101)
+
+
+def _compile(function: Any, *, inline: bool = False) -> Any:
+    """`function` compiled by numba, cached on disk where a cache directory is writable; None without numba.
+
+    An `inline` helper is compiled into each kernel that calls it: called, it would cost a function call and
+    a reference count on each array it takes, per token or lookup."""
+    if _numba is None:
+        return None
+    mode: Literal["always", "never"] = "always" if inline else "never"
+    try:
+        return _numba.njit(cache=True, nogil=True, inline=mode)(function)
+    except Exception:  # no writable cache location (a read-only package, no home): compile per process
+        return _numba.njit(cache=False, nogil=True, inline=mode)(function)
+
+
+def _intrinsics() -> tuple[Any, Any]:
+    """Two LLVM operations numba does not offer: a cache prefetch of `array[index]`, which lets the
+    lookups below overlap their cache misses, and an unaligned 8-byte load of `raw[at:at + 8]`."""
+    if _numba is None:
+        return None, None
+    from llvmlite import ir  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    from numba.core import cgutils, types  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    from numba.extending import intrinsic  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    def pointer(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        return cgutils.get_item_pointer(context, builder, array_type, array, [args[1]],  # type: ignore[no-untyped-call]
+                                        wraparound=False)
+
+    @intrinsic
+    def prefetch(typingctx: Any, array: Any, index: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            address = builder.bitcast(pointer(context, builder, signature, args), ir.IntType(8).as_pointer())
+            i32 = ir.IntType(32)
+            function = builder.module.declare_intrinsic(
+                "llvm.prefetch", [address.type], ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]))
+            builder.call(function, [address, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+            return context.get_dummy_value()
+        return types.none(array, types.intp), codegen
+
+    @intrinsic
+    def load_word(typingctx: Any, raw: Any, at: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            address = builder.bitcast(pointer(context, builder, signature, args), ir.IntType(64).as_pointer())
+            return builder.load(address, align=1)
+        return types.uint64(raw, types.intp), codegen
+
+    return prefetch, load_word
+
+
+_prefetch, _load_unaligned = _intrinsics()
 
 
 def _fmix_word(x: np.uint64) -> np.uint64:
@@ -269,40 +329,110 @@ def _fmix_word(x: np.uint64) -> np.uint64:
 
 
 def _load_word(raw: npt.NDArray[np.uint8], at: int, count: int) -> np.uint64:
-    """`count` (0 to 8) bytes from `at` as a little-endian word, ASCII letters casefolded."""
-    word = np.uint64(0)
-    for k in range(count):
-        byte = raw[at + k]
-        if 65 <= byte <= 90:
-            byte += 32
-        word |= np.uint64(byte) << np.uint64(8 * k)
+    """`count` (1 to 8) bytes from `at` as a little-endian word, ASCII letters casefolded."""
+    word: np.uint64
+    if at + 8 <= raw.size:
+        word = _load_unaligned(raw, at)
+    else:
+        word = np.uint64(0)
+        for k in range(count):
+            word |= np.uint64(raw[at + k]) << np.uint64(8 * k)
+    # Casefold all eight bytes at once: a byte is upper case when ASCII and its low 7 bits lie in 'A'..'Z'.
+    low = word & _LOW_BITS
+    at_least_a = low + (_HIGH_BITS - np.uint64(ord("A")) * _BYTE_ONES)
+    above_z = low + (_LOW_BITS - np.uint64(ord("Z")) * _BYTE_ONES)
+    upper = at_least_a & ~above_z & ~word & _HIGH_BITS
+    word |= upper >> np.uint64(2)  # 0x80 >> 2 is 0x20, the case bit
+    if count < 8:
+        word &= (np.uint64(1) << np.uint64(8 * count)) - np.uint64(1)
     return word
+
+
+def _span_hash(raw: npt.NDArray[np.uint8], start: int, end: int, key: np.uint64) -> np.uint64:
+    """Keyed hash of raw[start:end] (not empty), as _hash_spans: the first 24 bytes, the last 8, the length."""
+    n = end - start
+    h: np.uint64 = _fmix_one(_load_lower(raw, start, min(n, 8)) ^ (np.uint64(n) * _C2) ^ key)
+    if n > 8:
+        h = _fmix_one(h ^ _load_lower(raw, start + 8, min(n - 8, 8)))
+    if n > 16:
+        h = _fmix_one(h ^ _load_lower(raw, start + 16, min(n - 16, 8)))
+    if n > 24:
+        h = _fmix_one(h ^ _load_lower(raw, end - 8, 8) ^ _C1)
+    return h
+
+
+def _canonical_hash(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], start: int, end: int, seen: int,
+                    key: np.uint64, negative_key: np.uint64, zero_key: np.uint64) -> tuple[np.uint64, bool]:
+    """The hash of the token raw[start:end] (trimmed, `seen` the or of its bytes' classes), numbers canonical,
+    and whether it may be in exponent notation (left to _canonical_exponents)."""
+    span_start = start
+    span_end = end
+    negative = False
+    # Only tokens of digits, dots, signs and e's can be numbers; the trimmed bytes are never digits or
+    # other letters, so `seen` answers that for the trimmed token too.
+    if end - start < 256 and seen & _DIGIT and not seen & _OTHER:
+        dots = 0
+        letter_e = 0
+        signs = 0
+        for k in range(start, end):
+            c = classes[raw[k]]
+            if c & _DOT:
+                dots += 1
+            elif c & _E:
+                letter_e += 1
+            elif c & _SIGN:
+                signs += 1
+        if dots <= 1:
+            lead = raw[start]
+            signed_first = lead == 45 or lead == 43
+            if letter_e == 0 and (signs == 0 or (signs == 1 and signed_first)):
+                negative = lead == 45
+                span_start = start + 1 if signed_first else start
+                while span_start < span_end and raw[span_start] == 48:
+                    span_start += 1
+                if dots == 1:
+                    while span_end > span_start and raw[span_end - 1] == 48:
+                        span_end -= 1
+                    if span_end > span_start and raw[span_end - 1] == 46:
+                        span_end -= 1
+                if span_end <= span_start:
+                    return zero_key, False
+            elif letter_e == 1 and signs <= 2:
+                return _span_hash_one(raw, start, end, key), True
+    h = _span_hash_one(raw, span_start, span_end, key)
+    return (h ^ negative_key if negative else h), False
 
 
 def _tokens_kernel(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], key: np.uint64,
                    negative_key: np.uint64, zero_key: np.uint64, starts: I64, ends: I64, hashes: U64,
-                   exponents: I64) -> tuple[int, int]:
-    """_token_hashes_numpy in one compiled pass: fills starts, trimmed ends, hashes and exponent candidates."""
+                   exponents: I64, cache: U64) -> tuple[int, int]:
+    """_token_hashes_numpy in one compiled pass: fills starts, trimmed ends, hashes and exponent candidates.
+
+    Outputs repeat their tokens (column names, categories, small numbers), so the hashes of tokens of up to 24
+    bytes are remembered in `cache`, 4 words an entry: the token's bytes as 3 words (zero-padded; token
+    bytes are never zero, so they also tell its length), then its hash. The entry is picked by the words."""
     size = raw.size
+    slots = np.uint64(cache.size // 4 - 1)  # a power of two, less one
     count = 0
     candidates = 0
     i = 0
     while i < size:
-        if not classes[raw[i]] & _IN:
-            i += 1
-            continue
-        start = i
+        c = classes[raw[i]]
         i += 1
+        if not c & _IN:
+            continue
+        start = i - 1
+        seen = c  # the classes of the token's bytes, or'ed
         joined = False
         while i < size:
             c = classes[raw[i]]
             if not c & _IN:
                 break
             # A dash between a digit and a letter separates: "79-year-old" holds the number 79.
-            if (c & _SIGN and raw[i] == 45 and i + 1 < size and classes[raw[i - 1]] & _DIGIT
-                    and classes[raw[i + 1]] & _LETTER):
+            if c & _DASH and i + 1 < size and classes[raw[i - 1]] & _DIGIT and classes[raw[i + 1]] & _LETTER:
                 joined = True
                 break
+            seen |= c
             i += 1
         end = i
         if joined:
@@ -313,106 +443,78 @@ def _tokens_kernel(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], k
         if end == start:
             continue
         length = end - start
-        span_start = start
-        span_end = end
-        negative = False
-        zero = False
-        if length < 256:
-            dots = 0
-            letter_e = 0
-            signs = 0
-            others = 0
-            for k in range(start, end):
-                c = classes[raw[k]]
-                if c & _DOT:
-                    dots += 1
-                elif c & _E:
-                    letter_e += 1
-                elif c & _SIGN:
-                    signs += 1
-                elif c & _OTHER:
-                    others += 1
-            digits = length - dots - letter_e - signs - others
-            if others == 0 and digits > 0 and dots <= 1:
-                lead = raw[start]
-                signed_first = lead == 45 or lead == 43
-                if letter_e == 0 and (signs == 0 or (signs == 1 and signed_first)):
-                    negative = lead == 45
-                    s = start + 1 if signed_first else start
-                    e = end
-                    while s < e and raw[s] == 48:
-                        s += 1
-                    if dots == 1:
-                        while e > s and raw[e - 1] == 48:
-                            e -= 1
-                        if e > s and raw[e - 1] == 46:
-                            e -= 1
-                    if e <= s:
-                        zero = True
-                    span_start = s
-                    span_end = e
-                elif letter_e == 1 and signs <= 2:
-                    exponents[candidates] = count
-                    candidates += 1
         starts[count] = start
         ends[count] = end
-        if zero:
-            hashes[count] = zero_key
+        if length <= 24 and start + 24 <= size:
+            first = _load_unaligned(raw, start) & _MASKS[min(length, 8)]
+            second = _load_unaligned(raw, start + 8) & _MASKS[max(0, min(length - 8, 8))]
+            third = _load_unaligned(raw, start + 16) & _MASKS[max(0, length - 16)]
+            entry = 4 * np.int64(((first ^ (second * _C2) ^ third) * _C1 >> np.uint64(40)) & slots)
+            if cache[entry] == first and cache[entry + 1] == second and cache[entry + 2] == third:
+                hashes[count] = cache[entry + 3]
+            else:
+                h, exponent = _canonical_hash_one(raw, classes, start, end, seen, key, negative_key, zero_key)
+                hashes[count] = h
+                if exponent:
+                    exponents[candidates] = count
+                    candidates += 1
+                else:  # an exponent's hash is not final yet
+                    cache[entry], cache[entry + 1], cache[entry + 2], cache[entry + 3] = first, second, third, h
         else:
-            n = span_end - span_start
-            h = _load_lower(raw, span_start, min(n, 8))
-            h ^= np.uint64(n) * _C2
-            h ^= key
-            h = _fmix_one(h)
-            if n > 8:
-                h = _fmix_one(h ^ _load_lower(raw, span_start + 8, min(n - 8, 8)))
-            if n > 16:
-                h = _fmix_one(h ^ _load_lower(raw, span_start + 16, min(n - 16, 8)))
-            if n > 24:
-                h = _fmix_one(h ^ _load_lower(raw, span_end - 8, 8) ^ _C1)
-            if negative:
-                h ^= negative_key
+            h, exponent = _canonical_hash_one(raw, classes, start, end, seen, key, negative_key, zero_key)
             hashes[count] = h
+            if exponent:
+                exponents[candidates] = count
+                candidates += 1
         count += 1
     return count, candidates
 
 
-def _compile(function: Any) -> Any:
-    """`function` compiled by numba, cached on disk where a cache directory is writable; None without numba."""
-    if _numba is None:
-        return None
-    try:
-        return _numba.njit(cache=True, nogil=True)(function)
-    except Exception:  # no writable cache location (a read-only package, no home): compile per process
-        return _numba.njit(cache=False, nogil=True)(function)
-
-
-# The kernel calls these by name, so they must be compiled before it is.
-_fmix_one: Any = _compile(_fmix_word)
-_load_lower: Any = _compile(_load_word)
+# The kernels call these by name, so they must be compiled before them.
+_fmix_one: Any = _compile(_fmix_word, inline=True)
+_load_lower: Any = _compile(_load_word, inline=True)
+_span_hash_one: Any = _compile(_span_hash, inline=True)
+_canonical_hash_one: Any = _compile(_canonical_hash, inline=True)
 _compiled_tokens: Any = _compile(_tokens_kernel)
 
 
-def _token_hashes_numba(chunk: bytes, keys: _Keys) -> tuple[I64, U64]:
-    """Start offsets and keyed hashes of the canonical tokens of one chunk, in one compiled pass."""
+@dataclass
+class _TokenBuffers:
+    """The compiled tokeniser's output arrays, reused from chunk to chunk of one scan."""
+
+    starts: I64
+    ends: I64
+    hashes: U64
+    exponents: I64
+    cache: U64  # the tokeniser's memory of hashes, valid for one key only
+
+    @classmethod
+    def sized(cls, size: int) -> _TokenBuffers:
+        capacity = size // 2 + 1  # tokens are separated by at least one byte
+        return cls(np.empty(capacity, dtype=np.int64), np.empty(capacity, dtype=np.int64),
+                   np.empty(capacity, dtype=np.uint64), np.empty(capacity, dtype=np.int64),
+                   np.zeros(4 * TOKEN_CACHE_ENTRIES, dtype=np.uint64))
+
+
+def _token_hashes_numba(chunk: bytes | memoryview, keys: _Keys,
+                        buffers: _TokenBuffers | None = None) -> tuple[I64, U64]:
+    """Start offsets and keyed hashes of the canonical tokens of one chunk, in one compiled pass; the results
+    are views of `buffers` when given."""
     raw = np.frombuffer(chunk, dtype=np.uint8)
-    capacity = raw.size // 2 + 1  # tokens are separated by at least one byte
-    starts = np.empty(capacity, dtype=np.int64)
-    ends = np.empty(capacity, dtype=np.int64)
-    hashes = np.empty(capacity, dtype=np.uint64)
-    exponents = np.empty(capacity, dtype=np.int64)
-    count, candidates = _compiled_tokens(raw, _CLASSES, keys.token, keys.negative, keys.zero,
-                                         starts, ends, hashes, exponents)
-    starts, ends, hashes = starts[:count], ends[:count], hashes[:count]
+    if buffers is None or buffers.starts.size < raw.size // 2 + 1:
+        buffers = _TokenBuffers.sized(raw.size)
+    count, candidates = _compiled_tokens(raw, _CLASSES, keys.token, keys.negative, keys.zero, buffers.starts,
+                                         buffers.ends, buffers.hashes, buffers.exponents, buffers.cache)
+    starts, ends, hashes = buffers.starts[:count], buffers.ends[:count], buffers.hashes[:count]
     if candidates:
-        _canonical_exponents(chunk, starts, ends, exponents[:candidates], hashes, keys)
+        _canonical_exponents(chunk, starts, ends, buffers.exponents[:candidates], hashes, keys)
     return starts, hashes
 
 
-def _token_hashes(chunk: bytes, keys: _Keys) -> tuple[I64, U64]:
+def _token_hashes(chunk: bytes | memoryview, keys: _Keys, buffers: _TokenBuffers | None = None) -> tuple[I64, U64]:
     """Start offsets and keyed hashes of the canonical tokens of one chunk."""
     if _compiled_tokens is not None:
-        return _token_hashes_numba(chunk, keys)
+        return _token_hashes_numba(chunk, keys, buffers)
     return _token_hashes_numpy(chunk, keys)
 
 
@@ -476,7 +578,7 @@ def _value_hashes(values: list[Any], keys: _Keys) -> tuple[U64, Mask]:
     return result, present
 
 
-def _token_ends(chunk: bytes, starts: I64) -> I64:
+def _token_ends(chunk: bytes | memoryview, starts: I64) -> I64:
     raw = np.frombuffer(chunk, dtype=np.uint8)
     inside = np.zeros(raw.size + 1, dtype=np.bool_)
     np.take(_TOKEN, raw, out=inside[:-1])
@@ -512,16 +614,23 @@ def _maybe(bitmap: tuple[npt.NDArray[np.uint8], int], hashes: U64) -> Mask:
 
 
 Directory = tuple[npt.NDArray[np.uint32], int]
+_EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)  # _classify_kernel's marks in its memo
+_NOWHERE = np.int64(-2)
+MEMO_ENTRIES = 4096
+# A sorted hash array with its directory and the directory's shift, as the compiled kernels take it.
+Table = tuple[U64, npt.NDArray[np.uint32], np.uint64]
+LOOKAHEAD = 16  # lookups in flight: each prefetches its directory entry, then its first member
+BLOCK = 4096  # queries the compiled kernels gather before looking them up together
 
 
 def _directory(sorted_hashes: U64) -> Directory | None:
     """Where each bucket of the top bits starts in `sorted_hashes`, for the compiled lookup; None without it.
 
-    Keyed hashes are uniform, so about 8 members share a bucket: a lookup is a bucket read and a short search,
-    with no sorting of the queries. Capped at 2**20 buckets (4 MiB)."""
-    if _compiled_member is None or not sorted_hashes.size or sorted_hashes.size >= 1 << 32:
+    Keyed hashes are uniform, so 2 to 4 members share a bucket: a lookup reads one directory entry and then
+    one cache line of members, with no sorting of the queries. At most 2**24 buckets (64 MiB)."""
+    if _compiled_member is None or sorted_hashes.size >= 1 << 32:
         return None
-    bits = min(20, max(1, int(sorted_hashes.size).bit_length() - 3))
+    bits = min(24, max(1, int(sorted_hashes.size).bit_length() - 2))
     bounds = np.arange(1 << bits, dtype=np.uint64) << np.uint64(64 - bits)
     directory = np.empty((1 << bits) + 1, dtype=np.uint32)
     directory[:-1] = np.searchsorted(sorted_hashes, bounds)
@@ -529,153 +638,246 @@ def _directory(sorted_hashes: U64) -> Directory | None:
     return directory, 64 - bits
 
 
-def _member_kernel(sorted_hashes: U64, directory: npt.NDArray[np.uint32], shift: np.uint64, hashes: U64,
-                   found: Mask) -> None:
-    for i in range(hashes.size):
-        wanted = hashes[i]
-        bucket = wanted >> shift
-        low = np.int64(directory[bucket])
-        high = np.int64(directory[bucket + np.uint64(1)])
-        end = high
-        while low < high:
-            middle = (low + high) >> 1
-            if sorted_hashes[middle] < wanted:
-                low = middle + 1
-            else:
-                high = middle
-        found[i] = low < end and sorted_hashes[low] == wanted
-
-
-_compiled_member: Any = _compile(_member_kernel)
-
-
-def _is_member(sorted_hashes: U64, directory: npt.NDArray[np.uint32], shift: np.uint64, wanted: np.uint64) -> bool:
-    """One lookup of _member_kernel."""
+def _find(table: Table, wanted: np.uint64) -> int:
+    """The position of `wanted` in the table's sorted hashes, or -1."""
+    sorted_hashes, directory, shift = table
     bucket = wanted >> shift
     low = np.int64(directory[bucket])
-    high = np.int64(directory[bucket + np.uint64(1)])
-    end = high
-    while low < high:
-        middle = (low + high) >> 1
-        if sorted_hashes[middle] < wanted:
-            low = middle + 1
+    end = np.int64(directory[bucket + np.uint64(1)])
+    while low < end and sorted_hashes[low] < wanted:
+        low += 1
+    return int(low) if low < end and sorted_hashes[low] == wanted else -1
+
+
+def _find_many(table: Table, queries: U64, count: int, positions: I64) -> None:
+    """positions[i] = _find(table, queries[i]) for i < count. Large tables miss the cache on every lookup;
+    prefetching a directory entry 2 * LOOKAHEAD queries ahead and the members it points to LOOKAHEAD ahead
+    keeps many misses in flight instead of waiting for each in turn."""
+    sorted_hashes, directory, shift = table
+    for i in range(count + 2 * LOOKAHEAD):
+        if i < count:
+            _prefetch(directory, queries[i] >> shift)
+        ahead = i - LOOKAHEAD
+        if 0 <= ahead < count:
+            _prefetch(sorted_hashes, directory[queries[ahead] >> shift])
+        done = i - 2 * LOOKAHEAD
+        if done >= 0:
+            positions[done] = _find_one(table, queries[done])
+
+
+_find_one: Any = _compile(_find, inline=True)
+_compiled_member: Any = _compile(_find_many)
+
+
+def _classify_kernel(starts: I64, hashes: U64, offset: int, values: Table, ids: Table, distinctive: Table,
+                     stream: npt.NDArray[np.int32], stream_at: I64, distinctive_at: I64, id_seen: npt.NDArray[np.uint8],
+                     id_at: I64, counts: I64, memo: U64, candidates: U64, candidate_at: I64, positions: I64) -> None:
+    """Sort one chunk's tokens: QI values join the value stream (as their position in `values`), the rest are
+    looked up among the ids and the distinctive values (disjoint from the QI values by construction).
+
+    counts holds, and gets updated: entries in stream (and stream_at), in distinctive_at, in id_at (which keeps
+    the first ids found, as many as it holds), and distinct ids (each marked in the bitset id_seen). The caller
+    sizes stream and distinctive_at for every token of the chunk.
+
+    Most tokens repeat, so `memo` remembers recent answers, 2 words an entry picked by the hash's low bits: the
+    hash, then its position among the values, or NOWHERE when it is in no set (ids and distinctive values
+    are not remembered: each one found must be counted). Empty entries hold EMPTY."""
+    streamed, distinguished, identified, distinct = counts[0], counts[1], counts[2], counts[3]
+    slots = np.uint64(memo.size // 2 - 1)  # a power of two, less one
+    others = 0
+    for t in range(hashes.size):
+        h = hashes[t]
+        entry = 2 * np.int64(h & slots)
+        if memo[entry + 1] != _EMPTY and memo[entry] == h:
+            value = np.int64(memo[entry + 1])
+            if value == _NOWHERE:
+                continue
         else:
-            high = middle
-    return bool(low < end and sorted_hashes[low] == wanted)
+            value = _find_one(values, h)
+            if value >= 0:
+                memo[entry], memo[entry + 1] = h, np.uint64(value)
+        if value >= 0:
+            stream[streamed] = value
+            stream_at[streamed] = starts[t] + offset
+            streamed += 1
+        else:
+            candidates[others] = hashes[t]
+            candidate_at[others] = starts[t] + offset
+            others += 1
+    _find_many_one(ids, candidates, others, positions)
+    for k in range(others):
+        found = positions[k]
+        if found < 0 and not distinctive[0].size:
+            entry = 2 * np.int64(candidates[k] & slots)
+            memo[entry], memo[entry + 1] = candidates[k], np.uint64(_NOWHERE)
+        if found >= 0:
+            if identified < id_at.size:
+                id_at[identified] = candidate_at[k]
+                identified += 1
+            bit = np.uint8(1 << (found & 7))
+            if not id_seen[found >> 3] & bit:
+                id_seen[found >> 3] |= bit
+                distinct += 1
+    if distinctive[0].size:
+        _find_many_one(distinctive, candidates, others, positions)
+        for k in range(others):
+            if positions[k] >= 0:
+                distinctive_at[distinguished] = candidate_at[k]
+                distinguished += 1
+    counts[0], counts[1], counts[2], counts[3] = streamed, distinguished, identified, distinct
 
 
-def _bitmap_pass(table: npt.NDArray[np.uint8], shift: np.uint64, totals: U64, count: int,
-                 passed: npt.NDArray[np.uint8]) -> None:
-    """_maybe over totals[:count] into passed, without branches, so the table's cache misses overlap."""
-    for i in range(count):
-        slot = totals[i] >> shift
-        passed[i] = (table[slot >> np.uint64(3)] >> (slot & np.uint64(7))) & np.uint8(1)
+_find_many_one: Any = _compile(_find_many, inline=True)
+_compiled_classify: Any = _compile(_classify_kernel)
 
 
-def _append_match(sums: U64, at: I64, count: int, total: np.uint64, position: int) -> tuple[U64, I64]:
-    """Store match `count` (its row sum and stream position), doubling both arrays when they are full."""
-    if count == sums.size:
-        grown_sums = np.empty(2 * sums.size, dtype=np.uint64)
-        grown_sums[:count] = sums[:count]
-        sums = grown_sums
-        grown_at = np.empty(2 * at.size, dtype=np.int64)
-        grown_at[:count] = at[:count]
-        at = grown_at
-    sums[count] = total
-    at[count] = position
-    return sums, at
+def _record_rows(table: Table, totals: U64, at: I64, count: int, positions: I64, seen: npt.NDArray[np.uint8],
+                 first: I64, distinct: int) -> int:
+    """Look up `count` window sums among the rows; each row matched for the first time gets its window's
+    stream position appended to `first`. Returns the new count of distinct rows."""
+    _find_many_one(table, totals, count, positions)
+    for k in range(count):
+        row = positions[k]
+        if row >= 0 and not seen[row]:
+            seen[row] = 1
+            first[distinct] = at[k]
+            distinct += 1
+    return distinct
 
 
-def _rows_kernel(stream: U64, row_key: np.uint64, widths: I64, table: npt.NDArray[np.uint8],
-                 table_shift: np.uint64, rows: U64, directory: npt.NDArray[np.uint32],
-                 directory_shift: np.uint64) -> tuple[int, I64]:
-    """FingerprintIndex._find_rows_numpy in compiled loops: the count of distinct row sums matched, and the
-    sorted stream positions of each one's first match, in the numpy path's order of matching."""
+def _rows_kernel(stream: npt.NDArray[np.int32], weights: U64, widths: I64, rows: Table,
+                 seen: npt.NDArray[np.uint8], first: I64) -> int:
+    """FingerprintIndex._find_rows_numpy in compiled loops, over a stream of value positions: counts the distinct
+    rows matched (marking them in `seen`) and fills `first` with the stream position of each one's first match,
+    in the numpy path's order of matching. Returns that count."""
     n = stream.size
-    weights = np.empty(n, dtype=np.uint64)
-    prefix = np.zeros(n + 1, dtype=np.uint64)
-    for i in range(n):
-        weights[i] = _fmix_one(stream[i] ^ row_key)
-        prefix[i + 1] = prefix[i] + weights[i]
-    sums = np.empty(1024, dtype=np.uint64)
-    at = np.empty(1024, dtype=np.int64)
-    count = 0
-    covered = np.zeros(n + 1, dtype=np.int64)
-    uncovered = np.zeros(n + 1, dtype=np.int64)
-    totals = np.empty(n, dtype=np.uint64)
-    passed = np.empty(n, dtype=np.uint8)
-    positions = np.empty(n, dtype=np.int64)
+    totals = np.empty(BLOCK, dtype=np.uint64)
+    at = np.empty(BLOCK, dtype=np.int64)
+    found = np.empty(BLOCK, dtype=np.int64)
+    uncovered = np.empty(n, dtype=np.uint8)
+    distinct = 0
     for w in range(widths.size):
         width = widths[w]
         if n < width:
             continue
-        covered[:] = 0
-        windows = n - width + 1
-        for p in range(windows):
-            totals[p] = prefix[p + width] - prefix[p]
-        _bitmap_pass_one(table, table_shift, totals, windows, passed)
-        for p in range(windows):
-            if passed[p] and _is_member_one(rows, directory, directory_shift, totals[p]):
-                sums, at = _append_match_one(sums, at, count, totals[p], p)
+        # Every window of `width` values, by a running sum, BLOCK windows per batch of lookups.
+        total = np.uint64(0)
+        for k in range(width - 1):
+            total += weights[stream[k]]
+        covered_until = 0
+        p = 0
+        while p <= n - width:
+            count = 0
+            while p <= n - width and count < BLOCK:
+                total += weights[stream[p + width - 1]]
+                totals[count] = total
+                at[count] = p
+                total -= weights[stream[p]]
                 count += 1
-                covered[p] += 1
-                covered[p + width] -= 1
+                p += 1
+            distinct = _record_rows_one(rows, totals, at, count, found, seen, first, distinct)
+            for k in range(count):
+                if found[k] >= 0:
+                    covered_until = at[k] + width
+                uncovered[at[k]] = at[k] >= covered_until
+        for i in range(n - width + 1, n):
+            uncovered[i] = i >= covered_until
         if n < width + 1:
             continue
-        depth = 0
-        for i in range(n):
-            depth += covered[i]
-            uncovered[i + 1] = uncovered[i] + (1 if depth == 0 else 0)
-        found = 0
-        for p in range(n - width):
-            if uncovered[p + width + 1] - uncovered[p] > 1:
-                positions[found] = p
-                found += 1
+        # One foreign value inside a window of width + 1, tried where 2+ of its values are in no exact match.
+        positions = np.empty(n - width, dtype=np.int64)
+        wide = np.empty(n - width, dtype=np.uint64)
+        tried = 0
+        gaps = 0
+        for i in range(width + 1):
+            gaps += int(uncovered[i])
+        for q in range(n - width):
+            if q:
+                gaps += int(uncovered[q + width]) - int(uncovered[q - 1])
+            if gaps > 1:
+                positions[tried] = q
+                tried += 1
+        for k in range(tried):
+            total = np.uint64(0)
+            for i in range(width + 1):
+                total += weights[stream[positions[k] + i]]
+            wide[k] = total
         for inner in range(1, width):
-            for k in range(found):
-                p = positions[k]
-                totals[k] = prefix[p + width + 1] - prefix[p] - weights[p + inner]
-            _bitmap_pass_one(table, table_shift, totals, found, passed)
-            for k in range(found):
-                if passed[k] and _is_member_one(rows, directory, directory_shift, totals[k]):
-                    sums, at = _append_match_one(sums, at, count, totals[k], positions[k])
+            k = 0
+            while k < tried:
+                count = 0
+                while k < tried and count < BLOCK:
+                    totals[count] = wide[k] - weights[stream[positions[k] + inner]]
+                    at[count] = positions[k]
                     count += 1
-    # First match of each distinct sum, by an open-addressing table keyed on the (uniform) sums' low bits.
-    slots = 16
-    while slots < 2 * count:
-        slots *= 2
-    mask = np.uint64(slots - 1)
-    keys = np.empty(slots, dtype=np.uint64)
-    used = np.zeros(slots, dtype=np.bool_)
-    first = np.empty(count, dtype=np.int64)
-    distinct = 0
-    for i in range(count):
-        total = sums[i]
-        slot = _fmix_one(total) & mask
-        while used[slot] and keys[slot] != total:
-            slot = (slot + np.uint64(1)) & mask
-        if not used[slot]:
-            used[slot] = True
-            keys[slot] = total
-            first[distinct] = at[i]
-            distinct += 1
-    return distinct, np.sort(first[:distinct])
+                    k += 1
+                distinct = _record_rows_one(rows, totals, at, count, found, seen, first, distinct)
+    return distinct
 
 
-# _rows_kernel calls these by name, so they must be compiled before it is.
-_is_member_one: Any = _compile(_is_member)
-_bitmap_pass_one: Any = _compile(_bitmap_pass)
-_append_match_one: Any = _compile(_append_match)
+_record_rows_one: Any = _compile(_record_rows, inline=True)
 _compiled_rows: Any = _compile(_rows_kernel)
+
+
+def _runs_kernel(stream: npt.NDArray[np.int32], in_domain: npt.NDArray[np.bool_], weights: U64, width: int,
+                 base: np.uint64, base_inverse: np.uint64, salt: np.uint64, runs: Table, hits: I64) -> int:
+    """The stream positions where a sampled n-gram of one column's runs starts, in order; returns their count.
+
+    Only windows of values all in the column's domain can be its runs, so only those are hashed. The hash is
+    _run_hashes' rolling sum sum(weights[j + k] * base**k), rolled forward while windows are consecutive:
+    arithmetic modulo 2**64 is exact and `base` is invertible, so it equals the numpy path bit for bit."""
+    n = stream.size
+    top = np.uint64(1)  # base ** (width - 1)
+    for _ in range(width - 1):
+        top *= base
+    windows = np.empty(BLOCK, dtype=np.uint64)
+    at = np.empty(BLOCK, dtype=np.int64)
+    found = np.empty(BLOCK, dtype=np.int64)
+    hit_count = 0
+    streak = 0
+    rolling = np.uint64(0)
+    rolled = -2  # the window start `rolling` holds
+    q = 0
+    while q < n:
+        count = 0
+        while q < n and count < BLOCK:
+            streak = streak + 1 if in_domain[stream[q]] else 0
+            q += 1
+            if streak < width:
+                continue
+            j = q - width
+            if rolled == j - 1:
+                rolling = (rolling - weights[stream[j - 1]]) * base_inverse + weights[stream[q - 1]] * top
+            else:
+                rolling = np.uint64(0)
+                power = np.uint64(1)
+                for k in range(width):
+                    rolling += weights[stream[j + k]] * power
+                    power *= base
+            rolled = j
+            window = _fmix_one(rolling ^ salt)
+            if window >> RUN_SAMPLE_SHIFT == np.uint64(0):
+                windows[count] = window
+                at[count] = j
+                count += 1
+        _find_many_one(runs, windows, count, found)
+        for k in range(count):
+            if found[k] >= 0:
+                hits[hit_count] = at[k]
+                hit_count += 1
+    return hit_count
+
+
+_compiled_runs: Any = _compile(_runs_kernel)
 
 
 def _member(sorted_hashes: U64, hashes: U64, directory: Directory | None = None) -> Mask:
     if not sorted_hashes.size or not hashes.size:
         return np.zeros(hashes.size, dtype=np.bool_)
     if directory is not None and _compiled_member is not None:
-        found = np.empty(hashes.size, dtype=np.bool_)
-        _compiled_member(sorted_hashes, directory[0], np.uint64(directory[1]), hashes, found)
-        return found
+        positions = np.empty(hashes.size, dtype=np.int64)
+        _compiled_member((sorted_hashes, directory[0], np.uint64(directory[1])), hashes, hashes.size, positions)
+        return positions >= 0
     if hashes.size > 4096 and sorted_hashes.size > 1 << 16:
         # NumPy's binary search starts from the previous answer when keys ascend: sorted queries walk
         # a large index in cache-friendly order, several times faster than random probes.
@@ -690,43 +892,8 @@ def _member(sorted_hashes: U64, hashes: U64, directory: Directory | None = None)
     return direct
 
 
-def _run_hashes_kernel(stream: U64, width: int, run_key: np.uint64, base: np.uint64, base_inverse: np.uint64,
-                       salt: np.uint64, windows: U64) -> None:
-    """_run_hashes in one compiled pass, as a rolling sum: arithmetic modulo 2**64 is exact and `base` is
-    invertible, so sum(f[j + k] * base**k) rolled forward equals the numpy path's prefix differences times
-    base**-j, bit for bit."""
-    top = np.uint64(1)  # base ** (width - 1)
-    rolling = np.uint64(0)
-    power = np.uint64(1)
-    for k in range(width):
-        rolling += _fmix_one(stream[k] ^ run_key) * power
-        top = power
-        power *= base
-    windows[0] = _fmix_one(rolling ^ salt)
-    for j in range(1, windows.size):
-        leaving = _fmix_one(stream[j - 1] ^ run_key)
-        entering = _fmix_one(stream[j + width - 1] ^ run_key)
-        rolling = (rolling - leaving) * base_inverse + entering * top
-        windows[j] = _fmix_one(rolling ^ salt)
-
-
-_compiled_run_hashes: Any = _compile(_run_hashes_kernel)
-
-
 def _run_hashes(stream: U64, width: int, keys: _Keys) -> U64:
     """Order-dependent keyed hashes of every `width` consecutive values of a hash stream."""
-    count = stream.size - width + 1
-    if count <= 0:
-        return np.zeros(0, dtype=np.uint64)
-    if _compiled_run_hashes is not None:
-        windows = np.empty(count, dtype=np.uint64)
-        _compiled_run_hashes(stream, width, keys.run, keys.run_base, keys.run_base_inverse,
-                             np.uint64((width * int(_C1)) & int(_ALL)), windows)
-        return windows
-    return _run_hashes_numpy(stream, width, keys)
-
-
-def _run_hashes_numpy(stream: U64, width: int, keys: _Keys) -> U64:
     count = stream.size - width + 1
     if count <= 0:
         return np.zeros(0, dtype=np.uint64)
@@ -739,28 +906,16 @@ def _run_hashes_numpy(stream: U64, width: int, keys: _Keys) -> U64:
     prefix = np.zeros(stream.size + 1, dtype=np.uint64)
     np.cumsum(_fmix(stream ^ keys.run) * powers[:-1], out=prefix[1:])
     windows = (prefix[width:] - prefix[:count]) * inverse
-    windows ^= np.uint64((width * int(_C1)) & int(_ALL))
+    windows ^= _run_salt(width)
     return _fmix(windows)
+
+
+def _run_salt(width: int) -> np.uint64:
+    return np.uint64((width * int(_C1)) & int(_ALL))
 
 
 def _sampled(hashes: U64) -> Mask:
     return np.asarray((hashes >> RUN_SAMPLE_SHIFT) == 0)
-
-
-def _sampled_kernel(windows: U64, table: npt.NDArray[np.uint8], shift: np.uint64, positions: I64) -> int:
-    """Fills positions with np.flatnonzero(_sampled(windows) & _maybe(bitmap, windows)); returns their count."""
-    found = 0
-    for i in range(windows.size):
-        window = windows[i]
-        if window >> RUN_SAMPLE_SHIFT == np.uint64(0):
-            slot = window >> shift
-            if (table[slot >> np.uint64(3)] >> (slot & np.uint64(7))) & np.uint8(1):
-                positions[found] = i
-                found += 1
-    return found
-
-
-_compiled_sampled: Any = _compile(_sampled_kernel)
 
 
 def _run_width(column: pa.ChunkedArray) -> int | None:
@@ -787,19 +942,39 @@ class FingerprintIndex:
         self._distinctive = arrays["distinctive"]
         self._rows = arrays["rows"]
         self._runs = {column: arrays[f"runs:{column}"] for column in header["run_widths"]}
-        self._tokens_bitmap = _bitmap(np.concatenate([self._ids, self._values, self._distinctive]))
-        self._rows_bitmap = _bitmap(self._rows)
-        self._runs_bitmap = _bitmap(np.concatenate([np.zeros(0, np.uint64), *self._runs.values()]))
+        # Which QI values each run column holds (format 2 on): a window with a value outside a column's domain
+        # cannot be one of its runs. A format-1 index has no domains, so every value counts for every column.
+        self._in_domain = {column: np.isin(self._values, arrays[f"domain:{column}"])
+                           if f"domain:{column}" in arrays else np.ones(self._values.size, dtype=np.bool_)
+                           for column in self._runs}
+        self._row_weights = _fmix(self._values ^ self._keys.row)
+        self._run_weights = _fmix(self._values ^ self._keys.run)
         self._directories = {"ids": _directory(self._ids), "values": _directory(self._values),
                              "distinctive": _directory(self._distinctive), "rows": _directory(self._rows),
                              **{f"runs:{column}": _directory(runs) for column, runs in self._runs.items()}}
+        # The same sets with their directories as the compiled kernels take them; None without numba.
+        self._tables: dict[str, Table] | None = None
+        if all(directory is not None for directory in self._directories.values()):
+            sets = {"ids": self._ids, "values": self._values, "distinctive": self._distinctive, "rows": self._rows,
+                    **{f"runs:{column}": runs for column, runs in self._runs.items()}}
+            self._tables = {name: (sets[name], directory[0], np.uint64(directory[1]))
+                            for name, directory in self._directories.items() if directory is not None}
+        self._bitmaps: dict[str, tuple[npt.NDArray[np.uint8], int]] = {}
         # Compile (or load from numba's cache) the kernels now, so no scan pays for it.
         _token_hashes(b"warm -1.50 2e3 x-1 7-day", self._keys)
-        warm = np.arange(1, 40, dtype=np.uint64) << np.uint64(58)
-        _member(warm, warm, _directory(warm))
-        _run_hashes(warm, 4, self._keys)
-        if _compiled_rows is not None and self._directories["rows"] is not None:
+        if self._tables is not None:
+            self.scan(b"warm -1.50 2e3 x-1 7-day")
+            warm = np.zeros(40 if self._values.size else 0, dtype=np.int32)
             self._find_rows(warm, np.arange(warm.size, dtype=np.int64))
+            self._find_runs(warm, np.arange(warm.size, dtype=np.int64))
+
+    def _bitmap(self, name: str) -> tuple[npt.NDArray[np.uint8], int]:
+        """The numpy path's Bloom filters, made on first use: the compiled path needs none."""
+        if name not in self._bitmaps:
+            members = {"tokens": [self._ids, self._values, self._distinctive], "rows": [self._rows],
+                       "runs": list(self._runs.values())}[name]
+            self._bitmaps[name] = _bitmap(np.concatenate([np.zeros(0, np.uint64), *members]))
+        return self._bitmaps[name]
 
     @property
     def size_bytes(self) -> int:
@@ -831,6 +1006,7 @@ class FingerprintIndex:
         row_width = np.zeros(table.num_rows, dtype=np.int64)
         value_sets: list[U64] = []
         runs: dict[str, U64] = {}
+        domains: dict[str, U64] = {}
         run_widths: dict[str, int] = {}
         for name in quasi:
             per_row, present = _column_hashes(table.column(name), keys)
@@ -845,6 +1021,7 @@ class FingerprintIndex:
                 whole = (gaps[width:] - gaps[:-width]) == 0
                 runs[name] = np.unique(windows[whole & _sampled(windows)])
                 run_widths[name] = width
+                domains[name] = np.unique(per_row[present])
         values = np.unique(np.concatenate([np.zeros(0, np.uint64), *value_sets]))
         indexed = row_width >= MIN_ROW_VALUES
         rows = np.unique(row_sum[indexed])
@@ -864,7 +1041,8 @@ class FingerprintIndex:
             "run_widths": run_widths, "rows_indexed": int(indexed.sum()), "source_rows": table.num_rows,
         }
         arrays = {"ids": ids, "values": values, "distinctive": distinctive, "rows": rows,
-                  **{f"runs:{name}": hashes for name, hashes in runs.items()}}
+                  **{f"runs:{name}": hashes for name, hashes in runs.items()},
+                  **{f"domain:{name}": hashes for name, hashes in domains.items()}}
         buffer = io.BytesIO()
         stored: dict[str, npt.NDArray[Any]] = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
                                                **arrays}
@@ -876,49 +1054,21 @@ class FingerprintIndex:
     def load(cls, path: Path) -> FingerprintIndex:
         with np.load(path, allow_pickle=False) as stored:
             header: dict[str, Any] = json.loads(bytes(stored["header"]).decode())
-            if header.get("format") != INDEX_FORMAT:
+            if header.get("format") not in (1, INDEX_FORMAT):
                 raise ValueError(f"{path.name}: leak index format {header.get('format')!r}, expected {INDEX_FORMAT}")
             arrays = {name: np.asarray(stored[name], dtype=np.uint64) for name in stored.files if name != "header"}
         return cls(header, arrays)
 
     def scan(self, data: bytes) -> LeakReport:
         """Rows, ids and value runs of the indexed version found anywhere in `data`."""
-        ids_found: list[U64] = []
-        id_offsets: list[I64] = []
-        stream_parts: list[U64] = []
-        stream_offsets: list[I64] = []
-        distinctive_offsets: list[I64] = []
-        for offset, chunk in _chunks(data):
-            starts, hashes = _token_hashes(chunk, self._keys)
-            maybe = np.flatnonzero(_maybe(self._tokens_bitmap, hashes))
-            if not maybe.size:
-                continue
-            hashes, starts = hashes[maybe], starts[maybe] + offset
-            # The QI value set is small and cache-resident; only the rest is looked up among the ids.
-            is_value = _member(self._values, hashes, self._directories["values"])
-            rest = np.flatnonzero(~is_value)
-            is_id = rest[_member(self._ids, hashes[rest], self._directories["ids"])]
-            if is_id.size:
-                ids_found.append(hashes[is_id])
-                id_offsets.append(starts[is_id])
-            stream_parts.append(hashes[is_value])
-            stream_offsets.append(starts[is_value])
-            is_distinctive = _member(self._distinctive, hashes, self._directories["distinctive"])
-            if is_distinctive.any():
-                distinctive_offsets.append(starts[is_distinctive])
-        stream = np.concatenate([np.zeros(0, np.uint64), *stream_parts])
-        offsets = np.concatenate([np.zeros(0, np.int64), *stream_offsets])
-
+        stream, offsets, ids, id_offsets, distinctive_offsets = self._tokens(data)
         findings: list[tuple[int, str, str]] = []  # (byte offset, kind, detail with {line})
-        id_hashes = np.concatenate([np.zeros(0, np.uint64), *ids_found])
-        if id_hashes.size:
-            first = np.concatenate(id_offsets)
-            findings += [(int(at), "id", f"a value of privacy-unit column {self.header['privacy_unit']} "
-                          "on line {line}") for at in first[:MAX_FINDINGS]]
-        rows, row_offsets = self._find_rows(stream, offsets)
+        findings += [(int(at), "id", f"a value of privacy-unit column {self.header['privacy_unit']} "
+                      "on line {line}") for at in id_offsets]
+        rows, row_offsets = self._find_rows(stream, offsets, MAX_FINDINGS)
         columns = ", ".join(self.header["quasi_identifiers"])
         findings += [(int(at), "row", f"a row's values of columns {columns} on line {{line}}")
-                     for at in row_offsets[:MAX_FINDINGS]]
+                     for at in row_offsets]
         run_offsets = self._find_runs(stream, offsets)
         for column, at in run_offsets[:MAX_FINDINGS]:
             width = self.header["run_widths"][column]
@@ -930,27 +1080,78 @@ class FingerprintIndex:
             findings.append((-line, "values", f"two or more distinctive values of columns {named} "
                                               "on line {line}"))
         report_findings = self._located(data, findings)
-        return LeakReport(rows=rows, ids=_distinct(id_hashes),
+        return LeakReport(rows=rows, ids=ids,
                           value_runs=len(run_offsets) + len(distinctive_lines), findings=report_findings)
 
-    def _find_rows(self, stream: U64, offsets: I64) -> tuple[int, list[int]]:
-        """Distinct indexed rows whose values appear as a window of the stream (at most one foreign value inside),
-        and the sorted offsets of each one's first match."""
-        if not self._rows.size or not stream.size:
-            return 0, []
-        directory = self._directories["rows"]
-        if _compiled_rows is None or directory is None:
-            return self._find_rows_numpy(stream, offsets)
-        table, table_shift = self._rows_bitmap
-        widths = np.asarray(self.header["row_widths"], dtype=np.int64)
-        distinct, at = _compiled_rows(stream, self._keys.row, widths, table, np.uint64(table_shift), self._rows,
-                                      directory[0], np.uint64(directory[1]))
-        return int(distinct), offsets[at].tolist()
+    def _tokens(self, data: bytes) -> tuple[npt.NDArray[np.int32], I64, int, I64, I64]:
+        """The value stream (positions in the QI value set) with its byte offsets; the count of distinct ids found
+        and the offsets of the first MAX_FINDINGS; the offsets of distinctive values. In order of appearance."""
+        if _compiled_classify is None or self._tables is None:
+            return self._tokens_numpy(data)
+        tables = self._tables
+        buffers = _TokenBuffers.sized(min(len(data), CHUNK_BYTES))
+        scratch = [np.full(2 * MEMO_ENTRIES, _EMPTY, dtype=np.uint64),
+                   *(np.empty(buffers.starts.size, dtype=dtype) for dtype in (np.uint64, np.int64, np.int64))]
+        # Outputs grow by doubling, if ever: a value every 8 bytes is a dense dump already.
+        stream = np.empty(len(data) // 8 + 1024, dtype=np.int32)
+        offsets = np.empty(stream.size, dtype=np.int64)
+        distinctive_offsets = np.empty(stream.size, dtype=np.int64)
+        id_seen = np.zeros((self._ids.size + 7) // 8, dtype=np.uint8)
+        id_offsets = np.empty(MAX_FINDINGS, dtype=np.int64)
+        counts = np.zeros(4, dtype=np.int64)  # see _classify_kernel
+        for offset, chunk in _chunks(data):
+            starts, hashes = _token_hashes(chunk, self._keys, buffers)
+            if int(counts[:2].max()) + hashes.size > stream.size:
+                grown = 2 * stream.size + hashes.size
+                stream, offsets, distinctive_offsets = (
+                    np.concatenate([array, np.empty(grown - array.size, array.dtype)])
+                    for array in (stream, offsets, distinctive_offsets))
+            _compiled_classify(starts, hashes, offset, tables["values"], tables["ids"], tables["distinctive"], stream,
+                               offsets, distinctive_offsets, id_seen, id_offsets, counts, *scratch)
+        streamed, distinguished, identified, distinct = counts.tolist()
+        return (stream[:streamed], offsets[:streamed], distinct, id_offsets[:identified],
+                distinctive_offsets[:distinguished])
 
-    def _find_rows_numpy(self, stream: U64, offsets: I64) -> tuple[int, list[int]]:
+    def _tokens_numpy(self, data: bytes) -> tuple[npt.NDArray[np.int32], I64, int, I64, I64]:
+        parts: dict[str, list[npt.NDArray[Any]]] = {name: [] for name in ("stream", "at", "ids", "id_at", "rare")}
+        for offset, chunk in _chunks(data):
+            starts, hashes = _token_hashes(chunk, self._keys)
+            maybe = np.flatnonzero(_maybe(self._bitmap("tokens"), hashes))
+            if not maybe.size:
+                continue
+            hashes, starts = hashes[maybe], starts[maybe] + offset
+            # The QI value set is small and cache-resident; only the rest is looked up among the ids.
+            is_value = _member(self._values, hashes, self._directories["values"])
+            rest = np.flatnonzero(~is_value)
+            is_id = rest[_member(self._ids, hashes[rest], self._directories["ids"])]
+            parts["ids"].append(hashes[is_id])
+            parts["id_at"].append(starts[is_id])
+            parts["stream"].append(np.searchsorted(self._values, hashes[is_value]).astype(np.int32))
+            parts["at"].append(starts[is_value])
+            parts["rare"].append(starts[_member(self._distinctive, hashes, self._directories["distinctive"])])
+        stream, at, ids, id_at, rare = (np.concatenate([np.zeros(0, dtype=dtype), *parts[name]]) for name, dtype in (
+            ("stream", np.int32), ("at", np.int64), ("ids", np.uint64), ("id_at", np.int64), ("rare", np.int64)))
+        return stream, at, _distinct(ids), id_at[:MAX_FINDINGS], rare
+
+    def _find_rows(self, stream: npt.NDArray[np.int32], offsets: I64,
+                   limit: int | None = None) -> tuple[int, list[int]]:
+        """Distinct indexed rows whose values appear as a window of the stream (at most one foreign value inside),
+        and the sorted offsets of each one's first match (the first `limit` of them)."""
         if not self._rows.size or not stream.size:
             return 0, []
-        weights = _fmix(stream ^ self._keys.row)
+        if _compiled_rows is None or self._tables is None:
+            return self._find_rows_numpy(stream, offsets, limit)
+        widths = np.asarray(self.header["row_widths"], dtype=np.int64)
+        seen = np.zeros(self._rows.size, dtype=np.uint8)
+        first = np.empty(self._rows.size, dtype=np.int64)
+        distinct = _compiled_rows(stream, self._row_weights, widths, self._tables["rows"], seen, first)
+        return int(distinct), offsets[_smallest(first[:distinct], limit)].tolist()
+
+    def _find_rows_numpy(self, stream: npt.NDArray[np.int32], offsets: I64,
+                         limit: int | None = None) -> tuple[int, list[int]]:
+        if not self._rows.size or not stream.size:
+            return 0, []
+        weights = self._row_weights[stream]
         prefix = np.zeros(stream.size + 1, dtype=np.uint64)
         np.cumsum(weights, out=prefix[1:])
         matched_sums: list[U64] = []
@@ -959,7 +1160,7 @@ class FingerprintIndex:
             if stream.size < width:
                 continue
             sums = prefix[width:] - prefix[:-width]
-            maybe = np.flatnonzero(_maybe(self._rows_bitmap, sums))
+            maybe = np.flatnonzero(_maybe(self._bitmap("rows"), sums))
             hit = maybe[_member(self._rows, sums[maybe], self._directories["rows"])]
             matched_sums.append(sums[hit])
             matched_at.append(hit)
@@ -975,7 +1176,7 @@ class FingerprintIndex:
             wide = prefix[positions + width + 1] - prefix[positions]
             for inner in range(1, width):
                 trimmed = wide - weights[positions + inner]
-                maybe = np.flatnonzero(_maybe(self._rows_bitmap, trimmed))
+                maybe = np.flatnonzero(_maybe(self._bitmap("rows"), trimmed))
                 hit = maybe[_member(self._rows, trimmed[maybe], self._directories["rows"])]
                 matched_sums.append(trimmed[hit])
                 matched_at.append(positions[hit])
@@ -983,38 +1184,44 @@ class FingerprintIndex:
         if not sums.size:
             return 0, []
         unique_sums, first = np.unique(sums, return_index=True)
-        at = np.sort(np.concatenate(matched_at)[first])
-        return int(unique_sums.size), offsets[at].tolist()
+        return int(unique_sums.size), offsets[_smallest(np.concatenate(matched_at)[first], limit)].tolist()
 
-    def _find_runs(self, stream: U64, offsets: I64) -> list[tuple[str, int]]:
+    def _find_runs(self, stream: npt.NDArray[np.int32], offsets: I64) -> list[tuple[str, int]]:
+        """Runs of each column's values in dataset order, (column, offset of the run's start), by offset."""
         found: list[tuple[str, int]] = []
-        by_width: dict[int, list[str]] = {}
-        for column, width in self.header["run_widths"].items():
-            by_width.setdefault(int(width), []).append(column)
-        for width, columns in sorted(by_width.items()):
-            windows = _run_hashes(stream, width, self._keys)
-            if _compiled_sampled is not None:
-                table, shift = self._runs_bitmap
-                sampled = np.empty(windows.size, dtype=np.int64)
-                sampled = sampled[:_compiled_sampled(windows, table, np.uint64(shift), sampled)]
+        if not stream.size:
+            return found
+        compiled = _compiled_runs is not None and self._tables is not None
+        hashes = self._values[stream] if not compiled else np.zeros(0, np.uint64)
+        # Columns by run width, as the index lists them within a width.
+        for column, width in sorted(self.header["run_widths"].items(), key=lambda item: item[1]):
+            if compiled:
+                assert self._tables is not None
+                hits = np.empty(stream.size, dtype=np.int64)
+                hits = hits[:_compiled_runs(stream, self._in_domain[column], self._run_weights, width,
+                                            self._keys.run_base, self._keys.run_base_inverse, _run_salt(width),
+                                            self._tables[f"runs:{column}"], hits)]
             else:
-                sampled = np.flatnonzero(_sampled(windows))
-                sampled = sampled[_maybe(self._runs_bitmap, windows[sampled])]
-            for column in columns:
-                hits = sampled[_member(self._runs[column], windows[sampled], self._directories[f"runs:{column}"])]
-                # Overlapping windows of one run count once: a new run starts past the last one's end.
-                last_end = -1
-                for position in hits.tolist():
-                    if position >= last_end:
-                        found.append((column, int(offsets[position])))
-                    last_end = position + width
+                windows = _run_hashes(hashes, width, self._keys)
+                # Windows of values all in the column's domain, sampled as the index was, that pass its filter.
+                outside = np.concatenate([[0], np.cumsum(~self._in_domain[column][stream])])
+                candidates = np.flatnonzero(_sampled(windows) & (outside[width:] == outside[:-width]))
+                candidates = candidates[_maybe(self._bitmap("runs"), windows[candidates])]
+                hits = candidates[_member(self._runs[column], windows[candidates],
+                                          self._directories[f"runs:{column}"])]
+            # Overlapping windows of one run count once: a new run starts past the last one's end.
+            last_end = -1
+            for position in hits.tolist():
+                if position >= last_end:
+                    found.append((column, int(offsets[position])))
+                last_end = position + width
         return sorted(found, key=lambda item: item[1])
 
     @staticmethod
-    def _distinctive_lines(data: bytes, parts: list[I64]) -> list[int]:
-        if not parts:
+    def _distinctive_lines(data: bytes, offsets: I64) -> list[int]:
+        if not offsets.size:
             return []
-        lines = _line_numbers(data, np.concatenate(parts))
+        lines = _line_numbers(data, offsets)
         numbers, counts = np.unique(lines, return_counts=True)
         return [int(n) for n in numbers[counts >= 2]]
 
@@ -1037,6 +1244,13 @@ def _distinct(hashes: U64) -> int:
         return 0
     ordered = np.sort(hashes)
     return int(np.count_nonzero(ordered[1:] != ordered[:-1])) + 1
+
+
+def _smallest(positions: I64, limit: int | None) -> I64:
+    """The `limit` smallest positions (all without a limit), sorted."""
+    if limit is not None and positions.size > limit:
+        positions = np.partition(positions, limit - 1)[:limit]
+    return np.sort(positions)
 
 
 def _line_numbers(data: bytes, byte_offsets: I64) -> I64:

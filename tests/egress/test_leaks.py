@@ -332,10 +332,8 @@ def test_numpy_fallback_scans_the_same(index: FingerprintIndex, rows: list[Row],
     data = b"\n".join([csv_copy(rows[:40]), reformatted_numbers(rows[40:60]), prose_without_id(rows[60:]),
                        columnar_json(rows), ids_in_log(rows[70:])])
     compiled = index.scan(data)
-    monkeypatch.setattr(leaks, "_compiled_tokens", None)
-    monkeypatch.setattr(leaks, "_compiled_rows", None)
-    monkeypatch.setattr(leaks, "_compiled_run_hashes", None)
-    monkeypatch.setattr(leaks, "_compiled_sampled", None)
+    for kernel in ("_compiled_tokens", "_compiled_classify", "_compiled_rows", "_compiled_runs"):
+        monkeypatch.setattr(leaks, kernel, None)
     assert index.scan(data) == compiled
 
 
@@ -367,31 +365,39 @@ def test_compiled_rows_match_numpy_path(index: FingerprintIndex, registry: Path,
     expected = []
     for data in corpus:
         expected.append(index.scan(data))
-    monkeypatch.setattr(leaks, "_compiled_rows", None)
-    monkeypatch.setattr(leaks, "_compiled_run_hashes", None)
-    monkeypatch.setattr(leaks, "_compiled_sampled", None)
+    for kernel in ("_compiled_classify", "_compiled_rows", "_compiled_runs"):
+        monkeypatch.setattr(leaks, kernel, None)
     assert [index.scan(data) for data in corpus] == expected
     monkeypatch.undo()
-    # Streams straight from the index's QI value hashes, with matches throughout, deduplicated by first match.
+    # Streams of the index's QI values (as positions in its value set), with matches throughout, deduplicated
+    # by first match; and runs of each column's values, in and out of dataset order.
     generator = np.random.default_rng(37)
     values = index._values
     for size in (0, 1, 5, 7, 8, 50, 2000, 40_000):
-        stream = values[generator.integers(0, values.size, size)]
+        stream = generator.integers(0, values.size, size).astype(np.int32)
         offsets = np.cumsum(generator.integers(1, 9, size)).astype(np.int64)
         assert index._find_rows(stream, offsets) == index._find_rows_numpy(stream, offsets)
+        assert index._find_rows(stream, offsets, 3) == index._find_rows_numpy(stream, offsets, 3)
     for data in corpus[-20:]:
-        starts, hashes = leaks._token_hashes(data, index._keys)
-        kept = leaks._member(values, hashes)
-        stream, offsets = hashes[kept], starts[kept]
+        stream, offsets, *_ = index._tokens(data)
         repeated = np.concatenate([stream, stream[::-1], stream])
         at = np.arange(repeated.size, dtype=np.int64)
         assert index._find_rows(stream, offsets) == index._find_rows_numpy(stream, offsets)
         assert index._find_rows(repeated, at) == index._find_rows_numpy(repeated, at)
-    keys = leaks._Keys.derive(b"r" * 32)
-    for size in (0, 1, 3, 4, 5, 33, 1000):
-        stream = generator.integers(0, 2**64, size, dtype=np.uint64, endpoint=False)
-        for width in (1, 4, 5, 32):
-            assert np.array_equal(leaks._run_hashes(stream, width, keys), leaks._run_hashes_numpy(stream, width, keys))
+    table = generate_registry(PROCEDURES).to_pydict()
+    runs = []
+    for column in index.header["run_widths"]:
+        for start in (0, 100, 2000):
+            text = " ".join(map(str, table[column][start:start + 80])).encode()
+            runs.append(text + b" x " + " ".join(map(str, table[column][start + 90:start + 95][::-1])).encode())
+    runs.append(b" ".join(runs))
+    for data in runs:
+        stream, offsets, *_ = index._tokens(data)
+        found = index._find_runs(stream, offsets)
+        assert found
+        with monkeypatch.context() as patched:
+            patched.setattr(leaks, "_compiled_runs", None)
+            assert index._find_runs(stream, offsets) == found
 
 
 def test_compiled_membership_matches_binary_search() -> None:
@@ -410,3 +416,18 @@ def test_compiled_membership_matches_binary_search() -> None:
         assert np.array_equal(leaks._member(members, queries, directory), np.isin(queries, members))
         assert leaks._distinct(queries) == np.unique(queries).size
     assert leaks._distinct(np.zeros(0, dtype=np.uint64)) == 0
+
+
+def test_format_1_index_without_domains_scans_the_same(index: FingerprintIndex, index_path: Path,
+                                                      rows: list[Row]) -> None:
+    """An index written before run columns' domains were stored still loads, and finds the same."""
+    with np.load(index_path, allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in stored.files if not name.startswith("domain:")}
+    header = json.loads(bytes(arrays["header"]).decode())
+    assert header["format"] == 2 and len(arrays) < len(stored.files)
+    arrays["header"] = np.frombuffer(json.dumps({**header, "format": 1}).encode(), dtype=np.uint8)
+    old = index_path.with_name("format-1.leakindex")
+    with old.open("wb") as file:
+        np.savez(file, allow_pickle=False, **arrays)
+    data = b"\n".join([csv_copy(rows[:40]), columnar_json(rows), ids_in_log(rows[70:])])
+    assert FingerprintIndex.load(old).scan(data) == index.scan(data)
