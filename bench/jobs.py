@@ -11,21 +11,17 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import socket
 import statistics
 import subprocess
-import sys
 import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from served import served
 
-from sandbox.demo import CARD, write_registry
 from sandbox.images import image_digest
 
 RAW_FLAGS = ["--rm", "--network", "none", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
@@ -80,42 +76,11 @@ def main() -> None:
     args = parser.parse_args()
     image = image_digest("analysis")
 
-    home = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
-    env = {**os.environ, "SANDBOX_HOME": str(home), "SANDBOX_LOG_LEVEL": "WARNING", "SANDBOX_WORKER_CPUS": "64",
-           "SANDBOX_WORKER_MEMORY_MB": "65536", "SANDBOX_WORKER_INTERVAL_S": "0.5"}
-    cli = [sys.executable, "-m", "sandbox.cli"]
-    subprocess.run([*cli, "init"], env=env, check=True, capture_output=True)
-
-    def token(role: str, org: str) -> str:
-        return subprocess.run([*cli, "token", "issue", "--sub", role, "--org", org, "--role", role], env=env,
-                              check=True, capture_output=True, text=True).stdout.strip()
-
-    steward = {"Authorization": f"Bearer {token('steward', 'hospital')}"}
-    buyer = {"Authorization": f"Bearer {token('buyer', 'acme')}"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=60)
-    try:
-        for _ in range(300):
-            try:
-                if client.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        client.post("/v1/datasets", json=CARD, headers=steward).raise_for_status()
-        data = write_registry(home / "registry.parquet", procedures=200)
-        with data.open("rb") as handle:
-            client.post("/v1/datasets/carotid-stenting/versions", headers=steward,
-                        files={"file": ("r.parquet", handle)}).raise_for_status()
-        contract = client.post("/v1/contracts", headers=steward, json={
-            "buyer_org": "acme", "datasets": ["carotid-stenting"], "tier": "aggregate", "kinds": ["analysis"],
-            "purpose": "bench", "valid_until": "2099-01-01", "epsilon": 1.0,
-            "quotas": {"concurrent_jobs": 64, "cpu_hours": 1000}}).json()
-        spec = json.dumps({"contract": contract["id"], "dataset": "carotid-stenting", "command": ["true"],
+    env = {"SANDBOX_WORKER_CPUS": "64", "SANDBOX_WORKER_MEMORY_MB": "65536", "SANDBOX_WORKER_INTERVAL_S": "0.5"}
+    with served(prefix="bench-jobs-", procedures=200, env=env) as service:
+        home, url, buyer = service.home, service.url, service.buyer
+        contract = service.contract(tier="aggregate", kinds=["analysis"], concurrent_jobs=64, cpu_hours=1000)
+        spec = json.dumps({"contract": contract, "dataset": "carotid-stenting", "command": ["true"],
                            "resources": {"cpus": 1, "memory_mb": 256, "timeout_s": 60}})
         code = bundle()
 
@@ -148,10 +113,6 @@ def main() -> None:
         raw_seq = [timed(raw_job) for _ in range(args.sequential)]
         service_conc, service_wall = concurrent(service_job, args.concurrent, args.per_thread)
         raw_conc, raw_wall = concurrent(raw_job, args.concurrent, args.per_thread)
-    finally:
-        client.close()
-        server.terminate()
-        server.wait(timeout=30)
 
     total = args.concurrent * args.per_thread
     phases = phase_breakdown(home / "sandbox.db")

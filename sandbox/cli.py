@@ -28,9 +28,10 @@ audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=Tr
 images_app = typer.Typer(help="Job and notebook images.", no_args_is_help=True)
 job_app = typer.Typer(help="Submit and follow jobs; download released outputs.", no_args_is_help=True)
 review_app = typer.Typer(help="Review job outputs (stewards).", no_args_is_help=True)
+notebook_app = typer.Typer(help="Remote Jupyter notebooks whose kernels run in the sandbox.", no_args_is_help=True)
 for sub, name in ((token_app, "token"), (dataset_app, "dataset"), (contract_app, "contract"),
                   (policy_app, "policy"), (audit_app, "audit"), (images_app, "images"), (job_app, "job"),
-                  (review_app, "review")):
+                  (review_app, "review"), (notebook_app, "notebook")):
     app.add_typer(sub, name=name)
 
 console = Console(stderr=True, soft_wrap=True)  # messages stay one line: easy to grep and to copy
@@ -643,6 +644,63 @@ def query_command(
     spent = "nothing (cached answer)" if answer["cached"] else f"epsilon {answer['epsilon_spent']:g}"
     out.print(f"spent {spent}; {answer['epsilon_remaining']:g} remains on this contract for {dataset}")
     out.print("± is the half-width of a 95% interval", style="dim")
+
+
+@notebook_app.command("start")
+def notebook_start(
+    contract: Annotated[str, typer.Option("--contract")],
+    dataset: Annotated[str, typer.Option("--dataset")],
+    version: Annotated[int | None, typer.Option("--version", help="default: the newest")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start (or reuse) a Jupyter server for a contract and dataset; prints its URL and a token."""
+    with _client() as client:
+        answer = _call(client.start_notebook, contract, dataset, version)
+    if as_json:
+        _emit(answer, True)
+        return
+    out.print(f"notebook {answer['id']} ({answer['tier']}, {answer['dataset']}@{answer['version']})")
+    out.print(f"url:   {answer['url']}")
+    out.print(f"token: {answer['token']}")
+    out.print("Connect JupyterLab or VS Code to the URL with the token (an existing Jupyter server). "
+              "Files leave only through `sandbox notebook export`.", style="dim")
+
+
+@notebook_app.command("stop")
+def notebook_stop(identifier: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonOption = False) -> None:
+    """Stop a session: its kernels end and its workspace is deleted; exports stay in review."""
+    with _client() as client:
+        answer = _call(client.stop_notebook, identifier)
+    if as_json:
+        _emit(answer, True)
+    else:
+        out.print(f"notebook {answer['id']} is {answer['state']}")
+
+
+@notebook_app.command("list")
+def notebook_list(as_json: JsonOption = False) -> None:
+    """Notebook sessions (a buyer sees its own org's)."""
+    with _client() as client:
+        rows = _call(client.notebooks)
+    table = Table("id", "contract", "dataset", "tier", "state", "cpu s", "exports")
+    for r in rows:
+        table.add_row(r["id"], r["contract"], f"{r['dataset']}@{r['version']}", r["tier"], r["state"],
+                      f"{float(r['usage'].get('cpu_seconds', 0)):.1f}", str(len(r["exports"])))
+    _emit(rows, as_json, table)
+
+
+@notebook_app.command("export")
+def notebook_export(identifier: Annotated[str, typer.Argument(metavar="ID")],
+                    path: Annotated[str, typer.Argument(help="a file of the workspace (the kernel's /output)")],
+                    as_json: JsonOption = False) -> None:
+    """Ask for a workspace file to leave the sandbox: it is checked, then waits for a steward's review."""
+    with _client() as client:
+        answer = _call(client.export_notebook_file, identifier, path)
+    if as_json:
+        _emit(answer, True)
+        return
+    rules = f" ({', '.join(answer['rules'])})" if answer["rules"] else ""
+    out.print(f"{answer['path']}: {answer['status']}{rules}")
 
 
 @app.command("budget")

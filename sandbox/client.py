@@ -175,5 +175,20 @@ class SandboxClient:
     def budgets(self) -> Any:
         return self.request("GET", "/v1/budgets")
 
+    def start_notebook(self, contract: str, dataset: str, version: int | None = None) -> Any:
+        """A Jupyter server for (contract, dataset), new or reused: `{id, url, token, ...}`."""
+        return self.request("POST", "/v1/notebooks", json={"contract": contract, "dataset": dataset,
+                                                           "version": version})
+
+    def stop_notebook(self, identifier: str) -> Any:
+        return self.request("DELETE", f"/v1/notebooks/{identifier}")
+
+    def notebooks(self) -> Any:
+        return self.request("GET", "/v1/notebooks")
+
+    def export_notebook_file(self, identifier: str, path: str) -> Any:
+        """Ask for a workspace file to leave; it waits for a steward's review."""
+        return self.request("POST", f"/v1/notebooks/{identifier}/exports", json={"path": path})
+
     def whoami(self) -> Any:
         return self.request("GET", "/v1/whoami")

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     worker_cpus: float = 2.0
     worker_memory_mb: int = 8192
 
+    # Notebook servers check for idle kernels this often (the idle time itself is the policy's).
+    notebook_cull_interval_s: int = Field(default=60, ge=1)
+
     # Per-job DP sockets. Unix socket paths are limited to 108 bytes, so they live under a short root.
     dp_socket_root: Path = Field(default_factory=lambda: _short_runtime_dir("sandbox-dp"))
 

@@ -233,8 +233,10 @@ class Worker:
         managed = self.runner.managed_jobs()
         busy = self._busy_jobs()
         with self.instance.read_session() as session:
+            # Notebook sessions are jobs too, but their kernels belong to the notebook servers, not this worker.
             jobs = {j.id: j.state for j in session.execute(
-                select(Job).where(Job.id.in_(managed) | Job.state.in_([JobState.RUNNING.value]))).scalars()}
+                select(Job).where(Job.id.in_(managed) | Job.state.in_([JobState.RUNNING.value]))
+                .where(Job.kind != JobKind.NOTEBOOK.value)).scalars()}
         futures = []
         for job_id in managed - busy:
             state = jobs.get(job_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,28 +9,20 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from helpers import Tokens
-from sqlalchemy import create_engine, text
+from pgdb import POSTGRES_URL, REQUIRE_POSTGRES, admin_engine, cloned_database
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from sandbox.config import Settings
 from sandbox.instance import Instance, init_instance
 from sandbox.store.database import make_engine, migrate
 
-POSTGRES_URL = os.environ.get(
-    "SANDBOX_TEST_POSTGRES_URL", "postgresql+psycopg://sandbox:sandbox@127.0.0.1:5432/postgres"
-)
-REQUIRE_POSTGRES = os.environ.get("SANDBOX_REQUIRE_POSTGRES") == "1"
-
-
-def _admin_engine():  # type: ignore[no-untyped-def]
-    return create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-
 
 @pytest.fixture(scope="session")
 def postgres_template() -> Iterator[str]:
     """A migrated template database; each test clones it (CREATE DATABASE ... TEMPLATE is fast)."""
     try:
-        admin = _admin_engine()
+        admin = admin_engine()
         with admin.connect() as connection:
             connection.execute(text("SELECT 1"))
     except Exception as exc:
@@ -57,15 +48,8 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     if request.param == "sqlite":
         yield None
         return
-    template = request.getfixturevalue("postgres_template")
-    name = f"sbx_test_{uuid.uuid4().hex[:12]}"
-    admin = _admin_engine()
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-    yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with cloned_database(request.getfixturevalue("postgres_template")) as url:
+        yield url
 
 
 @pytest.fixture

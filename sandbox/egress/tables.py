@@ -17,6 +17,7 @@ counts, anything else goes to a steward.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -338,7 +339,14 @@ def recompute_rows(dataset_parquet: Path, *, filters: Sequence[Filter], not_null
 
 
 def dataset_rows(dataset_parquet: Path) -> int:
-    return int(pq.read_metadata(dataset_parquet).num_rows)
+    # Versions are immutable files: the footer is read once per file (notebooks ask for every output).
+    info = dataset_parquet.stat()
+    return _parquet_rows(str(dataset_parquet), info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _parquet_rows(path: str, mtime_ns: int, size: int) -> int:
+    return int(pq.read_metadata(path).num_rows)
 
 
 # -- reading the published cells -------------------------------------------------------------------------------------
@@ -482,7 +490,8 @@ def min_cell_count_rule(counts: Sequence[tuple[str, float]], *, minimum: int | N
     """Every non-zero cell counts at least `minimum` (zeros are the zeros rule's)."""
     if minimum is None:
         return CheckResult("min-cell-count", Verdict.PASS, "the policy sets no minimum cell count")
-    small = [f"{label}: {_fmt(count)}" for label, count in counts if label in small_cells(counts, minimum)]
+    flagged = small_cells(counts, minimum)
+    small = [f"{label}: {_fmt(count)}" for label, count in counts if label in flagged]
     if small:
         return CheckResult("min-cell-count", Verdict.BLOCK,
                            f"{len(small)} cell(s) count fewer than {minimum} {unit} (the policy's min_cell_count), "

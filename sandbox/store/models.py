@@ -314,3 +314,18 @@ class OutputReview(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     comment: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column()
+
+
+class NotebookToken(Base):
+    """A token for one notebook session's Jupyter server, bound to the service token that asked for it:
+    it stops working when that token expires or is revoked, or when the session ends. Only its hash is kept."""
+
+    __tablename__ = "notebook_tokens"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    jti: Mapped[str] = mapped_column(String(200))
+    sub: Mapped[str] = mapped_column(String(200))
+    org: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column()

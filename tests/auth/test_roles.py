@@ -73,6 +73,11 @@ ROLE_TABLE: dict[tuple[str, str], frozenset[Role]] = {
     ("POST", "/v1/datasets/{name}/budget-cap"): STEWARD,
     ("POST", "/v1/datasets/{name}/versions/{version}/mock"): STEWARD,
     ("GET", "/v1/datasets/{name}/versions/{version}/mock"): JOB_READERS,
+    ("POST", "/v1/notebooks"): BUYER,
+    ("GET", "/v1/notebooks"): JOB_READERS,
+    ("GET", "/v1/notebooks/{identifier}"): JOB_READERS,
+    ("DELETE", "/v1/notebooks/{identifier}"): BUYER,
+    ("POST", "/v1/notebooks/{identifier}/exports"): BUYER,
 }
 
 PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")

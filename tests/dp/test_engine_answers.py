@@ -1,5 +1,5 @@
 """Accepted DP queries on the demo registry: sensible answers, every public category, stable plan keys."""
-# ruff: noqa: S608 - these tests write SQL on purpose: hostile queries and the truth to compare against
+
 
 from __future__ import annotations
 

@@ -196,7 +196,7 @@ def test_the_bounding_sql_keeps_one_row_per_unit(real: Path, real_table: pa.Tabl
     names = real_table.column_names
     with duckdb.connect() as connection:
         kept = connection.execute(
-            f"SELECT count(*), count(DISTINCT patient_id), max(n) FROM (SELECT patient_id, count(*) OVER "  # noqa: S608
+            f"SELECT count(*), count(DISTINCT patient_id), max(n) FROM (SELECT patient_id, count(*) OVER "
             f"(PARTITION BY patient_id) AS n FROM ({one_row_per_unit_sql('read_parquet($p)', 'patient_id', names)}))",
             {"p": str(real)},
         ).fetchall()[0]

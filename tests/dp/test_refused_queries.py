@@ -1,5 +1,5 @@
 """Hostile DP queries: each is refused at planning with a 422 that names what it tried."""
-# ruff: noqa: S608 - these tests write SQL on purpose: hostile queries and the truth to compare against
+
 
 from __future__ import annotations
 

@@ -1,0 +1,170 @@
+"""The only way to a notebook server: HTTP and WebSocket through the service, after the session's checks.
+
+Clients (JupyterLab, VS Code, jupyter_client) use `<service>/notebooks/<id>/` with the session token as
+Jupyter expects it (`Authorization: token ...` or `?token=`), or the service's own JWT as a bearer token.
+The proxy checks it on every request and every websocket, strips it, and talks to the server over its
+Unix socket with a token only the service knows. Only the Jupyter APIs a client needs are forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from typing import Any
+
+import httpx
+import websockets
+from fastapi import APIRouter, Request, WebSocket
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from starlette.websockets import WebSocketDisconnect
+from websockets.asyncio.client import unix_connect
+
+from sandbox.audit import SystemActor
+from sandbox.auth.tokens import Principal
+from sandbox.errors import Conflict, Forbidden, NotFound, SandboxError, Unauthorized
+from sandbox.instance import Instance
+from sandbox.notebooks.servers import NotebookServers, RunningServer
+from sandbox.notebooks.sessions import session_access
+
+router = APIRouter(tags=["notebooks"], include_in_schema=False)
+
+# What a Jupyter client needs; terminals, nbconvert, server shutdown, events and extensions are not forwarded.
+FORWARDED = re.compile(r"^(api/?|api/(status|me|kernelspecs|kernels|sessions|contents)(/.*)?|files/.+|kernelspecs/.+)$")
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                        "transfer-encoding", "upgrade", "content-length", "content-encoding", "authorization",
+                        "cookie", "host", "set-cookie", "origin", "referer"})
+MAX_WS_MESSAGE = 64 * 1024 * 1024
+
+
+def _credentials(headers: Any, query: Any) -> tuple[str | None, str | None]:
+    """(session token, bearer JWT) from the request, whichever was given."""
+    header = headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "token" and value.strip():
+        return value.strip(), None
+    if scheme.lower() == "bearer" and value.strip():
+        return None, value.strip()
+    token = query.get("token")
+    return (token, None) if token else (None, None)
+
+
+def _authorise(instance: Instance, job_id: str, headers: Any, query: Any) -> None:
+    token, jwt = _credentials(headers, query)
+    if token is None and jwt is None:
+        raise Unauthorized("a notebook session token (Authorization: token ...) or a bearer token is needed")
+    principal: Principal | None = None
+    if jwt is not None:
+        principal = instance.verifier.verify(jwt)
+        if instance.is_revoked(principal.jti):
+            raise Unauthorized("token revoked")
+    with instance.read_context(principal) if principal else _system_read(instance) as ctx:
+        session_access(ctx, job_id, token=token, principal=principal)
+
+
+@contextlib.contextmanager
+def _system_read(instance: Instance) -> Any:
+    with instance.read_context(SystemActor()) as ctx:
+        yield ctx
+
+
+def _servers(request_or_socket: Request | WebSocket) -> NotebookServers:
+    servers: NotebookServers | None = getattr(request_or_socket.app.state, "notebooks", None)
+    if servers is None:
+        raise NotFound("notebooks are not served by this process")
+    return servers
+
+
+async def _server_for(instance: Instance, servers: NotebookServers, job_id: str, headers: Any,
+                      query: Any) -> RunningServer:
+    try:
+        await run_in_threadpool(_authorise, instance, job_id, headers, query)
+    except Forbidden as refusal:
+        await run_in_threadpool(_audit_refusal, instance, job_id, refusal.detail)
+        raise
+    except Conflict:  # the session ended (stopped, cancelled): its server goes too
+        await run_in_threadpool(servers.stop, job_id)
+        raise
+    return await run_in_threadpool(servers.ensure, job_id)
+
+
+def _audit_refusal(instance: Instance, job_id: str, detail: str) -> None:
+    with instance.context(SystemActor()) as ctx:
+        ctx.record("notebook.access.denied", "job", job_id, detail=detail)
+
+
+@router.api_route("/notebooks/{job_id}/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+async def forward(job_id: str, path: str, request: Request) -> Response:
+    instance: Instance = request.app.state.instance
+    if not FORWARDED.match(path):
+        raise NotFound(f"/{path} is not available through the notebook proxy")
+    server = await _server_for(instance, _servers(request), job_id, request.headers, request.query_params)
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    headers["authorization"] = f"token {server.spec.internal_token}"
+    query = httpx.QueryParams([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+    transport = httpx.AsyncHTTPTransport(uds=server.spec.socket)
+    async with httpx.AsyncClient(transport=transport, timeout=120.0) as client:
+        try:
+            answer = await client.request(request.method, f"http://localhost/notebooks/{job_id}/{path}", params=query,
+                                          headers=headers, content=await request.body())
+        except httpx.TransportError as error:
+            raise _Unavailable(f"the notebook server did not answer: {error}") from error
+    kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
+    return Response(content=answer.content, status_code=answer.status_code, headers=kept)
+
+
+class _Unavailable(SandboxError):
+    status = 502
+    title = "Bad gateway"
+    slug = "bad-gateway"
+
+
+@router.websocket("/notebooks/{job_id}/{path:path}")
+async def forward_websocket(websocket: WebSocket, job_id: str, path: str) -> None:
+    instance: Instance = websocket.app.state.instance
+    if not re.fullmatch(r"api/kernels/[0-9a-f-]{36}/channels", path):
+        await websocket.close(code=1008, reason="not a kernel channel")
+        return
+    try:
+        server = await _server_for(instance, _servers(websocket), job_id, websocket.headers, websocket.query_params)
+    except SandboxError as error:
+        await websocket.close(code=1008, reason=error.detail[:120])
+        return
+    query = "&".join(f"{k}={v}" for k, v in websocket.query_params.multi_items() if k != "token")
+    protocols = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    uri = f"ws://localhost/notebooks/{job_id}/{path}" + (f"?{query}" if query else "")
+    try:
+        upstream = await unix_connect(server.spec.socket, uri, subprotocols=protocols or None,
+                                      additional_headers={"Authorization": f"token {server.spec.internal_token}"},
+                                      max_size=MAX_WS_MESSAGE, compression=None, ping_interval=None)
+    except (OSError, websockets.exceptions.WebSocketException):
+        await websocket.close(code=1011, reason="the kernel is not reachable")
+        return
+    await websocket.accept(subprotocol=upstream.subprotocol)
+
+    async def client_to_kernel() -> None:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes") if message.get("bytes") is not None else message.get("text")
+            if data is not None:
+                await upstream.send(data)
+
+    async def kernel_to_client() -> None:
+        async for data in upstream:
+            if isinstance(data, bytes):
+                await websocket.send_bytes(data)
+            else:
+                await websocket.send_text(data)
+
+    tasks = [asyncio.create_task(client_to_kernel()), asyncio.create_task(kernel_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await upstream.close()
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close()

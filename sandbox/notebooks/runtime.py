@@ -1,0 +1,259 @@
+"""The notebook server process's view of its session: the store, the policy, Docker, the egress filter.
+
+One `Runtime` per server process (`runtime()`), built from the spec the service wrote. Audit events
+from the message path are written by a background thread, in order and in batches, so that a
+message is never held up by a database commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import docker
+import structlog
+
+from sandbox.auth.tokens import Principal
+from sandbox.catalog.service import get_dataset, get_version
+from sandbox.config import Settings
+from sandbox.contracts import JobKind, Use, usability_problems
+from sandbox.dp.queries import QueryRequest, job_principal, run_query
+from sandbox.dp.socket_server import DpSocket
+from sandbox.errors import Invalid
+from sandbox.instance import Instance
+from sandbox.notebooks.spec import SessionSpec, notebook_settings
+from sandbox.policies import get_policy_version
+from sandbox.store.models import Contract, Job, JobOutput
+
+if TYPE_CHECKING:
+    from sandbox.notebooks.egress import Held, MessageFilter
+    from sandbox.notebooks.kernels import KernelContainer
+
+log = structlog.get_logger(__name__)
+
+AUDIT_BATCH_S = 0.25
+AUDIT_BATCH_MAX = 500
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime() -> Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = Runtime(SessionSpec.from_environment())
+        return _runtime
+
+
+class Runtime:
+    def __init__(self, spec: SessionSpec) -> None:
+        self.spec = spec
+        self.instance = Instance(Settings(**spec.settings))
+        self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_events, name="notebook-audit", daemon=True)
+        self._writer.start()
+        self._dp_sockets: dict[str, DpSocket] = {}
+        self._lock = threading.Lock()
+        self._held = 0
+
+    # -- facts -----------------------------------------------------------------------------------
+
+    @cached_property
+    def policy(self) -> dict[str, Any]:
+        name, _, version = self.spec.policy.partition("@")
+        with self.instance.read_session() as session:
+            return dict(get_policy_version(session, name, int(version)).body)
+
+    @cached_property
+    def notebook_settings(self) -> dict[str, Any]:
+        return notebook_settings(self.policy)
+
+    @cached_property
+    def docker(self) -> Any:
+        return docker.from_env()
+
+    @cached_property
+    def message_filter(self) -> MessageFilter:
+        from sandbox.egress.content import ensure_fingerprints
+        from sandbox.notebooks.egress import MessageFilter, NotebookRules
+
+        spec = self.spec
+        with self.instance.read_session() as session:
+            card = dict(get_dataset(session, spec.dataset).card)
+            relative = get_version(session, spec.dataset, spec.version).path
+        parquet = self.instance.settings.artifacts_dir / relative
+        index = None
+        if spec.tier == "aggregate":
+            index = ensure_fingerprints(self.instance.settings.artifacts_dir, spec.dataset, spec.version, parquet,
+                                        card)
+        return MessageFilter(NotebookRules.from_policy(self.policy, spec.tier), index=index,
+                             dataset_parquet=parquet, card=card)
+
+    def kernel_refusal(self) -> str | None:
+        """Why no new kernel may start now, or None."""
+        from sandbox.jobs.service import usage_totals
+        from sandbox.notebooks.kernels import live_kernels
+
+        spec = self.spec
+        with self.instance.read_context(self.principal) as ctx:
+            contract = ctx.session.get(Contract, spec.contract)
+            job = ctx.session.get(Job, spec.job)
+            if contract is None or job is None:
+                return "the notebook session is gone"
+            if job.state != "running":
+                return f"the notebook session is {job.state}"
+            problems = usability_problems(contract, Use(kind=JobKind.NOTEBOOK, dataset=spec.dataset, org=spec.org))
+            if problems:
+                return "; ".join(problems)
+            quota_s = float(contract.quotas.get("cpu_hours", 0)) * 3600
+            if usage_totals(ctx, contract.id)["cpu_seconds"] >= quota_s:
+                return f"contract {contract.id} has used its {contract.quotas.get('cpu_hours')} CPU-hours"
+        limit = int(self.notebook_settings["max_kernels_per_contract"])
+        running = live_kernels(self.docker, instance_id=self.instance.instance_id, contract=spec.contract)
+        if len(running) >= limit:
+            return f"contract {spec.contract} already runs {len(running)} kernel(s), its policy's limit"
+        return None
+
+    @property
+    def principal(self) -> Principal:
+        return job_principal(self.spec.job, self.spec.org)
+
+    # -- DP sockets ------------------------------------------------------------------------------
+
+    def open_dp_socket(self, kernel: KernelContainer) -> None:
+        spec = self.spec
+
+        def handle(body: dict[str, Any]) -> dict[str, Any]:
+            unknown = set(body) - {"sql", "epsilon", "rho", "delta"}
+            if unknown:
+                raise Invalid(f"unknown fields {sorted(unknown)}; send sql and epsilon (or rho and delta)")
+            request = QueryRequest(contract=spec.contract, dataset=spec.dataset, **body)
+            return run_query(self.instance, self.principal, request, via=f"notebook:{spec.job}:{kernel.key}")
+
+        with self._lock:
+            self._dp_sockets[kernel.key] = DpSocket(kernel.dp_dir / "dp.sock", handle)
+
+    def close_dp_socket(self, kernel: KernelContainer) -> None:
+        with self._lock:
+            served = self._dp_sockets.pop(kernel.key, None)
+        if served is not None:
+            served.close()
+
+    # -- the store -------------------------------------------------------------------------------
+
+    def record(self, action: str, **details: Any) -> None:
+        """Queue an audit event about this session; written in order by the background writer."""
+        self._events.put((action, details))
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        done = threading.Event()
+        self._events.put(("__flush__", {"event": done}))
+        done.wait(timeout_s)
+
+    def _write_events(self) -> None:
+        # One transaction per batch: events gathered for up to AUDIT_BATCH_S (or until a flush) share a
+        # commit, so a busy kernel's outputs cost the relay a commit now and then, not one each.
+        while True:
+            first = self._events.get()
+            if first is None:
+                return
+            batch, stop = [first], False
+            deadline = time.monotonic() + AUDIT_BATCH_S
+            while len(batch) < AUDIT_BATCH_MAX and batch[-1][0] != "__flush__":
+                try:
+                    item = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            flushes = [details["event"] for action, details in batch if action == "__flush__"]
+            events = [(action, details) for action, details in batch if action != "__flush__"]
+            try:
+                if events:
+                    with self.instance.context(self.principal) as ctx:
+                        for action, details in events:
+                            ctx.record(action, "job", self.spec.job, **details)
+            except Exception:  # the log must not stop the notebook; the error is logged with the events lost
+                log.exception("notebook_audit_write_failed", events=len(events))
+            for event in flushes:
+                event.set()
+            if stop:
+                return
+
+    def add_usage(self, *, cpu_seconds: float, wall_seconds: float, kernel: str) -> None:
+        with self.instance.context(self.principal) as ctx:
+            job = ctx.session.get(Job, self.spec.job, with_for_update=True)
+            if job is None:
+                return
+            usage = dict(job.usage or {})
+            usage["cpu_seconds"] = float(usage.get("cpu_seconds", 0.0)) + cpu_seconds
+            usage["wall_seconds"] = float(usage.get("wall_seconds", 0.0)) + wall_seconds
+            usage["kernels"] = int(usage.get("kernels", 0)) + 1
+            job.usage = usage
+            ctx.record("notebook.kernel.usage", "job", job.id, kernel=kernel, cpu_seconds=round(cpu_seconds, 3),
+                       wall_seconds=round(wall_seconds, 3))
+
+    def hold(self, items: list[Held], *, cell: str | None) -> None:
+        """Store outputs the filter withheld as files of the session that wait for a steward's review."""
+        if not items:
+            return
+        folder = self.instance.settings.artifacts_dir / "jobs" / self.spec.job / "outputs" / "held"
+        folder.mkdir(parents=True, exist_ok=True)
+        with self.instance.context(self.principal) as ctx:
+            job = ctx.session.get(Job, self.spec.job, with_for_update=True)
+            if job is None:
+                return
+            taken = {o.path for o in job.outputs}
+            for item in items:
+                path = _unique(f"held/{item.name}", taken)
+                taken.add(path)
+                stored = folder / Path(path).name
+                stored.write_bytes(item.data)
+                digest = hashlib.sha256(item.data).hexdigest()
+                ctx.session.add(JobOutput(
+                    job_id=job.id, path=path, size=len(item.data), sha256=digest, kind=_kind(item.mime),
+                    verdict="review", checks=[{"rule": rule, "verdict": "review",
+                                               "reason": f"a notebook output withheld for review by {rule}"}
+                                              for rule in item.rules],
+                    status="in_review", stored_path=str(stored.relative_to(self.instance.settings.artifacts_dir)),
+                ))
+                ctx.record("notebook.output.held", "job", job.id, path=path, sha256=digest, size=len(item.data),
+                           mime=item.mime, rules=list(item.rules), cell=cell)
+            job.updated_at = datetime.now(UTC)
+
+    def close(self) -> None:
+        with self._lock:
+            sockets = list(self._dp_sockets.values())
+            self._dp_sockets.clear()
+        for served in sockets:
+            served.close()
+        self._events.put(None)
+        self._writer.join(timeout=10)
+
+
+def _unique(path: str, taken: set[str]) -> str:
+    if path not in taken:
+        return path
+    stem, dot, suffix = path.rpartition(".")
+    number = 2
+    while f"{stem}-{number}{dot}{suffix}" in taken:
+        number += 1
+    return f"{stem}-{number}{dot}{suffix}"
+
+
+def _kind(mime: str) -> str:
+    if mime.startswith("image/") or mime == "application/pdf":
+        return "figure"
+    if mime in ("text/html", "application/json", "text/csv"):
+        return "table"
+    return "text"
+

@@ -1,0 +1,92 @@
+"""The notebook server process: `python -m sandbox.notebooks.server`, started by the service per session.
+
+A stock jupyter_server, configured so that it listens on a Unix socket only, knows one kernel (the
+sandbox container), filters every kernel message in its websocket bridge, serves notebooks and code
+from the workspace only, has no terminals, culls idle kernels and rate-limits output.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from traitlets.config import Config
+
+from sandbox.notebooks.runtime import runtime
+
+
+def server_config() -> Config:
+    rt = runtime()
+    spec, settings = rt.spec, rt.notebook_settings
+    config = Config()
+    app: Any = config.ServerApp
+    app.sock = spec.socket
+    app.sock_mode = "0600"
+    app.base_url = spec.base_url
+    app.root_dir = spec.workspace
+    app.open_browser = False
+    app.terminals_enabled = False
+    app.allow_root = True
+    config.IdentityProvider.token = spec.internal_token
+    app.kernel_websocket_connection_class = "sandbox.notebooks.bridge.FilteredKernelConnection"
+    app.kernel_manager_class = "sandbox.notebooks.kernels.SandboxKernelManager"
+    app.kernel_spec_manager_class = "sandbox.notebooks.kernels.SandboxKernelSpecManager"
+    app.contents_manager_class = "sandbox.notebooks.contents.WorkspaceContentsManager"
+    app.jpserver_extensions = {}
+    relay: Any = config.ZMQChannelsWebsocketConnection
+    relay.iopub_msg_rate_limit = float(settings["max_messages_per_s"])
+    relay.iopub_data_rate_limit = float(settings["max_output_kb"]) * 1024 * 4
+    relay.rate_limit_window = 3.0
+    app.shutdown_no_activity_timeout = 0
+    kernels: Any = config.MappingKernelManager
+    kernels.default_kernel_name = "sandbox"
+    kernels.cull_idle_timeout = int(settings["idle_timeout_s"])
+    kernels.cull_interval = int(spec.cull_interval_s)
+    kernels.cull_connected = True
+    kernels.cull_busy = False
+    # Tracebacks pass through the egress filter like any output.
+    kernels.allow_tracebacks = True
+    config.KernelManager.transport = "ipc"
+    config.KernelManager.shutdown_wait_time = 2.0
+    config.ContentsManager.allow_hidden = False
+    config.FileContentsManager.delete_to_trash = False
+    config.FileContentsManager.always_delete_dir = True
+    return config
+
+
+def stop_with_parent(interval_s: float = 0.5) -> None:
+    """End this server (as SIGTERM does: kernels shut down) once the service that started it is gone.
+
+    A service killed outright (SIGKILL, a crash) cannot stop its servers; without this they would
+    keep their kernels, and restart them, with nobody left to relay or audit their messages.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main() -> None:
+    from jupyter_server.serverapp import ServerApp
+
+    stop_with_parent()
+    rt = runtime()
+    app = ServerApp(config=server_config())
+    # SIGTERM stops the loop; the server then shuts its kernels down, which removes their containers.
+    app.initialize(argv=[], find_extensions=False, new_httpserver=True)
+    try:
+        app.start()
+    finally:
+        rt.flush()
+        rt.close()
+
+
+if __name__ == "__main__":
+    main()

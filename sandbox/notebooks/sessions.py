@@ -1,0 +1,240 @@
+"""Notebook sessions in the store: a session is a job of kind `notebook`, running while its server lives.
+
+Its usage (kernel CPU and wall time) counts against the contract like any job's, and files exported from
+its workspace, and outputs the filter withheld for review, are its outputs: the review queue, the report
+and the signed download work on them as on any job's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sqlalchemy import select
+
+from sandbox.auth.tokens import Principal, Role
+from sandbox.catalog.service import get_dataset, get_version
+from sandbox.context import Context
+from sandbox.contracts import JobKind, Tier, Use, get_contract, require_usable, usability_problems
+from sandbox.dp.mock_publication import find_mock
+from sandbox.egress import OutputFacts, detect_kind
+from sandbox.egress.content import ContentContext, content_checks, ensure_fingerprints
+from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
+from sandbox.images import ImageBuildError, image_digest
+from sandbox.jobs.lifecycle import JobState
+from sandbox.jobs.service import get_job, job_id, move, settle_review, sign_manifest, usage_totals
+from sandbox.notebooks.spec import notebook_settings
+from sandbox.policies import get_policy_version
+from sandbox.store.models import ImageRecord, Job, JobOutput, NotebookToken
+
+KERNEL_IMAGE = "notebook"  # the policy's name for kernel images
+KERNEL_IMAGE_BUILD = "analysis"  # the built image that carries ipykernel
+HEAD_BYTES = 8192
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def kernel_image_id(ctx: Context) -> str:
+    """The kernel image's id, as the worker published it, or as this machine's engine has it."""
+    record = ctx.session.get(ImageRecord, KERNEL_IMAGE_BUILD)
+    if record is not None:
+        return record.image_id
+    try:
+        return image_digest(KERNEL_IMAGE_BUILD)
+    except ImageBuildError as error:
+        raise Conflict(f"the kernel image ({KERNEL_IMAGE_BUILD}) is not available on this machine; "
+                       "the operator builds it with `sandbox images build`") from error
+
+
+def start_session(ctx: Context, *, contract_id: str, dataset: str, version: int | None = None) -> tuple[Job, bool]:
+    """The buyer's running session for (contract, dataset), or a new one; and whether it is new."""
+    buyer = ctx.require_role(Role.BUYER)
+    contract = require_usable(ctx, contract_id, kind=JobKind.NOTEBOOK, dataset=dataset)
+    existing = ctx.session.execute(select(Job).where(
+        Job.kind == JobKind.NOTEBOOK.value, Job.state == JobState.RUNNING.value, Job.contract_id == contract.id,
+        Job.dataset == dataset, Job.buyer_org == buyer.org).order_by(Job.created_at)).scalars().first()
+    if existing is not None and (version is None or existing.dataset_version == version):
+        return existing, False
+    chosen = get_version(ctx.session, dataset, version)
+    if contract.tier == Tier.DP_ONLY.value and find_mock(ctx.session, chosen) is None:
+        raise Conflict(f"dp_only notebooks run on the DP mock, and {dataset}@{chosen.version} has none yet; "
+                       "a steward publishes it")
+    policy = get_policy_version(ctx.session, contract.policy_name, contract.policy_version)
+    if KERNEL_IMAGE not in policy.body["runtime"]["allowed_images"]:
+        raise Forbidden(f"policy {policy.name}@{policy.version} does not allow notebook kernels", object=contract.id)
+    quota_s = float(contract.quotas.get("cpu_hours", 0)) * 3600
+    if usage_totals(ctx, contract.id)["cpu_seconds"] >= quota_s:
+        raise Forbidden(f"contract {contract.id} has used its {contract.quotas.get('cpu_hours')} CPU-hours",
+                        object=contract.id)
+    settings = notebook_settings(policy.body)
+    now = datetime.now(UTC)
+    job = Job(
+        id=job_id(), contract_id=contract.id, buyer_org=buyer.org, submitted_by=buyer.sub, dataset=dataset,
+        dataset_version=chosen.version, kind=JobKind.NOTEBOOK.value, tier=contract.tier,
+        policy=f"{policy.name}@{policy.version}", image=KERNEL_IMAGE, image_id=kernel_image_id(ctx),
+        command=["jupyter-kernel"],
+        resources={"cpus": float(settings["kernel_cpus"]), "memory_mb": int(settings["kernel_memory_mb"]),
+                   "timeout_s": int(float(settings["max_kernel_hours"]) * 3600), "gpus": 0},
+        code_sha256="", code_bytes=0, state=JobState.RUNNING.value, reason="notebook session",
+        usage={}, created_at=now, updated_at=now, started_at=now,
+    )
+    ctx.session.add(job)
+    ctx.session.flush()
+    ctx.record("notebook.start", "job", job.id, contract=contract.id, dataset=f"{dataset}@{chosen.version}",
+               tier=contract.tier, image_id=job.image_id)
+    return job, True
+
+
+def issue_session_token(ctx: Context, job: Job, principal: Principal) -> str:
+    """A new token for the session's server, valid no longer than the caller's own token and the contract."""
+    contract = get_contract(ctx, job.contract_id)
+    token = secrets.token_urlsafe(32)
+    expires = min(principal.expires_at, contract.valid_until)
+    ctx.session.add(NotebookToken(token_sha256=_hash(token), job_id=job.id, jti=principal.jti, sub=principal.sub,
+                                  org=principal.org, expires_at=expires, created_at=datetime.now(UTC)))
+    ctx.record("notebook.token.issue", "job", job.id, expires_at=expires.isoformat())
+    return token
+
+
+def session_access(ctx: Context, job_id_: str, *, token: str | None, principal: Principal | None) -> Job:
+    """The running session that `token` (a session token) or `principal` (a service token) may use.
+
+    Every failure looks the same to the caller, so that a guess learns nothing.
+    """
+    job = ctx.session.get(Job, job_id_)
+    denied = Forbidden("no access to this notebook session", object=job_id_)
+    if job is None or job.kind != JobKind.NOTEBOOK.value:
+        raise denied
+    now = datetime.now(UTC)
+    if principal is not None:
+        if principal.role is not Role.BUYER or principal.org != job.buyer_org:
+            raise denied
+        jti = principal.jti
+    elif token:
+        record = ctx.session.get(NotebookToken, _hash(token))
+        if record is None or record.job_id != job.id or record.expires_at <= now:
+            raise denied
+        jti = record.jti
+    else:
+        raise denied
+    from sandbox.store.models import RevokedToken
+
+    if ctx.session.get(RevokedToken, jti) is not None:
+        raise denied
+    if job.state != JobState.RUNNING.value:
+        raise Conflict(f"notebook session {job.id} is {job.state}")
+    contract = get_contract(ctx, job.contract_id)
+    problems = usability_problems(contract, Use(kind=JobKind.NOTEBOOK, dataset=job.dataset, org=job.buyer_org), now)
+    if problems:
+        raise Forbidden("; ".join(problems), object=job.id)
+    return job
+
+
+def get_session(ctx: Context, identifier: str) -> Job:
+    job = get_job(ctx, identifier)
+    if job.kind != JobKind.NOTEBOOK.value:
+        raise NotFound(f"no notebook session {identifier}")
+    return job
+
+
+def list_sessions(ctx: Context) -> list[Job]:
+    principal = ctx.require_role(Role.BUYER, Role.STEWARD)
+    query = select(Job).where(Job.kind == JobKind.NOTEBOOK.value).order_by(Job.created_at.desc()).limit(200)
+    if principal.role is Role.BUYER:
+        query = query.where(Job.buyer_org == principal.org)
+    return list(ctx.session.execute(query).scalars())
+
+
+def stop_session(ctx: Context, identifier: str, *, signer: Any, reason: str = "stopped") -> Job:
+    """End the session: exports still in review keep the job in review; otherwise it is done."""
+    job = get_session(ctx, identifier)
+    job = get_job(ctx, job.id, for_update=True)
+    if job.state != JobState.RUNNING.value:
+        return job
+    job.exit_code = 0
+    job.finished_at = datetime.now(UTC)
+    move(ctx, job, JobState.CHECKING, reason=f"notebook session {reason}")
+    ctx.session.flush()
+    ctx.session.refresh(job)
+    sign_manifest(job, signer)
+    move(ctx, job, JobState.IN_REVIEW)
+    settle_review(ctx, job)
+    return job
+
+
+def session_view(job: Job, *, url: str | None = None, token: str | None = None) -> dict[str, Any]:
+    view: dict[str, Any] = {"id": job.id, "contract": job.contract_id, "dataset": job.dataset,
+                            "version": job.dataset_version, "tier": job.tier, "state": job.state,
+                            "usage": job.usage, "created_at": job.created_at.isoformat(),
+                            "exports": [{"path": o.path, "status": o.status, "kind": o.kind} for o in job.outputs]}
+    if url is not None:
+        view["url"] = url
+    if token is not None:
+        view["token"] = token
+    return view
+
+
+def export_file(ctx: Context, identifier: str, path: str, *, workspace: Path) -> JobOutput:
+    """Copy a workspace file into the session's outputs, checked, to wait for a steward's review."""
+    buyer = ctx.require_role(Role.BUYER)
+    job = get_job(ctx, identifier, for_update=True)
+    if job.kind != JobKind.NOTEBOOK.value or job.buyer_org != buyer.org:
+        raise NotFound(f"no notebook session {identifier}")
+    if job.state != JobState.RUNNING.value:
+        raise Conflict(f"notebook session {job.id} is {job.state}; exports are taken from a running session")
+    relative = PurePosixPath(path.strip("/"))
+    if not relative.parts or any(part in ("..", ".") or part.startswith(".") for part in relative.parts):
+        raise Invalid(f"{path!r} is not a file of the workspace")
+    source = workspace.joinpath(*relative.parts)
+    current = workspace
+    for part in relative.parts:  # no link anywhere on the way: the kernel writes this folder
+        current = current / part
+        if current.is_symlink():
+            raise Invalid(f"{path!r} is a link; only regular files can be exported")
+    if not source.is_file():
+        raise NotFound(f"the workspace has no file {path!r}")
+    policy_name, _, policy_version = job.policy.partition("@")
+    policy = get_policy_version(ctx.session, policy_name, int(policy_version)).body
+    limit = int(float(policy["egress"]["max_file_mb"]) * 1024 * 1024)
+    size = source.stat().st_size
+    if size > limit:
+        raise Invalid(f"{path} is {size} bytes; the policy exports files up to {limit} bytes")
+    export_path = f"exports/{relative.as_posix()}"
+    if any(o.path == export_path and o.status == "in_review" for o in job.outputs):
+        raise Conflict(f"{path} is already waiting for review")
+    destination = ctx.settings.artifacts_dir / "jobs" / job.id / "outputs" / "exports" / relative.as_posix()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, destination)
+    data = destination.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    facts = OutputFacts(path=export_path, size=len(data), head=data[:HEAD_BYTES])
+    kind, checks = detect_kind(facts)
+    version = get_version(ctx.session, job.dataset, job.dataset_version)
+    card = get_dataset(ctx.session, job.dataset).card
+    parquet = ctx.settings.artifacts_dir / version.path
+    index = ensure_fingerprints(ctx.settings.artifacts_dir, job.dataset, job.dataset_version, parquet, card)
+    content = content_checks(facts, kind, data, ContentContext(index=index, dataset_parquet=parquet, card=card,
+                                                               policy=policy))
+    results = [*checks, *(content or [])]
+    blocked = any(c.verdict.value == "block" for c in results)
+    output = next((o for o in job.outputs if o.path == export_path), None)
+    if output is None:
+        output = JobOutput(job_id=job.id, path=export_path)
+        ctx.session.add(output)
+    output.size, output.sha256, output.kind = len(data), digest, kind.value
+    output.verdict = "block" if blocked else "review"
+    output.checks = [c.as_dict() for c in results] + [
+        {"rule": "notebook-export", "verdict": "review", "reason": "files leave a notebook only after review"}]
+    output.status = "blocked" if blocked else "in_review"
+    output.stored_path = str(destination.relative_to(ctx.settings.artifacts_dir))
+    output.decided_by = output.decided_at = None
+    ctx.session.flush()
+    ctx.record("notebook.export", "job", job.id, path=export_path, sha256=digest, size=len(data),
+               status=output.status, rules=[c.rule for c in results if c.verdict.value != "pass"])
+    return output

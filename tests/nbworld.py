@@ -1,0 +1,251 @@
+"""A real service on a loopback port with notebook sessions, and a Jupyter websocket client that speaks
+the wire protocol as JupyterLab does (fixtures and helpers for tests/notebooks)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from helpers import Tokens, auth, register_demo
+from jobworld import docker_client
+from websockets.sync.client import connect
+
+from runners.docker import DockerRunner
+from sandbox.api.app import create_app
+from sandbox.config import Settings
+from sandbox.instance import Instance, init_instance
+from sandbox.worker import Worker
+
+DATASET = "carotid-stenting"
+
+
+class LiveServer:
+    """uvicorn serving the app in a thread, on a free loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        self.config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise AssertionError("the service did not start")
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+@dataclass
+class KernelReply:
+    """What one execute request produced, as the client saw it."""
+
+    reply: dict[str, Any]
+    iopub: list[dict[str, Any]] = field(default_factory=list)
+
+    def of_type(self, *types: str) -> list[dict[str, Any]]:
+        return [m for m in self.iopub if m["msg_type"] in types]
+
+    @property
+    def stdout(self) -> str:
+        return "".join(m["content"]["text"] for m in self.of_type("stream") if m["content"]["name"] == "stdout")
+
+    @property
+    def text(self) -> str:
+        """Everything the client received, as one string (to look for what must not be there)."""
+        return json.dumps([self.reply, *self.iopub])
+
+
+class JupyterKernel:
+    """A kernel started through the service's proxy and driven over its websocket (Jupyter's JSON protocol)."""
+
+    def __init__(self, base: str, token: str, *, kernel_id: str | None = None) -> None:
+        self.base, self.token = base, token
+        headers = {"Authorization": f"token {token}"}
+        if kernel_id is None:
+            started = httpx.post(f"{base}api/kernels", headers=headers, json={"name": "sandbox"}, timeout=60)
+            assert started.status_code == 201, started.text
+            kernel_id = started.json()["id"]
+        self.id = kernel_id
+        ws_base = base.replace("http://", "ws://")
+        self.session = uuid.uuid4().hex
+        self.ws = connect(f"{ws_base}api/kernels/{kernel_id}/channels?session_id={self.session}",
+                          additional_headers=headers, max_size=64 * 1024 * 1024, open_timeout=30)
+        self.wait_ready()
+
+    def send(self, msg_type: str, content: dict[str, Any], channel: str = "shell") -> str:
+        msg_id = uuid.uuid4().hex
+        self.ws.send(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": msg_type, "session": self.session, "username": "test",
+                       "date": datetime.now(UTC).isoformat(), "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "content": content, "channel": channel, "buffers": [],
+        }))
+        return msg_id
+
+    def receive(self, timeout: float) -> dict[str, Any]:
+        raw = self.ws.recv(timeout=timeout)
+        message: dict[str, Any] = json.loads(raw)
+        return message
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg_id = self.send("kernel_info_request", {})
+            try:
+                while True:
+                    message = self.receive(timeout=2)
+                    if message["msg_type"] == "kernel_info_reply" and message["parent_header"].get("msg_id") == msg_id:
+                        return
+            except TimeoutError:
+                continue
+        raise AssertionError("the kernel did not answer kernel_info")
+
+    def request(self, msg_type: str, content: dict[str, Any], *, timeout: float = 60,
+                channel: str = "shell") -> KernelReply:
+        """Send a request; collect its iopub messages until the kernel is idle and the reply came."""
+        msg_id = self.send(msg_type, content, channel=channel)
+        result = KernelReply(reply={})
+        idle = False
+        deadline = time.monotonic() + timeout
+        while not (idle and result.reply):
+            message = self.receive(timeout=max(0.1, deadline - time.monotonic()))
+            if message.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if message["channel"] == "iopub":
+                if message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
+                    idle = True
+                elif message["msg_type"] != "status":
+                    result.iopub.append(message)
+            elif message["msg_type"].endswith("_reply"):
+                result.reply = message
+        return result
+
+    def execute(self, code: str, **content: Any) -> KernelReply:
+        return self.request("execute_request", {"code": code, "silent": False, "store_history": True,
+                                                "user_expressions": {}, "allow_stdin": False, "stop_on_error": True,
+                                                **content})
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+@dataclass
+class NotebookWorld:
+    url: str
+    app: Any
+    instance: Instance
+    http: httpx.Client
+    steward: str
+    buyer: str
+    contracts: dict[str, str]
+    sessions: list[str] = field(default_factory=list)
+    kernels: list[JupyterKernel] = field(default_factory=list)
+    by_tier: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kernel_by_tier: dict[str, JupyterKernel] = field(default_factory=dict)
+
+    def session(self, tier: str) -> dict[str, Any]:
+        """The tier's session, started once for the module."""
+        if tier not in self.by_tier:
+            self.by_tier[tier] = self.start(tier)
+        return self.by_tier[tier]
+
+    def shared_kernel(self, tier: str) -> JupyterKernel:
+        if tier not in self.kernel_by_tier:
+            self.kernel_by_tier[tier] = self.kernel(self.session(tier))
+        return self.kernel_by_tier[tier]
+
+    def version_file(self) -> Path:
+        return self.instance.settings.artifacts_dir / "datasets" / DATASET / "v1.parquet"
+
+    def mock_file(self) -> Path:
+        return self.instance.settings.artifacts_dir / "datasets" / DATASET / "v1.mock.parquet"
+
+    def patient_ids(self) -> list[str]:
+        import pyarrow.parquet as pq
+
+        return [str(v) for v in pq.read_table(self.version_file(), columns=["patient_id"]).column(0).to_pylist()]
+
+    def start(self, tier: str, *, token: str | None = None, expect: int = 201) -> dict[str, Any]:
+        response = self.http.post("/v1/notebooks", headers=auth(token or self.buyer),
+                                  json={"contract": self.contracts[tier], "dataset": DATASET})
+        assert response.status_code == expect, response.text
+        body: dict[str, Any] = response.json()
+        if expect == 201:
+            self.sessions.append(body["id"])
+        return body
+
+    def kernel(self, session: dict[str, Any]) -> JupyterKernel:
+        kernel = JupyterKernel(session["url"], session["token"])
+        self.kernels.append(kernel)
+        return kernel
+
+    def audit(self, action: str) -> list[dict[str, Any]]:
+        response = self.http.get("/v1/audit", params={"action": action, "limit": 1000}, headers=auth(self.steward))
+        assert response.status_code == 200, response.text
+        events: list[dict[str, Any]] = response.json()
+        return events
+
+
+def make_notebook_world(instance: Instance, tokens: Tokens, tmp_path: Path) -> Iterator[NotebookWorld]:
+    docker_client()
+    Worker(instance, DockerRunner(state_dir=tmp_path / "runner", instance_id=instance.instance_id)).refresh_images()
+    app = create_app(instance)
+    with LiveServer(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        steward = tokens.steward(org="hospital")
+        register_demo(http, steward, tmp_path, procedures=300)  # type: ignore[arg-type]
+        mock = http.post(f"/v1/datasets/{DATASET}/versions/1/mock", headers=auth(steward), json={"epsilon": 1.0})
+        assert mock.status_code == 201, mock.text
+        contracts = {}
+        for tier in ("dp_only", "aggregate", "trusted"):
+            created = http.post("/v1/contracts", headers=auth(steward), json={
+                "buyer_org": "acme", "datasets": [DATASET], "tier": tier, "kinds": ["notebook", "query"],
+                "purpose": f"notebooks ({tier})", "valid_until": "2099-01-01", "epsilon": 5.0,
+                "quotas": {"concurrent_jobs": 4, "cpu_hours": 10}})
+            assert created.status_code == 201, created.text
+            contracts[tier] = created.json()["id"]
+        world = NotebookWorld(url=url, app=app, instance=instance, http=http, steward=steward,
+                              buyer=tokens.buyer(org="acme"), contracts=contracts)
+        try:
+            yield world
+        finally:
+            for kernel in world.kernels:
+                kernel.close()
+            for session in world.sessions:
+                http.delete(f"/v1/notebooks/{session}", headers=auth(world.buyer))
+    left = [c.name for c in docker_client().containers.list(
+        all=True, filters={"label": f"org.sandbox.instance={instance.instance_id}"})]
+    assert not left, f"containers left behind: {left}"
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def nb_world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NotebookWorld]:
+    """One service, dataset and set of contracts for a whole test module, on SQLite and on PostgreSQL."""
+    from pgdb import cloned_database
+
+    tmp = tmp_path_factory.mktemp("notebooks")
+    with ExitStack() as stack:
+        url = None
+        if request.param == "postgres":
+            url = stack.enter_context(cloned_database(request.getfixturevalue("postgres_template")))
+        settings = Settings(home=tmp / "home", database_url=url, log_json=True, notebook_cull_interval_s=1)
+        init_instance(settings)
+        instance = Instance(settings)
+        stack.callback(instance.close)
+        yield from make_notebook_world(instance, Tokens(instance), tmp)

@@ -1,0 +1,35 @@
+"""PostgreSQL databases for tests: the server's address, and fresh databases cloned from a migrated template."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+POSTGRES_URL = os.environ.get(
+    "SANDBOX_TEST_POSTGRES_URL", "postgresql+psycopg://sandbox:sandbox@127.0.0.1:5432/postgres"
+)
+REQUIRE_POSTGRES = os.environ.get("SANDBOX_REQUIRE_POSTGRES") == "1"
+
+
+def admin_engine() -> Engine:
+    return create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+
+
+@contextmanager
+def cloned_database(template: str) -> Iterator[str]:
+    """A fresh PostgreSQL database cloned from the migrated template, dropped afterwards."""
+    name = f"sbx_test_{uuid.uuid4().hex[:12]}"
+    admin = admin_engine()
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
