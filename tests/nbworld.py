@@ -137,10 +137,10 @@ class JupyterKernel:
                 result.reply = message
         return result
 
-    def execute(self, code: str, **content: Any) -> KernelReply:
+    def execute(self, code: str, *, timeout: float = 60, **content: Any) -> KernelReply:
         return self.request("execute_request", {"code": code, "silent": False, "store_history": True,
                                                 "user_expressions": {}, "allow_stdin": False, "stop_on_error": True,
-                                                **content})
+                                                **content}, timeout=timeout)
 
     def close(self) -> None:
         self.ws.close()

@@ -318,7 +318,7 @@ class _TableParser:
                     self.handle_endtag(tag)
                 else:
                     spans = [(name.lower(), value) for name, value in _SPAN_ATTRIBUTE.findall(attributes or "")]
-                    self.handle_starttag(tag, spans)  # type: ignore[arg-type]
+                    self.handle_starttag(tag, spans)
             else:
                 self.handle_data(html.unescape(text) if text is not None else stray)
 

@@ -23,11 +23,14 @@ from typing import Any
 import docker
 import docker.errors
 import docker.types
+import zmq
+import zmq.asyncio
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from tornado import web
+from traitlets import default
 
 from runners.base import LABEL_INSTANCE, LABEL_JOB, LABEL_MANAGED, JobDefinition, Resources
 from runners.cgroup_usage import read_cgroup_usage
@@ -67,8 +70,26 @@ class SandboxKernelSpecManager(KernelSpecManager):
         return {KERNEL_NAME: {"resource_dir": "", "spec": kernel_spec().to_dict()}}
 
 
+# No message from a kernel may be larger: the server would hold it in memory before the filter sees it.
+MAX_KERNEL_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class BoundedContext(zmq.asyncio.Context):
+    """ZeroMQ sockets that drop a peer sending a message over MAX_KERNEL_MESSAGE_BYTES."""
+
+    def socket(self, socket_type: int, *args: Any, **kwargs: Any) -> Any:
+        sock = super().socket(socket_type, *args, **kwargs)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_KERNEL_MESSAGE_BYTES)
+        return sock
+
+
 class SandboxKernelManager(AsyncMappingKernelManager):
     """Refuses kernels the contract may not have: over its kernel limit, out of CPU-hours, or no longer valid."""
+
+    @default("context")
+    def _bounded_context(self) -> zmq.asyncio.Context:
+        self._created_context = True
+        return BoundedContext()
 
     async def start_kernel(self, *, kernel_id: str | None = None, path: str | None = None,  # type: ignore[override]
                            **kwargs: Any) -> str:

@@ -4,6 +4,7 @@ real hardened containers. What a researcher does, and what a hostile kernel trie
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -427,3 +428,33 @@ def test_stopping_a_session_meters_usage_and_removes_everything(nb_world: Notebo
     assert usage[nb_world.contracts["dp_only"]]["cpu_hours"] > 0, "kernel CPU counts against the contract"
     refused = httpx.get(f"{session['url']}api/status", headers={"Authorization": f"token {session['token']}"})
     assert refused.status_code == 409, "a stopped session's token opens nothing"
+
+
+def test_an_input_prompt_carries_no_rows(nb_world: NotebookWorld) -> None:
+    kernel = nb_world.shared_kernel("aggregate")
+    kernel.execute(f"import pandas as pd\ndf = pd.read_parquet('/data/{DATASET}.parquet')")
+    msg_id = kernel.send("execute_request", {"code": "answer = input(df.head(20).to_string())", "silent": False,
+                                             "store_history": False, "user_expressions": {}, "allow_stdin": True})
+    deadline = time.monotonic() + 30
+    prompt = None
+    while prompt is None and time.monotonic() < deadline:
+        message = kernel.receive(timeout=30)
+        if message["channel"] == "stdin" and message["parent_header"].get("msg_id") == msg_id:
+            prompt = message
+    assert prompt is not None and prompt["msg_type"] == "input_request"
+    _no_ids(nb_world, json.dumps(prompt))
+    assert "leak-scan" in prompt["content"]["prompt"]
+    kernel.send("input_reply", {"value": "ok"}, channel="stdin")
+    while True:  # the kernel goes on once it has its answer
+        message = kernel.receive(timeout=30)
+        if message["msg_type"] == "execute_reply" and message["parent_header"].get("msg_id") == msg_id:
+            assert message["content"]["status"] == "ok"
+            break
+
+
+def test_a_flood_of_outputs_is_rate_limited(nb_world: NotebookWorld) -> None:
+    kernel = nb_world.shared_kernel("trusted")
+    flood = kernel.execute("from IPython.display import display\nfor i in range(1500):\n    display(i)", timeout=180)
+    shown = len(flood.of_type("display_data"))
+    assert shown < 1500, "every message of the flood was relayed"
+    assert "rate exceeded" in flood.text
