@@ -76,30 +76,47 @@ class AuditLog:
         object_id: str,
         details: dict[str, Any] | None = None,
     ) -> AuditEvent:
+        return self.record_many(session, actor=actor, events=[(action, object_type, object_id, details)])[0]
+
+    def record_many(
+        self,
+        session: Session,
+        *,
+        actor: Principal | SystemActor,
+        events: list[tuple[str, str, str, dict[str, Any] | None]],
+    ) -> list[AuditEvent]:
+        """Append (action, object_type, object_id, details) events in order: one lock on the head, one
+        signature over the new head, however many events (a notebook's outputs come in batches)."""
         # FOR UPDATE on PostgreSQL; on SQLite the transaction already holds the write lock.
         head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one()
-        # The JSON round trip makes the stored details exactly what the hash covered.
-        clean_details = json.loads(json.dumps(details or {}, default=str))
-        event = AuditEvent(
-            seq=head.seq + 1,
-            at=datetime.now(UTC),
-            actor=actor.sub,
-            org=actor.org,
-            role=str(actor.role),
-            action=action,
-            object_type=object_type,
-            object_id=str(object_id),
-            details=clean_details,
-            prev_hash=head.hash,
-            hash="",
-        )
-        event.hash = event_hash(event_fields(event))
-        session.add(event)
-        head.seq = event.seq
-        head.hash = event.hash
-        head.signature = self._key.sign(_head_message(event.seq, event.hash)).hex()
+        appended = []
+        seq, previous = head.seq, head.hash
+        for action, object_type, object_id, details in events:
+            # The JSON round trip makes the stored details exactly what the hash covered.
+            clean_details = json.loads(json.dumps(details or {}, default=str))
+            seq += 1
+            event = AuditEvent(
+                seq=seq,
+                at=datetime.now(UTC),
+                actor=actor.sub,
+                org=actor.org,
+                role=str(actor.role),
+                action=action,
+                object_type=object_type,
+                object_id=str(object_id),
+                details=clean_details,
+                prev_hash=previous,
+                hash="",
+            )
+            event.hash = previous = event_hash(event_fields(event))
+            appended.append(event)
+        if not appended:
+            return appended
+        session.add_all(appended)
+        head.seq, head.hash = seq, previous
+        head.signature = self._key.sign(_head_message(seq, previous)).hex()
         session.flush()
-        return event
+        return appended
 
 
 @dataclass(frozen=True)

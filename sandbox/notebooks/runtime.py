@@ -180,8 +180,8 @@ class Runtime:
             try:
                 if events:
                     with self.instance.context(self.principal) as ctx:
-                        for action, details in events:
-                            ctx.record(action, "job", self.spec.job, **details)
+                        ctx.audit.record_many(ctx.session, actor=ctx.actor, events=[
+                            (action, "job", self.spec.job, details) for action, details in events])
             except Exception:  # the log must not stop the notebook; the error is logged with the events lost
                 log.exception("notebook_audit_write_failed", events=len(events))
             for event in flushes:

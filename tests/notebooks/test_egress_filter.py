@@ -340,6 +340,25 @@ def test_html_tables_read_pandas_layouts(frame: pd.DataFrame) -> None:
     assert numbers.column("delta").to_pylist() == [-1234, -56, 7]
 
 
+def test_the_fast_table_reader_agrees_with_the_full_parser(frame: pd.DataFrame) -> None:
+    from sandbox.notebooks.egress import _BETWEEN_TAGS, _regular_tables, _TableParser
+
+    layouts = [frame.head(30).to_html(), frame.groupby(["site", "sex"]).size().to_frame("n")._repr_html_(),
+               frame.groupby(["site", "stent_type"]).size().unstack()._repr_html_(),
+               frame.head(10).style.to_html(), "<table><tr><td>7<b></b>2</td><td>a &amp; b</td></tr></table>"]
+    for document in layouts:
+        fast = _regular_tables(document)
+        assert fast is not None, "pandas markup takes the fast path"
+        parser = _TableParser()
+        parser.feed(_BETWEEN_TAGS.sub("><", document))
+        parser.close()
+        def cells(tables: list[Any]) -> list[Any]:
+            return [[(head, [(c.header, " ".join("".join(c.text).split()), c.colspan, c.rowspan) for c in row])
+                     for head, row in rows] for rows in tables]
+        assert cells(fast) == cells(parser.tables)
+    assert _regular_tables("<table><tr><td><table><tr><td>1</td></tr></table></td></tr></table>") is None
+
+
 # -- aggregate: figures, mime types, buffers -------------------------------------------------------------------------
 
 
