@@ -280,11 +280,12 @@ def _compile(function: Any, *, inline: bool = False) -> Any:
         return _numba.njit(cache=False, nogil=True, inline=mode)(function)
 
 
-def _intrinsics() -> tuple[Any, Any]:
-    """Two LLVM operations numba does not offer: a cache prefetch of `array[index]`, which lets the
-    lookups below overlap their cache misses, and an unaligned 8-byte load of `raw[at:at + 8]`."""
+def _intrinsics() -> tuple[Any, Any, Any]:
+    """Three LLVM operations numba does not offer: a cache prefetch of `array[index]`, which lets the
+    lookups below overlap their cache misses, an unaligned 8-byte load of `raw[at:at + 8]`, and a count of
+    a word's trailing zero bits."""
     if _numba is None:
-        return None, None
+        return None, None, None
     from llvmlite import ir  # type: ignore[import-not-found,import-untyped,unused-ignore]
     from numba.core import cgutils, types  # type: ignore[import-not-found,import-untyped,unused-ignore]
     from numba.extending import intrinsic  # type: ignore[import-not-found,import-untyped,unused-ignore]
@@ -313,10 +314,16 @@ def _intrinsics() -> tuple[Any, Any]:
             return builder.load(address, align=1)
         return types.uint64(raw, types.intp), codegen
 
-    return prefetch, load_word
+    @intrinsic
+    def trailing_zeros(typingctx: Any, word: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+        return types.uint64(types.uint64), codegen
+
+    return prefetch, load_word, trailing_zeros
 
 
-_prefetch, _load_unaligned = _intrinsics()
+_prefetch, _load_unaligned, _trailing_zeros = _intrinsics()
 
 
 def _fmix_word(x: np.uint64) -> np.uint64:
@@ -403,40 +410,78 @@ def _canonical_hash(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], 
     return (h ^ negative_key if negative else h), False
 
 
+def _in_token(byte: np.uint8) -> bool:
+    """_TOKEN[byte] by arithmetic, which compiles to vector instructions where a table lookup does not."""
+    return bool((byte >= 0x80) | (np.uint8(byte - 0x30) < 10) | (np.uint8((byte | 0x20) - 0x61) < 26)
+                | (byte == 0x2B) | (byte == 0x2D) | (byte == 0x2E) | (byte == 0x5F))
+
+
+def _token_masks(raw: npt.NDArray[np.uint8], flags: Mask, masks: U64) -> int:
+    """masks[j] bit k set when byte 64 * j + k of raw is in a token, less each dash between a digit and a
+    letter, which separates ("79-year-old" holds the number 79); returns the count of words. Each byte's flag
+    is found first, in a loop the compiler vectorises, then packed 64 to a word."""
+    size = raw.size
+    for i in range(1, size - 1):
+        byte = raw[i]
+        joins = (byte == 0x2D) & (np.uint8(raw[i - 1] - 0x30) < 10) & (np.uint8((raw[i + 1] | 0x20) - 0x61) < 26)
+        flags[i] = _in_token_one(byte) & ~joins
+    if size:
+        flags[0] = _in_token_one(raw[0])
+        flags[size - 1] = _in_token_one(raw[size - 1])
+    words = (size + 63) // 64
+    for i in range(size, 64 * words):
+        flags[i] = False
+    for j in range(words):
+        mask = np.uint64(0)
+        for k in range(64):
+            mask |= np.uint64(flags[64 * j + k]) << np.uint64(k)
+        masks[j] = mask
+    return words
+
+
+def _classes_seen(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], start: int, end: int) -> int:
+    """The classes of the bytes of raw[start:end], or'ed."""
+    seen = 0
+    for k in range(start, end):
+        seen |= classes[raw[k]]
+    return seen
+
+
 def _tokens_kernel(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], key: np.uint64,
                    negative_key: np.uint64, zero_key: np.uint64, starts: I64, ends: I64, hashes: U64,
-                   exponents: I64, cache: U64) -> tuple[int, int]:
+                   exponents: I64, cache: U64, flags: Mask, masks: U64) -> tuple[int, int]:
     """_token_hashes_numpy in one compiled pass: fills starts, trimmed ends, hashes and exponent candidates.
+
+    Token boundaries come from bit masks of the bytes in tokens (`flags` holds a byte's, `masks` 64 of them a
+    word; both sized for raw rounded up to 64 bytes), by counting zero bits: a loop over bytes would
+    mispredict a branch at every boundary.
 
     Outputs repeat their tokens (column names, categories, small numbers), so the hashes of tokens of up to 24
     bytes are remembered in `cache`, 4 words an entry: the token's bytes as 3 words (zero-padded; token
     bytes are never zero, so they also tell its length), then its hash. The entry is picked by the words."""
     size = raw.size
     slots = np.uint64(cache.size // 4 - 1)  # a power of two, less one
+    words = _token_masks_one(raw, flags, masks)
     count = 0
     candidates = 0
-    i = 0
-    while i < size:
-        c = classes[raw[i]]
-        i += 1
-        if not c & _IN:
-            continue
-        start = i - 1
-        seen = c  # the classes of the token's bytes, or'ed
-        joined = False
-        while i < size:
-            c = classes[raw[i]]
-            if not c & _IN:
-                break
-            # A dash between a digit and a letter separates: "79-year-old" holds the number 79.
-            if c & _DASH and i + 1 < size and classes[raw[i - 1]] & _DIGIT and classes[raw[i + 1]] & _LETTER:
-                joined = True
-                break
-            seen |= c
-            i += 1
-        end = i
-        if joined:
-            i += 1  # the dash belongs to no token
+    position = 0
+    while True:
+        w = position >> 6
+        if w >= words:
+            break
+        mask = masks[w] & (_ALL << np.uint64(position & 63))
+        while mask == 0 and w + 1 < words:
+            w += 1
+            mask = masks[w]
+        if mask == 0:
+            break
+        start = 64 * w + int(_trailing_zeros(mask))
+        mask = ~masks[w] & (_ALL << np.uint64(start & 63))
+        while mask == 0 and w + 1 < words:
+            w += 1
+            mask = ~masks[w]
+        end = min(size, 64 * w + int(_trailing_zeros(mask))) if mask else size
+        position = end
         # Drop trailing dots, dashes and plus signs (`_DOT | _SIGN`).
         while end > start and classes[raw[end - 1]] & (_DOT | _SIGN):
             end -= 1
@@ -453,6 +498,7 @@ def _tokens_kernel(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], k
             if cache[entry] == first and cache[entry + 1] == second and cache[entry + 2] == third:
                 hashes[count] = cache[entry + 3]
             else:
+                seen = _classes_seen_one(raw, classes, start, end)
                 h, exponent = _canonical_hash_one(raw, classes, start, end, seen, key, negative_key, zero_key)
                 hashes[count] = h
                 if exponent:
@@ -461,6 +507,7 @@ def _tokens_kernel(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], k
                 else:  # an exponent's hash is not final yet
                     cache[entry], cache[entry + 1], cache[entry + 2], cache[entry + 3] = first, second, third, h
         else:
+            seen = _classes_seen_one(raw, classes, start, end)
             h, exponent = _canonical_hash_one(raw, classes, start, end, seen, key, negative_key, zero_key)
             hashes[count] = h
             if exponent:
@@ -475,6 +522,9 @@ _fmix_one: Any = _compile(_fmix_word, inline=True)
 _load_lower: Any = _compile(_load_word, inline=True)
 _span_hash_one: Any = _compile(_span_hash, inline=True)
 _canonical_hash_one: Any = _compile(_canonical_hash, inline=True)
+_in_token_one: Any = _compile(_in_token, inline=True)
+_token_masks_one: Any = _compile(_token_masks, inline=True)
+_classes_seen_one: Any = _compile(_classes_seen, inline=True)
 _compiled_tokens: Any = _compile(_tokens_kernel)
 
 
@@ -487,13 +537,16 @@ class _TokenBuffers:
     hashes: U64
     exponents: I64
     cache: U64  # the tokeniser's memory of hashes, valid for one key only
+    flags: Mask  # whether each byte is in a token
+    masks: U64  # the same, a bit a byte
 
     @classmethod
     def sized(cls, size: int) -> _TokenBuffers:
         capacity = size // 2 + 1  # tokens are separated by at least one byte
         return cls(np.empty(capacity, dtype=np.int64), np.empty(capacity, dtype=np.int64),
                    np.empty(capacity, dtype=np.uint64), np.empty(capacity, dtype=np.int64),
-                   np.zeros(4 * TOKEN_CACHE_ENTRIES, dtype=np.uint64))
+                   np.zeros(4 * TOKEN_CACHE_ENTRIES, dtype=np.uint64), np.empty(2 * capacity + 64, dtype=np.bool_),
+                   np.empty(capacity // 32 + 2, dtype=np.uint64))
 
 
 def _token_hashes_numba(chunk: bytes | memoryview, keys: _Keys,
@@ -504,7 +557,8 @@ def _token_hashes_numba(chunk: bytes | memoryview, keys: _Keys,
     if buffers is None or buffers.starts.size < raw.size // 2 + 1:
         buffers = _TokenBuffers.sized(raw.size)
     count, candidates = _compiled_tokens(raw, _CLASSES, keys.token, keys.negative, keys.zero, buffers.starts,
-                                         buffers.ends, buffers.hashes, buffers.exponents, buffers.cache)
+                                         buffers.ends, buffers.hashes, buffers.exponents, buffers.cache, buffers.flags,
+                                         buffers.masks)
     starts, ends, hashes = buffers.starts[:count], buffers.ends[:count], buffers.hashes[:count]
     if candidates:
         _canonical_exponents(chunk, starts, ends, buffers.exponents[:candidates], hashes, keys)
@@ -619,18 +673,21 @@ _NOWHERE = np.int64(-2)
 MEMO_ENTRIES = 4096
 # A sorted hash array with its directory and the directory's shift, as the compiled kernels take it.
 Table = tuple[U64, npt.NDArray[np.uint32], np.uint64]
-LOOKAHEAD = 16  # lookups in flight: each prefetches its directory entry, then its first member
+LOOKAHEAD = 32  # lookups in flight: each prefetches its directory entry, then its first member
+PROBES = 4  # members of a bucket _find compares without branching
 BLOCK = 4096  # queries the compiled kernels gather before looking them up together
 
 
 def _directory(sorted_hashes: U64) -> Directory | None:
     """Where each bucket of the top bits starts in `sorted_hashes`, for the compiled lookup; None without it.
 
-    Keyed hashes are uniform, so 2 to 4 members share a bucket: a lookup reads one directory entry and then
-    one cache line of members, with no sorting of the queries. At most 2**24 buckets (64 MiB)."""
+    Keyed hashes are uniform, and there are about as many buckets as members, so a bucket holds 0 to 2 members
+    nearly always: a lookup reads one directory entry, then compares the first PROBES members from there
+    without a branch (sizes vary, so a loop over them would mispredict), with no sorting of the queries.
+    At most 2**23 buckets (32 MiB)."""
     if _compiled_member is None or sorted_hashes.size >= 1 << 32:
         return None
-    bits = min(24, max(1, int(sorted_hashes.size).bit_length() - 2))
+    bits = min(23, max(1, int(sorted_hashes.size).bit_length()))
     bounds = np.arange(1 << bits, dtype=np.uint64) << np.uint64(64 - bits)
     directory = np.empty((1 << bits) + 1, dtype=np.uint32)
     directory[:-1] = np.searchsorted(sorted_hashes, bounds)
@@ -643,10 +700,20 @@ def _find(table: Table, wanted: np.uint64) -> int:
     sorted_hashes, directory, shift = table
     bucket = wanted >> shift
     low = np.int64(directory[bucket])
-    end = np.int64(directory[bucket + np.uint64(1)])
-    while low < end and sorted_hashes[low] < wanted:
-        low += 1
-    return int(low) if low < end and sorted_hashes[low] == wanted else -1
+    size = np.int64(directory[bucket + np.uint64(1)]) - low
+    found = np.int64(-1)
+    # Unrolled, with selects rather than branches. Reads stay in the bucket (an empty one reads its neighbour,
+    # or nothing in an empty table), so a lookup touches no more cache lines than the bucket's.
+    last = max(np.int64(0), low + size - 1) if sorted_hashes.size else np.int64(-1)
+    for k in range(PROBES if last >= 0 else 0):
+        at = min(low + k, last)
+        if (sorted_hashes[at] == wanted) & (k < size):
+            found = at
+    if size > PROBES:  # rare: a bucket of more than PROBES members
+        for k in range(PROBES, size):
+            if sorted_hashes[low + k] == wanted:
+                found = low + k
+    return int(found)
 
 
 def _find_many(table: Table, queries: U64, count: int, positions: I64) -> None:
@@ -733,29 +800,69 @@ _compiled_classify: Any = _compile(_classify_kernel)
 
 def _record_rows(table: Table, totals: U64, at: I64, count: int, positions: I64, seen: npt.NDArray[np.uint8],
                  first: I64, distinct: int) -> int:
-    """Look up `count` window sums among the rows; each row matched for the first time gets its window's
-    stream position appended to `first`. Returns the new count of distinct rows."""
+    """Look up `count` window sums among the rows; each row matched for the first time (its bit in the bitset
+    `seen` clear) gets its window's stream position appended to `first`. Returns the new count of distinct rows."""
     _find_many_one(table, totals, count, positions)
     for k in range(count):
         row = positions[k]
-        if row >= 0 and not seen[row]:
-            seen[row] = 1
+        if row < 0:
+            continue
+        bit = np.uint8(1 << (row & 7))
+        if not seen[row >> 3] & bit:
+            seen[row >> 3] |= bit
             first[distinct] = at[k]
             distinct += 1
     return distinct
 
 
-def _rows_kernel(stream: npt.NDArray[np.int32], weights: U64, widths: I64, rows: Table,
+def _filter_bits(h: np.uint64) -> np.uint64:
+    """The 4 bits of one 64-bit word of a _row_filter that `h` sets: from bits 40 to 63 (the word is picked by
+    the low bits)."""
+    one = np.uint64(1)
+    return ((one << ((h >> np.uint64(40)) & np.uint64(63))) | (one << ((h >> np.uint64(46)) & np.uint64(63)))
+            | (one << ((h >> np.uint64(52)) & np.uint64(63))) | (one << (h >> np.uint64(58))))
+
+
+def _row_filter(rows: U64) -> U64:
+    """A Bloom filter of the row sums, one 64-bit word per lookup, 32 to 64 bits a row (at most 8 MiB): probing it
+    is a few instructions where a lookup among the rows is two cache misses, and it turns away all but a
+    fraction of a percent of the windows that are no row, which in an aggregate's value stream is nearly all of
+    them. It never turns away a row."""
+    words = np.zeros(min(1 << 20, 1 << max(0, (int(rows.size) * 32 - 1).bit_length() - 6)), dtype=np.uint64)
+    one = np.uint64(1)
+    bits = np.zeros(rows.size, dtype=np.uint64)
+    for shift in (40, 46, 52, 58):
+        bits |= one << ((rows >> np.uint64(shift)) & np.uint64(63))
+    slot = (rows & np.uint64(words.size - 1)).astype(np.int64)
+    np.bitwise_or.at(words, slot, bits)
+    return words
+
+
+def _passes(row_filter: U64, h: np.uint64) -> bool:
+    bits = _filter_bits_one(h)
+    return bool((row_filter[np.int64(h & np.uint64(row_filter.size - 1))] & bits) == bits)
+
+
+_filter_bits_one: Any = _compile(_filter_bits, inline=True)
+_passes_one: Any = _compile(_passes, inline=True)
+
+
+def _rows_kernel(stream: npt.NDArray[np.int32], weights: U64, widths: I64, rows: Table, row_filter: U64,
                  seen: npt.NDArray[np.uint8], first: I64) -> int:
     """FingerprintIndex._find_rows_numpy in compiled loops, over a stream of value positions: counts the distinct
-    rows matched (marking them in `seen`) and fills `first` with the stream position of each one's first match,
-    in the numpy path's order of matching. Returns that count."""
+    rows matched (marking them in the bitset `seen`) and fills `first` with the stream position of each one's
+    first match, in the numpy path's order of matching. Returns that count.
+
+    Windows are looked up BLOCK at a time, less those `row_filter` turns away; while most windows of the last
+    block were rows (a plain dump), the filter is skipped too, as it would turn away next to none."""
     n = stream.size
     totals = np.empty(BLOCK, dtype=np.uint64)
     at = np.empty(BLOCK, dtype=np.int64)
     found = np.empty(BLOCK, dtype=np.int64)
     uncovered = np.empty(n, dtype=np.uint8)
+    valued = np.empty(0, dtype=np.uint64)
     distinct = 0
+    filtered = True
     for w in range(widths.size):
         width = widths[w]
         if n < width:
@@ -768,18 +875,26 @@ def _rows_kernel(stream: npt.NDArray[np.int32], weights: U64, widths: I64, rows:
         p = 0
         while p <= n - width:
             count = 0
+            block_start = p
             while p <= n - width and count < BLOCK:
                 total += weights[stream[p + width - 1]]
-                totals[count] = total
-                at[count] = p
+                if not filtered or _passes_one(row_filter, total):
+                    totals[count] = total
+                    at[count] = p
+                    count += 1
                 total -= weights[stream[p]]
-                count += 1
                 p += 1
             distinct = _record_rows_one(rows, totals, at, count, found, seen, first, distinct)
-            for k in range(count):
-                if found[k] >= 0:
-                    covered_until = at[k] + width
-                uncovered[at[k]] = at[k] >= covered_until
+            hits = 0
+            j = 0
+            for q in range(block_start, p):
+                if j < count and at[j] == q:
+                    if found[j] >= 0:
+                        covered_until = q + width
+                        hits += 1
+                    j += 1
+                uncovered[q] = q >= covered_until
+            filtered = 2 * hits < p - block_start
         for i in range(n - width + 1, n):
             uncovered[i] = i >= covered_until
         if n < width + 1:
@@ -797,19 +912,32 @@ def _rows_kernel(stream: npt.NDArray[np.int32], weights: U64, widths: I64, rows:
             if gaps > 1:
                 positions[tried] = q
                 tried += 1
+        if not tried:
+            continue
+        if valued.size < n:
+            valued = np.empty(n, dtype=np.uint64)  # each value's weight, read once per window and value below
+            for i in range(n):
+                valued[i] = weights[stream[i]]
+        total = np.uint64(0)
         for k in range(tried):
-            total = np.uint64(0)
-            for i in range(width + 1):
-                total += weights[stream[positions[k] + i]]
+            q = positions[k]
+            if k and q == positions[k - 1] + 1:  # the next window: roll the sum on
+                total += valued[q + width] - valued[q - 1]
+            else:
+                total = np.uint64(0)
+                for i in range(width + 1):
+                    total += valued[q + i]
             wide[k] = total
         for inner in range(1, width):
             k = 0
             while k < tried:
                 count = 0
                 while k < tried and count < BLOCK:
-                    totals[count] = wide[k] - weights[stream[positions[k] + inner]]
-                    at[count] = positions[k]
-                    count += 1
+                    trimmed = wide[k] - valued[positions[k] + inner]
+                    if _passes_one(row_filter, trimmed):
+                        totals[count] = trimmed
+                        at[count] = positions[k]
+                        count += 1
                     k += 1
                 distinct = _record_rows_one(rows, totals, at, count, found, seen, first, distinct)
     return distinct
@@ -960,6 +1088,7 @@ class FingerprintIndex:
             self._tables = {name: (sets[name], directory[0], np.uint64(directory[1]))
                             for name, directory in self._directories.items() if directory is not None}
         self._bitmaps: dict[str, tuple[npt.NDArray[np.uint8], int]] = {}
+        self._row_filter: U64 | None = None  # the compiled row search's Bloom filter, made on first use
         # Compile (or load from numba's cache) the kernels now, so no scan pays for it.
         _token_hashes(b"warm -1.50 2e3 x-1 7-day", self._keys)
         if self._tables is not None:
@@ -1142,9 +1271,12 @@ class FingerprintIndex:
         if _compiled_rows is None or self._tables is None:
             return self._find_rows_numpy(stream, offsets, limit)
         widths = np.asarray(self.header["row_widths"], dtype=np.int64)
-        seen = np.zeros(self._rows.size, dtype=np.uint8)
+        seen = np.zeros((self._rows.size + 7) // 8, dtype=np.uint8)  # a bit a row: it stays in cache
         first = np.empty(self._rows.size, dtype=np.int64)
-        distinct = _compiled_rows(stream, self._row_weights, widths, self._tables["rows"], seen, first)
+        if self._row_filter is None:
+            self._row_filter = _row_filter(self._rows)
+        distinct = _compiled_rows(stream, self._row_weights, widths, self._tables["rows"], self._row_filter, seen,
+                                  first)
         return int(distinct), offsets[_smallest(first[:distinct], limit)].tolist()
 
     def _find_rows_numpy(self, stream: npt.NDArray[np.int32], offsets: I64,
@@ -1227,13 +1359,23 @@ class FingerprintIndex:
 
     @staticmethod
     def _located(data: bytes, findings: list[tuple[int, str, str]]) -> list[LeakFinding]:
+        """The first MAX_FINDINGS findings by line (then kind); a negative offset is a line already known.
+
+        Lines only grow with offsets, so the MAX_FINDINGS smallest offsets all lie on or before the line of the
+        largest of them: no finding past that line can be among the first, and lines are counted up to it only."""
         if not findings:
             return []
-        byte_offsets = np.array([max(at, 0) for at, _, _ in findings], dtype=np.int64)
-        lines = _line_numbers(data, byte_offsets)
+        offsets = np.array([at for at, _, _ in findings if at >= 0], dtype=np.int64)
+        limit = 0
+        if offsets.size:
+            cutoff = int(_smallest(offsets, MAX_FINDINGS)[-1])
+            line_end = data.find(b"\n", cutoff)
+            limit = len(data) + 1 if line_end < 0 else line_end
+        kept = [finding for finding in findings if finding[0] < limit]
+        lines = _line_numbers(memoryview(data)[:limit], np.array([max(at, 0) for at, _, _ in kept], dtype=np.int64))
         located = [LeakFinding(kind=kind, line=-at if at < 0 else int(line), detail=detail.format(
                    line=-at if at < 0 else int(line)))
-                   for (at, kind, detail), line in zip(findings, lines, strict=True)]
+                   for (at, kind, detail), line in zip(kept, lines, strict=True)]
         located.sort(key=lambda finding: (finding.line, finding.kind))
         return located[:MAX_FINDINGS]
 
@@ -1253,7 +1395,7 @@ def _smallest(positions: I64, limit: int | None) -> I64:
     return np.sort(positions)
 
 
-def _line_numbers(data: bytes, byte_offsets: I64) -> I64:
+def _line_numbers(data: bytes | memoryview, byte_offsets: I64) -> I64:
     newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
     return np.asarray(np.searchsorted(newlines, byte_offsets, side="right") + 1, dtype=np.int64)
 

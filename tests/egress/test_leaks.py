@@ -1,5 +1,5 @@
 """Leak scan: every form of a leaked row, id or column run is caught; legitimate aggregates pass."""
-# ruff: noqa: S608 - the aggregates are SQL over fixed column names, written on purpose
+
 
 from __future__ import annotations
 
@@ -416,6 +416,30 @@ def test_compiled_membership_matches_binary_search() -> None:
         assert np.array_equal(leaks._member(members, queries, directory), np.isin(queries, members))
         assert leaks._distinct(queries) == np.unique(queries).size
     assert leaks._distinct(np.zeros(0, dtype=np.uint64)) == 0
+    # Buckets of more members than the lookup compares without branching: members crowded in a few buckets.
+    crowded = np.unique(np.concatenate([np.arange(40, dtype=np.uint64),
+                                        np.uint64(2**63) + np.arange(0, 60, 3, dtype=np.uint64)]))
+    queries = np.concatenate([crowded, np.arange(100, dtype=np.uint64),
+                              np.uint64(2**63) + np.arange(100, dtype=np.uint64)])
+    assert np.array_equal(leaks._member(crowded, queries, leaks._directory(crowded)), np.isin(queries, crowded))
+
+
+def test_row_filter_never_turns_a_row_away() -> None:
+    from sandbox.egress import leaks
+
+    rng = np.random.default_rng(29)
+    for size in (1, 3, 1000, 200_000):
+        rows = np.unique(rng.integers(0, 2**64, size, dtype=np.uint64, endpoint=False))
+        row_filter = leaks._row_filter(rows)
+        bits = np.zeros(rows.size, dtype=np.uint64)
+        for shift in (40, 46, 52, 58):
+            bits |= np.uint64(1) << ((rows >> np.uint64(shift)) & np.uint64(63))
+        assert np.all(row_filter[(rows & np.uint64(row_filter.size - 1)).astype(np.int64)] & bits == bits)
+        if leaks._compiled_rows is not None:
+            others = rng.integers(0, 2**64, 2000, dtype=np.uint64, endpoint=False)
+            passed = sum(leaks._passes_one(row_filter, h) for h in others)
+            assert all(leaks._passes_one(row_filter, h) for h in rows[:2000])
+            assert passed < 100  # a few percent at most
 
 
 def test_format_1_index_without_domains_scans_the_same(index: FingerprintIndex, index_path: Path,
