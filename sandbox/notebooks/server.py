@@ -73,10 +73,22 @@ def stop_with_parent(interval_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def warm_up() -> None:
+    """Load the filter (the version's fingerprints, the compiled scan) before the first kernel speaks."""
+
+    def run() -> None:
+        message = {"header": {"msg_id": "warm-up", "msg_type": "stream"}, "parent_header": {}, "metadata": {},
+                   "content": {"name": "stdout", "text": "warm-up 1 2 3\n"}, "buffers": [], "msg_type": "stream"}
+        runtime().message_filter.outgoing("iopub", message)
+
+    threading.Thread(target=run, name="filter-warm-up", daemon=True).start()
+
+
 def main() -> None:
     from jupyter_server.serverapp import ServerApp
 
     stop_with_parent()
+    warm_up()
     rt = runtime()
     app = ServerApp(config=server_config())
     # SIGTERM stops the loop; the server then shuts its kernels down, which removes their containers.
