@@ -398,6 +398,7 @@ def test_a_killed_server_is_replaced_and_its_kernels_removed(nb_world: NotebookW
     label = f"org.sandbox.notebook={session['id']}"
     assert _containers(label), "the session's kernels run"
     running = nb_world.app.state.notebooks.get(session["id"])
+    nb_world.kernel_by_tier.pop("trusted", None)  # its websocket dies with the server
     running.process.kill()
     running.process.wait(timeout=10)
     headers = {"Authorization": f"token {session['token']}"}
