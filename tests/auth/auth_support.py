@@ -10,7 +10,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,21 +21,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from helpers import Tokens
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from pgdb import cloned_database
 
 from sandbox.auth.keys import load_private_key
 from sandbox.config import Settings
 from sandbox.instance import Instance, init_instance
 
 REQUIRED_CLAIMS = ("sub", "org", "role", "exp", "aud", "iss", "jti", "iat")
-
-# The same server as tests/conftest.py's; read here rather than imported, because `conftest`
-# names whichever conftest.py pytest loaded last (tests/cli has one too).
-POSTGRES_URL = os.environ.get(
-    "SANDBOX_TEST_POSTGRES_URL", "postgresql+psycopg://sandbox:sandbox@127.0.0.1:5432/postgres"
-)
-
 
 # Real tokens issued and recorded by an instance, one helper per role.
 RoleTokens = Tokens
@@ -117,16 +108,8 @@ def store_url(kind: str, postgres_template: str | None) -> Iterator[str | None]:
     if kind == "sqlite" or postgres_template is None:
         yield None
         return
-    name = f"sbx_auth_{uuid.uuid4().hex[:12]}"
-    admin: Engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{postgres_template}"'))
-    try:
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with cloned_database(postgres_template) as url:
+        yield url
 
 
 STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]

@@ -133,17 +133,20 @@ def test_the_kernel_runs_hardened(nb_world: NotebookWorld) -> None:
     assert "0000000000000000" in result.stdout, "no capabilities"
 
 
+def _spent(world: NotebookWorld) -> dict[tuple[str, str], float]:
+    budgets = world.http.get("/v1/budgets", headers=auth(world.buyer)).json()
+    return {(b["contract"], b["dataset"]): b["epsilon_spent"] for b in budgets}
+
+
 def test_a_dp_query_from_the_kernel_is_answered_and_charged(nb_world: NotebookWorld) -> None:
-    before = {(b["contract"], b["dataset"]): b["epsilon_spent"]
-              for b in nb_world.http.get("/v1/budgets", headers=auth(nb_world.buyer)).json()}
+    before = _spent(nb_world)
     kernel = nb_world.shared_kernel("dp_only")
     result = kernel.execute(
         "from sandbox_client import dp\n"
         f"answer = dp.query('SELECT sex, COUNT(*) AS n FROM \"{DATASET}\" GROUP BY sex', epsilon=0.5)\n"
         "print('spent', answer.epsilon_spent, sorted(r[0] for r in answer.rows))")
     assert "spent 0.5 ['F', 'M']" in result.stdout, result.text
-    after = {(b["contract"], b["dataset"]): b["epsilon_spent"]
-             for b in nb_world.http.get("/v1/budgets", headers=auth(nb_world.buyer)).json()}
+    after = _spent(nb_world)
     key = (nb_world.contracts["dp_only"], DATASET)
     assert after[key] == pytest.approx(before.get(key, 0.0) + 0.5)
 
