@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from helpers import Tokens, auth, register_demo
 from jobworld import docker_client
+from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1, serialize_msg_to_ws_v1
 from websockets.sync.client import connect
 
 from runners.docker import DockerRunner
@@ -28,6 +29,7 @@ from sandbox.instance import Instance, init_instance
 from sandbox.worker import Worker
 
 DATASET = "carotid-stenting"
+V1 = "v1.kernel.websocket.jupyter.org"
 
 
 class LiveServer:
@@ -76,7 +78,9 @@ class KernelReply:
 class JupyterKernel:
     """A kernel started through the service's proxy and driven over its websocket (Jupyter's JSON protocol)."""
 
-    def __init__(self, base: str, token: str, *, kernel_id: str | None = None) -> None:
+    def __init__(self, base: str, token: str, *, kernel_id: str | None = None, v1: bool = False) -> None:
+        """`v1`: JupyterLab's binary websocket protocol (v1.kernel.websocket.jupyter.org), else JSON text."""
+        self.v1 = v1
         self.base, self.token = base, token
         headers = {"Authorization": f"token {token}"}
         if kernel_id is None:
@@ -87,22 +91,33 @@ class JupyterKernel:
         ws_base = base.replace("http://", "ws://")
         self.session = uuid.uuid4().hex
         self.ws = connect(f"{ws_base}api/kernels/{kernel_id}/channels?session_id={self.session}",
-                          additional_headers=headers, max_size=64 * 1024 * 1024, open_timeout=30)
+                          additional_headers=headers, max_size=64 * 1024 * 1024, open_timeout=30,
+                          subprotocols=[V1] if v1 else None)  # type: ignore[list-item]
+        assert not v1 or self.ws.subprotocol == V1, "the server agreed to the v1 protocol"
         self.wait_ready()
 
     def send(self, msg_type: str, content: dict[str, Any], channel: str = "shell") -> str:
         msg_id = uuid.uuid4().hex
-        self.ws.send(json.dumps({
+        message = {
             "header": {"msg_id": msg_id, "msg_type": msg_type, "session": self.session, "username": "test",
                        "date": datetime.now(UTC).isoformat(), "version": "5.3"},
             "parent_header": {}, "metadata": {}, "content": content, "channel": channel, "buffers": [],
-        }))
+        }
+        if self.v1:
+            self.ws.send(serialize_msg_to_ws_v1(message, channel, lambda part: json.dumps(part).encode()))
+        else:
+            self.ws.send(json.dumps(message))
         return msg_id
 
     def receive(self, timeout: float) -> dict[str, Any]:
         raw = self.ws.recv(timeout=timeout)
-        message: dict[str, Any] = json.loads(raw)
-        return message
+        if not self.v1:
+            message: dict[str, Any] = json.loads(raw)
+            return message
+        channel, parts = deserialize_msg_from_ws_v1(raw)
+        header, parent, metadata, content = (json.loads(part) for part in parts[:4])
+        return {"header": header, "msg_type": header["msg_type"], "parent_header": parent, "metadata": metadata,
+                "content": content, "buffers": parts[4:], "channel": channel}
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -191,8 +206,8 @@ class NotebookWorld:
             self.sessions.append(body["id"])
         return body
 
-    def kernel(self, session: dict[str, Any]) -> JupyterKernel:
-        kernel = JupyterKernel(session["url"], session["token"])
+    def kernel(self, session: dict[str, Any], *, v1: bool = False) -> JupyterKernel:
+        kernel = JupyterKernel(session["url"], session["token"], v1=v1)
         self.kernels.append(kernel)
         return kernel
 

@@ -462,3 +462,12 @@ def test_a_flood_of_outputs_is_rate_limited(nb_world: NotebookWorld) -> None:
     shown = len(flood.of_type("display_data"))
     assert shown < 1500, "every message of the flood was relayed"
     assert "rate exceeded" in flood.text
+
+
+def test_jupyterlabs_binary_protocol_is_filtered_too(nb_world: NotebookWorld) -> None:
+    kernel = nb_world.kernel(nb_world.session("aggregate"), v1=True)
+    printed = kernel.execute(PRINT_ROWS)
+    _no_ids(nb_world, printed.text)
+    assert "leak-scan" in printed.stdout
+    fine = kernel.execute("print(df.groupby('sex').size().to_dict())")
+    assert "'F'" in fine.stdout and "withheld" not in fine.stdout
