@@ -20,7 +20,10 @@ result), never per token in Python: a token is a run of
 letters, digits, `_ . - +` and non-ASCII bytes; ASCII letters are casefolded, trailing `.-+` dropped
 (end of sentence), and numbers canonicalised (`072`, `72.0`, `72.`, `+72`, `7.2e1` all hash as `72`),
 so quoting, separators (CSV, TSV, JSON, Python repr, printed tables, prose) and number formatting do
-not matter. Tokens in the QI value set form a *value stream*, across line breaks, so pretty-printed
+not matter. The compiled pass also sorts each token as it goes (a QI value, maybe an id, or nothing), with no
+array of tokens in between; a chunk holding a token in exponent notation is redone in two steps, as those
+are canonicalised in Python. The runs of all (up to 8) run columns are then sought in one pass over the stream.
+Tokens in the QI value set form a *value stream*, across line breaks, so pretty-printed
 JSON records count too. A row is found when a window of the stream holds exactly a row's QI values in
 any order, allowing one foreign value inside the window (an index or a 0/1 flag column). The hash
 key is random per index and lives in the index header: the file is not a copy of the data, but who
@@ -670,6 +673,7 @@ def _maybe(bitmap: tuple[npt.NDArray[np.uint8], int], hashes: U64) -> Mask:
 Directory = tuple[npt.NDArray[np.uint32], int]
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)  # _classify_kernel's marks in its memo
 _NOWHERE = np.int64(-2)
+_NOTVALUE = np.int64(-1)  # _scan_chunk_kernel's mark of a token known to be no QI value
 MEMO_ENTRIES = 4096
 # A sorted hash array with its directory and the directory's shift, as the compiled kernels take it.
 Table = tuple[U64, npt.NDArray[np.uint32], np.uint64]
@@ -796,6 +800,137 @@ def _classify_kernel(starts: I64, hashes: U64, offset: int, values: Table, ids: 
 
 _find_many_one: Any = _compile(_find_many, inline=True)
 _compiled_classify: Any = _compile(_classify_kernel)
+
+
+def _scan_chunk_kernel(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], key: np.uint64,
+                       negative_key: np.uint64, zero_key: np.uint64, offset: int, values: Table, ids: Table,
+                       distinctive: Table, stream: npt.NDArray[np.int32], stream_at: I64, distinctive_at: I64,
+                       id_seen: npt.NDArray[np.uint8], id_at: I64, counts: I64, memo: U64, candidates: U64,
+                       candidate_at: I64, positions: I64, cache: U64, flags: Mask, masks: U64,
+                       candidate_entry: I64) -> int:
+    """_tokens_kernel and _classify_kernel in one pass over one chunk, with no array of tokens between them.
+
+    The tokeniser's cache entries (`cache`, 5 words each) keep, beside a token's bytes and hash, what it is:
+    its position among the QI values, NOTVALUE (a value it is not: it may be an id) or NOWHERE (in no set).
+    Returns 0; or, committing nothing (counts and id_seen untouched), -1 when the chunk holds a token in
+    exponent notation (the caller then takes the two-step path, whose exponents are canonicalised in Python),
+    -2 when stream or distinctive_at has no room left for it."""
+    size = raw.size
+    streamed, distinguished, identified, distinct = counts[0], counts[1], counts[2], counts[3]
+    slots = np.uint64(cache.size // 5 - 1)  # a power of two, less one
+    memo_slots = np.uint64(memo.size // 2 - 1)
+    remember_nowhere = not distinctive[0].size
+    words = _token_masks_one(raw, flags, masks)
+    others = 0
+    position = 0
+    while True:
+        w = position >> 6
+        if w >= words:
+            break
+        mask = masks[w] & (_ALL << np.uint64(position & 63))
+        while mask == 0 and w + 1 < words:
+            w += 1
+            mask = masks[w]
+        if mask == 0:
+            break
+        start = 64 * w + int(_trailing_zeros(mask))
+        mask = ~masks[w] & (_ALL << np.uint64(start & 63))
+        while mask == 0 and w + 1 < words:
+            w += 1
+            mask = ~masks[w]
+        end = min(size, 64 * w + int(_trailing_zeros(mask))) if mask else size
+        position = end
+        while end > start and classes[raw[end - 1]] & (_DOT | _SIGN):
+            end -= 1
+        if end == start:
+            continue
+        length = end - start
+        entry = np.int64(-1)
+        value = _NOTVALUE
+        if length <= 24 and start + 24 <= size:
+            first = _load_unaligned(raw, start) & _MASKS[min(length, 8)]
+            second = _load_unaligned(raw, start + 8) & _MASKS[max(0, min(length - 8, 8))]
+            third = _load_unaligned(raw, start + 16) & _MASKS[max(0, length - 16)]
+            entry = 5 * np.int64(((first ^ (second * _C2) ^ third) * _C1 >> np.uint64(40)) & slots)
+            if cache[entry] == first and cache[entry + 1] == second and cache[entry + 2] == third:
+                h = cache[entry + 3]
+                value = np.int64(cache[entry + 4])
+                if value == _NOWHERE:
+                    continue
+                if value >= 0:
+                    if streamed >= stream.size:
+                        return -2
+                    stream[streamed] = value
+                    stream_at[streamed] = start + offset
+                    streamed += 1
+                    continue
+            else:
+                seen = _classes_seen_one(raw, classes, start, end)
+                h, exponent = _canonical_hash_one(raw, classes, start, end, seen, key, negative_key, zero_key)
+                if exponent:
+                    return -1
+                cache[entry], cache[entry + 1], cache[entry + 2], cache[entry + 3] = first, second, third, h
+                cache[entry + 4] = np.uint64(_NOTVALUE)
+        else:
+            seen = _classes_seen_one(raw, classes, start, end)
+            h, exponent = _canonical_hash_one(raw, classes, start, end, seen, key, negative_key, zero_key)
+            if exponent:
+                return -1
+        memo_entry = 2 * np.int64(h & memo_slots)
+        if memo[memo_entry + 1] != _EMPTY and memo[memo_entry] == h:
+            value = np.int64(memo[memo_entry + 1])
+            if value == _NOWHERE:
+                if entry >= 0:
+                    cache[entry + 4] = np.uint64(_NOWHERE)
+                continue
+        else:
+            value = _find_one(values, h)
+            if value >= 0:
+                memo[memo_entry], memo[memo_entry + 1] = h, np.uint64(value)
+        if value >= 0:
+            if entry >= 0:
+                cache[entry + 4] = np.uint64(value)
+            if streamed >= stream.size:
+                return -2
+            stream[streamed] = value
+            stream_at[streamed] = start + offset
+            streamed += 1
+        else:
+            candidates[others] = h
+            candidate_at[others] = start + offset
+            candidate_entry[others] = entry
+            others += 1
+    if distinctive[0].size and distinguished + others > distinctive_at.size:
+        return -2
+    _find_many_one(ids, candidates, others, positions)
+    for k in range(others):
+        found = positions[k]
+        if found < 0 and remember_nowhere:
+            h = candidates[k]
+            memo_entry = 2 * np.int64(h & memo_slots)
+            memo[memo_entry], memo[memo_entry + 1] = h, np.uint64(_NOWHERE)
+            entry = candidate_entry[k]
+            if entry >= 0 and cache[entry + 3] == h:  # what a hash is depends on the hash alone
+                cache[entry + 4] = np.uint64(_NOWHERE)
+        if found >= 0:
+            if identified < id_at.size:
+                id_at[identified] = candidate_at[k]
+                identified += 1
+            bit = np.uint8(1 << (found & 7))
+            if not id_seen[found >> 3] & bit:
+                id_seen[found >> 3] |= bit
+                distinct += 1
+    if distinctive[0].size:
+        _find_many_one(distinctive, candidates, others, positions)
+        for k in range(others):
+            if positions[k] >= 0:
+                distinctive_at[distinguished] = candidate_at[k]
+                distinguished += 1
+    counts[0], counts[1], counts[2], counts[3] = streamed, distinguished, identified, distinct
+    return 0
+
+
+_compiled_scan: Any = _compile(_scan_chunk_kernel)
 
 
 def _record_rows(table: Table, totals: U64, at: I64, count: int, positions: I64, seen: npt.NDArray[np.uint8],
@@ -997,6 +1132,83 @@ def _runs_kernel(stream: npt.NDArray[np.int32], in_domain: npt.NDArray[np.bool_]
 
 
 _compiled_runs: Any = _compile(_runs_kernel)
+
+
+def _all_runs_kernel(stream: npt.NDArray[np.int32], lanes: U64, weights: U64, widths: I64, base: np.uint64,
+                     base_inverse: np.uint64, salts: U64, runs: Any, hits: I64, hit_counts: I64) -> None:
+    """_runs_kernel for up to 8 columns in one pass: hits[c, :hit_counts[c]] are column c's.
+
+    The columns' streaks of in-domain values are 8-bit lanes of one word, counted together: lanes[v] holds 0xFF
+    in the lanes of the columns whose domain holds value v, a lane stops counting at 128 (past any width), and
+    a lane reaches its column's width when adding 128 - width sets its top bit. Only then is that column's
+    window hashed, as _runs_kernel does."""
+    n = stream.size
+    columns = widths.size
+    high = np.uint64(0x8080808080808080)
+    ones = np.uint64(0x0101010101010101)
+    reach = np.uint64(0)
+    tops = np.ones(columns, dtype=np.uint64)  # base ** (width - 1)
+    for c in range(columns):
+        reach |= np.uint64(128 - widths[c]) << np.uint64(8 * c)
+        for _ in range(widths[c] - 1):
+            tops[c] *= base
+    windows = np.empty((columns, BLOCK), dtype=np.uint64)
+    at = np.empty((columns, BLOCK), dtype=np.int64)
+    found = np.empty(BLOCK, dtype=np.int64)
+    counts = np.zeros(columns, dtype=np.int64)
+    rolling = np.zeros(columns, dtype=np.uint64)
+    rolled = np.full(columns, -2, dtype=np.int64)  # the window start rolling[c] holds
+    for c in range(columns):
+        hit_counts[c] = 0
+    streaks = np.uint64(0)
+    for q in range(n):
+        increment = ones & ~((streaks & high) >> np.uint64(7))
+        streaks = (streaks + increment) & lanes[stream[q]]
+        ready = (streaks + reach) & high
+        while ready:
+            lane = _trailing_zeros(ready) >> np.uint64(3)
+            ready &= ready - np.uint64(1)
+            c = int(lane)
+            width = widths[c]
+            j = q + 1 - width
+            if rolled[c] == j - 1:
+                rolling[c] = ((rolling[c] - weights[stream[j - 1]]) * base_inverse
+                              + weights[stream[q]] * tops[c])
+            else:
+                total = np.uint64(0)
+                power = np.uint64(1)
+                for k in range(width):
+                    total += weights[stream[j + k]] * power
+                    power *= base
+                rolling[c] = total
+            rolled[c] = j
+            window = _fmix_one(rolling[c] ^ salts[c])
+            if window >> RUN_SAMPLE_SHIFT == np.uint64(0):
+                count = counts[c]
+                windows[c, count] = window
+                at[c, count] = j
+                counts[c] = count + 1
+                if count + 1 == BLOCK:
+                    _flush_runs_one(runs[c], windows[c], at[c], BLOCK, found, hits[c], hit_counts, c)
+                    counts[c] = 0
+    for c in range(columns):
+        _flush_runs_one(runs[c], windows[c], at[c], counts[c], found, hits[c], hit_counts, c)
+
+
+def _flush_runs(table: Table, windows: U64, at: I64, count: int, found: I64, hits: I64, hit_counts: I64,
+                column: int) -> None:
+    """Look up `count` sampled windows of one column's runs and append the starts of those found to its hits."""
+    _find_many_one(table, windows, count, found)
+    hit_count = hit_counts[column]
+    for k in range(count):
+        if found[k] >= 0:
+            hits[hit_count] = at[k]
+            hit_count += 1
+    hit_counts[column] = hit_count
+
+
+_flush_runs_one: Any = _compile(_flush_runs, inline=True)
+_compiled_all_runs: Any = _compile(_all_runs_kernel)
 
 
 def _member(sorted_hashes: U64, hashes: U64, directory: Directory | None = None) -> Mask:
@@ -1218,9 +1430,13 @@ class FingerprintIndex:
         if _compiled_classify is None or self._tables is None:
             return self._tokens_numpy(data)
         tables = self._tables
+        keys = self._keys
         buffers = _TokenBuffers.sized(min(len(data), CHUNK_BYTES))
+        capacity = buffers.starts.size
         scratch = [np.full(2 * MEMO_ENTRIES, _EMPTY, dtype=np.uint64),
-                   *(np.empty(buffers.starts.size, dtype=dtype) for dtype in (np.uint64, np.int64, np.int64))]
+                   *(np.empty(capacity, dtype=dtype) for dtype in (np.uint64, np.int64, np.int64))]
+        token_cache = np.zeros(5 * TOKEN_CACHE_ENTRIES, dtype=np.uint64)
+        candidate_entry = np.empty(capacity, dtype=np.int64)
         # Outputs grow by doubling, if ever: a value every 8 bytes is a dense dump already.
         stream = np.empty(len(data) // 8 + 1024, dtype=np.int32)
         offsets = np.empty(stream.size, dtype=np.int64)
@@ -1228,8 +1444,25 @@ class FingerprintIndex:
         id_seen = np.zeros((self._ids.size + 7) // 8, dtype=np.uint8)
         id_offsets = np.empty(MAX_FINDINGS, dtype=np.int64)
         counts = np.zeros(4, dtype=np.int64)  # see _classify_kernel
+        fused = _compiled_scan is not None
         for offset, chunk in _chunks(data):
-            starts, hashes = _token_hashes(chunk, self._keys, buffers)
+            raw = np.frombuffer(chunk, dtype=np.uint8)
+            status = -1
+            while fused:
+                status = _compiled_scan(raw, _CLASSES, keys.token, keys.negative, keys.zero, offset, tables["values"],
+                                        tables["ids"], tables["distinctive"], stream, offsets, distinctive_offsets,
+                                        id_seen, id_offsets, counts, *scratch, token_cache, buffers.flags,
+                                        buffers.masks, candidate_entry)
+                if status != -2:
+                    break
+                grown = 2 * stream.size + raw.size // 2 + 1
+                stream, offsets, distinctive_offsets = (
+                    np.concatenate([array, np.empty(grown - array.size, array.dtype)])
+                    for array in (stream, offsets, distinctive_offsets))
+            if status == 0:
+                continue
+            # A token in exponent notation (or no fused kernel): tokens first, then their classes.
+            starts, hashes = _token_hashes(chunk, keys, buffers)
             if int(counts[:2].max()) + hashes.size > stream.size:
                 grown = 2 * stream.size + hashes.size
                 stream, offsets, distinctive_offsets = (
@@ -1326,8 +1559,25 @@ class FingerprintIndex:
         compiled = _compiled_runs is not None and self._tables is not None
         hashes = self._values[stream] if not compiled else np.zeros(0, np.uint64)
         # Columns by run width, as the index lists them within a width.
-        for column, width in sorted(self.header["run_widths"].items(), key=lambda item: item[1]):
-            if compiled:
+        ordered = sorted(self.header["run_widths"].items(), key=lambda item: item[1])
+        together: dict[str, I64] = {}
+        if compiled and _compiled_all_runs is not None and 0 < len(ordered) <= 8:
+            assert self._tables is not None
+            # Up to 8 columns in one pass (a lane each of _all_runs_kernel's word of streaks).
+            lanes = np.zeros(self._values.size, dtype=np.uint64)
+            for lane, (column, _) in enumerate(ordered):
+                lanes[self._in_domain[column]] |= np.uint64(0xFF << (8 * lane))
+            all_hits = np.empty((len(ordered), stream.size), dtype=np.int64)
+            hit_counts = np.empty(len(ordered), dtype=np.int64)
+            _compiled_all_runs(stream, lanes, self._run_weights, np.array([w for _, w in ordered], dtype=np.int64),
+                               self._keys.run_base, self._keys.run_base_inverse,
+                               np.array([_run_salt(w) for _, w in ordered], dtype=np.uint64),
+                               tuple(self._tables[f"runs:{column}"] for column, _ in ordered), all_hits, hit_counts)
+            together = {column: all_hits[lane, :hit_counts[lane]] for lane, (column, _) in enumerate(ordered)}
+        for column, width in ordered:
+            if column in together:
+                hits = together[column]
+            elif compiled:
                 assert self._tables is not None
                 hits = np.empty(stream.size, dtype=np.int64)
                 hits = hits[:_compiled_runs(stream, self._in_domain[column], self._run_weights, width,

@@ -332,7 +332,8 @@ def test_numpy_fallback_scans_the_same(index: FingerprintIndex, rows: list[Row],
     data = b"\n".join([csv_copy(rows[:40]), reformatted_numbers(rows[40:60]), prose_without_id(rows[60:]),
                        columnar_json(rows), ids_in_log(rows[70:])])
     compiled = index.scan(data)
-    for kernel in ("_compiled_tokens", "_compiled_classify", "_compiled_rows", "_compiled_runs"):
+    for kernel in ("_compiled_tokens", "_compiled_classify", "_compiled_scan", "_compiled_rows", "_compiled_runs",
+                   "_compiled_all_runs"):
         monkeypatch.setattr(leaks, kernel, None)
     assert index.scan(data) == compiled
 
@@ -365,6 +366,12 @@ def test_compiled_rows_match_numpy_path(index: FingerprintIndex, registry: Path,
     expected = []
     for data in corpus:
         expected.append(index.scan(data))
+    # The fused tokenise-and-classify pass against the two-step one, and all run columns in one pass against one
+    # pass per column.
+    for kernel in ("_compiled_scan", "_compiled_all_runs"):
+        with monkeypatch.context() as patched:
+            patched.setattr(leaks, kernel, None)
+            assert [index.scan(data) for data in corpus] == expected
     for kernel in ("_compiled_classify", "_compiled_rows", "_compiled_runs"):
         monkeypatch.setattr(leaks, kernel, None)
     assert [index.scan(data) for data in corpus] == expected
@@ -397,6 +404,9 @@ def test_compiled_rows_match_numpy_path(index: FingerprintIndex, registry: Path,
         assert found
         with monkeypatch.context() as patched:
             patched.setattr(leaks, "_compiled_runs", None)
+            assert index._find_runs(stream, offsets) == found
+        with monkeypatch.context() as patched:
+            patched.setattr(leaks, "_compiled_all_runs", None)
             assert index._find_runs(stream, offsets) == found
 
 
