@@ -241,29 +241,51 @@ def measure(service: Served, stock: Stock, kernels: list[Kernel], args: argparse
         stock.http.delete(f"{stock.base}api/kernels/{kernel_id}", headers=stock.headers)
     print(f"  stock local kernel (no container): p50 {statistics.median(local_starts):.2f} s")
 
-    _, sandboxed, kernel_id = start_kernel(base, headers)
-    kernels.append(sandboxed)
-    # The same kernel straight on its notebook server's socket (with the server's own token): the
+    # Each kernel is measured with its own websocket the only one open: iopub messages go to every
+    # connection of a kernel, and each connection filters them.
+    _, first, kernel_id = start_kernel(base, headers)
+    first.close()
+    # A trusted session: the same container, relay and audit, but no scan: aggregate minus this is
+    # what the filter adds end to end.
+    trusted_contract = service.contract(tier="trusted", kinds=["notebook"], cpu_hours=100)
+    trusted = service.api.post("/v1/notebooks", headers=service.buyer,
+                               json={"contract": trusted_contract, "dataset": "carotid-stenting"})
+    trusted.raise_for_status()
+    trusted_base, trusted_headers = trusted.json()["url"], {"Authorization": f"token {trusted.json()['token']}"}
+    _, unscanned, trusted_kernel = start_kernel(trusted_base, trusted_headers)
+    unscanned.close()
+    _, local, local_kernel = stock.start_kernel()
+    local.close()
+    # The aggregate kernel straight on its notebook server's socket (with the server's own token): the
     # filter and the container without the service's proxy hop.
-    spec = json.loads(next((service.home / "notebooks").glob("*/session.json")).read_text())
-    direct = Kernel(f"http://localhost{spec['base_url']}", {"Authorization": f"token {spec['internal_token']}"},
-                    kernel_id, uds=spec["socket"])
-    kernels.append(direct)
-    _, local, _ = stock.start_kernel()
-    kernels.append(local)
-    for kernel in (sandboxed, local):
-        kernel.run(TABLE)
+    spec = json.loads((service.home / "notebooks" / session.json()["id"] / "session.json").read_text())
+    connect_to = {
+        "stock": lambda: Kernel(stock.base, stock.headers, local_kernel, uds=stock.socket),
+        "trusted": lambda: Kernel(trusted_base, trusted_headers, trusted_kernel),
+        "direct": lambda: Kernel(f"http://localhost{spec['base_url']}",
+                                 {"Authorization": f"token {spec['internal_token']}"}, kernel_id, uds=spec["socket"]),
+        "aggregate": lambda: Kernel(base, headers, kernel_id),
+    }
     print(f"\n10 kB outputs, execute_request to idle, p50 of {args.outputs} after 5 warm-up runs:")
-    print(f"  {'output':<12} {'stock':>9} {'no proxy':>9} {'sandbox':>9} {'added':>8}  {'bytes':>6}")
+    print(f"  {'output':<11} {'stock':>8} {'trusted':>8} {'no proxy':>9} {'aggregate':>10} {'filter adds':>12} "
+          f"{'sandbox adds':>13}")
     for name, code in (("stream", STREAM), ("html-table", SHOW_TABLE)):
-        raw, _ = round_trips(local, code, args.outputs)
-        unproxied, _ = round_trips(direct, code, args.outputs)
-        ours, our_size = round_trips(sandboxed, code, args.outputs)
-        added = statistics.median(ours) - statistics.median(raw)
-        print(f"  {name:<12} {statistics.median(raw):>7.2f}ms {statistics.median(unproxied):>7.2f}ms "
-              f"{statistics.median(ours):>7.2f}ms {added:>6.2f}ms  {our_size:>6}")
-    print("  stock: a local kernel, unfiltered; no proxy: the sandbox kernel and filter on the server's socket;")
-    print("  sandbox: what a client sees through the service; added = sandbox - stock")
+        medians = {}
+        for label, connect_kernel in connect_to.items():
+            kernel = connect_kernel()
+            kernels.append(kernel)
+            kernel.ready()
+            kernel.run(TABLE)
+            medians[label] = statistics.median(round_trips(kernel, code, args.outputs)[0])
+            kernel.close()
+            kernels.remove(kernel)
+        print(f"  {name:<11} {medians['stock']:>6.2f}ms {medians['trusted']:>6.2f}ms {medians['direct']:>7.2f}ms "
+              f"{medians['aggregate']:>8.2f}ms {medians['aggregate'] - medians['trusted']:>10.2f}ms "
+              f"{medians['aggregate'] - medians['stock']:>11.2f}ms")
+    print("  stock: a local kernel, no container, nothing filtered; trusted: a sandbox kernel whose outputs are")
+    print("  relayed and audited unscanned; aggregate: the same with the leak scan and table checks; no proxy:")
+    print("  aggregate on the server's own socket. filter adds = aggregate - trusted (target <= 2 ms per 10 kB);")
+    print("  sandbox adds = aggregate - stock (container, IPC, relay, audit and filter)")
     print("\nthe filter alone, per message (what the websocket bridge adds):")
     costs = filter_cost(service.home, args.outputs)
     worst = max(costs.values())

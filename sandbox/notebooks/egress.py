@@ -284,7 +284,7 @@ class _Message:
 # -- tables in HTML ----------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _HtmlCell:
     header: bool
     colspan: int
@@ -398,12 +398,10 @@ def _span(raw: str | None) -> int:
         return 1
 
 
-_TABLE = re.compile(r"<table\b[^>]*>(.*?)</table\s*>", re.IGNORECASE | re.DOTALL)
 _ROW_OR_CELL = re.compile(r"<tr\b|<(t[hd])\b([^>]*)>(.*?)</t[hd]\s*>", re.IGNORECASE | re.DOTALL)
-_HEAD_END = re.compile(r"</thead\s*>", re.IGNORECASE)
 _ANY_TAG = re.compile(r"<[^>]*>")
 _BREAK = re.compile(r"<br\b[^>]*>", re.IGNORECASE)
-_UNUSUAL = re.compile(r"<(?:script|style|table|tfoot)\b|<!--", re.IGNORECASE)
+_IRREGULAR = ("<script", "<style", "<table", "<tfoot", "<!--")
 
 
 def html_tables(document: str) -> list[pa.Table]:
@@ -425,18 +423,23 @@ def html_tables(document: str) -> list[pa.Table]:
 
 
 def _regular_tables(document: str) -> list[list[tuple[bool, list[_HtmlCell]]]] | None:
-    """The cells of markup as regular as pandas writes it, by a few regular expressions (the notebook's
+    """The cells of markup as regular as pandas writes it, by string searches and one expression (the notebook's
     common case, several times faster); None when anything is irregular, for the tag-by-tag parser."""
     lowered = document.lower()
     if lowered.count("<table") != lowered.count("</table") or lowered.count("<tr") != lowered.count("</tr"):
         return None
     tables: list[list[tuple[bool, list[_HtmlCell]]]] = []
-    for table in _TABLE.finditer(document):
-        inner = table.group(1)
-        if _UNUSUAL.search(inner):
+    position = 0
+    while (start := lowered.find("<table", position)) >= 0:  # plain searches: no regex backtracking
+        open_end = lowered.find(">", start)
+        close = lowered.find("</table", open_end)
+        if open_end < 0 or close < 0:
+            return None
+        position = close + len("</table")
+        inner, low_inner = document[open_end + 1:close], lowered[open_end + 1:close]
+        if any(marker in low_inner for marker in _IRREGULAR):
             return None  # nested tables, scripts or comments: the full parser knows what they mean
-        head_end = _HEAD_END.search(inner)
-        head_stop = head_end.start() if head_end else -1
+        head_stop = low_inner.find("</thead")
         rows: list[tuple[bool, list[_HtmlCell]]] = []
         cells: list[_HtmlCell] | None = None
         for token in _ROW_OR_CELL.finditer(inner):  # one pass: a row starts, or a whole cell
@@ -553,7 +556,9 @@ def _column(texts: list[str]) -> pa.Array:
     """Numbers where every filled cell is one (blanks, suppression markers and pandas' ... are gaps), else text."""
     values: list[float | None] = []
     for text in texts:
-        if text.lower() in _MISSING_CELLS or SUPPRESSION_MARKER.match(text):
+        if text.isascii() and text.isdigit():  # a plain count: the common case, without the patterns
+            values.append(float(text))
+        elif text.lower() in _MISSING_CELLS or SUPPRESSION_MARKER.match(text):
             values.append(None)
         elif _NUMBER.fullmatch(text.replace("\u2212", "-")):
             values.append(float(text.translate(_THOUSANDS)))
