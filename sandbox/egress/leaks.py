@@ -680,6 +680,7 @@ Table = tuple[U64, npt.NDArray[np.uint32], np.uint64]
 LOOKAHEAD = 32  # lookups in flight: each prefetches its directory entry, then its first member
 PROBES = 4  # members of a bucket _find compares without branching
 BLOCK = 4096  # queries the compiled kernels gather before looking them up together
+ROW_MEMO_ENTRIES = 1 << 14  # _rows_kernel's memo of settled window sums: 256 KiB
 
 
 def _directory(sorted_hashes: U64) -> Directory | None:
@@ -950,6 +951,15 @@ def _record_rows(table: Table, totals: U64, at: I64, count: int, positions: I64,
     return distinct
 
 
+def _remember_rows(memo: U64, mask: np.uint64, totals: U64, found: I64, count: int) -> None:
+    """Enter `count` looked-up window sums in _rows_kernel's memo, each with whether it is a row (recorded by
+    then, so finding it again changes nothing)."""
+    for k in range(count):
+        slot = np.int64((totals[k] >> np.uint64(24)) & mask) << 1
+        memo[slot] = totals[k]
+        memo[slot + 1] = np.uint64(2) if found[k] >= 0 else np.uint64(1)
+
+
 def _filter_bits(h: np.uint64) -> np.uint64:
     """The 4 bits of one 64-bit word of a _row_filter that `h` sets: from bits 40 to 63 (the word is picked by
     the low bits)."""
@@ -979,6 +989,7 @@ def _passes(row_filter: U64, h: np.uint64) -> bool:
 
 
 _filter_bits_one: Any = _compile(_filter_bits, inline=True)
+_remember: Any = _compile(_remember_rows, inline=True)
 _passes_one: Any = _compile(_passes, inline=True)
 
 
@@ -996,6 +1007,10 @@ def _rows_kernel(stream: npt.NDArray[np.int32], weights: U64, widths: I64, rows:
     found = np.empty(BLOCK, dtype=np.int64)
     uncovered = np.empty(n, dtype=np.uint8)
     valued = np.empty(0, dtype=np.uint64)
+    # Sums of the one-foreign-value pass already settled, direct-mapped (sum, then 1: no row, 2: a row recorded
+    # by then, 0: an empty slot): an aggregate repeats the same few sums, each one a probe of the large filter.
+    memo = np.zeros(2 * ROW_MEMO_ENTRIES, dtype=np.uint64)
+    memo_mask = np.uint64(ROW_MEMO_ENTRIES - 1)
     distinct = 0
     filtered = True
     for w in range(widths.size):
@@ -1069,12 +1084,18 @@ def _rows_kernel(stream: npt.NDArray[np.int32], weights: U64, widths: I64, rows:
                 count = 0
                 while k < tried and count < BLOCK:
                     trimmed = wide[k] - valued[positions[k] + inner]
-                    if _passes_one(row_filter, trimmed):
-                        totals[count] = trimmed
-                        at[count] = positions[k]
-                        count += 1
+                    slot = np.int64((trimmed >> np.uint64(24)) & memo_mask) << 1
+                    if memo[slot] != trimmed or not memo[slot + 1]:  # a known sum needs no second lookup
+                        if _passes_one(row_filter, trimmed):
+                            totals[count] = trimmed
+                            at[count] = positions[k]
+                            count += 1
+                        else:
+                            memo[slot] = trimmed
+                            memo[slot + 1] = np.uint64(1)
                     k += 1
                 distinct = _record_rows_one(rows, totals, at, count, found, seen, first, distinct)
+                _remember(memo, memo_mask, totals, found, count)
     return distinct
 
 
