@@ -286,6 +286,8 @@ def measure(service: Served, stock: Stock, kernels: list[Kernel], args: argparse
     print("  relayed and audited unscanned; aggregate: the same with the leak scan and table checks; no proxy:")
     print("  aggregate on the server's own socket. filter adds = aggregate - trusted (target <= 2 ms per 10 kB);")
     print("  sandbox adds = aggregate - stock (container, IPC, relay, audit and filter)")
+    for finished in (session.json()["id"], trusted.json()["id"]):  # sessions outlive a service restart: end them
+        service.api.delete(f"/v1/notebooks/{finished}", headers=service.buyer).raise_for_status()
     print("\nthe filter alone, per message (what the websocket bridge adds):")
     costs = filter_cost(service.home, args.outputs)
     worst = max(costs.values())
