@@ -8,6 +8,7 @@ from typing import Any
 
 import duckdb
 
+from sandbox import duck
 from sandbox.catalog.cards import ColumnType, DatasetCard
 from sandbox.errors import Invalid
 
@@ -54,11 +55,7 @@ def detect_format(path: Path, filename: str) -> str:
 
 
 def _connect() -> duckdb.DuckDBPyConnection:
-    connection = duckdb.connect(":memory:")
-    connection.execute("SET threads TO 2")
-    connection.execute("SET autoinstall_known_extensions = false")
-    connection.execute("SET autoload_known_extensions = false")
-    return connection
+    return duck.connect(threads=2)
 
 
 def _source_sql(source_format: str) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 import duckdb
 
+from sandbox import duck
 from sandbox.dp import noise, sensitivity
 from sandbox.dp.noise import Loss
 from sandbox.dp.sensitivity import Contribution
@@ -643,10 +644,7 @@ _DATABASES: dict[str, duckdb.DuckDBPyConnection] = {}
 
 
 def _open_database(parquet: str) -> duckdb.DuckDBPyConnection:
-    connection = duckdb.connect(":memory:", config={
-        "autoinstall_known_extensions": False, "autoload_known_extensions": False,
-        "allow_community_extensions": False,
-    })
+    connection = duck.connect()
     path = parquet.replace("'", "''")
     connection.execute(f"CREATE VIEW dataset AS SELECT * FROM read_parquet('{path}')")  # noqa: S608 - our path
     connection.execute(f"SET allowed_paths=['{path}']")
@@ -669,8 +667,7 @@ def _ranges(source: Path) -> dict[str, tuple[float, float]]:
         known = _RANGES.get(key)
     if known is not None:
         return known
-    connection = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                                    "autoload_known_extensions": False})
+    connection = duck.connect()
     try:
         rows = connection.execute(
             "SELECT path_in_schema, count(*), count(stats_min_value), count(stats_max_value), "
@@ -712,8 +709,7 @@ def _write_ranked(source: Path, dataset: DatasetPrivacy, target: Path) -> None:
     unit = _quote(dataset.privacy_unit)
     path = str(source).replace("'", "''")
     partial = target.with_name(target.name + f".{os.getpid()}.partial")
-    connection = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                                    "autoload_known_extensions": False})
+    connection = duck.connect()
     try:
         # The window spills rather than holding the version in memory: queries' peak stays near DuckDB's own.
         connection.execute("SET preserve_insertion_order=false")

@@ -32,6 +32,7 @@ import numpy as np
 import opendp.prelude as dp
 import pyarrow as pa
 
+from sandbox import duck
 from sandbox.catalog.cards import ColumnSpec, ColumnType
 from sandbox.errors import Invalid
 
@@ -471,11 +472,7 @@ def _mock_column_sql(design: MockDesign, name: str, duck_type: str, names: list[
 
 
 def _connect() -> duckdb.DuckDBPyConnection:
-    connection = duckdb.connect(":memory:")
-    connection.execute("SET autoinstall_known_extensions = false")
-    connection.execute("SET autoload_known_extensions = false")
-    connection.execute("SET enable_progress_bar = false")
-    return connection
+    return duck.connect()
 
 
 def _describe(connection: duckdb.DuckDBPyConnection, parquet: Path) -> list[tuple[str, str]]:

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from sandbox import duck
 from sandbox.egress.baseline import CheckResult, Verdict
 
 SIDECAR_SUFFIX = ".sdc.json"
@@ -307,11 +308,8 @@ def recompute_cells(dataset_parquet: Path, *, groups: Sequence[str], value: str 
         f"SELECT {', '.join([*group_names, ''])}sum(n_rows), count(*), sum(n_values), count(contribution), "
         f"sum(contribution), max(contribution, {int(top_n)}), sum(negatives) FROM per_unit{outer_grouping}"
     )
-    connection = duckdb.connect()
-    try:
+    with duck.connect() as connection:
         rows = connection.execute(sql, [str(dataset_parquet), *parameters]).fetchall()
-    finally:
-        connection.close()
     cells: dict[tuple[str, ...], CellStats] = {}
     width = len(group_names)
     for row in rows:
@@ -329,12 +327,9 @@ def recompute_cells(dataset_parquet: Path, *, groups: Sequence[str], value: str 
 def recompute_rows(dataset_parquet: Path, *, filters: Sequence[Filter], not_null: Sequence[str]) -> int:
     """Rows of the dataset version a regression could have used."""
     where, parameters = _where(filters, not_null)
-    connection = duckdb.connect()
-    try:
+    with duck.connect() as connection:
         rows = connection.execute(f"SELECT count(*) FROM read_parquet(?){where}",  # noqa: S608 (names are quoted)
                                   [str(dataset_parquet), *parameters]).fetchall()
-    finally:
-        connection.close()
     return int(rows[0][0])
 
 
