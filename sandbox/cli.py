@@ -425,7 +425,7 @@ def job_submit(
     """Send code to the data: pack --code, submit, and optionally wait."""
     import tempfile
 
-    from sandbox.release import ReleaseError, pack_code
+    from sandbox.release.verify import ReleaseError, pack_code
 
     name, _, version = dataset.partition("@")
     if version and not version.isdigit():
@@ -561,7 +561,7 @@ def job_download(
                                                     help="the instance's public key (PEM) to pin")] = None,
 ) -> None:
     """Download released files after verifying the signed manifest and every file's sha256."""
-    from sandbox.release import ReleaseError, check_file, key_fingerprint, safe_destination, verify_manifest
+    from sandbox.release.verify import ReleaseError, check_file, key_fingerprint, safe_destination, verify_manifest
 
     with _client() as client:
         signed = _call(client.job_manifest, job_id)

@@ -20,7 +20,7 @@ from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
 from sandbox.jobs.bundles import unpack_bundle
 from sandbox.jobs.lifecycle import TERMINAL, JobState, next_state
 from sandbox.policies import get_policy_version
-from sandbox.release import canonical
+from sandbox.release.verify import canonical
 from sandbox.store.models import Contract, Job, JobOutput, OutputReview
 
 

@@ -207,7 +207,13 @@ class JobOutput(Base):
     kind: Mapped[str] = mapped_column(String(16))
     verdict: Mapped[str] = mapped_column(String(16))  # pass | review | block
     checks: Mapped[list[Any]] = mapped_column()
-    status: Mapped[str] = mapped_column(String(16))  # released | blocked | in_review
+    status: Mapped[str] = mapped_column(String(16))  # sandbox.release.status.OutputStatus
+    # Who made the bytes: "platform" (a verified table or DP result the platform wrote itself),
+    # "buyer" (anything the buyer's code wrote) or "log" (the job's own stdout/stderr).
+    origin: Mapped[str] = mapped_column(String(16), default="buyer", server_default="buyer")
+    # For a platform-made table: the canonical specification it was recomputed from (differencing
+    # checks compare later tables against it).
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     stored_path: Mapped[str | None] = mapped_column(String(500), default=None)
     decided_by: Mapped[str | None] = mapped_column(String(200), default=None)
     decided_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -8,7 +8,7 @@ import pytest
 from helpers import auth
 from jobworld import JobWorld
 
-from sandbox.release import verify_manifest
+from sandbox.release.verify import verify_manifest
 
 pytestmark = pytest.mark.docker
 
