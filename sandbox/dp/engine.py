@@ -244,7 +244,7 @@ class _Grid:
 
 
 def _grid(dataset: DatasetPrivacy, column: str, bits: int, centred: bool) -> _Grid:
-    low, high = (float(b) for b in dataset.columns[column]["bounds"])
+    low, high = _public_bounds(dataset, column)
     reach = (high - low) / 2 if centred else max(abs(low), abs(high))
     scale = 2.0 ** (bits - math.ceil(math.log2(reach))) if reach > 0 else 1.0
     if dataset.columns[column].get("type") == "integer":
@@ -395,7 +395,7 @@ class _Runner:
                  ) -> dict[tuple[Any, ...], float]:
         _, column, level = statistic
         assert column is not None and level is not None
-        low, high = (float(b) for b in self.dataset.columns[column]["bounds"])
+        low, high = _public_bounds(self.dataset, column)
         integer = self.dataset.columns[column].get("type") == "integer"
         if integer and high - low < QUANTILE_CANDIDATES:
             candidates = [float(v) for v in range(math.ceil(low), math.floor(high) + 1)]
@@ -477,7 +477,7 @@ class _Runner:
         if kind == "quantile":
             return quantiles[("quantile", column, aggregate.quantile)][group], None
         assert column is not None
-        low, high = (float(b) for b in self.dataset.columns[column]["bounds"])
+        low, high = _public_bounds(self.dataset, column)
         if kind == "sum":
             grid = _grid(self.dataset, column, SUM_GRID_BITS, centred=False)
             value, half_width = get("sum")
@@ -548,7 +548,7 @@ def _steps_sql(column: str, grid: _Grid, dataset: DatasetPrivacy,
     A clamp that the file's own statistics prove to be the identity (every value already within the
     bounds) is left out: the answer is the same and the scan a quarter faster.
     """
-    low, high = (float(b) for b in dataset.columns[column]["bounds"])
+    low, high = _public_bounds(dataset, column)
     found = (ranges or {}).get(column)
     within = found is not None and low <= found[0] and found[1] <= high
     if dataset.columns[column].get("type") == "integer" and grid.scale == 1:
@@ -560,6 +560,16 @@ def _steps_sql(column: str, grid: _Grid, dataset: DatasetPrivacy,
                else f"greatest(least({_quote(column)}::DOUBLE, {_float(high)}), {_float(low)})")
     steps = f"round({clamped} * {_float(grid.scale)})::BIGINT"
     return f"greatest(least({steps}, {grid.high:d}), {grid.low:d})"
+
+
+def _public_bounds(dataset: DatasetPrivacy, column: str) -> tuple[float, float]:
+    """A column's bounds, only if public: a hidden bound must never shape a released number."""
+    spec = dataset.columns.get(column, {})
+    if not spec.get("public") or spec.get("bounds") is None:
+        raise Invalid(f"column {column!r} needs public bounds for this query",
+                      errors=[f"column {column!r} needs public bounds"])
+    low, high = (float(b) for b in spec["bounds"])
+    return low, high
 
 
 def _public_categories(dataset: DatasetPrivacy, column: str) -> list[Any] | None:

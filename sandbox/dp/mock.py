@@ -188,7 +188,6 @@ def design_mock(card: dict[str, Any], schema: list[tuple[str, str]], *, bins: in
         )
     domains: dict[str, ColumnDomain] = {}
     placeholders: list[str] = []
-    private: list[str] = []
     for name, _ in schema:
         if name == unit:
             continue
@@ -197,17 +196,14 @@ def design_mock(card: dict[str, Any], schema: list[tuple[str, str]], *, bins: in
         if domain is not None:
             domains[name] = domain
         else:
+            # A hidden domain and no domain read the same here: the notes must not say which is which.
             placeholders.append(name)
-            if spec is not None and (spec.categories is not None or spec.bounds is not None):
-                private.append(name)
     notes.append(f"{unit!r} holds fresh synthetic ids ({MOCK_ID_PREFIX}000001, ...), unrelated to real ones")
     if placeholders:
         notes.append(
             "no public domain, so placeholders (text: "
             f"{PLACEHOLDER_PREFIX}000001, ...; other types: null): " + ", ".join(placeholders)
         )
-    if private:
-        notes.append("categories or bounds not marked public are not revealed by the mock: " + ", ".join(private))
     if domains:
         notes.append("every domain has one extra cell for null or undeclared values; it samples as null")
     pairs, pair_notes = _plan_pairs(card.get("marginal_pairs") or [], domains)

@@ -41,6 +41,26 @@ CLAUSE_NAMES = {
     "operation_modifiers": "statement modifiers",
 }
 ALLOWED_CLAUSES = {"expressions", "from_", "from", "where", "group"}
+# The whole parse tree is checked against this allow-list: every node must be of one of these exact
+# types and set no argument outside its list. Anything sqlglot parses that is not here (a new clause,
+# BETWEEN SYMMETRIC, COLLATE, an empty IN, a function we never reviewed) refuses the query, so a
+# construct the checker below does not understand can never be silently dropped from the plan.
+_BINARY = frozenset({"this", "expression"})
+ALLOWED_NODES: dict[type[exp.Expression], frozenset[str]] = {
+    exp.Select: frozenset({"expressions", "from_", "from", "where", "group"}),
+    exp.From: frozenset({"this"}), exp.Table: frozenset({"this"}), exp.Where: frozenset({"this"}),
+    exp.Group: frozenset({"expressions"}), exp.Identifier: frozenset({"this", "quoted"}),
+    exp.Column: frozenset({"this", "table"}), exp.Alias: frozenset({"this", "alias"}),
+    exp.Paren: frozenset({"this"}), exp.And: _BINARY, exp.Or: _BINARY, exp.Not: frozenset({"this"}),
+    exp.EQ: _BINARY, exp.NEQ: _BINARY, exp.LT: _BINARY, exp.LTE: _BINARY, exp.GT: _BINARY, exp.GTE: _BINARY,
+    exp.In: frozenset({"this", "expressions"}), exp.Between: frozenset({"this", "low", "high"}),
+    exp.Is: _BINARY, exp.Null: frozenset(), exp.Boolean: frozenset({"this"}),
+    exp.Literal: frozenset({"this", "is_string"}), exp.Neg: frozenset({"this"}), exp.Star: frozenset(),
+    exp.Count: frozenset({"this", "big_int"}), exp.Sum: frozenset({"this"}), exp.Avg: frozenset({"this"}),
+    exp.Variance: frozenset({"this"}), exp.VariancePop: frozenset({"this"}), exp.Stddev: frozenset({"this"}),
+    exp.StddevSamp: frozenset({"this"}), exp.StddevPop: frozenset({"this"}), exp.Median: frozenset({"this"}),
+    exp.PercentileCont: frozenset({"this", "expression"}),
+}
 
 
 @dataclass(frozen=True)
@@ -137,13 +157,17 @@ class Schema:
                 return column
         return None
 
-    def has_domain(self, column: str) -> bool:
+    # Only a public domain may shape a released number (a clamp, an accuracy, a quantile grid, an
+    # average of nothing). A hidden one is treated exactly as none, so no refusal tells them apart.
+    def has_public_domain(self, column: str) -> bool:
         spec = self.columns[column]
-        return spec.get("bounds") is not None or spec.get("categories") is not None
+        if spec.get("type") == "boolean":
+            return True  # the type alone fixes the domain
+        return bool(spec.get("public")) and (spec.get("bounds") is not None or spec.get("categories") is not None)
 
-    def is_numeric_bounded(self, column: str) -> bool:
+    def has_public_bounds(self, column: str) -> bool:
         spec = self.columns[column]
-        return spec.get("type") in NUMERIC_TYPES and spec.get("bounds") is not None
+        return bool(spec.get("public")) and spec.get("type") in NUMERIC_TYPES and spec.get("bounds") is not None
 
 
 def parse_query(sql: str, schema: Schema) -> ParsedQuery:
@@ -153,6 +177,9 @@ def parse_query(sql: str, schema: Schema) -> ParsedQuery:
     if statement is None:
         raise _invalid(checker.errors)
     outputs, group_by, where = checker.select(statement)
+    checker.allow_listed(statement)
+    if statement.args.get("where") is not None and where is None and not checker.errors:
+        checker.fail("the WHERE clause could not be fully understood")  # never answer without it
     if checker.errors:
         raise _invalid(checker.errors)
     return ParsedQuery(outputs=tuple(outputs), group_by=tuple(group_by), where=where)
@@ -170,6 +197,29 @@ class _Checker:
 
     def fail(self, message: str) -> None:
         self.errors.append(message)
+
+    def allowed(self, node: exp.Expression) -> bool:
+        """Whether `node` itself is of an allow-listed type and sets only allow-listed arguments."""
+        allowed = ALLOWED_NODES.get(type(node))
+        if allowed is None:
+            self.fail(f"{_describe(node)} is not allowed in a DP query")
+            return False
+        extras = sorted(k for k, v in node.args.items() if k not in allowed and v not in (None, False, [], ()))
+        if extras:
+            self.fail(f"{_describe(node)} with {', '.join(e.upper() for e in extras)} is not allowed in a DP query")
+            return False
+        return True
+
+    def allow_listed(self, statement: exp.Expression) -> None:
+        """Check every node of the parse tree against ALLOWED_NODES (the fail-closed layer)."""
+        for node in statement.walk():
+            if isinstance(node, exp.Expression):
+                self.allowed(node)
+            else:
+                self.fail(f"{type(node).__name__} is not allowed in a DP query")
+        for node in statement.find_all(exp.In):
+            if not node.expressions:
+                self.fail("IN () needs at least one value")
 
     def single_select(self, sql: str) -> exp.Select | None:
         if "\x00" in sql:
@@ -312,8 +362,8 @@ class _Checker:
         column = self.aggregate_argument(node, kind.upper(), allow={"expression"} if quantile is not None else set())
         if column is None:
             return None
-        if not self.schema.is_numeric_bounded(column):
-            self.fail(f"{kind.upper()}({column}) needs a numeric column with declared bounds")
+        if not self.schema.has_public_bounds(column):
+            self.fail(f"{kind.upper()}({column}) needs public bounds on column {column!r}")
             return None
         return Aggregate(kind, column, quantile)
 
@@ -335,8 +385,8 @@ class _Checker:
             self.fail(f"{name}(...) takes one plain column, not {_describe(argument)}")
             return None
         column = self.column(argument, f"{name}(...)")
-        if column is not None and not self.schema.has_domain(column):
-            self.fail(f"column {column!r} has no declared bounds or categories, so it cannot be aggregated")
+        if column is not None and not self.schema.has_public_domain(column):
+            self.fail(f"column {column!r} needs public bounds or categories to be aggregated")
             return None
         return column
 
@@ -387,6 +437,8 @@ class _Checker:
         if isinstance(node, exp.In):
             return self.in_list(node)
         if isinstance(node, exp.Between):
+            if not self.allowed(node):
+                return None
             column = self.filter_column(node.this)
             low = self.typed_literal(node.args.get("low"), column)
             high = self.typed_literal(node.args.get("high"), column)
@@ -420,6 +472,9 @@ class _Checker:
         if len(node.expressions) > MAX_IN_ITEMS:
             self.fail(f"IN lists may hold at most {MAX_IN_ITEMS} values")
             return None
+        if not node.expressions:
+            self.fail("IN () needs at least one value")
+            return None
         values = [self.typed_literal(item, column) for item in node.expressions]
         if column is None or not values or any(v is None for v in values):
             return None
@@ -430,8 +485,8 @@ class _Checker:
             self.fail("subqueries are not allowed")
             return None
         column = self.column(node, "WHERE")
-        if column is not None and not self.schema.has_domain(column):
-            self.fail(f"column {column!r} has no declared bounds or categories, so WHERE cannot test it")
+        if column is not None and not self.schema.has_public_domain(column):
+            self.fail(f"column {column!r} needs public bounds or categories to be tested in WHERE")
             return None
         return column
 

@@ -33,7 +33,7 @@ REFUSED = [
     (f"SELECT COUNT(DISTINCT site) FROM {T}", "DISTINCT"),
     (f"SELECT age FROM {T}", "not in GROUP BY"),
     (f"SELECT * FROM {T}", "STAR"),
-    (f"SELECT SUM(sex) FROM {T}", "declared bounds"),
+    (f"SELECT SUM(sex) FROM {T}", "public bounds"),
     (f"SELECT SUM(age * 1000) FROM {T}", "plain column"),
     (f"SELECT COUNT(*) FROM (SELECT * FROM {T} LIMIT 1)", "dataset table"),
     (f"SELECT COUNT(*) FROM {T} WHERE age IN (SELECT age FROM {T})", "subqueries"),
