@@ -11,6 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{1,62}$"
 COLUMN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+# Names the platform keeps for itself: a leading underscore (the engines' own columns and aliases,
+# such as the DP engine's per-unit rank) and the virtual columns DuckDB's file readers add. Compared
+# without case, as DuckDB resolves names. A data column with such a name could pose as an internal
+# one (review 11.2: a column named like the rank column switched off per-unit bounding).
+RESERVED_COLUMN_PREFIX = "_"
+READER_COLUMNS = frozenset({"file_row_number", "filename", "file_index", "rowid"})
+
+
+def is_reserved_column(name: str) -> bool:
+    """Whether `name` is in the platform's reserved namespace, which no dataset card may declare."""
+    lowered = name.lower()
+    return lowered.startswith(RESERVED_COLUMN_PREFIX) or lowered in READER_COLUMNS
 
 
 class ColumnType(StrEnum):
@@ -72,6 +84,9 @@ def card_errors(card: DatasetCard) -> list[str]:
     for column, spec in card.columns.items():
         if not _valid_column_name(column):
             errors.append(f"column {column!r}: names must be letters, digits and _, up to 63 long")
+        elif is_reserved_column(column):
+            errors.append(f"column {column!r}: names starting with '_' and the names "
+                          f"{', '.join(sorted(READER_COLUMNS))} are reserved for the platform's own columns")
         if spec.bounds is not None:
             if spec.type not in NUMERIC:
                 errors.append(f"column {column!r}: bounds apply only to integer and float columns")
@@ -91,6 +106,9 @@ def card_errors(card: DatasetCard) -> list[str]:
                 errors.append(f"column {column!r}: every category must be a {spec.type.value}")
         if spec.bounds is not None and spec.categories is not None:
             errors.append(f"column {column!r}: declare bounds or categories, not both")
+    lowered = [column.lower() for column in card.columns]
+    for name in sorted({n for n in lowered if lowered.count(n) > 1}):
+        errors.append(f"column {name!r}: declared twice with different letter case (names are not case-sensitive)")
     unit = card.columns.get(card.privacy_unit)
     if unit is None:
         errors.append(f"privacy_unit {card.privacy_unit!r} is not one of the declared columns")

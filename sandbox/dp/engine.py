@@ -35,6 +35,7 @@ from typing import Any
 import duckdb
 
 from sandbox import duck
+from sandbox.catalog.cards import is_reserved_column
 from sandbox.dp import noise, sensitivity
 from sandbox.dp.noise import Loss
 from sandbox.dp.sensitivity import Contribution
@@ -59,7 +60,10 @@ MAX_PUBLIC_GROUPS = 10_000
 SUM_GRID_BITS = 20        # fixed-point sums: |value| <= 2^20 grid steps per row
 CENTRED_GRID_BITS = 15    # centred values for AVG/VARIANCE: squares stay below 2^30 per row
 QUANTILE_CANDIDATES = 1024
-RANK_COLUMN = "_dp_unit_rank"
+# The engine's own column lives in the reserved namespace (`cards.is_reserved_column`), which no card may
+# declare; the ranked copy holds only the card's declared columns and this one, so the filter below is
+# certain to read the rank and never a data column of the same name (review 11.2).
+RANK_COLUMN = "__sandbox_unit_rank"
 RANKING_MEMORY_LIMIT = "256MB"
 
 
@@ -145,6 +149,12 @@ class Answer:
 
 def plan_query(sql: str, dataset: DatasetPrivacy) -> QueryPlan:
     """Validate `sql` against the dataset's privacy metadata; Invalid names every unsupported part."""
+    reserved = sorted(c for c in dataset.columns if is_reserved_column(c))
+    if reserved:
+        # A card stored before the namespace was reserved: its column could pose as the engine's own.
+        raise Invalid(f"dataset {dataset.name!r} declares columns in the reserved namespace "
+                      f"({', '.join(reserved)}); a steward must register it again under other names",
+                      errors=[f"column {c!r} is reserved" for c in reserved])
     query = parse_query(sql, dataset.schema())
     public = all(_public_categories(dataset, column) is not None for column in query.group_by)
     if public and _group_count(dataset, query.group_by) > MAX_PUBLIC_GROUPS:
@@ -163,7 +173,8 @@ def prepare(parquet: Path, dataset: DatasetPrivacy, cache_dir: Path | None = Non
     """The version's rows with each row's rank within its unit (unit column dropped); built once, cached."""
     source = Path(parquet).resolve()
     stat = source.stat()
-    identity = json.dumps([str(source), stat.st_size, stat.st_mtime_ns, dataset.privacy_unit])
+    identity = json.dumps([str(source), stat.st_size, stat.st_mtime_ns, dataset.privacy_unit,
+                           sorted(dataset.columns), RANK_COLUMN])
     key = hashlib.sha256(identity.encode()).hexdigest()[:32]
     with _RANK_LOCK:
         known = _RANKED.get(key)
@@ -332,7 +343,7 @@ class _Runner:
     def where_sql(self) -> str:
         parts = []
         if not self.dataset.one_row_per_unit:
-            parts.append(f"{RANK_COLUMN} <= {self.dataset.rows_per_unit * self.dataset.groups_per_unit:d}")
+            parts.append(f"{_quote(RANK_COLUMN)} <= {self.dataset.rows_per_unit * self.dataset.groups_per_unit:d}")
         if self.plan.query.where is not None:
             parts.append(_condition_sql(self.plan.query.where))
         return " WHERE " + " AND ".join(f"({p})" for p in parts) if parts else ""
@@ -717,6 +728,11 @@ def _write_ranked(source: Path, dataset: DatasetPrivacy, target: Path) -> None:
     """Rank each row within its unit in a secret keyed-hash order; drop the unit column."""
     salt = secrets.randbits(62)
     unit = _quote(dataset.privacy_unit)
+    # Only the declared columns, named one by one: nothing of the file (an undeclared column, a reader's
+    # virtual column such as file_row_number) can take the rank column's place. Ties in the keyed hash
+    # (identical rows) are harmless: row_number() still gives each row of a unit its own rank.
+    kept = [_quote(c) for c in dataset.columns if c != dataset.privacy_unit]
+    order = f"hash({', '.join([*kept, unit])}, {salt:d})"
     path = str(source).replace("'", "''")
     partial = target.with_name(target.name + f".{os.getpid()}.partial")
     connection = duck.connect()
@@ -726,9 +742,9 @@ def _write_ranked(source: Path, dataset: DatasetPrivacy, target: Path) -> None:
         connection.execute(f"SET memory_limit='{RANKING_MEMORY_LIMIT}'")
         connection.execute(f"SET temp_directory='{str(target.parent).replace(chr(39), chr(39) * 2)}'")
         connection.execute(
-            f"COPY (SELECT * EXCLUDE ({unit}, file_row_number), "  # noqa: S608 - identifiers from the card
-            f"row_number() OVER (PARTITION BY {unit} ORDER BY hash(file_row_number, {salt:d}))::UINTEGER "
-            f"AS {RANK_COLUMN} FROM read_parquet('{path}', file_row_number=true)) "
+            f"COPY (SELECT {''.join(k + ', ' for k in kept)}"  # noqa: S608 - identifiers from the card
+            f"row_number() OVER (PARTITION BY {unit} ORDER BY {order})::UINTEGER "
+            f"AS {_quote(RANK_COLUMN)} FROM read_parquet('{path}')) "
             f"TO '{str(partial).replace(chr(39), chr(39) * 2)}' (FORMAT parquet)")
     finally:
         connection.close()
