@@ -142,20 +142,20 @@ def file_sha256(path: Path) -> str:
 
 
 def version_view(version: DatasetVersion, *, steward: bool) -> dict[str, Any]:
-    view: dict[str, Any] = {
-        "version": version.version,
-        "sha256": version.sha256,
-        "created_at": version.created_at.isoformat(),
-    }
+    """A version as the catalog shows it: buyers see only its number and date.
+
+    No digest of the stored Parquet (a buyer could test a guessed table against it) and no row count,
+    exact or deterministically rounded (rounding boundaries, compared across weekly versions, give
+    cohort sizes away; review 11.1). A buyer who needs a size asks a DP COUNT(*), paid from a budget.
+    The signed release manifest keeps its own digests.
+    """
+    view: dict[str, Any] = {"version": version.version, "created_at": version.created_at.isoformat()}
     if steward:
+        view["sha256"] = version.sha256
         view["rows"] = version.rows
         view["size_bytes"] = version.size_bytes
         view["source_format"] = version.source_format
         view["upload_sha256"] = version.schema.get("upload_sha256")
-    else:
-        # Exact counts of small cohorts are themselves disclosive; buyers get two significant digits,
-        # and never finer than tens (two significant digits of a count under 100 are the count).
-        view["rows_approx"] = _round_significant(version.rows, 2, minimum_step=10)
     return view
 
 
@@ -220,11 +220,3 @@ def catalog_listing(session: Session, *, steward: bool) -> tuple[bytes, str]:
     etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
     _listings[(store, steward)] = (generation, body, etag)
     return body, etag
-
-
-def _round_significant(value: int, digits: int, *, minimum_step: int = 1) -> int:
-    if value == 0:
-        return 0
-    magnitude = max(int(10 ** max(len(str(abs(value))) - digits, 0)), minimum_step)
-    # A non-empty version never shows as 0 rows.
-    return max(int(round(value / magnitude) * magnitude), magnitude)
