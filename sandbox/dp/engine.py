@@ -331,6 +331,8 @@ class _Runner:
 
     def aggregate_rows(self, keys: list[str], measures: list[tuple[str, str | None, float | None]]
                        ) -> dict[tuple[Any, ...], list[Any]]:
+        if not keys and not measures:
+            return {(): []}  # only quantiles, no GROUP BY: nothing to aggregate here (review 11.8)
         selects = [_quote(k) for k in keys] + [self.measure_sql(m) for m in measures]
         sql = f"SELECT {', '.join(selects)} FROM dataset{self.where_sql()}"  # noqa: S608 - rendered from the plan
         if keys:

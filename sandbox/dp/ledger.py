@@ -3,22 +3,39 @@
 Every reservation locks the contract's ledger row, then the dataset's cap row, always in that
 order (FOR UPDATE on PostgreSQL; SQLite transactions here already hold the write lock), so
 concurrent queries serialise on the budget and cannot both fit into the same remainder.
+
+Arithmetic is exact: epsilon in integer micro-units, delta in integer units of 1e-12. A float sum
+with a slack let 50 queries at epsilon 1e-9 through an exhausted budget, and a pure-DP contract
+pay a delta of 1e-9 (review 11.4). Buyers request epsilon on a grid (EPSILON_STEP, at least
+EPSILON_MIN) and see budgets rounded to it, so the spend they can observe carries no extra bits.
+The float columns only mirror the integers for readers that want a number.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sandbox.errors import Conflict, NotFound
+from sandbox.errors import Conflict, Invalid, NotFound
 from sandbox.store.models import BudgetLedger, BudgetReservation, Contract, DatasetBudget
 
-# Float sums of equal shares (0.1 + 0.1 + 0.1) overshoot by an ulp; budgets are compared with this slack.
-SLACK = 1e-9
+EPSILON_SCALE = 1_000_000            # ledger units per epsilon: micro-epsilon
+DELTA_SCALE = 1_000_000_000_000      # ledger units per delta: 1e-12
+EPSILON_STEP_UNITS = 1_000           # requests and displays in steps of epsilon 0.001
+EPSILON_MIN_UNITS = 10_000           # and at least epsilon 0.01
+EPSILON_STEP = EPSILON_STEP_UNITS / EPSILON_SCALE
+EPSILON_MIN = EPSILON_MIN_UNITS / EPSILON_SCALE
+
+# Names this process in the reservations it holds; a reservation whose holder is another process
+# when a process starts was left by one that died mid-query, and is released (see `release_abandoned`).
+HOLDER = f"{socket.gethostname()[:24]}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
 
 
 class BudgetExhausted(Conflict):
@@ -28,8 +45,69 @@ class BudgetExhausted(Conflict):
 
 @dataclass(frozen=True)
 class Charge:
-    epsilon: float
-    delta: float = 0.0
+    """What one query costs, in ledger units."""
+
+    epsilon_units: int
+    delta_units: int = 0
+
+    @property
+    def epsilon(self) -> float:
+        return self.epsilon_units / EPSILON_SCALE
+
+    @property
+    def delta(self) -> float:
+        return self.delta_units / DELTA_SCALE
+
+
+def _decimal(value: float, what: str) -> Decimal:
+    try:
+        exact = Decimal(repr(float(value)))  # the shortest text of the float: what the client wrote
+    except (InvalidOperation, ValueError) as exc:
+        raise Invalid(f"{what} must be a finite number") from exc
+    if not exact.is_finite() or exact < 0:
+        raise Invalid(f"{what} must be a finite, non-negative number")
+    return exact
+
+
+def requested_epsilon_units(value: float, what: str = "epsilon") -> int:
+    """A requested epsilon (or rho) in ledger units; refused unless on the grid and at least the minimum."""
+    steps = _decimal(value, what) * EPSILON_SCALE / EPSILON_STEP_UNITS
+    if steps != steps.to_integral_value() or steps * EPSILON_STEP_UNITS < EPSILON_MIN_UNITS:
+        raise Invalid(f"{what} is requested in steps of {EPSILON_STEP:g} and at least {EPSILON_MIN:g}; "
+                      f"{value!r} is not one of them",
+                      errors=[f"{what} must be a multiple of {EPSILON_STEP:g}, at least {EPSILON_MIN:g}"])
+    return int(steps) * EPSILON_STEP_UNITS
+
+
+def epsilon_units_up(value: float) -> int:
+    """A computed epsilon (a zCDP conversion) rounded up to the grid: charged, never under-charged."""
+    steps = (_decimal(value, "epsilon") * EPSILON_SCALE / EPSILON_STEP_UNITS).to_integral_value(ROUND_CEILING)
+    return int(steps) * EPSILON_STEP_UNITS
+
+
+def requested_delta_units(value: float) -> int:
+    """A requested delta in ledger units; refused unless a whole number of 1e-12."""
+    units = _decimal(value, "delta") * DELTA_SCALE
+    if units != units.to_integral_value():
+        raise Invalid(f"delta is requested in steps of {1 / DELTA_SCALE:g}; {value!r} is not one of them",
+                      errors=[f"delta must be a multiple of {1 / DELTA_SCALE:g}"])
+    return int(units)
+
+
+def total_units(value: float | None, scale: int) -> int | None:
+    """A total (a contract's epsilon, a cap) in ledger units, rounded down: rounding never grants budget."""
+    if value is None:
+        return None
+    return int((_decimal(value, "budget") * scale).to_integral_value(ROUND_FLOOR))
+
+
+def shown_epsilon(units: int) -> float:
+    """An epsilon figure as buyers see it: rounded down to the request grid."""
+    return (max(units, 0) // EPSILON_STEP_UNITS) * EPSILON_STEP_UNITS / EPSILON_SCALE
+
+
+def shown_delta(units: int) -> float:
+    return max(units, 0) / DELTA_SCALE
 
 
 def ensure_ledgers(session: Session, contract: Contract) -> None:
@@ -38,9 +116,14 @@ def ensure_ledgers(session: Session, contract: Contract) -> None:
         exists = session.execute(select(BudgetLedger.id).where(
             BudgetLedger.contract_id == contract.id, BudgetLedger.dataset == dataset)).first()
         if not exists:
-            session.add(BudgetLedger(contract_id=contract.id, dataset=dataset, epsilon_total=contract.epsilon,
-                                     delta_total=contract.delta, epsilon_spent=0.0, epsilon_reserved=0.0,
-                                     delta_spent=0.0, delta_reserved=0.0))
+            row = BudgetLedger(contract_id=contract.id, dataset=dataset, epsilon_total=contract.epsilon,
+                               delta_total=contract.delta,
+                               epsilon_total_units=total_units(contract.epsilon, EPSILON_SCALE) or 0,
+                               delta_total_units=total_units(contract.delta or 0.0, DELTA_SCALE) or 0,
+                               epsilon_spent_units=0, epsilon_reserved_units=0, delta_spent_units=0,
+                               delta_reserved_units=0)
+            _mirror_ledger(row)
+            session.add(row)
         ensure_dataset_budget(session, dataset)
     session.flush()
 
@@ -48,89 +131,197 @@ def ensure_ledgers(session: Session, contract: Contract) -> None:
 def ensure_dataset_budget(session: Session, dataset: str) -> DatasetBudget:
     budget = session.get(DatasetBudget, dataset)
     if budget is None:
-        budget = DatasetBudget(dataset=dataset, epsilon_cap=None, epsilon_spent=0.0, epsilon_reserved=0.0,
-                               mock_epsilon=0.0)
+        budget = DatasetBudget(dataset=dataset, epsilon_cap=None, epsilon_cap_units=None, epsilon_spent_units=0,
+                               epsilon_reserved_units=0, mock_epsilon_units=0)
+        _mirror_cap(budget)
         session.add(budget)
         session.flush()
     return budget
 
 
-def _locked(session: Session, contract_id: str, dataset: str) -> tuple[BudgetLedger, DatasetBudget]:
+def lock(session: Session, contract_id: str, dataset: str) -> tuple[BudgetLedger, DatasetBudget]:
+    """The contract's ledger row and the dataset's cap row, locked in that order."""
     ledger = session.execute(select(BudgetLedger).where(
         BudgetLedger.contract_id == contract_id, BudgetLedger.dataset == dataset).with_for_update(),
     ).scalar_one_or_none()
     if ledger is None:
         raise NotFound(f"contract {contract_id} has no budget for {dataset!r}")
-    cap = session.execute(select(DatasetBudget).where(DatasetBudget.dataset == dataset).with_for_update()).scalar_one()
+    cap = lock_cap(session, dataset)
     return ledger, cap
+
+
+def lock_cap(session: Session, dataset: str) -> DatasetBudget:
+    return session.execute(select(DatasetBudget).where(DatasetBudget.dataset == dataset).with_for_update()).scalar_one()
 
 
 def dataset_budget(session: Session, dataset: str) -> DatasetBudget:
     return session.execute(select(DatasetBudget).where(DatasetBudget.dataset == dataset)).scalar_one()
 
 
-def remaining(ledger: BudgetLedger, cap: DatasetBudget) -> float:
-    """What the contract can still spend on the dataset, the global cap included."""
-    own = ledger.epsilon_total - ledger.epsilon_spent - ledger.epsilon_reserved
-    if cap.epsilon_cap is not None:
-        own = min(own, cap.epsilon_cap - cap.epsilon_spent - cap.epsilon_reserved - cap.mock_epsilon)
-    return max(own, 0.0)
+def own_remaining_units(ledger: BudgetLedger) -> int:
+    """What the contract's own budget still holds (the dataset cap aside)."""
+    return max(ledger.epsilon_total_units - ledger.epsilon_spent_units - ledger.epsilon_reserved_units, 0)
+
+
+def cap_remaining_units(cap: DatasetBudget) -> int | None:
+    """What the dataset's cap still holds across all buyers; None when uncapped."""
+    if cap.epsilon_cap_units is None:
+        return None
+    used = cap.epsilon_spent_units + cap.epsilon_reserved_units + cap.mock_epsilon_units
+    return max(cap.epsilon_cap_units - used, 0)
 
 
 def reserve(session: Session, *, contract_id: str, dataset: str, charge: Charge, query_key: str) -> BudgetReservation:
     """Hold `charge` for one query, or raise BudgetExhausted and hold nothing."""
-    ledger, cap = _locked(session, contract_id, dataset)
-    left = remaining(ledger, cap)
-    if charge.epsilon > left + SLACK:
+    ledger, cap = lock(session, contract_id, dataset)
+    own = own_remaining_units(ledger)
+    if charge.epsilon_units > own:
         raise BudgetExhausted(
-            f"this query needs epsilon {charge.epsilon:g} but only {left:g} remains on contract {contract_id} "
-            f"for {dataset!r}; nothing was spent", epsilon_remaining=left)
-    delta_left = ledger.delta_total - ledger.delta_spent - ledger.delta_reserved
-    if charge.delta > delta_left + SLACK:
-        raise BudgetExhausted(f"this query needs delta {charge.delta:g} but only {max(delta_left, 0):g} remains; "
-                              "nothing was spent", epsilon_remaining=left)
-    ledger.epsilon_reserved += charge.epsilon
-    ledger.delta_reserved += charge.delta
-    cap.epsilon_reserved += charge.epsilon
+            f"this query needs epsilon {charge.epsilon:g} but only {shown_epsilon(own):g} remains on contract "
+            f"{contract_id} for {dataset!r}; nothing was spent", epsilon_remaining=shown_epsilon(own))
+    shared = cap_remaining_units(cap)
+    if shared is not None and charge.epsilon_units > shared:
+        # The cap's remainder is other buyers' business: the refusal says only that it binds.
+        raise BudgetExhausted(f"the dataset-wide privacy budget for {dataset!r} cannot cover epsilon "
+                              f"{charge.epsilon:g}; nothing was spent", epsilon_remaining=shown_epsilon(own))
+    if charge.delta_units > 0 and ledger.delta_total_units == 0:
+        raise BudgetExhausted(f"contract {contract_id} is pure DP (delta 0): no query may spend delta; "
+                              "nothing was spent", epsilon_remaining=shown_epsilon(own))
+    delta_left = ledger.delta_total_units - ledger.delta_spent_units - ledger.delta_reserved_units
+    if charge.delta_units > delta_left:
+        raise BudgetExhausted(f"this query needs delta {charge.delta:g} but only {shown_delta(delta_left):g} "
+                              "remains; nothing was spent", epsilon_remaining=shown_epsilon(own))
+    ledger.epsilon_reserved_units += charge.epsilon_units
+    ledger.delta_reserved_units += charge.delta_units
+    cap.epsilon_reserved_units += charge.epsilon_units
+    _mirror_ledger(ledger)
+    _mirror_cap(cap)
     reservation = BudgetReservation(id=uuid.uuid4().hex, ledger_id=ledger.id, epsilon=charge.epsilon,
-                                    delta=charge.delta, state="reserved", query_key=query_key,
-                                    created_at=datetime.now(UTC))
+                                    delta=charge.delta, epsilon_units=charge.epsilon_units,
+                                    delta_units=charge.delta_units, state="reserved", query_key=query_key,
+                                    holder=HOLDER, created_at=datetime.now(UTC))
     session.add(reservation)
     session.flush()
     return reservation
 
 
+class ReservationLost(Conflict):
+    slug = "reservation-lost"
+    title = "Budget reservation lost"
+
+
 def settle(session: Session, reservation_id: str, *, spent: bool) -> BudgetLedger:
-    """Turn a reservation into spend (the answer left) or give it back (nothing left)."""
+    """Turn a reservation into spend (the answer left) or give it back (nothing left).
+
+    Committing a reservation that is no longer held (released at another process's startup) raises
+    ReservationLost: the answer it paid for must then not leave.
+    """
     reservation = session.execute(select(BudgetReservation).where(
         BudgetReservation.id == reservation_id).with_for_update()).scalar_one()
     ledger_row = session.get(BudgetLedger, reservation.ledger_id)
     assert ledger_row is not None
-    ledger, cap = _locked(session, ledger_row.contract_id, ledger_row.dataset)
+    ledger, cap = lock(session, ledger_row.contract_id, ledger_row.dataset)
     if reservation.state != "reserved":
+        if spent and reservation.state != "committed":
+            raise ReservationLost("the budget held for this query was released before it finished; "
+                                  "nothing was spent and no answer left; ask again")
         return ledger
-    ledger.epsilon_reserved -= reservation.epsilon
-    ledger.delta_reserved -= reservation.delta
-    cap.epsilon_reserved -= reservation.epsilon
+    ledger.epsilon_reserved_units -= reservation.epsilon_units
+    ledger.delta_reserved_units -= reservation.delta_units
+    cap.epsilon_reserved_units -= reservation.epsilon_units
     if spent:
-        ledger.epsilon_spent += reservation.epsilon
-        ledger.delta_spent += reservation.delta
-        cap.epsilon_spent += reservation.epsilon
+        ledger.epsilon_spent_units += reservation.epsilon_units
+        ledger.delta_spent_units += reservation.delta_units
+        cap.epsilon_spent_units += reservation.epsilon_units
+    _mirror_ledger(ledger)
+    _mirror_cap(cap)
     reservation.state = "committed" if spent else "released"
     session.flush()
     return ledger
 
 
-def budget_view(ledger: BudgetLedger, cap: DatasetBudget) -> dict[str, object]:
-    return {
+def release_abandoned(session: Session, *, holder: str = HOLDER) -> int:
+    """Release every reservation still held by a process other than `holder`; how many there were.
+
+    Called when a process starts: a reservation of a process that was killed mid-query would
+    otherwise hold budget for ever. One that belongs to a live peer is released too; that peer's
+    settle then raises ReservationLost, so its answer never leaves unpaid.
+    """
+    ids = list(session.execute(select(BudgetReservation.id).where(
+        BudgetReservation.state == "reserved", BudgetReservation.holder != holder)).scalars())
+    for reservation_id in ids:
+        settle(session, reservation_id, spent=False)
+    return len(ids)
+
+
+def add_mock_spend(session: Session, dataset: str, epsilon: float) -> DatasetBudget:
+    """Charge a DP mock's epsilon (rounded up) to the dataset's cap, or raise BudgetExhausted."""
+    cap = lock_cap(session, dataset)
+    units = epsilon_units_up(epsilon)
+    left = cap_remaining_units(cap)
+    if left is not None and units > left:
+        raise BudgetExhausted(f"publishing this mock needs epsilon {epsilon:g} but the dataset's cap leaves "
+                              f"{left / EPSILON_SCALE:g}; nothing was spent")
+    cap.mock_epsilon_units += units
+    _mirror_cap(cap)
+    session.flush()
+    return cap
+
+
+def refund_mock_spend(session: Session, dataset: str, epsilon: float) -> None:
+    cap = lock_cap(session, dataset)
+    cap.mock_epsilon_units -= epsilon_units_up(epsilon)
+    _mirror_cap(cap)
+    session.flush()
+
+
+def set_cap(session: Session, dataset: str, epsilon_cap: float | None) -> DatasetBudget:
+    """A steward's cap on the dataset; refused below what is already spent or held."""
+    ensure_dataset_budget(session, dataset)
+    cap = lock_cap(session, dataset)
+    units = total_units(epsilon_cap, EPSILON_SCALE)
+    used = cap.epsilon_spent_units + cap.epsilon_reserved_units + cap.mock_epsilon_units
+    if units is not None and units < used:
+        raise Invalid(f"the cap {epsilon_cap:g} is below what {dataset!r} has already spent")
+    cap.epsilon_cap_units = units
+    _mirror_cap(cap)
+    session.flush()
+    return cap
+
+
+def budget_view(ledger: BudgetLedger, cap: DatasetBudget, *, steward: bool) -> dict[str, object]:
+    """One ledger as its reader may see it: a buyer only its own contract's figures, on the grid.
+
+    The dataset-wide figures sum every buyer's spend, so only stewards see them (review 11.7).
+    """
+    view: dict[str, object] = {
         "contract": ledger.contract_id,
         "dataset": ledger.dataset,
-        "epsilon_total": ledger.epsilon_total,
-        "epsilon_spent": round(ledger.epsilon_spent, 12),
-        "epsilon_reserved": round(ledger.epsilon_reserved, 12),
-        "epsilon_remaining": round(remaining(ledger, cap), 12),
-        "delta_total": ledger.delta_total,
-        "delta_spent": ledger.delta_spent,
-        "dataset_epsilon_cap": cap.epsilon_cap,
-        "dataset_epsilon_spent": round(cap.epsilon_spent + cap.mock_epsilon, 12),
+        "epsilon_total": shown_epsilon(ledger.epsilon_total_units),
+        "epsilon_spent": shown_epsilon(ledger.epsilon_spent_units),
+        "epsilon_reserved": shown_epsilon(ledger.epsilon_reserved_units),
+        "epsilon_remaining": shown_epsilon(own_remaining_units(ledger)),
+        "delta_total": shown_delta(ledger.delta_total_units),
+        "delta_spent": shown_delta(ledger.delta_spent_units),
     }
+    if steward:
+        shared = cap_remaining_units(cap)
+        view["dataset_epsilon_cap"] = cap.epsilon_cap_units / EPSILON_SCALE if cap.epsilon_cap_units is not None \
+            else None
+        view["dataset_epsilon_spent"] = (cap.epsilon_spent_units + cap.mock_epsilon_units) / EPSILON_SCALE
+        view["dataset_epsilon_remaining"] = shared / EPSILON_SCALE if shared is not None else None
+    return view
+
+
+def _mirror_ledger(ledger: BudgetLedger) -> None:
+    ledger.epsilon_spent = ledger.epsilon_spent_units / EPSILON_SCALE
+    ledger.epsilon_reserved = ledger.epsilon_reserved_units / EPSILON_SCALE
+    ledger.delta_spent = ledger.delta_spent_units / DELTA_SCALE
+    ledger.delta_reserved = ledger.delta_reserved_units / DELTA_SCALE
+
+
+def _mirror_cap(cap: DatasetBudget) -> None:
+    cap.epsilon_cap = cap.epsilon_cap_units / EPSILON_SCALE if cap.epsilon_cap_units is not None else None
+    cap.epsilon_spent = cap.epsilon_spent_units / EPSILON_SCALE
+    cap.epsilon_reserved = cap.epsilon_reserved_units / EPSILON_SCALE
+    cap.mock_epsilon = cap.mock_epsilon_units / EPSILON_SCALE

@@ -17,7 +17,7 @@ from sandbox.dp import ledger
 from sandbox.dp.mock import synthesize_mock
 from sandbox.errors import Conflict, Forbidden, NotFound
 from sandbox.instance import Instance
-from sandbox.store.models import Contract, DatasetBudget, DatasetMock, DatasetVersion
+from sandbox.store.models import Contract, DatasetMock, DatasetVersion
 
 
 def mock_path(artifacts: Path, dataset: str, version: int) -> Path:
@@ -39,15 +39,8 @@ def publish_mock(instance: Instance, steward: Principal, *, dataset: str, versio
         chosen = get_version(ctx.session, dataset, version)
         if find_mock(ctx.session, chosen) is not None:
             raise Conflict(f"{dataset}@{chosen.version} already has a mock; versions and their mocks are immutable")
-        cap = ctx.session.execute(select(DatasetBudget).where(DatasetBudget.dataset == dataset)
-                                  .with_for_update()).scalar_one()
-        if cap.epsilon_cap is not None:
-            left = cap.epsilon_cap - cap.epsilon_spent - cap.epsilon_reserved - cap.mock_epsilon
-            if epsilon > left + ledger.SLACK:
-                raise ledger.BudgetExhausted(
-                    f"the mock needs epsilon {epsilon:g} but the dataset's cap leaves {left:g}")
         # Held before the noise is drawn, like any query; released below if the build fails.
-        cap.mock_epsilon += epsilon
+        ledger.add_mock_spend(ctx.session, dataset, epsilon)
         card, source, version_id, number = record.card, chosen.path, chosen.id, chosen.version
     artifacts = instance.settings.artifacts_dir
     destination = mock_path(artifacts, dataset, number)
@@ -59,9 +52,7 @@ def publish_mock(instance: Instance, steward: Principal, *, dataset: str, versio
     except BaseException:
         staged.unlink(missing_ok=True)
         with instance.context(steward) as ctx:
-            cap = ctx.session.execute(select(DatasetBudget).where(DatasetBudget.dataset == dataset)
-                                      .with_for_update()).scalar_one()
-            cap.mock_epsilon -= epsilon
+            ledger.refund_mock_spend(ctx.session, dataset, epsilon)
         raise
     with instance.context(steward) as ctx:
         mock = DatasetMock(dataset_version_id=version_id, path=str(destination.relative_to(artifacts)),

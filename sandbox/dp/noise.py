@@ -123,10 +123,13 @@ def threshold_counts(counts: dict[str, int], *, l0: int, l1: int, l2: float, lin
         mechanism = "discrete_laplace"
     else:
         assert loss.rho is not None
-        scale = gaussian_sigma(l2, loss.rho)
+        # The threshold metric measures distances in the counts' own type (i64): the L2 bound is
+        # rounded up to an integer, for the scale and the map alike (review 11.8: a float made it a 500).
+        l2_bound = math.ceil(l2)
+        scale = gaussian_sigma(l2_bound, loss.rho)
         threshold = gaussian_threshold(l0, linf, scale, loss.delta)
         measurement = _gaussian_threshold(domain, scale, threshold)
-        spent_rho, spent_delta = _privacy_loss(measurement, (l0, float(l2), int(linf)))
+        spent_rho, spent_delta = _privacy_loss(measurement, (l0, l2_bound, int(linf)))
         _check(spent_rho, loss.rho, "discrete Gaussian threshold")
         accuracy = float(discrete_gaussian_scale_to_accuracy(scale, CONFIDENCE_ALPHA))
         mechanism = "discrete_gaussian"

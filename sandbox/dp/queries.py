@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC, datetime
+import math
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from sandbox.auth.tokens import Principal, Role
 from sandbox.catalog.service import get_dataset, get_version
@@ -24,13 +33,17 @@ from sandbox.dp.engine import (
     prepare,
     zcdp_to_approx_dp,
 )
-from sandbox.errors import Invalid
+from sandbox.errors import Conflict, Invalid
 from sandbox.instance import Instance
-from sandbox.store.models import BudgetLedger, Contract, DatasetBudget, DpAnswer
+from sandbox.store.models import BudgetLedger, BudgetReservation, Contract, DpAnswer
 
 
 class QueryRequest(BaseModel):
-    """The body of `POST /v1/queries`: exactly one of `epsilon` (pure DP) or `rho` (zCDP)."""
+    """The body of `POST /v1/queries`: exactly one of `epsilon` (pure DP) or `rho` (zCDP).
+
+    Epsilon (and rho) come in fixed steps (ledger.EPSILON_STEP, at least ledger.EPSILON_MIN) and
+    delta in whole units of 1e-12: a budget at arbitrary precision could carry bits (review 10).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +54,25 @@ class QueryRequest(BaseModel):
     rho: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
     delta: float = Field(default=0.0, ge=0, lt=1e-3, allow_inf_nan=False)
 
+    @field_validator("epsilon", "rho")
+    @classmethod
+    def _on_the_grid(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None:
+            try:
+                ledger.requested_epsilon_units(value, str(info.field_name))
+            except Invalid as exc:
+                raise ValueError(exc.detail) from exc
+        return value
+
+    @field_validator("delta")
+    @classmethod
+    def _delta_on_the_grid(cls, value: float) -> float:
+        try:
+            ledger.requested_delta_units(value)
+        except Invalid as exc:
+            raise ValueError(exc.detail) from exc
+        return value
+
     @model_validator(mode="after")
     def _one_budget(self) -> QueryRequest:
         if (self.epsilon is None) == (self.rho is None):
@@ -50,17 +82,32 @@ class QueryRequest(BaseModel):
         return self
 
 
+def request_from_socket(body: dict[str, Any], *, contract: str, dataset: str) -> QueryRequest:
+    """A DP socket's request: the socket fixes contract and dataset, the body may name only the query.
+
+    A body that names a contract or a dataset (even the socket's own) is refused, as is any other field.
+    """
+    unknown = sorted(set(body) - {"sql", "epsilon", "rho", "delta"})
+    if unknown:
+        raise Invalid(f"unknown fields {unknown}; send sql and epsilon (or rho and delta); the socket fixes "
+                      "the contract and dataset", errors=[f"field {name!r} is not allowed" for name in unknown])
+    return QueryRequest(contract=contract, dataset=dataset, **body)
+
+
 def charge_for(request: QueryRequest, plan: QueryPlan) -> ledger.Charge:
     """What the ledger is charged, before any noise: pure epsilon, or zCDP converted to (epsilon, delta).
 
     With private GROUP BY keys the engine gives half of delta to the key threshold and converts
-    rho with the other half, so the conversion here uses the same half.
+    rho with the other half, so the conversion here uses the same half. A converted epsilon is
+    rounded up to the grid, so every charge is a whole number of steps.
     """
+    delta_units = ledger.requested_delta_units(request.delta)
     if request.epsilon is not None:
-        return ledger.Charge(epsilon=request.epsilon, delta=request.delta)
+        return ledger.Charge(epsilon_units=ledger.requested_epsilon_units(request.epsilon), delta_units=delta_units)
     assert request.rho is not None
     conversion_delta = request.delta if plan.public_keys else request.delta / 2
-    return ledger.Charge(epsilon=zcdp_to_approx_dp(request.rho, conversion_delta), delta=request.delta)
+    return ledger.Charge(epsilon_units=ledger.epsilon_units_up(zcdp_to_approx_dp(request.rho, conversion_delta)),
+                         delta_units=delta_units)
 
 
 def cache_key(version_sha256: str, plan_key: str, request: QueryRequest) -> str:
@@ -85,8 +132,75 @@ def warm_up(instance: Instance, dataset: str, version: int) -> None:
         prepare(parquet, privacy, cache_dir=dp_cache_dir(instance))
 
 
+def settle_abandoned_reservations(instance: Instance) -> int:
+    """Release the reservations of processes that died mid-query; call once when a process starts.
+
+    Also done lazily before this process's first query or budget reading, for processes whose
+    start-up does not call it.
+    """
+    with _STARTED_LOCK:
+        _STARTED.add(instance)
+    with instance.system_context() as ctx:
+        released = ledger.release_abandoned(ctx.session)
+        if released:
+            ctx.record("dp.reservations.released", "budget", "abandoned", count=released, holder=ledger.HOLDER)
+    return released
+
+
+_STARTED: weakref.WeakSet[Instance] = weakref.WeakSet()
+_STARTED_LOCK = threading.Lock()
+
+
+def _started(instance: Instance) -> None:
+    with _STARTED_LOCK:
+        if instance in _STARTED:
+            return
+    settle_abandoned_reservations(instance)
+
+
+@dataclass(frozen=True)
+class _Reserved:
+    reservation_id: str
+    contract_id: str
+    key: str
+    version: int
+    parquet: Path
+    plan: QueryPlan
+    charge: ledger.Charge
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """An identical query holds a reservation: wait for its answer instead of paying again."""
+
+    reservation_id: str
+
+
+WAIT_FOR_IDENTICAL_S = 900.0
+
+
 def run_query(instance: Instance, actor: Principal, request: QueryRequest, *, via: str = "api") -> dict[str, Any]:
-    """Answer one DP query for a buyer; an over-budget query raises BudgetExhausted and spends nothing."""
+    """Answer one DP query for a buyer; an over-budget query raises BudgetExhausted and spends nothing.
+
+    Identical concurrent queries (same contract, version, plan and budget) fly once: the first
+    reserves and runs, the others wait for its answer and receive it as cached, paying nothing.
+    """
+    _started(instance)
+    deadline = time.monotonic() + WAIT_FOR_IDENTICAL_S
+    while True:
+        outcome = _reserve_or_reuse(instance, actor, request, via)
+        if isinstance(outcome, dict):
+            return outcome
+        if isinstance(outcome, _Reserved):
+            try:
+                return _run_reserved(instance, actor, request, outcome, via)
+            except IntegrityError:
+                continue  # a twin stored the same answer first (its reservation is released): reuse it
+        _wait_for(instance, outcome.reservation_id, deadline)
+
+
+def _reserve_or_reuse(instance: Instance, actor: Principal, request: QueryRequest,
+                      via: str) -> dict[str, Any] | _Reserved | _Waiting:
     with instance.context(actor) as ctx:
         contract = require_usable(ctx, request.contract, kind=JobKind.QUERY, dataset=request.dataset)
         dataset = get_dataset(ctx.session, request.dataset)
@@ -94,56 +208,99 @@ def run_query(instance: Instance, actor: Principal, request: QueryRequest, *, vi
         privacy = DatasetPrivacy.from_card(dataset.card)
         plan = plan_query(request.sql, privacy)
         key = cache_key(version.sha256, plan.key, request)
+        charge = charge_for(request, plan)
+        # The ledger row lock serialises every query of this contract on this dataset, so the look
+        # for a finished or running twin below and the reservation cannot interleave with another's.
+        ledger_row, _ = ledger.lock(ctx.session, contract.id, request.dataset)
         cached = ctx.session.execute(select(DpAnswer).where(
             DpAnswer.contract_id == contract.id, DpAnswer.cache_key == key)).scalar_one_or_none()
         if cached is not None:
-            left = _remaining(ctx.session, contract.id, request.dataset)
             ctx.record("dp.query.cached", "dataset", f"{request.dataset}@{version.version}", contract=contract.id,
                        sql=request.sql, via=via)
-            return {**cached.answer, "epsilon_spent": 0.0, "epsilon_remaining": left, "cached": True}
-        parquet = instance.settings.artifacts_dir / version.path
-        charge = charge_for(request, plan)
+            return {**cached.answer, "epsilon_spent": 0.0,
+                    "epsilon_remaining": ledger.shown_epsilon(ledger.own_remaining_units(ledger_row)), "cached": True}
+        running = ctx.session.execute(select(BudgetReservation.id).where(
+            BudgetReservation.ledger_id == ledger_row.id, BudgetReservation.query_key == key,
+            BudgetReservation.state == "reserved")).scalars().first()
+        if running is not None:
+            return _Waiting(running)
         reservation = ledger.reserve(ctx.session, contract_id=contract.id, dataset=request.dataset,
                                      charge=charge, query_key=key)
-        reservation_id, version_number = reservation.id, version.version
-    cache_dir = dp_cache_dir(instance)
+        return _Reserved(reservation_id=reservation.id, contract_id=contract.id, key=key, version=version.version,
+                         parquet=instance.settings.artifacts_dir / version.path, plan=plan, charge=charge)
+
+
+def _wait_for(instance: Instance, reservation_id: str, deadline: float) -> None:
+    """Block until the reservation is settled (its answer stored, or released), or refuse at the deadline."""
+    while time.monotonic() < deadline:
+        with instance.read_session() as session:
+            state = session.execute(select(BudgetReservation.state).where(
+                BudgetReservation.id == reservation_id)).scalar_one_or_none()
+        if state != "reserved":
+            return
+        instance.wait_for_change(0.1)  # woken by commits in this process; polls for other processes'
+    raise Conflict("an identical query is still running; ask again later (nothing was spent)")
+
+
+def _run_reserved(instance: Instance, actor: Principal, request: QueryRequest, held: _Reserved,
+                  via: str) -> dict[str, Any]:
+    """Run a reserved query, store and charge its answer; any failure gives the reservation back."""
+    committed = False
     try:
-        answer = execute(plan, Path(parquet), Budget(epsilon=request.epsilon, rho=request.rho, delta=request.delta),
-                         cache_dir=cache_dir)
-        if answer.epsilon_spent > charge.epsilon + ledger.SLACK or answer.delta_spent > charge.delta + ledger.SLACK:
+        answer = execute(held.plan, held.parquet,
+                         Budget(epsilon=request.epsilon, rho=request.rho, delta=request.delta),
+                         cache_dir=dp_cache_dir(instance))
+        spent_units = ledger.epsilon_units_up(answer.epsilon_spent) if math.isfinite(answer.epsilon_spent) else -1
+        if not 0 <= spent_units <= held.charge.epsilon_units or answer.delta_spent > held.charge.delta:
             raise RuntimeError(f"the engine spent ({answer.epsilon_spent}, {answer.delta_spent}), "
-                               f"more than the reserved ({charge.epsilon}, {charge.delta})")
-    except BaseException:
+                               f"more than the reserved ({held.charge.epsilon}, {held.charge.delta})")
+        body = {
+            "columns": answer.columns, "rows": _json_safe(answer.rows), "accuracy": answer.accuracy,
+            "accuracy_meaning": "half-width of a 95% interval around each noisy cell",
+            "mechanism": answer.mechanism, "notes": answer.notes, "dataset_version": held.version,
+            "epsilon": request.epsilon, "rho": request.rho, "delta": request.delta,
+        }
         with instance.context(actor) as ctx:
-            ledger.settle(ctx.session, reservation_id, spent=False)
-            ctx.record("dp.query.failed", "dataset", f"{request.dataset}@{version_number}", contract=request.contract,
-                       sql=request.sql, via=via)
-        raise
-    body = {
-        "columns": answer.columns, "rows": answer.rows, "accuracy": answer.accuracy,
-        "accuracy_meaning": "half-width of a 95% interval around each noisy cell",
-        "mechanism": answer.mechanism, "notes": answer.notes, "dataset_version": version_number,
-        "epsilon": request.epsilon, "rho": request.rho, "delta": request.delta,
-    }
-    with instance.context(actor) as ctx:
-        ledger.settle(ctx.session, reservation_id, spent=True)
-        ctx.session.add(DpAnswer(contract_id=request.contract, cache_key=key, dataset=request.dataset,
-                                 dataset_version=version_number, sql=request.sql, answer=body,
-                                 created_at=datetime.now(UTC)))
-        ctx.record("dp.query", "dataset", f"{request.dataset}@{version_number}", contract=request.contract,
-                   sql=request.sql, epsilon=charge.epsilon, delta=charge.delta, via=via)
-        left = _remaining(ctx.session, request.contract, request.dataset)
-    return {**body, "epsilon_spent": charge.epsilon, "epsilon_remaining": left, "cached": False}
+            ledger_row = ledger.settle(ctx.session, held.reservation_id, spent=True)
+            ctx.session.add(DpAnswer(contract_id=held.contract_id, cache_key=held.key, dataset=request.dataset,
+                                     dataset_version=held.version, sql=request.sql, answer=body,
+                                     created_at=datetime.now(UTC)))
+            ctx.session.flush()
+            ctx.record("dp.query", "dataset", f"{request.dataset}@{held.version}", contract=held.contract_id,
+                       sql=request.sql, epsilon=held.charge.epsilon, delta=held.charge.delta, via=via)
+            left = ledger.shown_epsilon(ledger.own_remaining_units(ledger_row))
+        committed = True
+    finally:
+        if not committed:
+            with instance.context(actor) as ctx:
+                ledger.settle(ctx.session, held.reservation_id, spent=False)
+                ctx.record("dp.query.failed", "dataset", f"{request.dataset}@{held.version}",
+                           contract=held.contract_id, sql=request.sql, via=via)
+    return {**body, "epsilon_spent": held.charge.epsilon, "epsilon_remaining": left, "cached": False}
 
 
-def _remaining(session: Any, contract_id: str, dataset: str) -> float:
-    row = session.execute(select(BudgetLedger).where(
-        BudgetLedger.contract_id == contract_id, BudgetLedger.dataset == dataset)).scalar_one()
-    return round(ledger.remaining(row, ledger.dataset_budget(session, dataset)), 12)
+def _json_safe(value: Any) -> Any:
+    """Answer cells as JSON values: dates and timestamps as ISO text, decimals as numbers (review 11.5)."""
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, datetime | date | dt_time):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def budgets(instance: Instance, actor: Principal) -> list[dict[str, object]]:
-    """Every ledger the caller may see: a buyer its own org's, a steward all."""
+    """Every ledger the caller may see: a buyer its own org's contracts only, a steward all with cap totals."""
+    _started(instance)
     with instance.read_context(actor) as ctx:
         ctx.require_role(Role.BUYER, Role.STEWARD)
         query = select(BudgetLedger, Contract).join(Contract, Contract.id == BudgetLedger.contract_id)
@@ -151,7 +308,8 @@ def budgets(instance: Instance, actor: Principal) -> list[dict[str, object]]:
             query = query.where(Contract.buyer_org == actor.org)
         views = []
         for row, _contract in ctx.session.execute(query.order_by(BudgetLedger.id)).all():
-            views.append(ledger.budget_view(row, ledger.dataset_budget(ctx.session, row.dataset)))
+            views.append(ledger.budget_view(row, ledger.dataset_budget(ctx.session, row.dataset),
+                                            steward=not ctx.is_buyer))
         return views
 
 
@@ -159,12 +317,7 @@ def set_dataset_cap(instance: Instance, actor: Principal, dataset: str, epsilon_
     with instance.context(actor) as ctx:
         ctx.require_role(Role.STEWARD)
         get_dataset(ctx.session, dataset)
-        cap = ledger.ensure_dataset_budget(ctx.session, dataset)
-        cap = ctx.session.execute(select(DatasetBudget).where(DatasetBudget.dataset == dataset)
-                                  .with_for_update()).scalar_one()
-        if epsilon_cap is not None and epsilon_cap < cap.epsilon_spent + cap.epsilon_reserved + cap.mock_epsilon:
-            raise Invalid(f"the cap {epsilon_cap:g} is below what {dataset!r} has already spent")
-        cap.epsilon_cap = epsilon_cap
+        cap = ledger.set_cap(ctx.session, dataset, epsilon_cap)
         ctx.record("dataset.budget_cap", "dataset", dataset, epsilon_cap=epsilon_cap)
         return {"dataset": dataset, "epsilon_cap": cap.epsilon_cap, "epsilon_spent": cap.epsilon_spent,
                 "mock_epsilon": cap.mock_epsilon}

@@ -247,6 +247,14 @@ class BudgetLedger(Base):
     delta_total: Mapped[float] = mapped_column(Float, default=0.0)
     delta_spent: Mapped[float] = mapped_column(Float, default=0.0)
     delta_reserved: Mapped[float] = mapped_column(Float, default=0.0)
+    # The truth the ledger computes with: integers of a fixed unit (dp.ledger.EPSILON_UNIT, DELTA_UNIT),
+    # so no float slack can let a query through; the float columns above only mirror them for display.
+    epsilon_total_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    epsilon_spent_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    epsilon_reserved_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    delta_total_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    delta_spent_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    delta_reserved_units: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class DatasetBudget(Base):
@@ -259,6 +267,10 @@ class DatasetBudget(Base):
     epsilon_spent: Mapped[float] = mapped_column(Float, default=0.0)
     epsilon_reserved: Mapped[float] = mapped_column(Float, default=0.0)
     mock_epsilon: Mapped[float] = mapped_column(Float, default=0.0)
+    epsilon_cap_units: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    epsilon_spent_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    epsilon_reserved_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    mock_epsilon_units: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class BudgetReservation(Base):
@@ -273,6 +285,10 @@ class BudgetReservation(Base):
     state: Mapped[str] = mapped_column(String(16))  # reserved | committed | released
     query_key: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column()
+    epsilon_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    delta_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Which process holds it: a reservation of a process that is gone is released at startup.
+    holder: Mapped[str] = mapped_column(String(64), default="")
 
 
 class DpAnswer(Base):

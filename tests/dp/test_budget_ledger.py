@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient
 from helpers import Tokens, auth, register_demo
 
 from sandbox.auth.tokens import Principal, Role
-from sandbox.dp import ledger
 from sandbox.dp.queries import QueryRequest, run_query
 from sandbox.errors import SandboxError
 from sandbox.instance import Instance
@@ -68,7 +67,10 @@ def test_fifty_concurrent_queries_never_overspend(instance: Instance, api: TestC
         outcomes = list(pool.map(ask, range(50)))
     total, reserved = spent(instance, contract_id)
     assert outcomes.count("answered") == 10, f"{outcomes.count('answered')} queries of 0.1 fit into 1.0"
-    assert total == pytest.approx(1.0) and total <= 1.0 + ledger.SLACK, f"spent {total} of 1.0"
+    assert total == pytest.approx(1.0), f"spent {total} of 1.0"
+    with instance.sessions() as session:
+        row = session.query(BudgetLedger).filter_by(contract_id=contract_id).one()
+        assert row.epsilon_spent_units == row.epsilon_total_units == 1_000_000, "integer spend is not exact"
     assert reserved == pytest.approx(0.0), "reservations were left held"
 
 
@@ -83,7 +85,7 @@ def test_global_cap_binds_across_contracts(instance: Instance, api: TestClient, 
                                                         sql=SQL.format(age=30 + n), epsilon=0.1))
     run_query(instance, buyer("rival"), QueryRequest(contract=second, dataset="carotid-stenting",
                                                      sql=SQL.format(age=40), epsilon=0.2))
-    with pytest.raises(SandboxError, match="only 0 remains") as refused:
+    with pytest.raises(SandboxError, match="dataset-wide privacy budget") as refused:
         run_query(instance, buyer("rival"), QueryRequest(contract=second, dataset="carotid-stenting",
                                                          sql=SQL.format(age=41), epsilon=0.01))
     assert refused.value.status == 409
