@@ -32,8 +32,9 @@ from sandbox.contracts import JobKind, Tier
 from sandbox.dp.mock_publication import mock_path
 from sandbox.dp.queries import QueryRequest, job_principal, run_query
 from sandbox.dp.socket_server import DpSocket
-from sandbox.egress import CheckResult, OutputFacts, decide_outputs, detect_kind
+from sandbox.egress import CheckResult, OutputFacts, Verdict, detect_kind
 from sandbox.egress.content import ContentContext, content_checks, ensure_fingerprints, sidecar
+from sandbox.egress.leaks import leak_verdict
 from sandbox.errors import Invalid
 from sandbox.images import IMAGES, ImageBuildError, image_digest
 from sandbox.instance import Instance
@@ -41,6 +42,10 @@ from sandbox.jobs.lifecycle import TERMINAL, JobState
 from sandbox.jobs.service import move, settle_review, sign_manifest, usage_totals
 from sandbox.logs import get_logger
 from sandbox.policies import get_policy_version
+from sandbox.release.jobs import Checked, buyer_files, spec_files, store_verified_tables, verified_tables, withheld_name
+from sandbox.release.routing import LOG_PATHS, name_problem, route_outputs
+from sandbox.release.status import Origin
+from sandbox.release.tables import earlier_releases
 from sandbox.store.models import Contract, ImageRecord, Job, JobOutput
 
 log = get_logger("sandbox.worker")
@@ -309,7 +314,7 @@ class Worker:
         collected = self.runner.collect(job_id, destination)
         # The content checks read whole files and may build the version's fingerprints: outside any
         # transaction, so a slow scan never holds the store's locks.
-        content = self._content_checks(job_id, collected)
+        checked = self._content_checks(job_id, collected)
         with self.context() as ctx:
             job = ctx.session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.RUNNING.value:
@@ -317,26 +322,28 @@ class Worker:
             job.exit_code = status.exit_code
             job.usage = {**job.usage, **_usage(status)}
             move(ctx, job, JobState.CHECKING, reason=_reason(status))
-            self._check_outputs(ctx, job, collected, content)
+            self._check_outputs(ctx, job, collected, checked)
         self.runner.cleanup(job_id)
 
-    def _content_checks(self, job_id: str, collected: Collected) -> dict[str, list[CheckResult] | None]:
-        """Leak scan of every text-like output (logs included) and disclosure control of tables."""
+    def _content_checks(self, job_id: str, collected: Collected) -> Checked:
+        """Leak scan of every text-like output, logs and names included, and the verified tables the job asked for."""
         artifacts = self.instance.settings.artifacts_dir
         with self.instance.read_session() as session:
             job = session.get(Job, job_id)
             if job is None:
-                return {}
+                return Checked({}, None, [])
             dataset = get_dataset(session, job.dataset)
             version = get_version(session, job.dataset, job.dataset_version)
             policy_name, _, policy_version = job.policy.partition("@")
             policy = get_policy_version(session, policy_name, int(policy_version)).body
             card, parquet, number = dataset.card, artifacts / version.path, version.version
+            earlier = earlier_releases(session, contract_id=job.contract_id, dataset=job.dataset, artifacts=artifacts)
+            tier = job.tier
         index = ensure_fingerprints(artifacts, job.dataset, number, parquet, card)
         context = ContentContext(index=index, dataset_parquet=parquet, card=card, policy=policy)
         limit = int(float(policy["egress"]["max_file_mb"]) * 1024 * 1024)
         files = [("logs/stdout.txt", collected.stdout, True), ("logs/stderr.txt", collected.stderr, True)]
-        files += [(f.path, f, False) for f in collected.files]
+        files += [(f.path, f, False) for f in buyer_files(collected)]
         contents = {path: f.stored_at.read_bytes() for path, f, _ in files if f.size <= limit}
         results: dict[str, list[CheckResult] | None] = {}
         for path, file, is_log in files:
@@ -345,33 +352,50 @@ class Worker:
             facts = _facts(path, file, is_log=is_log)
             kind, _ = detect_kind(facts)
             results[path] = content_checks(facts, kind, contents[path], context, provenance=sidecar(contents, path))
-        return results
+        names = [f.path for f in buyer_files(collected)] + list(collected.refused)
+        leak_scan = policy["egress"]["leak_scan"]
+        verdict, reason = leak_verdict(index.scan("\n".join(names).encode()), block_rows=int(leak_scan["block_rows"]),
+                                       block_ids=int(leak_scan["block_ids"]))
+        name_scan = CheckResult("name-scan", Verdict.BLOCK if verdict == "block" else Verdict.PASS,
+                                f"the job's output names: {reason}")
+        tables = verified_tables(spec_files(collected), tier=tier, policy=policy, card=card, parquet=parquet,
+                                 earlier=earlier)
+        return Checked(results, name_scan, tables)
 
-    def _check_outputs(self, ctx: Context, job: Job, collected: Collected,
-                       content: dict[str, list[CheckResult] | None]) -> None:
+    def _check_outputs(self, ctx: Context, job: Job, collected: Collected, checked: Checked) -> None:
         policy_name, _, version = job.policy.partition("@")
         policy = get_policy_version(ctx.session, policy_name, int(version)).body
         declared = _declared_kinds(collected)
         facts: list[OutputFacts] = []
         stored: dict[str, CollectedFile] = {}
+        content = dict(checked.content)
         for log_name, log_file in (("logs/stdout.txt", collected.stdout), ("logs/stderr.txt", collected.stderr)):
             facts.append(_facts(log_name, log_file, is_log=True))
             stored[log_name] = log_file
-        for file in collected.files:
-            facts.append(_facts(file.path, file, declared_kind=declared.get(file.path)))
-            stored[file.path] = file
+        for file in buyer_files(collected):
+            # A name that cannot stand (hidden, reserved, odd characters) is listed under a neutral one.
+            problem = name_problem(file.path)
+            path = file.path if problem is None else withheld_name(file.path)
+            if problem is not None:
+                content[path] = [*(content.pop(file.path, None) or []), problem]
+            facts.append(_facts(path, file, declared_kind=declared.get(file.path)))
+            stored[path] = file
         for path, why in collected.refused.items():
-            facts.append(OutputFacts(path=path, size=0, head=b"", refused_reason=why))
+            facts.append(OutputFacts(path=withheld_name(path), size=0, head=b"", refused_reason=why))
         artifacts = self.instance.settings.artifacts_dir
-        for decision in decide_outputs(facts, policy=policy, tier=job.tier, content=content):
+        decisions = route_outputs(facts, policy=policy, tier=job.tier, content=content, names=checked.names)
+        for decision in decisions:
             file_ = stored.get(decision.path)
             ctx.session.add(JobOutput(
                 job_id=job.id, path=decision.path, size=file_.size if file_ else 0,
                 sha256=file_.sha256 if file_ else "", kind=decision.kind.value, verdict=decision.verdict.value,
-                checks=[c.as_dict() for c in decision.checks], status=decision.status,
+                checks=[c.as_dict() for c in decision.checks], status=decision.status.value,
+                origin=(Origin.LOG if decision.path in LOG_PATHS else Origin.BUYER).value,
                 stored_path=str(file_.stored_at.relative_to(artifacts)) if file_ else None,
             ))
         ctx.session.flush()
+        held = any(c.rule == "leak-quarantine" for d in decisions for c in d.checks)
+        store_verified_tables(ctx.session, job, checked.tables, policy=policy, held=held, artifacts=artifacts)
         ctx.session.refresh(job)
         ctx.record("job.outputs.checked", "job", job.id,
                    outputs={o.path: o.status for o in job.outputs})

@@ -1,19 +1,17 @@
 """What may leave: pure checks from facts about an output file to verdicts a steward can read.
 
-`baseline` routes each file by kind, content, size and policy; the disclosure checks (tables,
-leak scanning) plug into it as content checks.
+`baseline` tells a file's kind; the disclosure checks (tables, leak scanning) read its content.
+`sandbox.release` routes the results to release, review or block.
 """
 
-from sandbox.egress.baseline import OutputDecision, decide_outputs, detect_kind, sniff
+from sandbox.egress.baseline import detect_kind, sniff
 from sandbox.egress.verdicts import CheckResult, OutputFacts, OutputKind, Verdict
 
 __all__ = [
     "CheckResult",
-    "OutputDecision",
     "OutputFacts",
     "OutputKind",
     "Verdict",
-    "decide_outputs",
     "detect_kind",
     "sniff",
 ]

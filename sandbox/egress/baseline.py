@@ -1,20 +1,13 @@
-"""Baseline egress: kind by extension and content, sizes, special files, and routing by policy.
+"""Baseline egress: a file's kind by extension and content, verified against its magic bytes.
 
-This is the baseline pipeline (kind, content, size, file type, policy routing). Disclosure checks
-on the content itself (cell counts, dominance, leak scans) plug in as further checks; until a
-kind has such a content check, policy's auto-release does not apply to it and it goes to review:
-an unchecked free-text log could carry patient rows.
+What the checks add up to, tier by tier, is `sandbox.release.routing`'s.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
-
-from sandbox.egress.models import model_risk_checks
 
 # Re-exported: checks written against this module keep working.
 from sandbox.egress.verdicts import SEVERITY as SEVERITY
@@ -34,15 +27,6 @@ EXTENSION_KINDS: dict[str, OutputKind] = {
 }
 TEXT_EXTENSIONS = {".csv", ".tsv", ".json", ".txt", ".md", ".log", ".py", ".ipynb", ".r", ".sql", ".svg"}
 PICKLE_EXTENSIONS = {".pkl", ".pickle", ".joblib", ".pt", ".pth", ".bin", ".npy", ".npz", ".h5", ".keras"}
-
-
-@dataclass(frozen=True)
-class OutputDecision:
-    path: str
-    kind: OutputKind
-    verdict: Verdict
-    status: str  # released | in_review | blocked
-    checks: list[CheckResult] = field(default_factory=list)
 
 
 def sniff(head: bytes) -> str | None:
@@ -146,78 +130,3 @@ def _safetensors_header_ok(head: bytes) -> bool:
         return isinstance(json.loads(header), dict)
     except ValueError:
         return False
-
-
-def decide_outputs(outputs: list[OutputFacts], *, policy: dict[str, Any], tier: str,
-                   content: dict[str, list[CheckResult] | None] | None = None) -> list[OutputDecision]:
-    """Verdict and release status for every file of one job, in the order given.
-
-    `content` holds, per path, what the disclosure checks found (None: no check covers that file).
-    Only a file whose content was checked, or that is empty, may release without a person.
-    """
-    egress = policy["egress"]
-    max_file = int(float(egress["max_file_mb"]) * 1024 * 1024)
-    max_total = int(float(egress["max_total_mb"]) * 1024 * 1024)
-    allowed = set(egress["allowed_kinds"])
-    auto_release = bool(policy["review"]["auto_release"]) and tier != "trusted"
-    decisions = []
-    total = 0
-    for facts in outputs:
-        if facts.refused_reason is not None:
-            check = CheckResult("file-type", Verdict.BLOCK, facts.refused_reason)
-            decisions.append(OutputDecision(facts.path, OutputKind.UNKNOWN, Verdict.BLOCK, "blocked", [check]))
-            continue
-        kind, checks = detect_kind(facts)
-        if kind.value not in allowed and kind is not OutputKind.UNKNOWN:
-            checks.append(CheckResult("allowed-kinds", Verdict.BLOCK, f"policy does not let {kind.value} files leave"))
-        if facts.size > max_file:
-            checks.append(CheckResult("size", Verdict.BLOCK,
-                                      f"{facts.size} bytes is over the policy's {egress['max_file_mb']} MB per file"))
-        else:
-            total += facts.size
-            if total > max_total:
-                checks.append(CheckResult("total-size", Verdict.BLOCK,
-                                          f"the job's outputs pass the policy's {egress['max_total_mb']} MB in all"))
-        if kind is OutputKind.MODEL:
-            release = egress["models"]["release"]
-            suffix = PurePosixPath(facts.path).suffix.lstrip(".").lower()
-            if suffix not in egress["models"]["formats"]:
-                checks.append(CheckResult("model-format", Verdict.BLOCK, f"policy does not allow {suffix} models"))
-            checks.append(CheckResult("model-release", Verdict.BLOCK if release == "block" else Verdict.REVIEW,
-                                      "models leave only after review" if release == "review" else
-                                      "policy does not let models leave"))
-            checks.extend(model_risk_checks(facts))
-        if kind is OutputKind.FIGURE:
-            release = egress["figures"]["release"]
-            checks.append(CheckResult("figure-release", Verdict.BLOCK if release == "block" else Verdict.REVIEW,
-                                      "figures leave only after review" if release == "review" else
-                                      "policy does not let figures leave"))
-        found = (content or {}).get(facts.path)
-        if found is not None:
-            checks.extend(found)
-        verdict = max((c.verdict for c in checks), key=SEVERITY.__getitem__, default=Verdict.PASS)
-        if verdict is Verdict.PASS and facts.size == 0:
-            checks.append(CheckResult("content", Verdict.PASS, "empty: nothing to disclose"))
-        elif verdict is Verdict.PASS and found is None:
-            checks.append(CheckResult("content-review", Verdict.REVIEW,
-                                      "no automatic disclosure check covers this content yet; a steward reviews it"))
-            verdict = Verdict.REVIEW
-        if verdict is Verdict.PASS and not auto_release:
-            checks.append(CheckResult("policy-review", Verdict.REVIEW,
-                                      "the policy (or the trusted tier) sends every output to review"))
-            verdict = Verdict.REVIEW
-        status = {Verdict.BLOCK: "blocked", Verdict.REVIEW: "in_review", Verdict.PASS: "released"}[verdict]
-        decisions.append(OutputDecision(facts.path, kind, verdict, status, checks))
-    return quarantine_after_leaks(decisions)
-
-
-def quarantine_after_leaks(decisions: list[OutputDecision]) -> list[OutputDecision]:
-    """A job caught leaking rows in one file releases nothing by itself: a person looks at the rest."""
-    leaked = [d.path for d in decisions
-              if any(c.rule == "leak-scan" and c.verdict is Verdict.BLOCK for c in d.checks)]
-    if not leaked:
-        return decisions
-    held = CheckResult("leak-quarantine", Verdict.REVIEW,
-                       f"the same job leaked dataset rows in {', '.join(leaked[:3])}; nothing leaves unreviewed")
-    return [OutputDecision(d.path, d.kind, Verdict.REVIEW, "in_review", [*d.checks, held])
-            if d.status == "released" else d for d in decisions]

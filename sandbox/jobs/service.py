@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import shutil
 import uuid
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
 from sandbox.jobs.bundles import unpack_bundle
 from sandbox.jobs.lifecycle import TERMINAL, JobState, next_state
 from sandbox.policies import get_policy_version
+from sandbox.release.status import Origin, OutputStatus, next_status
 from sandbox.release.verify import canonical
 from sandbox.store.models import Contract, Job, JobOutput, OutputReview
 
@@ -56,6 +59,10 @@ def resource_problems(resources: ResourceRequest, runtime: dict[str, Any]) -> li
         if value > limit:
             problems.append(f"resources.{field_name} {value} is above the policy's limit of {limit}")
     return problems
+
+
+WITHHELD = "withheld"  # what a buyer sees of an output it did not get
+MEMORY_BUCKET = 64 * 1024 * 1024
 
 
 def job_id() -> str:
@@ -183,38 +190,97 @@ def decide_approval(ctx: Context, identifier: str, *, approve: bool, comment: st
     return job
 
 
+def _visible_to_buyer(output: JobOutput) -> bool:
+    """Whether a buyer may see that an output exists under its name: released files, and what the platform made."""
+    return output.status == OutputStatus.RELEASED.value or output.origin == Origin.PLATFORM.value
+
+
 def output_view(output: JobOutput, *, steward: bool) -> dict[str, Any]:
+    """One output as the caller may see it.
+
+    Buyers never see the name, size, hash or kind of a file they did not get: each is a channel the
+    job's code controls. An unreleased file of the job's own is one anonymous `withheld` entry.
+    """
+    if not steward and not _visible_to_buyer(output):
+        return {"path": None, "size": None, "sha256": None, "kind": None, "verdict": None,
+                "status": WITHHELD, "origin": output.origin, "rules": []}
+    released = output.status == OutputStatus.RELEASED.value
     view: dict[str, Any] = {
-        "path": output.path, "size": output.size, "sha256": output.sha256, "kind": output.kind,
-        "verdict": output.verdict, "status": output.status,
+        "path": output.path, "size": output.size if released or steward else None,
+        "sha256": output.sha256 if released or steward else None, "kind": output.kind,
+        "verdict": output.verdict, "status": output.status, "origin": output.origin,
         "rules": [c["rule"] for c in output.checks if c["verdict"] != "pass"],
     }
+    if output.spec is not None:
+        view["spec"] = output.spec
     if steward:
         # Reasons can quote what a check found; buyers see the rule names only.
         view["checks"] = output.checks
         view["decided_by"] = output.decided_by
         view["comment"] = output.comment
+    else:
+        # Why the platform made no table names card columns and rules only, never a value.
+        view["reasons"] = [c["reason"] for c in output.checks if c["rule"] == "table-spec"]
     return view
 
 
+def outputs_view(outputs: list[JobOutput], *, steward: bool) -> list[dict[str, Any]]:
+    """Outputs in path order; for buyers, withheld entries last, so their order says nothing of their names."""
+    views = [output_view(o, steward=steward) for o in outputs]
+    return views if steward else sorted(views, key=lambda v: v["status"] == WITHHELD)
+
+
+def _seconds(value: float, steward: bool) -> float:
+    return value if steward else float(math.ceil(value))
+
+
+def _whole_seconds(moment: datetime | None) -> str | None:
+    return moment.replace(microsecond=0).isoformat() if moment else None
+
+
+def buyer_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """Usage coarsened for buyers: a job's exact timing and memory can carry bits of what it read."""
+    coarse: dict[str, Any] = {}
+    for key, value in usage.items():
+        if key.endswith("_seconds"):
+            coarse[key] = float(math.ceil(float(value)))
+        elif key.endswith("_bytes") and key != "bytes_released":
+            coarse[key] = float(math.ceil(float(value) / MEMORY_BUCKET) * MEMORY_BUCKET)
+        else:
+            coarse[key] = value
+    return coarse
+
+
+def buyer_reason(job: Job) -> str:
+    """The job's reason without the exact exit code, which the job's code chooses."""
+    reason = re.sub(r"\s*\(exit code -?\d+\)", "", job.reason)
+    if re.fullmatch(r"exit code -?\d+", reason):
+        return "exit code 0" if job.exit_code == 0 else "the job exited with an error"
+    return reason
+
+
 def job_view(job: Job, *, steward: bool) -> dict[str, Any]:
+    exit_code = job.exit_code if steward or job.exit_code is None else int(job.exit_code != 0)
     return {
         "id": job.id, "contract": job.contract_id, "buyer_org": job.buyer_org, "submitted_by": job.submitted_by,
         "dataset": job.dataset, "version": job.dataset_version, "kind": job.kind, "tier": job.tier,
         "policy": job.policy, "image": job.image, "image_id": job.image_id, "command": job.command,
-        "resources": job.resources, "state": job.state, "reason": job.reason, "exit_code": job.exit_code,
-        "usage": job.usage, "created_at": job.created_at.isoformat(),
-        "started_at": job.started_at.isoformat() if job.started_at else None,
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-        "outputs": [output_view(o, steward=steward) for o in job.outputs],
+        "resources": job.resources, "state": job.state, "reason": job.reason if steward else buyer_reason(job),
+        "exit_code": exit_code, "usage": job.usage if steward else buyer_usage(job.usage),
+        "created_at": job.created_at.isoformat(),
+        "started_at": (job.started_at.isoformat() if job.started_at else None) if steward else
+        _whole_seconds(job.started_at),
+        "finished_at": (job.finished_at.isoformat() if job.finished_at else None) if steward else
+        _whole_seconds(job.finished_at),
+        "outputs": outputs_view(list(job.outputs), steward=steward),
     }
 
 
 def released_file(ctx: Context, identifier: str, path: str) -> tuple[JobOutput, Path]:
     job = get_job(ctx, identifier)
     for output in job.outputs:
-        if output.path == path:
-            if output.status != "released" or output.stored_path is None:
+        if output.path == path and (not ctx.is_buyer or _visible_to_buyer(output)):
+            if output.status != OutputStatus.RELEASED.value or output.stored_path is None:
                 raise Forbidden(f"{path} is {output.status}, not released", object=f"{job.id}:{path}")
             ctx.record("job.output.download", "job", job.id, path=path, sha256=output.sha256)
             return output, ctx.settings.artifacts_dir / output.stored_path
@@ -236,7 +302,9 @@ def output_for_review(ctx: Context, identifier: str, path: str) -> tuple[JobOutp
 def sign_manifest(job: Job, signer: Any) -> None:
     """(Re)write the job's release manifest over its released files, sign it (Ed25519), and
     count the released bytes for usage."""
-    files = [{"path": o.path, "sha256": o.sha256, "size": o.size} for o in job.outputs if o.status == "released"]
+    files = [{"path": o.path, "sha256": o.sha256, "size": o.size, "origin": o.origin,
+              **({"spec": o.spec} if o.spec is not None else {})}
+             for o in job.outputs if o.status == OutputStatus.RELEASED.value]
     manifest = {"job": job.id, "dataset": f"{job.dataset}@{job.dataset_version}", "code_sha256": job.code_sha256,
                 "image_id": job.image_id, "files": files, "signed_at": datetime.now(UTC).isoformat()}
     job.manifest = manifest
@@ -246,14 +314,14 @@ def sign_manifest(job: Job, signer: Any) -> None:
 
 def settle_review(ctx: Context, job: Job) -> None:
     """Once no file waits for review, the job reaches its final state."""
-    if job.state != JobState.IN_REVIEW.value or any(o.status == "in_review" for o in job.outputs):
+    if job.state != JobState.IN_REVIEW.value or any(o.status == OutputStatus.IN_REVIEW.value for o in job.outputs):
         return
     move(ctx, job, JobState.DONE if job.exit_code == 0 else JobState.FAILED)
 
 
 def review_queue(ctx: Context) -> list[Job]:
     ctx.require_role(Role.STEWARD)
-    waiting = select(JobOutput.job_id).where(JobOutput.status == "in_review").distinct()
+    waiting = select(JobOutput.job_id).where(JobOutput.status == OutputStatus.IN_REVIEW.value).distinct()
     return list(ctx.session.execute(select(Job).where(Job.id.in_(waiting)).order_by(Job.created_at)).scalars())
 
 
@@ -288,7 +356,7 @@ def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject:
     now = datetime.now(UTC)
     for path in release + reject:
         output = by_path[path]
-        if output.status != "in_review":
+        if output.status != OutputStatus.IN_REVIEW.value:
             raise Conflict(f"{path} is {output.status}, not in review")
         if path in release and output.verdict == "block":
             raise Conflict(f"{path} was blocked by a check and cannot be released")
@@ -300,7 +368,8 @@ def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject:
         ctx.session.flush()
         released = decision == "release" and len(approvals(ctx, output)) >= needed
         if decision == "reject" or released:
-            output.status = "released" if released else "blocked"
+            output.status = next_status(output.status,
+                                        OutputStatus.RELEASED if released else OutputStatus.BLOCKED).value
             output.decided_by, output.decided_at, output.comment = steward.sub, now, comment
         ctx.record(f"job.output.{decision}", "job", job.id, path=path, sha256=output.sha256, comment=comment,
                    approvals=len(approvals(ctx, output)), needed=needed, status=output.status)
@@ -310,22 +379,27 @@ def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject:
 
 
 def release_report(ctx: Context, identifier: str) -> dict[str, Any]:
-    """Released files, blocked files with the rules that blocked them, and files waiting for review."""
+    """Released files, blocked files with the rules that blocked them, and files waiting for review.
+
+    Buyers see their files only once released; the rest is a count (`withheld`), as in `output_view`.
+    """
     job = get_job(ctx, identifier)
     steward = not ctx.is_buyer
     needed = reviewers_needed(ctx, job)
-    report: dict[str, Any] = {"job": job.id, "state": job.state, "reason": job.reason, "released": [],
-                              "blocked": [], "in_review": []}
+    report: dict[str, Any] = {"job": job.id, "state": job.state, "reason": job.reason if steward else buyer_reason(job),
+                              "released": [], "blocked": [], "in_review": [], "withheld": 0}
     for output in job.outputs:
-        rules = [c["rule"] for c in output.checks if c["verdict"] == "block"]
-        entry: dict[str, Any] = {"path": output.path, "size": output.size, "sha256": output.sha256,
-                                 "kind": output.kind}
-        if output.status == "released":
+        if not steward and not _visible_to_buyer(output):
+            report["withheld"] += 1
+            continue
+        view = output_view(output, steward=steward)
+        entry: dict[str, Any] = {key: view[key] for key in ("path", "size", "sha256", "kind", "origin")}
+        if output.status == OutputStatus.RELEASED.value:
             report["released"].append(entry)
-        elif output.status == "blocked":
-            entry["rules"] = rules or ["rejected-in-review"]
-            if steward:
-                entry["reasons"] = [c["reason"] for c in output.checks if c["verdict"] == "block"]
+        elif output.status == OutputStatus.BLOCKED.value:
+            entry["rules"] = [c["rule"] for c in output.checks if c["verdict"] == "block"] or ["rejected-in-review"]
+            entry["reasons"] = [c["reason"] for c in output.checks if c["verdict"] == "block"] if steward \
+                else view["reasons"]
             report["blocked"].append(entry)
         else:
             entry["approvals"] = len(approvals(ctx, output))
@@ -338,6 +412,7 @@ def release_report(ctx: Context, identifier: str) -> dict[str, Any]:
 def usage_report(ctx: Context) -> list[dict[str, Any]]:
     """Usage per contract: the steward sees all, a buyer its own org's."""
     ctx.require_role(Role.STEWARD, Role.BUYER)
+    steward = not ctx.is_buyer
     query = select(Contract).order_by(Contract.created_at)
     if ctx.is_buyer and isinstance(ctx.actor, Principal):
         query = query.where(Contract.buyer_org == ctx.actor.org)
@@ -346,9 +421,9 @@ def usage_report(ctx: Context) -> list[dict[str, Any]]:
         totals = usage_totals(ctx, contract.id)
         jobs = ctx.session.execute(select(func.count(Job.id)).where(Job.contract_id == contract.id)).scalar_one()
         report.append({"contract": contract.id, "buyer_org": contract.buyer_org, "jobs": jobs,
-                       "cpu_hours": round(totals["cpu_seconds"] / 3600, 6),
+                       "cpu_hours": round(_seconds(totals["cpu_seconds"], steward) / 3600, 6),
                        "cpu_hours_quota": contract.quotas.get("cpu_hours"),
-                       "wall_hours": round(totals["wall_seconds"] / 3600, 6),
+                       "wall_hours": round(_seconds(totals["wall_seconds"], steward) / 3600, 6),
                        "gpu_hours": round(totals["gpu_seconds"] / 3600, 6),
                        "bytes_released": int(totals["bytes_released"])})
     return report

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sandbox.egress import OutputFacts, Verdict, decide_outputs, detect_kind, sniff
+from sandbox.egress import OutputFacts, Verdict, detect_kind, sniff
+from sandbox.release.routing import route_outputs
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
@@ -26,7 +27,7 @@ def facts(path: str, content: bytes, **extra: Any) -> OutputFacts:
 
 
 def one(path: str, content: bytes, tier: str = "aggregate", name: str = "default", **extra: Any):  # type: ignore[no-untyped-def]
-    [decision] = decide_outputs([facts(path, content, **extra)], policy=policy(name), tier=tier)
+    [decision] = route_outputs([facts(path, content, **extra)], policy=policy(name), tier=tier)
     return decision
 
 
@@ -73,16 +74,16 @@ def test_dp_only_policy_lets_no_table_leave() -> None:
 
 def test_size_caps_per_file_and_in_total() -> None:
     big = OutputFacts(path="big.csv", size=101 * 1024 * 1024, head=b"a,b\n")
-    decision = decide_outputs([big], policy=policy(), tier="aggregate")[0]
+    decision = route_outputs([big], policy=policy(), tier="aggregate")[0]
     assert decision.status == "blocked" and "size" in [c.rule for c in decision.checks]
     parts = [OutputFacts(path=f"part{n}.csv", size=90 * 1024 * 1024, head=b"a,b\n") for n in range(7)]
-    statuses = [d.status for d in decide_outputs(parts, policy=policy(), tier="aggregate")]
+    statuses = [d.status for d in route_outputs(parts, policy=policy(), tier="aggregate")]
     assert statuses[:5] == ["in_review"] * 5 and statuses[5:] == ["blocked", "blocked"]
 
 
 def test_files_the_runner_refused_are_blocked_with_the_reason() -> None:
     refused = OutputFacts(path="link-to-data", size=0, head=b"", refused_reason="symlink (not copied)")
-    [decision] = decide_outputs([refused], policy=policy(), tier="aggregate")
+    [decision] = route_outputs([refused], policy=policy(), tier="aggregate")
     assert decision.status == "blocked" and decision.checks[0].reason == "symlink (not copied)"
 
 
@@ -115,10 +116,12 @@ def test_detect_kind_accepts_utf8_cut_mid_character() -> None:
     assert kind.value == "text" and checks[0].verdict is Verdict.PASS
 
 
-def test_empty_files_have_nothing_to_disclose_and_follow_the_policy() -> None:
-    assert one("logs/stderr.txt", b"", is_log=True).status == "released"
-    assert one("logs/stderr.txt", b"", is_log=True, tier="trusted").status == "in_review"
-    assert one("logs/stderr.txt", b"", is_log=True, name="strict").status == "in_review"
+@pytest.mark.parametrize("tier", ["aggregate", "trusted", "dp_only"])
+@pytest.mark.parametrize("path", ["P000123_F_73_stroke.txt", "logs/stderr.txt", "empty.csv"])
+def test_empty_files_are_no_free_pass(path: str, tier: str) -> None:
+    # 2,550 empty files, each named with a row, carried the registry out: emptiness says nothing of the name.
+    assert one(path, b"", is_log=path.startswith("logs/"), tier=tier).status == "in_review"
+    assert one(path, b"", is_log=path.startswith("logs/"), tier=tier, name="strict").status == "in_review"
 
 
 CLEAN_SVG = b'<svg xmlns="http://www.w3.org/2000/svg"><defs><linearGradient id="g"/></defs>' \
@@ -176,17 +179,20 @@ def test_models_meet_the_membership_inference_hook() -> None:
         models.MODEL_CHECKS.remove(too_risky)
 
 
-def test_a_file_whose_content_passed_its_checks_releases_by_policy() -> None:
+def test_a_file_whose_content_passed_its_checks_releases_by_policy_only_where_code_saw_no_rows() -> None:
     from sandbox.egress.verdicts import CheckResult
 
     table = facts("crosstab.csv", b"sex,n\nF,120\nM,480\n")
     passed = {"crosstab.csv": [CheckResult("leak-scan", Verdict.PASS, "no rows"),
                                CheckResult("min-cell-count", Verdict.PASS, "all cells >= 10")]}
-    [decision] = decide_outputs([table], policy=policy(), tier="aggregate", content=passed)
+    [decision] = route_outputs([table], policy=policy(), tier="dp_only", content=passed)
     assert decision.status == "released"
-    [strict] = decide_outputs([table], policy=policy("strict"), tier="aggregate", content=passed)
+    [aggregate] = route_outputs([table], policy=policy(), tier="aggregate", content=passed)
+    assert aggregate.status == "in_review", "the buyer's own bytes left the aggregate tier without a person"
+    assert "unverified-content" in [c.rule for c in aggregate.checks]
+    [strict] = route_outputs([table], policy=policy("strict"), tier="aggregate", content=passed)
     assert strict.status == "in_review", "the strict policy released without review"
-    [trusted] = decide_outputs([table], policy=policy(), tier="trusted", content=passed)
+    [trusted] = route_outputs([table], policy=policy(), tier="trusted", content=passed)
     assert trusted.status == "in_review", "the trusted tier released without review"
 
 
@@ -197,7 +203,41 @@ def test_a_leak_in_one_file_holds_the_whole_job() -> None:
              facts("logs/stderr.txt", b"", is_log=True)]
     content = {"summary.json": [CheckResult("leak-scan", Verdict.BLOCK, "50 dataset rows")],
                "crosstab.csv": [CheckResult("leak-scan", Verdict.PASS, "no rows")]}
-    decisions = {d.path: d for d in decide_outputs(files, policy=policy(), tier="aggregate", content=content)}
+    # dp_only, where files whose checks pass release by themselves: the leak holds them all the same.
+    decisions = {d.path: d for d in route_outputs(files, policy=policy(), tier="dp_only", content=content)}
     assert decisions["summary.json"].status == "blocked"
     assert decisions["crosstab.csv"].status == "in_review" and decisions["logs/stderr.txt"].status == "in_review"
-    assert all("leak-quarantine" in [c.rule for c in decisions[p].checks] for p in ("crosstab.csv", "logs/stderr.txt"))
+    assert "leak-quarantine" in [c.rule for c in decisions["crosstab.csv"].checks]
+
+
+def test_logs_in_the_aggregate_tier_follow_the_policy_file() -> None:
+    from sandbox.egress.verdicts import CheckResult
+
+    log = facts("logs/stdout.txt", b"fitted 3 models\n", is_log=True)
+    clean = {"logs/stdout.txt": [CheckResult("leak-scan", Verdict.PASS, "no rows")]}
+    [held] = route_outputs([log], policy=policy(), tier="aggregate", content=clean)
+    assert held.status == "in_review" and "logs" in [c.rule for c in held.checks]
+    lenient = policy()
+    lenient["egress"]["logs"] = {"release": "if_clean"}
+    [shown] = route_outputs([log], policy=lenient, tier="aggregate", content=clean)
+    assert shown.status == "released"
+    dirty = {"logs/stdout.txt": [CheckResult("leak-scan", Verdict.BLOCK, "3 rows")]}
+    [caught] = route_outputs([log], policy=lenient, tier="aggregate", content=dirty)
+    assert caught.status == "blocked"
+
+
+@pytest.mark.parametrize("name", ["logs/stdout.txt", "tables/count-by-sex.csv", "dp/answer.json", ".tables/x.json",
+                                  ".hidden", "a/../b.txt", "P 000123.txt", "naïve.txt", "x" * 101 + ".txt",
+                                  "a\nb.txt", "-rf.txt"])
+def test_names_that_cannot_stand_are_caught(name: str) -> None:
+    from sandbox.release.routing import name_problem
+
+    problem = name_problem(name)
+    assert problem is not None and problem.verdict is Verdict.BLOCK, f"{name!r} passed as an output name"
+
+
+@pytest.mark.parametrize("name", ["result.csv", "figures/fig-1.png", "a_b.C-d.txt"])
+def test_plain_names_stand(name: str) -> None:
+    from sandbox.release.routing import name_problem
+
+    assert name_problem(name) is None

@@ -114,7 +114,8 @@ def test_small_cells_keep_a_table_from_leaving_alone(registry: Path) -> None:
 def _ages_with_few(registry: Path) -> int:
     # An age at which every site has fewer than 10 procedures, so that moving a filter by one year singles them out.
     rows = duckdb.sql(f"SELECT age, max(n) FROM (SELECT age, site, count(*) n FROM '{registry}' GROUP BY ALL) "
-                      "WHERE age BETWEEN 19 AND 89 GROUP BY age HAVING max(n) < 10 AND min(n) > 0 ORDER BY age DESC").fetchall()
+                      "WHERE age BETWEEN 19 AND 89 GROUP BY age HAVING max(n) < 10 AND min(n) > 0 "
+                      "ORDER BY age DESC").fetchall()
     assert rows, "the registry has no age with few procedures per site"
     return int(rows[0][0])
 
@@ -162,7 +163,7 @@ def test_differencing_across_weekly_versions_is_caught(registry: Path, tmp_path:
 
 
 def test_html_rendering_escapes_everything(registry: Path) -> None:
-    card = {**CARD, "columns": {**CARD["columns"], "site": {
-        **CARD["columns"]["site"], "categories": ["<script>alert(1)</script>", *CARD["columns"]["site"]["categories"]]}}}
+    sites = ["<script>alert(1)</script>", *CARD["columns"]["site"]["categories"]]
+    card = {**CARD, "columns": {**CARD["columns"], "site": {**CARD["columns"]["site"], "categories": sites}}}
     verified = verify_table(parse_spec({"index": ["site"]}, card), dataset_parquet=registry, card=card, sdc=SDC)
     assert "<script>" not in verified.to_html() and "&lt;script&gt;" in verified.to_html()

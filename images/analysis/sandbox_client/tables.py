@@ -1,28 +1,41 @@
-"""Tables that leave the sandbox with a record of how they were made, so the checks can verify them.
+"""Tables the platform recomputes, checks and writes itself: the way aggregates leave the aggregate tier
+without a person.
 
     from sandbox_client import tables
     df = tables.read("/data/carotid-stenting.parquet")
     tables.crosstab(df, index="site", columns="stent_type", path="/output/sites.csv")
     tables.crosstab(df, index=["site"], values="length_of_stay", aggfunc="mean",
-                    filters={"sex": "F", "age": (65, None)}, path="/output/stay.csv")
-    tables.regression_summary(result, "/output/model.csv", data_columns=["age", "stroke_death_30d"])
+                    filters={"sex": "F", "age": (65, None)}, path="/output/stay.parquet")
 
-Each call writes the table and a sidecar `<path>.sdc.json`. The egress checks recompute every
-cell from the dataset with the same grouping, aggregate and filters, and apply the disclosure
-rules (minimum cell count, zeros, dominance, p%) to what they recompute. So group and filter
-only on dataset columns, and pass filters here rather than filtering the frame yourself: a
-table the checks cannot reproduce is blocked or sent to review.
+`crosstab` returns the table computed here, for your own code, and records only its
+specification: the grouping columns, the aggregate and value column, and the filters. In a job the
+specification goes to /output/.tables/; in a notebook kernel it is displayed, and the notebook
+shows the platform's table in its place. The platform recomputes every cell from the pinned dataset
+version, applies the disclosure rules (minimum cell count, zeros, dominance, p%, and differencing
+against tables you already received) and writes the released file itself, as CSV, Parquet or XLSX
+(from `path`'s suffix), named after the specification: `tables/count-by-site-x-stent_type.csv`.
+Your own bytes never leave without a steward.
+
+Group by columns whose categories the dataset card publishes; filter on public columns, with
+public categories or whole numbers inside public bounds; pass filters here rather than filtering
+the frame yourself.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 SIDECAR_SUFFIX = ".sdc.json"
+SPEC_MIME = "application/vnd.sandbox.table-spec+json"
+SPEC_FOLDER = ".tables"
+OUTPUT = "/output"
+FORMATS = ("csv", "parquet", "xlsx")
 SEPARATOR = "|"
 AGGREGATES = ("count", "sum", "mean")
 _SOURCE_ATTR, _ROWS_ATTR = "sandbox_source", "sandbox_rows"
@@ -91,16 +104,12 @@ def _write(frame: Any, path: Path) -> None:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         frame.to_csv(path, index=False)
-    elif suffix == ".tsv":
-        frame.to_csv(path, index=False, sep="\t")
     elif suffix == ".parquet":
         frame.to_parquet(path, index=False)
-    elif suffix == ".json":
-        frame.to_json(path, orient="records")
     elif suffix == ".xlsx":
         frame.to_excel(path, index=False)  # needs openpyxl
     else:
-        raise ValueError(f"tables are written as .csv, .tsv, .parquet, .json or .xlsx, not {suffix or '(none)'}")
+        raise ValueError(f"tables are written as .csv, .parquet or .xlsx, not {suffix or '(none)'}")
 
 
 def _write_sidecar(path: Path, sidecar: dict[str, Any]) -> Path:
@@ -109,13 +118,42 @@ def _write_sidecar(path: Path, sidecar: dict[str, Any]) -> Path:
     return target
 
 
+def _format(path: str | Path | None) -> str:
+    if path is None:
+        return "csv"
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise ValueError(f"verified tables are written as {', '.join(FORMATS)}, not {suffix or '(none)'}")
+    return suffix
+
+
+def _in_kernel() -> Any:
+    """The running IPython kernel's shell, or None in a batch job."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None  # type: ignore[attr-defined]
+    return shell if shell is not None and getattr(shell, "kernel", None) is not None else None
+
+
+def request_table(spec: dict[str, Any], *, output: str | Path = OUTPUT) -> None:
+    """Ask the platform for the table `spec` describes: in a kernel by display, in a job by a file it reads."""
+    if _in_kernel() is not None:
+        from IPython.display import display
+
+        display({SPEC_MIME: spec}, raw=True)
+        return
+    folder = Path(output) / SPEC_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{len(list(folder.glob('*.json'))):04d}-{uuid.uuid4().hex[:8]}.json"
+    target.write_text(json.dumps(spec, default=_plain, sort_keys=True) + "\n")
+
+
 def crosstab(frame: Any, *, index: str | Sequence[str], columns: str | Sequence[str] | None = None,
              values: str | None = None, aggfunc: str = "count", filters: Mapping[str, Any] | None = None,
-             path: str | Path, source: str | None = None) -> Any:
-    """Count, sum or mean of `values` by `index` (rows) and `columns`; writes the table and its sidecar.
+             path: str | Path | None = None) -> Any:
+    """Count, sum or mean of `values` by `index` (rows) and `columns`, computed here and asked of the platform.
 
     With column variables the table is wide (one column per combination, joined by "|"); without,
-    it has one value column named after the aggregate.
+    it has one value column named after the aggregate. `path` only chooses the released format.
     """
     import pandas as pd
 
@@ -138,24 +176,19 @@ def crosstab(frame: Any, *, index: str | Sequence[str], columns: str | Sequence[
         else:
             table.columns = [str(name) for name in table.columns]
         table = table.reset_index()
-        layout, value_column = "wide", None
     else:
         table = long.reset_index()
-        layout, value_column = "long", aggfunc
-    target = Path(path)
-    _write(table, target)
-    _write_sidecar(target, {
-        "kind": "table", "version": 1,
-        "source": source or frame.attrs.get(_SOURCE_ATTR),
-        "index": index_names, "columns": column_names, "values": values, "aggfunc": aggfunc,
-        "filters": records, "layout": layout, "value_column": value_column, "separator": SEPARATOR,
-    })
+    request_table({"kind": "table", "index": index_names, "columns": column_names, "values": values,
+                   "aggfunc": aggfunc, "filters": records, "format": _format(path)})
     return table
 
 
 def regression_summary(model_result: Any, path: str | Path, *, data_columns: Sequence[str] | None = None,
                        filters: Mapping[str, Any] | None = None, source: str | None = None) -> Any:
     """A fitted statsmodels result's coefficient table, with a sidecar the residual-df check recounts.
+
+    The platform does not refit models: this file is the buyer's own and goes to a steward, with
+    the residual degrees of freedom recounted from the dataset as evidence.
 
     `data_columns` are the dataset columns the fit used (rows with a null in any were dropped);
     by default the model's variable names, which works when they are plain dataset columns.

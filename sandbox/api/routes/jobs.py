@@ -108,7 +108,8 @@ def get_logs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> Pla
             if output is None:
                 continue
             if output.status != "released" or output.stored_path is None:
-                parts.append(f"== {name}: {output.status} ==\n")
+                shown = output.status if principal.role is Role.STEWARD else service.WITHHELD
+                parts.append(f"== {name}: {shown} ==\n")
                 continue
             text = (instance.settings.artifacts_dir / output.stored_path).read_text(errors="replace")
             parts.append(f"== {name} ==\n{text}")
@@ -122,7 +123,7 @@ def get_logs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> Pla
 def list_outputs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> list[dict[str, Any]]:
     with instance.context(principal) as ctx:
         job = service.get_job(ctx, job_id)
-        return [service.output_view(o, steward=principal.role is Role.STEWARD) for o in job.outputs]
+        return service.outputs_view(list(job.outputs), steward=principal.role is Role.STEWARD)
 
 
 @router.get("/jobs/{job_id}/outputs/{path:path}")
