@@ -30,6 +30,15 @@ from sandbox.worker import Worker
 
 DATASET = "carotid-stenting"
 V1 = "v1.kernel.websocket.jupyter.org"
+TABLE_SPEC_MIME = "application/vnd.sandbox.table-spec+json"
+
+
+def show_spec(spec: dict[str, Any], *, lie: str = "the kernel's own rendering") -> str:
+    """Cell code that displays a table specification as `sandbox_client.tables.crosstab` does in a kernel,
+    with the kernel's own (here: false) renderings beside it, which must never reach the client."""
+    return ("from IPython.display import display\n"
+            f"display({{{TABLE_SPEC_MIME!r}: {spec!r}, 'text/plain': {lie!r}, 'text/html': '<b>' + {lie!r}}}, "
+            "raw=True)")
 
 
 class LiveServer:

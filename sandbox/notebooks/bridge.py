@@ -9,6 +9,7 @@ are refused by type before they reach the kernel (comms unless allowed, the debu
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any
 
 from jupyter_server.services.kernels.connection.base import (
@@ -18,12 +19,17 @@ from jupyter_server.services.kernels.connection.base import (
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from tornado.ioloop import IOLoop
 
+from sandbox.notebooks.egress import Outcome
 from sandbox.notebooks.runtime import runtime
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
 
 class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
+    # Messages wait here, in order, behind one whose outcome needs platform work (a table recomputed):
+    # the client sees the table where the kernel displayed it, before the cell's idle status.
+    _backlog: deque[tuple[Any, list[Any], Outcome]] | None = None
+
     def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
         rt = runtime()
         channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
@@ -36,12 +42,35 @@ class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
             rt.record("notebook.message.refused", channel=channel, reason="malformed or badly signed")
             return
         outcome = rt.message_filter.outgoing(str(channel), msg)
+        if self._backlog or outcome.work is not None:
+            if self._backlog is None:
+                self._backlog = deque()
+            self._backlog.append((stream, outgoing_msg, outcome))
+            if len(self._backlog) == 1:
+                IOLoop.current().spawn_callback(self._drain)
+            return
+        self._relay(stream, outgoing_msg, outcome, msg)
+
+    async def _drain(self) -> None:
+        assert self._backlog is not None
+        while self._backlog:
+            stream, outgoing_msg, outcome = self._backlog[0]
+            if outcome.work is not None:
+                outcome = await IOLoop.current().run_in_executor(None, outcome.work)
+            self._backlog.popleft()
+            try:
+                self._relay(stream, outgoing_msg, outcome, None)
+            except Exception:  # a closed socket: the rest of the backlog has nowhere to go either
+                self.log.warning("a filtered message could not be relayed", exc_info=True)
+
+    def _relay(self, stream: Any, outgoing_msg: list[Any], outcome: Outcome, msg: dict[str, Any] | None) -> None:
+        rt = runtime()
         if outcome.audit is not None:
             details = dict(outcome.audit)
             details["decision"] = details.pop("action", outcome.action)
             rt.record("notebook.output", **details)
         if outcome.held:
-            cell = (msg.get("parent_header") or {}).get("msg_id")
+            cell = outcome.audit.get("cell") if outcome.audit else None
             IOLoop.current().run_in_executor(None, lambda: rt.hold(list(outcome.held), cell=cell))
         if outcome.action == "drop":
             return
@@ -52,7 +81,7 @@ class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
         try:
-            channel, header = self._header_of(incoming_msg)
+            channel, header, content = self._request_of(incoming_msg)
         except Exception:
             self.log.warning("refused a malformed message from the client")
             return
@@ -62,11 +91,14 @@ class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
             runtime().record("notebook.message.refused", channel=channel, msg_type=msg_type, reason=refusal)
             self.write_stderr(f"[sandbox] {msg_type} refused: {refusal}", header)
             return
+        runtime().message_filter.remember(str(self.kernel_id), header, content)
         super().handle_incoming_message(incoming_msg)
 
-    def _header_of(self, incoming_msg: Any) -> tuple[str, dict[str, Any]]:
+    def _request_of(self, incoming_msg: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """(channel, header, content) of a client message, in either websocket protocol."""
         if self.subprotocol == V1:
             channel, msg_list = deserialize_msg_from_ws_v1(incoming_msg)
-            return str(channel or "shell"), dict(self.session.unpack(msg_list[0]))
+            content = self.session.unpack(msg_list[3]) if len(msg_list) > 3 else {}
+            return str(channel or "shell"), dict(self.session.unpack(msg_list[0])), dict(content or {})
         msg = deserialize_binary_message(incoming_msg) if isinstance(incoming_msg, bytes) else json.loads(incoming_msg)
-        return str(msg.get("channel") or "shell"), dict(msg["header"])
+        return str(msg.get("channel") or "shell"), dict(msg["header"]), dict(msg.get("content") or {})

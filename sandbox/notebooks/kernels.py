@@ -38,6 +38,7 @@ from runners.docker import container_options
 from sandbox.notebooks.runtime import Runtime, runtime
 
 KERNEL_NAME = "sandbox"
+REST_EXECUTION_STATE = "unknown"  # what the REST models say of a kernel's state, whatever the kernel said
 PROVISIONER_NAME = "sandbox-docker"
 KERNEL_PREFIX = "sandbox-kernel-"
 LABEL_KERNEL = "org.sandbox.kernel"
@@ -102,6 +103,17 @@ class SandboxKernelManager(AsyncMappingKernelManager):
                 raise web.HTTPError(403, problem)
         kwargs["kernel_name"] = KERNEL_NAME
         return str(await super().start_kernel(kernel_id=kernel_id, path=path, **kwargs))  # type: ignore[arg-type]
+
+    def kernel_model(self, kernel_id: str) -> dict[str, Any]:
+        """The REST model of a kernel (GET /api/kernels, /api/sessions), from platform values only.
+
+        Jupyter copies `execution_state` from the kernel's own status messages, so a kernel could put anything
+        there and have it served outside the message filter. The platform does not know the state from REST,
+        so it says so; clients follow the state on the websocket, where the filter sees every status.
+        """
+        model: dict[str, Any] = super().kernel_model(kernel_id)
+        return {"id": model["id"], "name": KERNEL_NAME, "last_activity": model["last_activity"],
+                "execution_state": REST_EXECUTION_STATE, "connections": int(model.get("connections") or 0)}
 
 
 class KernelContainer:

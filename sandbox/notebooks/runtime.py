@@ -8,7 +8,9 @@ message is never held up by a database commit.
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
+import secrets
 import threading
 import time
 from datetime import UTC, datetime
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import docker
 import structlog
+from sqlalchemy import select
 
 from sandbox.auth.tokens import Principal
 from sandbox.catalog.service import get_dataset, get_version
@@ -34,9 +37,11 @@ from sandbox.store.models import Contract, Job, JobOutput
 if TYPE_CHECKING:
     from sandbox.notebooks.egress import Held, MessageFilter
     from sandbox.notebooks.kernels import KernelContainer
+    from sandbox.notebooks.verified import SessionOutputs
 
 log = structlog.get_logger(__name__)
 
+EXPORTS = "exports/"  # where exported workspace files sit among the session's outputs
 AUDIT_BATCH_S = 0.25
 AUDIT_BATCH_MAX = 500
 
@@ -80,21 +85,45 @@ class Runtime:
         return docker.from_env()
 
     @cached_property
-    def message_filter(self) -> MessageFilter:
-        from sandbox.egress.content import ensure_fingerprints
-        from sandbox.notebooks.egress import MessageFilter, NotebookRules
-
+    def facts(self) -> tuple[dict[str, Any], Path]:
+        """The dataset's card and the host path of the version the session reads."""
         spec = self.spec
         with self.instance.read_session() as session:
             card = dict(get_dataset(session, spec.dataset).card)
             relative = get_version(session, spec.dataset, spec.version).path
-        parquet = self.instance.settings.artifacts_dir / relative
-        index = None
-        if spec.tier == "aggregate":
-            index = ensure_fingerprints(self.instance.settings.artifacts_dir, spec.dataset, spec.version, parquet,
-                                        card)
-        return MessageFilter(NotebookRules.from_policy(self.policy, spec.tier), index=index,
-                             dataset_parquet=parquet, card=card)
+        return card, self.instance.settings.artifacts_dir / relative
+
+    @cached_property
+    def outputs(self) -> SessionOutputs:
+        """Verified tables and recorded DP answers: what an aggregate kernel may show."""
+        from sandbox.notebooks.verified import SessionOutputs
+
+        card, parquet = self.facts
+        return SessionOutputs(self.instance, self.spec, self.principal, card=card, dataset_parquet=parquet,
+                              sdc=dict(self.policy["egress"]["sdc"]))
+
+    @cached_property
+    def message_filter(self) -> MessageFilter:
+        from sandbox.notebooks.egress import MessageFilter, NotebookRules
+
+        return MessageFilter(NotebookRules.from_policy(self.policy, self.spec.tier),
+                             platform=self.outputs if self.spec.tier == "aggregate" else None,
+                             signing_key=self._signing_key())
+
+    def _signing_key(self) -> bytes:
+        """The session's key for marking outputs as the platform's own; kept outside the workspace."""
+        path = self.session_dir / "platform.key"
+        with self._lock:
+            if not path.exists():
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(descriptor, "wb") as handle:
+                    handle.write(secrets.token_bytes(32))
+            return path.read_bytes()
+
+    @property
+    def session_dir(self) -> Path:
+        """The session's host folder: the workspace is inside it, and kernels see only the workspace."""
+        return Path(self.spec.workspace).parent
 
     def kernel_refusal(self) -> str | None:
         """Why no new kernel may start now, or None."""
@@ -135,7 +164,11 @@ class Runtime:
             if unknown:
                 raise Invalid(f"unknown fields {sorted(unknown)}; send sql and epsilon (or rho and delta)")
             request = QueryRequest(contract=spec.contract, dataset=spec.dataset, **body)
-            return run_query(self.instance, self.principal, request, via=f"notebook:{spec.job}:{kernel.key}")
+            answer = run_query(self.instance, self.principal, request, via=f"notebook:{spec.job}:{kernel.key}")
+            if spec.tier == "aggregate":
+                # The kernel may display this id; the browser then sees the platform's record of the answer.
+                answer["answer_id"] = self.outputs.record_dp_answer(request.sql, answer)
+            return answer
 
         with self._lock:
             self._dp_sockets[kernel.key] = DpSocket(kernel.dp_dir / "dp.sock", handle)
@@ -201,6 +234,14 @@ class Runtime:
             job.usage = usage
             ctx.record("notebook.kernel.usage", "job", job.id, kernel=kernel, cpu_seconds=round(cpu_seconds, 3),
                        wall_seconds=round(wall_seconds, 3))
+
+    def released_exports(self) -> dict[str, str]:
+        """Workspace files a steward released through an export: workspace path -> sha256 of what was released."""
+        with self.instance.read_session() as session:
+            outputs = session.execute(select(JobOutput.path, JobOutput.sha256).where(
+                JobOutput.job_id == self.spec.job, JobOutput.status == "released",
+                JobOutput.path.startswith(EXPORTS))).all()
+        return {path[len(EXPORTS):]: digest for path, digest in outputs}
 
     def hold(self, items: list[Held], *, cell: str | None) -> None:
         """Store outputs the filter withheld as files of the session that wait for a steward's review."""

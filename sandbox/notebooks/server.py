@@ -74,12 +74,12 @@ def stop_with_parent(interval_s: float = 0.5) -> None:
 
 
 def warm_up() -> None:
-    """Load the filter (the version's fingerprints, the compiled scan) before the first kernel speaks."""
+    """Load the filter and the session's facts (policy, card, version) before the first kernel speaks."""
 
     def run() -> None:
-        message = {"header": {"msg_id": "warm-up", "msg_type": "stream"}, "parent_header": {}, "metadata": {},
-                   "content": {"name": "stdout", "text": "warm-up 1 2 3\n"}, "buffers": [], "msg_type": "stream"}
-        runtime().message_filter.outgoing("iopub", message)
+        rt = runtime()
+        rt.message_filter.incoming("shell", "kernel_info_request")
+        rt.facts  # noqa: B018 - a cached property, read to fill it
 
     threading.Thread(target=run, name="filter-warm-up", daemon=True).start()
 

