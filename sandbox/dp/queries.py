@@ -50,9 +50,9 @@ class QueryRequest(BaseModel):
     contract: str = Field(min_length=1, max_length=40)
     dataset: str = Field(min_length=1, max_length=64)
     sql: str = Field(min_length=1, max_length=10_000)
-    epsilon: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
-    rho: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
-    delta: float = Field(default=0.0, ge=0, lt=1e-3, allow_inf_nan=False)
+    epsilon: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False, strict=True)
+    rho: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False, strict=True)
+    delta: float = Field(default=0.0, ge=0, lt=1e-3, allow_inf_nan=False, strict=True)
 
     @field_validator("epsilon", "rho")
     @classmethod

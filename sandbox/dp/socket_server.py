@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socketserver
 import threading
 from collections.abc import Callable
@@ -34,17 +35,23 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = 30  # a body shorter than its Content-Length must not hold a thread for ever
 
     def do_POST(self) -> None:  # the name http.server dispatches to
         if self.path != "/query":
             self._answer(404, {"title": "Not found", "detail": "POST /query is the only endpoint"})
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        declared = (self.headers.get("Content-Length") or "").strip()
+        if self.headers.get("Transfer-Encoding") or re.fullmatch(r"[0-9]{1,9}", declared) is None:
+            self._answer(411, {"title": "Length required",
+                               "detail": "send one JSON object with a Content-Length, not chunked"})
+            return
+        length = int(declared)
         if length <= 0 or length > MAX_REQUEST_BYTES:
             self._answer(413, {"title": "Payload too large", "detail": f"send 1 to {MAX_REQUEST_BYTES} bytes"})
             return
         try:
-            body = json.loads(self.rfile.read(length))
+            body = json.loads(self.rfile.read(length), parse_constant=_refuse_constant)
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
             self._answer(200, self.server.handle_query(body))
@@ -69,6 +76,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # the stdlib names it `format`
         return
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class DpSocket:
