@@ -303,11 +303,11 @@ def budget_view(ledger: BudgetLedger, cap: DatasetBudget, *, steward: bool) -> d
         "epsilon_remaining": shown_epsilon(own_remaining_units(ledger)),
         "delta_total": shown_delta(ledger.delta_total_units),
         "delta_spent": shown_delta(ledger.delta_spent_units),
+        # The cap is a steward's setting, not anyone's spend: it moves with no buyer's queries.
+        "dataset_epsilon_cap": cap.epsilon_cap_units / EPSILON_SCALE if cap.epsilon_cap_units is not None else None,
     }
     if steward:
         shared = cap_remaining_units(cap)
-        view["dataset_epsilon_cap"] = cap.epsilon_cap_units / EPSILON_SCALE if cap.epsilon_cap_units is not None \
-            else None
         view["dataset_epsilon_spent"] = (cap.epsilon_spent_units + cap.mock_epsilon_units) / EPSILON_SCALE
         view["dataset_epsilon_remaining"] = shared / EPSILON_SCALE if shared is not None else None
     return view
