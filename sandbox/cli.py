@@ -467,11 +467,16 @@ def _follow(client: SandboxClient, job_id: str) -> Any:
             job = _call(client.job, job_id, wait_s=20, since=state)
 
 
+def _shown(value: Any) -> str:
+    """A cell for a value the service may withhold (None: not shown to this caller)."""
+    return "(withheld)" if value is None else str(value)
+
+
 def _print_job(job: dict[str, Any]) -> None:
     out.print(f"job {job['id']}: [bold]{job['state']}[/] {job['reason']}".rstrip())
     table = Table("output", "size", "kind", "status", "rules")
     for o in job["outputs"]:
-        table.add_row(o["path"], str(o["size"]), o["kind"], o["status"], ", ".join(o["rules"]))
+        table.add_row(_shown(o["path"]), _shown(o["size"]), o["kind"], o["status"], ", ".join(o["rules"]))
     if job["outputs"]:
         out.print(table)
 
@@ -510,7 +515,8 @@ def job_outputs(job_id: str, as_json: JsonOption = False) -> None:
         outputs = _call(client.job_outputs, job_id)
     table = Table("path", "size", "kind", "verdict", "status", "rules")
     for o in outputs:
-        table.add_row(o["path"], str(o["size"]), o["kind"], o["verdict"], o["status"], ", ".join(o["rules"]))
+        table.add_row(_shown(o["path"]), _shown(o["size"]), o["kind"], o["verdict"], o["status"],
+                      ", ".join(o["rules"]))
     _emit(outputs, as_json, table)
 
 
@@ -526,6 +532,8 @@ def job_report(job_id: str, as_json: JsonOption = False) -> None:
         table.add_row(entry["path"], "blocked", ", ".join(entry["rules"]))
     for entry in report["in_review"]:
         table.add_row(entry["path"], "in review", f"{entry['approvals']} of {entry['needed']} approvals")
+    if report.get("withheld"):
+        table.add_row(f"({report['withheld']} of the job's own files)", "withheld", "a steward decides")
     _emit(report, as_json, table)
 
 

@@ -48,16 +48,17 @@ def test_submit_wait_review_and_verified_download(server: Server, tmp_path: Path
     assert submitted is not None and submitted.returncode == 0, submitted.stderr
     job = json.loads(submitted.stdout)
     assert job["state"] == "in_review"
-    # The log passed the leak scan and left; the mean table waits for a steward.
-    assert "analysed 250 procedures" in server.cli("job", "logs", job["id"], token=buyer).stdout
+    # In the aggregate tier the job's own table and its printed log wait for a steward.
+    assert "withheld" in server.cli("job", "logs", job["id"], token=buyer).stdout
 
     queue = json.loads(server.cli("review", "list", "--json", token=steward).stdout)
     [waiting] = [j for j in queue if j["id"] == job["id"]]
     assert "by_protection.csv" in {o["path"] for o in waiting["outputs"] if o["status"] == "in_review"}
     assert "by_protection.csv" in server.cli("review", "list", token=steward).stdout
-    decided = server.cli("review", "decide", job["id"], "--release", "by_protection.csv",
-                         "--comment", "aggregates only", token=steward)
+    decided = server.cli("review", "decide", job["id"], "--release", "by_protection.csv", "--release",
+                         "logs/stdout.txt", "--comment", "aggregates only", token=steward)
     assert "done" in decided.stdout
+    assert "analysed 250 procedures" in server.cli("job", "logs", job["id"], token=buyer).stdout
 
     key = tmp_path / "instance.pub.pem"
     key.write_bytes((server.home / "keys" / "signing-ed25519.pub.pem").read_bytes())

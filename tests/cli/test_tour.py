@@ -101,7 +101,7 @@ def test_demo_command_brings_up_a_working_service(tmp_path: Path, database_url: 
         assert tokens["SANDBOX_URL"] == url
         headers = {"Authorization": f"Bearer {tokens['BUYER_TOKEN']}"}
         [dataset] = httpx.get(f"{url}/v1/datasets", headers=headers).json()
-        assert dataset["name"] == "carotid-stenting" and dataset["versions"][0]["rows_approx"] == 2600
+        assert dataset["name"] == "carotid-stenting" and "rows_approx" not in dataset["versions"][0]
         contracts = httpx.get(f"{url}/v1/contracts", headers=headers).json()
         assert contracts and contracts[0]["buyer_org"] == "acme-ai"
     finally:

@@ -23,6 +23,34 @@ SDC: dict[str, Any] = {"min_cell_count": 10, "zeros": "review", "rounding": None
                        "dominance_k": 0.9, "p_ratio": 0.1, "min_residual_df": 10}
 
 
+@pytest.fixture(autouse=True)
+def specs_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client, "OUTPUT", str(tmp_path / "output"))
+
+
+def crosstab_file(frame: Any, *, path: Path, **kwargs: Any) -> Any:
+    """A table the buyer's code wrote itself, with a sidecar saying how: evidence the checks verify for a steward
+    (such a file never leaves without one; the platform's own tables are tests/release')."""
+    table = client.crosstab(frame, **kwargs)
+    suffix = path.suffix
+    if suffix in (".csv", ".tsv"):
+        table.to_csv(path, index=False, sep="\t" if suffix == ".tsv" else ",")
+    elif suffix == ".parquet":
+        table.to_parquet(path, index=False)
+    elif suffix == ".json":
+        table.to_json(path, orient="records")
+    else:
+        table.to_excel(path, index=False)
+    columns = client._names(kwargs.get("columns"))
+    path.with_name(path.name + ".sdc.json").write_text(json.dumps({
+        "kind": "table", "version": 1, "index": client._names(kwargs["index"]), "columns": columns,
+        "values": kwargs.get("values"), "aggfunc": kwargs.get("aggfunc", "count"),
+        "filters": client._filter_records(kwargs.get("filters")), "layout": "wide" if columns else "long",
+        "value_column": None if columns else kwargs.get("aggfunc", "count"), "separator": client.SEPARATOR},
+        default=client._plain))
+    return table
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_registry(tmp_path_factory.mktemp("registry") / "registry.parquet")
@@ -72,7 +100,7 @@ def _worst(results: dict[str, CheckResult]) -> Verdict:
 
 
 def test_crosstab_with_every_cell_at_least_ten_passes(tmp_path: Path, frame: Any, registry: Path) -> None:
-    client.crosstab(frame, index="site", columns="stent_type", path=tmp_path / "sites.csv")
+    crosstab_file(frame, index="site", columns="stent_type", path=tmp_path / "sites.csv")
     results = _check(tmp_path / "sites.csv", dataset=registry, card=CARD)
     assert _worst(results) is Verdict.PASS, {rule: r.reason for rule, r in results.items()}
     assert results["provenance-match"].verdict is Verdict.PASS
@@ -88,7 +116,7 @@ def test_a_cell_of_three_is_blocked_and_named(tmp_path: Path, registry: Path) ->
 
 
 def test_small_recomputed_cell_blocks_with_its_labels(tmp_path: Path, frame: Any, registry: Path) -> None:
-    client.crosstab(frame, index="site", columns="stent_type", filters={"stroke_death_30d": True},
+    crosstab_file(frame, index="site", columns="stent_type", filters={"stroke_death_30d": True},
                     path=tmp_path / "strokes.csv")
     results = _check(tmp_path / "strokes.csv", dataset=registry, card=CARD)
     assert results["provenance-match"].verdict is Verdict.PASS
@@ -112,7 +140,7 @@ def test_counts_are_per_privacy_unit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("policy", "verdict"), [("allow", Verdict.PASS), ("review", Verdict.REVIEW),
                                                  ("block", Verdict.BLOCK)])
 def test_zeros_follow_policy(tmp_path: Path, frame: Any, registry: Path, policy: str, verdict: Verdict) -> None:
-    client.crosstab(frame, index=["site", "embolic_protection"], columns="stent_type",
+    crosstab_file(frame, index=["site", "embolic_protection"], columns="stent_type",
                     filters={"stroke_death_30d": True}, path=tmp_path / "z.csv")
     results = _check(tmp_path / "z.csv", dataset=registry, sdc={**SDC, "zeros": policy})
     assert results["zeros"].verdict is verdict, results["zeros"].reason
@@ -156,7 +184,7 @@ def test_rounded_up_small_count_is_still_small(tmp_path: Path) -> None:
 
 def test_edited_number_is_blocked(tmp_path: Path, frame: Any, registry: Path) -> None:
     path = tmp_path / "sites.csv"
-    client.crosstab(frame, index="site", columns="stent_type", path=path)
+    crosstab_file(frame, index="site", columns="stent_type", path=path)
     lines = path.read_text().splitlines()
     cells = lines[1].split(",")
     cells[1] = str(int(cells[1]) + 1)
@@ -169,7 +197,7 @@ def test_edited_number_is_blocked(tmp_path: Path, frame: Any, registry: Path) ->
 def test_lying_sidecar_is_caught(tmp_path: Path, frame: Any, registry: Path) -> None:
     # Counts of women only, with a sidecar that leaves the filter out...
     path = tmp_path / "women.csv"
-    client.crosstab(frame, index="site", columns="stent_type", filters={"sex": "F"}, path=path)
+    crosstab_file(frame, index="site", columns="stent_type", filters={"sex": "F"}, path=path)
     sidecar = path.with_name("women.csv.sdc.json")
     claims = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**claims, "filters": []}))
@@ -178,7 +206,7 @@ def test_lying_sidecar_is_caught(tmp_path: Path, frame: Any, registry: Path) -> 
     sidecar.write_text(json.dumps({**claims, "columns": ["embolic_protection"]}))
     assert _check(path, dataset=registry)["provenance-match"].verdict is Verdict.BLOCK
     # Undescribed extra columns cannot ride along.
-    client.crosstab(frame, index="site", path=tmp_path / "long.csv")
+    crosstab_file(frame, index="site", path=tmp_path / "long.csv")
     long = tmp_path / "long.csv"
     long.write_text("\n".join(line + (",extra" if i == 0 else ",P123456") for i, line in
                               enumerate(long.read_text().splitlines())) + "\n")
@@ -222,7 +250,7 @@ def test_dp_result_is_out_of_scope(tmp_path: Path) -> None:
 def _firm_table(tmp_path: Path, firms: Path, aggfunc: str = "sum") -> Path:
     frame = client.read(firms)
     path = tmp_path / f"revenue_{aggfunc}.csv"
-    client.crosstab(frame, index="region", columns="sector", values="revenue", aggfunc=aggfunc, path=path)
+    crosstab_file(frame, index="region", columns="sector", values="revenue", aggfunc=aggfunc, path=path)
     return path
 
 
@@ -351,7 +379,7 @@ def test_helper_writes_every_format_and_refuses_a_prefiltered_frame(tmp_path: Pa
                                                                     registry: Path) -> None:
     for suffix in (".csv", ".tsv", ".parquet", ".json", ".xlsx"):
         path = tmp_path / f"sites{suffix}"
-        client.crosstab(frame, index="site", columns="sex", path=path)
+        crosstab_file(frame, index="site", columns="sex", path=path)
         assert _worst(_check(path, dataset=registry)) is Verdict.PASS, suffix
     with pytest.raises(ValueError, match="filters="):
-        client.crosstab(frame[frame["sex"] == "F"], index="site", path=tmp_path / "f.csv")
+        crosstab_file(frame[frame["sex"] == "F"], index="site", path=tmp_path / "f.csv")

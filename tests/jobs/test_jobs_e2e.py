@@ -30,25 +30,27 @@ def test_analysis_runs_is_reviewed_released_and_downloaded(job_world: JobWorld) 
     assert job["state"] == "in_review" and job["exit_code"] == 0, job
     outputs = {o["path"]: o for o in job["outputs"]}
     assert set(outputs) == {"summary.csv", "ages.png", "logs/stdout.txt", "logs/stderr.txt"}
-    # A mean table cannot be verified without provenance, a figure always goes to a person; the log
-    # passed the leak scan and the policy lets checked files go.
-    assert outputs["summary.csv"]["status"] == "in_review" and "magnitude-unverified" in outputs["summary.csv"]["rules"]
+    # The job's own table and figure, and its printed log, go to a person in the aggregate tier; an empty
+    # log says nothing and leaves.
+    assert outputs["summary.csv"]["status"] == "in_review"
     assert outputs["ages.png"]["status"] == "in_review"
-    assert outputs["logs/stdout.txt"]["status"] == "released" and outputs["logs/stderr.txt"]["status"] == "released"
+    assert outputs["logs/stdout.txt"]["status"] == "in_review" and "logs" in outputs["logs/stdout.txt"]["rules"]
+    assert outputs["logs/stderr.txt"]["status"] == "released"
 
     buyer = auth(w.buyer)
-    assert w.api.get(f"/v1/jobs/{job['id']}/outputs/summary.csv", headers=buyer).status_code == 403
-    assert w.api.get(f"/v1/jobs/{job['id']}/outputs/ages.png", headers=buyer).status_code == 403
-    assert "rows 300" in w.api.get(f"/v1/jobs/{job['id']}/logs", headers=buyer).text
+    assert w.api.get(f"/v1/jobs/{job['id']}/outputs/summary.csv", headers=buyer).status_code == 404
+    assert w.api.get(f"/v1/jobs/{job['id']}/outputs/ages.png", headers=buyer).status_code == 404
+    assert "rows 300" not in w.api.get(f"/v1/jobs/{job['id']}/logs", headers=buyer).text
 
     decided = w.api.post(f"/v1/reviews/{job['id']}/decisions", headers=auth(w.steward), json={
-        "release": ["summary.csv"], "reject": ["ages.png"], "comment": "aggregate only"})
+        "release": ["summary.csv", "logs/stdout.txt"], "reject": ["ages.png"], "comment": "aggregate only"})
     assert decided.status_code == 200, decided.text
     assert decided.json()["state"] == "done"
 
     content = w.api.get(f"/v1/jobs/{job['id']}/outputs/summary.csv", headers=buyer)
     assert content.status_code == 200 and content.text.startswith("symptomatic,mean_stay")
-    assert w.api.get(f"/v1/jobs/{job['id']}/outputs/ages.png", headers=buyer).status_code == 403, "rejected figure"
+    assert "rows 300" in w.api.get(f"/v1/jobs/{job['id']}/logs", headers=buyer).text
+    assert w.api.get(f"/v1/jobs/{job['id']}/outputs/ages.png", headers=buyer).status_code == 404, "rejected figure"
     signed = w.api.get(f"/v1/jobs/{job['id']}/manifest", headers=buyer).json()
     manifest = verify_manifest(signed, w.instance.settings.verify_key_path.read_bytes())
     listed = {f["path"]: f["sha256"] for f in manifest["files"]}
@@ -75,8 +77,14 @@ def test_a_failing_job_reports_its_exit_code(job_world: JobWorld) -> None:
     w = job_world
     created = w.submit({"main.py": "import sys; print('boom'); sys.exit(3)"}, ["python3", "main.py"])
     job = w.run_until(created["id"], {"failed", "in_review"})
-    # Its log passed the leak scan and released by policy, so nothing waits: the job settles as failed.
-    assert job["state"] == "failed" and job["exit_code"] == 3 and job["reason"] == "exit code 3"
+    # The steward sees the exact code; the buyer sees that it failed, and its printed log waits for a steward.
+    assert job["state"] == "in_review" and job["exit_code"] == 3 and job["reason"] == "exit code 3"
+    buyer = w.job(created["id"], token=w.buyer)
+    assert buyer["exit_code"] == 1 and buyer["reason"] == "the job exited with an error"
+    assert "boom" not in w.api.get(f"/v1/jobs/{created['id']}/logs", headers=auth(w.buyer)).text
+    decided = w.api.post(f"/v1/reviews/{created['id']}/decisions", headers=auth(w.steward),
+                         json={"release": ["logs/stdout.txt"], "reject": [], "comment": "debug output"})
+    assert decided.status_code == 200 and decided.json()["state"] == "failed", decided.text
     assert "boom" in w.api.get(f"/v1/jobs/{created['id']}/logs", headers=auth(w.buyer)).text
 
 

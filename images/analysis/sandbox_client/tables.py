@@ -134,14 +134,14 @@ def _in_kernel() -> Any:
     return shell if shell is not None and getattr(shell, "kernel", None) is not None else None
 
 
-def request_table(spec: dict[str, Any], *, output: str | Path = OUTPUT) -> None:
+def request_table(spec: dict[str, Any], *, output: str | Path | None = None) -> None:
     """Ask the platform for the table `spec` describes: in a kernel by display, in a job by a file it reads."""
     if _in_kernel() is not None:
         from IPython.display import display
 
         display({SPEC_MIME: spec}, raw=True)
         return
-    folder = Path(output) / SPEC_FOLDER
+    folder = Path(output or OUTPUT) / SPEC_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{len(list(folder.glob('*.json'))):04d}-{uuid.uuid4().hex[:8]}.json"
     target.write_text(json.dumps(spec, default=_plain, sort_keys=True) + "\n")
