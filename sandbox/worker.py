@@ -30,22 +30,30 @@ from sandbox.catalog.service import get_dataset, get_version
 from sandbox.context import Context
 from sandbox.contracts import JobKind, Tier
 from sandbox.dp.mock_publication import mock_path
-from sandbox.dp.queries import QueryRequest, job_principal, run_query
+from sandbox.dp.queries import job_principal, request_from_socket, run_query
 from sandbox.dp.socket_server import DpSocket
 from sandbox.egress import CheckResult, OutputFacts, Verdict, detect_kind
 from sandbox.egress.content import ContentContext, content_checks, ensure_fingerprints, sidecar
 from sandbox.egress.leaks import leak_verdict
-from sandbox.errors import Invalid
 from sandbox.images import IMAGES, ImageBuildError, image_digest
 from sandbox.instance import Instance
 from sandbox.jobs.lifecycle import TERMINAL, JobState
 from sandbox.jobs.service import move, settle_review, sign_manifest, usage_totals
 from sandbox.logs import get_logger
 from sandbox.policies import get_policy_version
-from sandbox.release.jobs import Checked, buyer_files, spec_files, store_verified_tables, verified_tables, withheld_name
+from sandbox.release.dp_answers import platform_answer, record_job_answer
+from sandbox.release.jobs import (
+    Checked,
+    buyer_files,
+    spec_files,
+    store_dp_answers,
+    store_verified_tables,
+    verified_tables,
+    withheld_name,
+)
 from sandbox.release.routing import LOG_PATHS, name_problem, route_outputs
 from sandbox.release.status import Origin
-from sandbox.release.tables import earlier_releases
+from sandbox.release.tables import earlier_releases, platform_dir
 from sandbox.store.models import Contract, ImageRecord, Job, JobOutput
 
 log = get_logger("sandbox.worker")
@@ -396,6 +404,7 @@ class Worker:
         ctx.session.flush()
         held = any(c.rule == "leak-quarantine" for d in decisions for c in d.checks)
         store_verified_tables(ctx.session, job, checked.tables, policy=policy, held=held, artifacts=artifacts)
+        store_dp_answers(ctx.session, job, policy=policy, artifacts=artifacts)
         ctx.session.refresh(job)
         ctx.record("job.outputs.checked", "job", job.id,
                    outputs={o.path: o.status for o in job.outputs})
@@ -409,13 +418,17 @@ class Worker:
         """Serve DP queries for `job` on its own socket, under the job's contract and the same ledger."""
         path = dp_socket_path(self.instance, job.id)
         job_id, org, contract, dataset = job.id, job.buyer_org, job.contract_id, job.dataset
+        record = platform_dir(self.instance.settings.artifacts_dir, job_id)
+        with self.instance.read_session() as session:
+            card = get_dataset(session, dataset).card
 
         def handle(body: dict[str, Any]) -> dict[str, Any]:
-            unknown = set(body) - {"sql", "epsilon", "rho", "delta"}
-            if unknown:
-                raise Invalid(f"unknown fields {sorted(unknown)}; send sql and epsilon (or rho and delta)")
-            request = QueryRequest(contract=contract, dataset=dataset, **body)
-            return run_query(self.instance, job_principal(job_id, org), request, via=f"job:{job_id}")
+            request = request_from_socket(body, contract=contract, dataset=dataset)
+            answer = run_query(self.instance, job_principal(job_id, org), request, via=f"job:{job_id}")
+            # The platform keeps its own record of what it answered: that record, not a file the job
+            # writes, is what leaves as the job's DP results.
+            record_job_answer(record, platform_answer(request.sql, answer, card))
+            return answer
 
         with self._dp_lock:
             existing = self._dp_sockets.pop(job_id, None)

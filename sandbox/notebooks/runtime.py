@@ -26,9 +26,8 @@ from sandbox.auth.tokens import Principal
 from sandbox.catalog.service import get_dataset, get_version
 from sandbox.config import Settings
 from sandbox.contracts import JobKind, Use, usability_problems
-from sandbox.dp.queries import QueryRequest, job_principal, run_query
+from sandbox.dp.queries import job_principal, request_from_socket, run_query
 from sandbox.dp.socket_server import DpSocket
-from sandbox.errors import Invalid
 from sandbox.instance import Instance
 from sandbox.notebooks.spec import SessionSpec, notebook_settings
 from sandbox.policies import get_policy_version
@@ -160,10 +159,7 @@ class Runtime:
         spec = self.spec
 
         def handle(body: dict[str, Any]) -> dict[str, Any]:
-            unknown = set(body) - {"sql", "epsilon", "rho", "delta"}
-            if unknown:
-                raise Invalid(f"unknown fields {sorted(unknown)}; send sql and epsilon (or rho and delta)")
-            request = QueryRequest(contract=spec.contract, dataset=spec.dataset, **body)
+            request = request_from_socket(body, contract=spec.contract, dataset=spec.dataset)
             answer = run_query(self.instance, self.principal, request, via=f"notebook:{spec.job}:{kernel.key}")
             if spec.tier == "aggregate":
                 # The kernel may display this id; the browser then sees the platform's record of the answer.

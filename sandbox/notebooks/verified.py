@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.auth.tokens import Principal
-from sandbox.dp.engine import DatasetPrivacy, plan_query
 from sandbox.egress.verdicts import Verdict
 from sandbox.instance import Instance
 from sandbox.notebooks.egress import (
@@ -32,6 +31,7 @@ from sandbox.notebooks.egress import (
     withheld_notice,
 )
 from sandbox.notebooks.spec import SessionSpec
+from sandbox.release.dp_answers import platform_answer
 from sandbox.release.tables import (
     AGGREGATES,
     FORMATS,
@@ -129,21 +129,13 @@ class SessionOutputs:
 
     def record_dp_answer(self, sql: str, answer: dict[str, Any]) -> str:
         """Remember the answer the DP socket is about to return, rendered now; the id the kernel may display."""
-        plan = plan_query(sql, DatasetPrivacy.from_card(self.card))
-        columns = []
-        for output in plan.outputs:
-            if output.key is not None:
-                columns.append(output.key)
-            elif output.aggregate is not None:
-                kind, column = output.aggregate.kind, output.aggregate.column
-                columns.append("count" if kind == "count_rows" else f"{kind}({column})")
-        rows = answer.get("rows") or []
-        accuracy = answer.get("accuracy") or []
+        recorded = platform_answer(sql, answer, self.card)
+        columns = recorded.columns
         shown: list[list[Any]] = []
-        for number, row in enumerate(rows):
-            widths = accuracy[number] if number < len(accuracy) else []
+        for number, row in enumerate(recorded.rows):
+            widths = recorded.accuracy[number] if number < len(recorded.accuracy) else []
             shown.append([_with_accuracy(value, widths[i] if i < len(widths) else None)
-                          for i, value in enumerate(row[:len(columns)])])
+                          for i, value in enumerate(row)])
         rendered = render_rows(columns, shown, "DP answer recorded by the platform (values with the half-width "
                                                "of a 95% interval)")
         identifier = secrets.token_hex(16)

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from runners.base import Collected, CollectedFile
 from sandbox.egress.verdicts import CheckResult, Verdict
+from sandbox.release.dp_answers import job_answers
 from sandbox.release.status import Origin, OutputStatus
 from sandbox.release.tables import (
     FORMATS,
@@ -22,6 +23,7 @@ from sandbox.release.tables import (
     SpecError,
     VerifiedTable,
     parse_spec,
+    platform_dir,
     store_platform_output,
     verify_table,
 )
@@ -125,6 +127,32 @@ def store_verified_tables(session: Session, job: Job, requests: list[TableReques
                 "leak-quarantine", Verdict.REVIEW, "the same job leaked dataset rows; nothing leaves unreviewed")])
         stored.append(store_platform_output(session, job=job, verified=verified, fmt=request.fmt,
                                             artifacts=artifacts))
+    return stored
+
+
+def store_dp_answers(session: Session, job: Job, *, policy: dict[str, Any], artifacts: Path) -> list[JobOutput]:
+    """The DP answers the platform gave the job, as files it writes from its own record: released (their
+    epsilon is the guarantee) unless the policy or the trusted tier sends everything to review."""
+    auto_release = bool(policy["review"]["auto_release"]) and job.tier != "trusted"
+    stored = []
+    folder = platform_dir(artifacts, job.id)
+    for number, content in enumerate(job_answers(folder), start=1):
+        path = f"dp/answer-{number:03d}.json"
+        target = folder / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        check = CheckResult("dp-answer", Verdict.PASS, "a differentially private answer the platform recorded and "
+                                                       "wrote; its epsilon was charged to the contract")
+        checks = [check] if auto_release else [check, CheckResult(
+            "policy-review", Verdict.REVIEW, "the policy (or the trusted tier) sends every output to review")]
+        status = OutputStatus.RELEASED if auto_release else OutputStatus.IN_REVIEW
+        output = JobOutput(job_id=job.id, path=path, size=len(content), sha256=hashlib.sha256(content).hexdigest(),
+                           kind="dp_result", verdict=(Verdict.PASS if auto_release else Verdict.REVIEW).value,
+                           checks=[c.as_dict() for c in checks], status=status.value, origin=Origin.PLATFORM.value,
+                           stored_path=str(target.relative_to(artifacts)))
+        session.add(output)
+        stored.append(output)
+    session.flush()
     return stored
 
 

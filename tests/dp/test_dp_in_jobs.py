@@ -52,6 +52,11 @@ def test_dp_only_job_sees_the_mock_and_queries_through_the_socket(job_world: Job
     events = w.api.get("/v1/audit", params={"action": "dp.query"}, headers=steward).json()
     assert any(e["details"].get("via") == f"job:{created['id']}" for e in events)
     assert job["exit_code"] == 0
+    # The platform's own record of the answer leaves by itself, under the plan's column names.
+    [recorded] = [o for o in w.job(created["id"], token=w.buyer)["outputs"] if o["path"] == "dp/answer-001.json"]
+    assert recorded["status"] == "released" and recorded["origin"] == "platform"
+    body = w.api.get(f"/v1/jobs/{created['id']}/outputs/dp/answer-001.json", headers=auth(w.buyer)).json()
+    assert body["columns"] == ["sex", "count"] and body["rows"] == report["answer"]
 
 
 def test_jobs_without_query_rights_have_no_socket(job_world: JobWorld) -> None:
