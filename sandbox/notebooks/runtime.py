@@ -31,6 +31,7 @@ from sandbox.dp.socket_server import DpSocket
 from sandbox.instance import Instance
 from sandbox.notebooks.spec import SessionSpec, notebook_settings
 from sandbox.policies import get_policy_version
+from sandbox.release.status import Origin, OutputStatus
 from sandbox.store.models import Contract, Job, JobOutput
 
 if TYPE_CHECKING:
@@ -261,7 +262,8 @@ class Runtime:
                     verdict="review", checks=[{"rule": rule, "verdict": "review",
                                                "reason": f"a notebook output withheld for review by {rule}"}
                                               for rule in item.rules],
-                    status="in_review", stored_path=str(stored.relative_to(self.instance.settings.artifacts_dir)),
+                    status=OutputStatus.IN_REVIEW.value, origin=Origin.BUYER.value,
+                    stored_path=str(stored.relative_to(self.instance.settings.artifacts_dir)),
                 ))
                 ctx.record("notebook.output.held", "job", job.id, path=path, sha256=digest, size=len(item.data),
                            mime=item.mime, rules=list(item.rules), cell=cell)

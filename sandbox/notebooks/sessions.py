@@ -21,7 +21,7 @@ from sandbox.catalog.service import get_dataset, get_version
 from sandbox.context import Context
 from sandbox.contracts import JobKind, Tier, Use, get_contract, require_usable, usability_problems
 from sandbox.dp.mock_publication import find_mock
-from sandbox.egress import OutputFacts, detect_kind
+from sandbox.egress import CheckResult, OutputFacts, Verdict, detect_kind
 from sandbox.egress.content import ContentContext, content_checks, ensure_fingerprints
 from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
 from sandbox.images import ImageBuildError, image_digest
@@ -29,6 +29,8 @@ from sandbox.jobs.lifecycle import JobState
 from sandbox.jobs.service import get_job, job_id, move, settle_review, sign_manifest, usage_totals
 from sandbox.notebooks.spec import notebook_settings
 from sandbox.policies import get_policy_version
+from sandbox.release.routing import route_outputs
+from sandbox.release.status import Origin, OutputStatus
 from sandbox.store.models import ImageRecord, Job, JobOutput, NotebookToken
 
 KERNEL_IMAGE = "notebook"  # the policy's name for kernel images
@@ -206,7 +208,7 @@ def export_file(ctx: Context, identifier: str, path: str, *, workspace: Path) ->
     if size > limit:
         raise Invalid(f"{path} is {size} bytes; the policy exports files up to {limit} bytes")
     export_path = f"exports/{relative.as_posix()}"
-    if any(o.path == export_path and o.status == "in_review" for o in job.outputs):
+    if any(o.path == export_path and o.status == OutputStatus.IN_REVIEW.value for o in job.outputs):
         raise Conflict(f"{path} is already waiting for review")
     destination = ctx.settings.artifacts_dir / "jobs" / job.id / "outputs" / "exports" / relative.as_posix()
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -214,27 +216,28 @@ def export_file(ctx: Context, identifier: str, path: str, *, workspace: Path) ->
     data = destination.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     facts = OutputFacts(path=export_path, size=len(data), head=data[:HEAD_BYTES])
-    kind, checks = detect_kind(facts)
+    kind, _ = detect_kind(facts)
     version = get_version(ctx.session, job.dataset, job.dataset_version)
     card = get_dataset(ctx.session, job.dataset).card
     parquet = ctx.settings.artifacts_dir / version.path
     index = ensure_fingerprints(ctx.settings.artifacts_dir, job.dataset, job.dataset_version, parquet, card)
     content = content_checks(facts, kind, data, ContentContext(index=index, dataset_parquet=parquet, card=card,
                                                                policy=policy))
-    results = [*checks, *(content or [])]
-    blocked = any(c.verdict.value == "block" for c in results)
+    # Files leave a notebook only after review, in every tier: the release routing decides block or review.
+    export_review = CheckResult("notebook-export", Verdict.REVIEW, "files leave a notebook only after review")
+    [decision] = route_outputs([facts], policy=policy, tier=job.tier,
+                               content={export_path: [*(content or []), export_review]})
     output = next((o for o in job.outputs if o.path == export_path), None)
     if output is None:
         output = JobOutput(job_id=job.id, path=export_path)
         ctx.session.add(output)
-    output.size, output.sha256, output.kind = len(data), digest, kind.value
-    output.verdict = "block" if blocked else "review"
-    output.checks = [c.as_dict() for c in results] + [
-        {"rule": "notebook-export", "verdict": "review", "reason": "files leave a notebook only after review"}]
-    output.status = "blocked" if blocked else "in_review"
+    output.size, output.sha256, output.kind = len(data), digest, decision.kind.value
+    output.verdict, output.status = decision.verdict.value, decision.status.value
+    output.checks = [c.as_dict() for c in decision.checks]
+    output.origin = Origin.BUYER.value
     output.stored_path = str(destination.relative_to(ctx.settings.artifacts_dir))
     output.decided_by = output.decided_at = None
     ctx.session.flush()
     ctx.record("notebook.export", "job", job.id, path=export_path, sha256=digest, size=len(data),
-               status=output.status, rules=[c.rule for c in results if c.verdict.value != "pass"])
+               status=output.status, rules=[c.rule for c in decision.checks if c.verdict is not Verdict.PASS])
     return output
