@@ -26,7 +26,16 @@ from sandbox.egress.content import ContentContext, content_checks, ensure_finger
 from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
 from sandbox.images import ImageBuildError, image_digest
 from sandbox.jobs.lifecycle import JobState
-from sandbox.jobs.service import get_job, job_id, move, settle_review, sign_manifest, usage_totals
+from sandbox.jobs.service import (
+    buyer_usage,
+    get_job,
+    job_id,
+    move,
+    outputs_view,
+    settle_review,
+    sign_manifest,
+    usage_totals,
+)
 from sandbox.notebooks.spec import notebook_settings
 from sandbox.policies import get_policy_version
 from sandbox.release.routing import route_outputs
@@ -170,11 +179,17 @@ def stop_session(ctx: Context, identifier: str, *, signer: Any, reason: str = "s
     return job
 
 
-def session_view(job: Job, *, url: str | None = None, token: str | None = None) -> dict[str, Any]:
+def session_view(job: Job, *, steward: bool = False, url: str | None = None,
+                 token: str | None = None) -> dict[str, Any]:
+    """A session as the caller may see it: a buyer sees its outputs as `job_view` shows them (unreleased
+    files of the kernel's anonymous, since whether a check blocked one is a bit the kernel chose) and
+    coarsened usage."""
+    outputs = outputs_view(list(job.outputs), steward=steward)
     view: dict[str, Any] = {"id": job.id, "contract": job.contract_id, "dataset": job.dataset,
                             "version": job.dataset_version, "tier": job.tier, "state": job.state,
-                            "usage": job.usage, "created_at": job.created_at.isoformat(),
-                            "exports": [{"path": o.path, "status": o.status, "kind": o.kind} for o in job.outputs]}
+                            "usage": job.usage if steward else buyer_usage(job.usage),
+                            "created_at": job.created_at.isoformat(),
+                            "exports": [{"path": o["path"], "status": o["status"], "kind": o["kind"]} for o in outputs]}
     if url is not None:
         view["url"] = url
     if token is not None:

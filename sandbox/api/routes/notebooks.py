@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from sandbox.api.deps import Buyer, InstanceDep, PrincipalDep
-from sandbox.auth.tokens import Principal
+from sandbox.auth.tokens import Principal, Role
 from sandbox.errors import NotFound
 from sandbox.instance import Instance
 from sandbox.jobs.service import output_view
@@ -79,13 +79,14 @@ async def start_notebook(body: NotebookRequest, request: Request, instance: Inst
 @router.get("/notebooks")
 def list_notebooks(instance: InstanceDep, principal: PrincipalDep) -> list[dict[str, Any]]:
     with instance.read_context(principal) as ctx:
-        return [sessions.session_view(job) for job in sessions.list_sessions(ctx)]
+        steward = principal.role is Role.STEWARD
+        return [sessions.session_view(job, steward=steward) for job in sessions.list_sessions(ctx)]
 
 
 @router.get("/notebooks/{identifier}")
 def get_notebook(identifier: str, instance: InstanceDep, principal: PrincipalDep) -> dict[str, Any]:
     with instance.read_context(principal) as ctx:
-        return sessions.session_view(sessions.get_session(ctx, identifier))
+        return sessions.session_view(sessions.get_session(ctx, identifier), steward=principal.role is Role.STEWARD)
 
 
 @router.delete("/notebooks/{identifier}")
