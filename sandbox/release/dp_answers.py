@@ -17,11 +17,12 @@ class DpAnswer:
     columns: list[str]
     rows: list[list[Any]]
     accuracy: list[list[Any]]  # per row, the half-width of a 95% interval per column (None for keys)
-    epsilon_spent: Any
 
     def to_json(self) -> bytes:
+        # No epsilon per answer: which step the code chose would be a few more bits of its choosing; the
+        # contract's budget shows the total.
         return (json.dumps({"kind": "dp_result", "columns": self.columns, "rows": self.rows,
-                            "accuracy_95": self.accuracy, "epsilon_spent": self.epsilon_spent},
+                            "accuracy_95": self.accuracy},
                            default=str, sort_keys=True) + "\n").encode()
 
 
@@ -43,7 +44,7 @@ def platform_answer(sql: str, answer: dict[str, Any], card: dict[str, Any]) -> D
     columns = plan_columns(sql, card)
     rows = [list(row[:len(columns)]) for row in answer.get("rows") or []]
     accuracy = [list(widths[:len(columns)]) for widths in answer.get("accuracy") or []]
-    return DpAnswer(columns=columns, rows=rows, accuracy=accuracy, epsilon_spent=answer.get("epsilon_spent"))
+    return DpAnswer(columns=columns, rows=rows, accuracy=accuracy)
 
 
 def record_job_answer(folder: Path, answer: DpAnswer) -> None:
