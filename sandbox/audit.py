@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import event as orm_event
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -17,6 +22,10 @@ from sandbox.auth.tokens import Principal
 from sandbox.store.models import AuditEvent, AuditHead
 
 GENESIS_HASH = "0" * 64
+log = structlog.get_logger(__name__)
+# Where, in a session's `info`, the head that its transaction will commit waits for the checkpoint file.
+_PENDING_HEAD = "audit_pending_head"
+_HOOKED = "audit_checkpoint_hook"
 
 
 def event_hash(fields: dict[str, Any]) -> str:
@@ -46,6 +55,65 @@ def _head_message(seq: int, hash_: str) -> bytes:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A signed (seq, hash) of the chain's head, kept outside the database.
+
+    The database, its WAL and its backups hold many older heads, each validly signed; restoring one
+    after deleting the newest events passes a check of the database alone. A checkpoint held
+    elsewhere (the instance's append-only file, or an auditor's copy) says how far the chain reached.
+    """
+
+    seq: int
+    hash: str
+    signature: str
+
+    def is_signed_by(self, public_key: Ed25519PublicKey) -> bool:
+        try:
+            public_key.verify(bytes.fromhex(self.signature), _head_message(self.seq, self.hash))
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+    def to_json(self, **extra: Any) -> str:
+        return json.dumps({"seq": self.seq, "hash": self.hash, "signature": self.signature, "algorithm": "Ed25519",
+                           **extra}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Checkpoint:
+        body = json.loads(text)
+        if not (isinstance(body, dict) and isinstance(body.get("seq"), int) and isinstance(body.get("hash"), str)
+                and isinstance(body.get("signature"), str)):
+            raise ValueError("a checkpoint is a JSON object with seq, hash and signature")
+        return cls(seq=body["seq"], hash=body["hash"], signature=body["signature"])
+
+
+def read_checkpoints(path: Path) -> tuple[list[Checkpoint], int]:
+    """The checkpoints in a file (one JSON object a line), and how many lines could not be read.
+
+    A line cut short by a crash mid-append is unreadable, not a forgery, so it is counted, not fatal.
+    """
+    checkpoints, unreadable = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            checkpoints.append(Checkpoint.from_json(line))
+        except ValueError:
+            unreadable += 1
+    return checkpoints, unreadable
+
+
+def append_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    """One line, one write(2) on an O_APPEND descriptor: processes sharing the file never interleave."""
+    line = (checkpoint.to_json(at=datetime.now(UTC).isoformat(timespec="seconds")) + "\n").encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(descriptor, line)
+    finally:
+        os.close(descriptor)
+
+
+@dataclass(frozen=True)
 class SystemActor:
     """The service acting on its own (start-up, scheduler, bootstrap)."""
 
@@ -55,10 +123,15 @@ class SystemActor:
 
 
 class AuditLog:
-    """Appends events under a lock on the chain's signed head, in the caller's transaction."""
+    """Appends events under a lock on the chain's signed head, in the caller's transaction.
 
-    def __init__(self, signing_key: Ed25519PrivateKey) -> None:
+    With `checkpoint_file`, every committed head is also appended there, after its commit (a head
+    written before would name events that a rollback then removes).
+    """
+
+    def __init__(self, signing_key: Ed25519PrivateKey, checkpoint_file: Path | None = None) -> None:
         self._key = signing_key
+        self._checkpoint_file = checkpoint_file
 
     def ensure_head(self, session: Session) -> None:
         if session.get(AuditHead, 1) is None:
@@ -116,7 +189,32 @@ class AuditLog:
         head.seq, head.hash = seq, previous
         head.signature = self._key.sign(_head_message(seq, previous)).hex()
         session.flush()
+        if self._checkpoint_file is not None:
+            session.info[_PENDING_HEAD] = Checkpoint(seq=seq, hash=previous, signature=head.signature)
+            self._hook(session)
         return appended
+
+    def _hook(self, session: Session) -> None:
+        if session.info.get(_HOOKED):
+            return
+        session.info[_HOOKED] = True
+        path = self._checkpoint_file
+        assert path is not None
+
+        def committed(done: Session) -> None:
+            checkpoint = done.info.pop(_PENDING_HEAD, None)
+            if checkpoint is None:
+                return
+            try:
+                append_checkpoint(path, checkpoint)
+            except OSError:  # the events are committed; a missing line weakens the check, it does not undo them
+                log.exception("audit_checkpoint_write_failed", seq=checkpoint.seq)
+
+        def rolled_back(done: Session) -> None:
+            done.info.pop(_PENDING_HEAD, None)
+
+        orm_event.listen(session, "after_commit", committed)
+        orm_event.listen(session, "after_rollback", rolled_back)
 
 
 @dataclass(frozen=True)
@@ -127,8 +225,22 @@ class ChainReport:
     problem: str | None = None
 
 
-def verify_chain(session: Session, public_key: Ed25519PublicKey) -> ChainReport:
-    """Recompute every link and the signed head; name the first event that does not fit."""
+def verify_chain(session: Session, public_key: Ed25519PublicKey,
+                 checkpoints: Iterable[Checkpoint] = ()) -> ChainReport:
+    """Recompute every link and the signed head; name the first event that does not fit.
+
+    Each checkpoint must be signed by `public_key` and name an event of the chain with its hash: a
+    chain shorter than a checkpoint was truncated, one that disagrees with it was rewritten.
+    """
+    expected: dict[int, str] = {}
+    for checkpoint in checkpoints:
+        if not checkpoint.is_signed_by(public_key):
+            return ChainReport(False, 0, checkpoint.seq,
+                               f"the checkpoint for event {checkpoint.seq} is not signed by this instance's key")
+        if expected.setdefault(checkpoint.seq, checkpoint.hash) != checkpoint.hash:
+            return ChainReport(False, 0, checkpoint.seq,
+                               f"two signed checkpoints disagree about event {checkpoint.seq}")
+    furthest = max(expected, default=0)
     expected_seq = 1
     previous_hash = GENESIS_HASH
     count = 0
@@ -146,6 +258,11 @@ def verify_chain(session: Session, public_key: Ed25519PublicKey) -> ChainReport:
             )
         if event_hash(event_fields(event)) != event.hash:
             return ChainReport(False, count, event.seq, f"event {event.seq} was changed after it was written")
+        if expected.get(event.seq, event.hash) != event.hash:
+            return ChainReport(
+                False, count, event.seq,
+                f"event {event.seq} differs from the signed checkpoint of it: the chain was rewritten from there",
+            )
         previous_hash = event.hash
         expected_seq += 1
     head = session.get(AuditHead, 1)
@@ -160,5 +277,11 @@ def verify_chain(session: Session, public_key: Ed25519PublicKey) -> ChainReport:
             False, count, expected_seq,
             f"the chain ends at event {expected_seq - 1} but the signed head names event {head.seq}: "
             "the newest events were deleted",
+        )
+    if furthest > head.seq:
+        return ChainReport(
+            False, count, head.seq + 1,
+            f"the chain ends at event {head.seq} but a signed checkpoint names event {furthest}: the newest "
+            "events were deleted (or the database was restored from an older copy)",
         )
     return ChainReport(True, count)

@@ -174,23 +174,75 @@ def token_revoke(jti: Annotated[str, typer.Argument(help="the token's jti claim"
 
 
 @audit_app.command("verify")
-def audit_verify(home: HomeOption = None, as_json: JsonOption = False) -> None:
-    """Exit 0 iff the hash chain is intact; otherwise name the first bad event."""
-    from sandbox.audit import verify_chain
+def audit_verify(home: HomeOption = None, as_json: JsonOption = False,
+                 checkpoint: Annotated[list[Path] | None, typer.Option(
+                     "--checkpoint", help="a checkpoint file from `sandbox audit checkpoint` (repeatable)")] = None,
+                 ) -> None:
+    """Exit 0 iff the hash chain is intact and no shorter than any checkpoint; otherwise name the first bad event.
+
+    The checkpoints are those given and those in the instance's own append-only checkpoint file.
+    """
+    from sandbox.audit import Checkpoint, read_checkpoints, verify_chain
     from sandbox.instance import Instance
+
+    instance = Instance(_settings(home))
+    _call(instance.require_initialised)
+    checkpoints: list[Checkpoint] = []
+    unreadable = 0
+    for path in [instance.settings.audit_checkpoint_path, *(checkpoint or [])]:
+        if path == instance.settings.audit_checkpoint_path and not path.exists():
+            continue  # an instance from before checkpoints, or one whose file was removed: only the chain is checked
+        try:
+            found, skipped = read_checkpoints(path)
+        except OSError as exc:
+            console.print(f"[bold red]cannot read checkpoint file[/] {path}: {exc}")
+            raise typer.Exit(2) from exc
+        if path != instance.settings.audit_checkpoint_path and not found:
+            console.print(f"[bold red]no checkpoint in[/] {path}")
+            raise typer.Exit(2)
+        checkpoints += found
+        unreadable += skipped
+    with instance.sessions() as session:
+        report = verify_chain(session, instance.public_key, checkpoints)
+    instance.close()
+    furthest = max((c.seq for c in checkpoints), default=0)
+    if as_json:
+        out.print_json(json.dumps({**report.__dict__, "checkpoints": len(checkpoints),
+                                   "furthest_checkpoint": furthest, "unreadable_checkpoint_lines": unreadable}))
+    elif report.ok:
+        out.print(f"audit chain intact: {report.events} events, reaching every checkpoint "
+                  f"({len(checkpoints)}, the furthest at event {furthest})")
+    else:
+        console.print(f"[bold red]audit chain broken[/] at event {report.first_bad_seq}: {report.problem}")
+    if unreadable and not as_json:
+        console.print(f"{unreadable} checkpoint line(s) could not be read (a crash mid-write?) and were skipped")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(out_file: Annotated[Path, typer.Option("--out", help="where to write the checkpoint")],
+                     home: HomeOption = None) -> None:
+    """Write the chain's signed head (seq, hash) to a file for an auditor to keep out of the operator's reach."""
+    from datetime import UTC, datetime
+
+    from sandbox.audit import Checkpoint, verify_chain
+    from sandbox.instance import Instance
+    from sandbox.store.models import AuditHead
 
     instance = Instance(_settings(home))
     _call(instance.require_initialised)
     with instance.sessions() as session:
         report = verify_chain(session, instance.public_key)
+        head = session.get(AuditHead, 1)
     instance.close()
-    if as_json:
-        out.print_json(json.dumps(report.__dict__))
-    elif report.ok:
-        out.print(f"audit chain intact: {report.events} events")
-    else:
-        console.print(f"[bold red]audit chain broken[/] at event {report.first_bad_seq}: {report.problem}")
-    raise typer.Exit(0 if report.ok else 1)
+    if not report.ok or head is None:
+        console.print(f"[bold red]audit chain broken[/] at event {report.first_bad_seq}: {report.problem}; "
+                      "no checkpoint written")
+        raise typer.Exit(1)
+    checkpoint = Checkpoint(seq=head.seq, hash=head.hash, signature=head.signature)
+    out_file.write_text(checkpoint.to_json(instance_id=instance.instance_id,
+                                           at=datetime.now(UTC).isoformat(timespec="seconds")) + "\n")
+    out.print(f"checkpoint of event {head.seq} written to {out_file}")
 
 
 @app.command()

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     worker_cpus: float = 2.0
     worker_memory_mb: int = 8192
 
+    # Fair use per buyer org and token (review 11.14): beyond these, 429 with Retry-After.
+    max_waiting_jobs_per_org: int = Field(default=50, ge=1)  # pending approval or queued
+    max_bundle_bytes_per_org: int = Field(default=20 * 1024 * 1024 * 1024, ge=1)  # stored code, unpacked
+    max_long_polls_per_token: int = Field(default=8, ge=1)
+
     # Notebook servers check for idle kernels this often (the idle time itself is the policy's).
     notebook_cull_interval_s: int = Field(default=60, ge=1)
 
@@ -134,6 +139,11 @@ class Settings(BaseSettings):
     @property
     def runner_dir(self) -> Path:
         return self.home_dir / "runner"
+
+    @property
+    def audit_checkpoint_path(self) -> Path:
+        """Append-only: every committed audit head, so that a truncated chain is caught outside the database."""
+        return self.home_dir / "audit-checkpoints.jsonl"
 
     @property
     def tmp_dir(self) -> Path:

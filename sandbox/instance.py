@@ -117,7 +117,7 @@ class Instance:
 
     @cached_property
     def audit(self) -> AuditLog:
-        return AuditLog(self.signing_key)
+        return AuditLog(self.signing_key, checkpoint_file=self.settings.audit_checkpoint_path)
 
     @cached_property
     def verifier(self) -> TokenVerifier:
