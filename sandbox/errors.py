@@ -67,3 +67,15 @@ class ContractNotUsable(Forbidden):
 
     slug = "contract-not-usable"
     title = "Contract not usable"
+
+
+class TooManyRequests(SandboxError):
+    """A per-token or per-org limit is reached; `Retry-After` says when to try again."""
+
+    status = 429
+    title = "Too many requests"
+    slug = "too-many-requests"
+
+    def __init__(self, detail: str, *, retry_after_s: int, **extra: Any) -> None:
+        super().__init__(detail, retry_after_s=retry_after_s, **extra)
+        self.headers = {"Retry-After": str(retry_after_s)}

@@ -52,7 +52,8 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(SandboxError)
     async def _sandbox_error(_request: Request, exc: SandboxError) -> JSONResponse:
-        return problem(exc.status, exc.detail, slug=exc.slug, title=exc.title, **exc.extra)
+        return problem(exc.status, exc.detail, slug=exc.slug, title=exc.title,
+                       headers=getattr(exc, "headers", None), **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import uuid
@@ -19,12 +20,12 @@ from sandbox.context import Context
 from sandbox.contracts import JobKind, Tier, require_usable
 from sandbox.dp.mock_publication import find_mock
 from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
-from sandbox.jobs.bundles import unpack_bundle
+from sandbox.jobs.bundles import StagedBundle
 from sandbox.jobs.lifecycle import TERMINAL, JobState, next_state
 from sandbox.policies import get_policy_version
 from sandbox.release.status import Origin, OutputStatus, next_status
 from sandbox.release.verify import canonical
-from sandbox.store.models import Contract, Job, JobOutput, OutputReview
+from sandbox.store.models import Contract, DatasetVersion, Job, JobOutput, OutputReview, Policy
 
 
 class ResourceRequest(BaseModel):
@@ -82,8 +83,12 @@ def usage_totals(ctx: Context, contract_id: str) -> dict[str, float]:
     return totals
 
 
-def submit_job(ctx: Context, *, spec: JobSpec, bundle: Path, bundle_sha256: str, image_id: str) -> Job:
-    """Validate a submission against contract, tier, policy and quota, then store it."""
+def submit_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: str) -> Job:
+    """Validate a submission against contract, tier, policy and quota, then store it.
+
+    The bundle was unpacked and checked before this transaction (`stage_bundle`): unpacking inside it
+    blocked every other writer for seconds (review 11.13). Here it only moves into place.
+    """
     buyer = ctx.require_role(Role.BUYER)
     contract = require_usable(ctx, spec.contract, kind=JobKind(spec.kind), dataset=spec.dataset)
     version = get_version(ctx.session, spec.dataset, spec.version)
@@ -106,27 +111,32 @@ def submit_job(ctx: Context, *, spec: JobSpec, bundle: Path, bundle_sha256: str,
                         object=contract.id)
     identifier = job_id()
     directory = jobs_dir(ctx, identifier)
-    directory.mkdir(parents=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(bundle.folder, directory)
     try:
-        summary = unpack_bundle(bundle, directory / "code")
-        shutil.copyfile(bundle, directory / "code.tar.gz")
+        return _store_job(ctx, spec=spec, bundle=bundle, image_id=image_id, identifier=identifier,
+                          contract=contract, version=version, policy=policy, buyer=buyer)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
+
+
+def _store_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: str, identifier: str,
+               contract: Contract, version: DatasetVersion, policy: Policy, buyer: Principal) -> Job:
     needs_approval = bool(policy.body["review"].get("approve_jobs", False))
     now = datetime.now(UTC)
     job = Job(
         id=identifier, contract_id=contract.id, buyer_org=buyer.org, submitted_by=buyer.sub,
         dataset=spec.dataset, dataset_version=version.version, kind=spec.kind, tier=contract.tier,
         policy=f"{policy.name}@{policy.version}", image=spec.image, image_id=image_id, command=spec.command,
-        resources=spec.resources.model_dump(), code_sha256=bundle_sha256, code_bytes=summary.expanded_bytes,
+        resources=spec.resources.model_dump(), code_sha256=bundle.sha256, code_bytes=bundle.summary.expanded_bytes,
         state=(JobState.PENDING_APPROVAL if needs_approval else JobState.QUEUED).value, reason="",
         usage={}, created_at=now, updated_at=now,
     )
     ctx.session.add(job)
     ctx.session.flush()
     ctx.record("job.submit", "job", job.id, contract=contract.id, dataset=f"{spec.dataset}@{version.version}",
-               image=spec.image, image_id=image_id, command=spec.command, code_sha256=bundle_sha256,
+               image=spec.image, image_id=image_id, command=spec.command, code_sha256=bundle.sha256,
                state=job.state)
     return job
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import json
+import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -13,9 +18,11 @@ from pydantic import BaseModel, Field, ValidationError
 
 from sandbox.api.deps import Buyer, InstanceDep, PrincipalDep, Steward
 from sandbox.api.uploads import receive_multipart
-from sandbox.auth.tokens import Role
-from sandbox.errors import Invalid, NotFound
+from sandbox.auth.tokens import Principal, Role
+from sandbox.errors import Invalid, NotFound, TooManyRequests
 from sandbox.jobs import service
+from sandbox.jobs.bundles import StagedBundle, stage_bundle
+from sandbox.jobs.quotas import require_org_quota
 from sandbox.store.models import ImageRecord
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -37,25 +44,25 @@ async def submit_job(request: Request, instance: InstanceDep, buyer: Buyer) -> d
     settings = instance.settings
     upload = await receive_multipart(request, file_fields={"code"}, staging_dir=settings.tmp_dir,
                                      max_file_bytes=min(settings.max_upload_bytes, MAX_BUNDLE_BYTES))
+    staged: StagedBundle | None = None
     try:
         if "spec" not in upload.fields or "code" not in upload.files:
             raise Invalid("a job needs a 'spec' part (JSON) and a 'code' part (tar.gz)")
-        try:
-            spec = service.JobSpec.model_validate(json.loads(upload.fields["spec"]))
-        except (ValueError, ValidationError) as exc:
-            errors = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()] \
-                if isinstance(exc, ValidationError) else [str(exc)]
-            raise Invalid("the job spec is malformed", errors) from exc
+        spec = parse_spec(upload.fields["spec"])
         code = upload.files["code"]
         with instance.read_session() as session:
             image = session.get(ImageRecord, spec.image)
         if image is None:
             raise Invalid(f"image {spec.image!r} is not available on the workers (ask the operator to build it)")
+        # Unpacked and checked before the transaction, so no writer waits on it; the transaction below
+        # checks contract, policy and quotas and only moves the checked folder into place.
+        staged = await run_in_threadpool(stage_bundle, code.path, sha256=code.sha256, staging_dir=settings.tmp_dir)
+        bundle = staged
 
         def submit() -> dict[str, Any]:
             with instance.context(buyer) as ctx:
-                job = service.submit_job(ctx, spec=spec, bundle=code.path, bundle_sha256=code.sha256,
-                                         image_id=image.image_id)
+                require_org_quota(ctx, org=buyer.org, incoming_bytes=bundle.summary.expanded_bytes)
+                job = service.submit_job(ctx, spec=spec, bundle=bundle, image_id=image.image_id)
                 return {"id": job.id, "state": job.state, "image_id": job.image_id}
 
         created = await run_in_threadpool(submit)
@@ -63,6 +70,47 @@ async def submit_job(request: Request, instance: InstanceDep, buyer: Buyer) -> d
         return created
     finally:
         upload.discard()
+        if staged is not None:
+            staged.discard()  # gone already once the job took it
+
+
+# A spec is a small JSON object; nesting deeper than any real one is refused before it is parsed,
+# since a 200,000-deep array made the JSON parser raise RecursionError (review 11.16).
+MAX_SPEC_DEPTH = 32
+
+
+def parse_spec(text: str) -> service.JobSpec:
+    """The `spec` part as a JobSpec, or Invalid (422) with each problem."""
+    if json_depth(text) > MAX_SPEC_DEPTH:
+        raise Invalid(f"the job spec is nested more than {MAX_SPEC_DEPTH} levels deep")
+    try:
+        return service.JobSpec.model_validate(json.loads(text))
+    except (ValueError, ValidationError, RecursionError) as exc:
+        errors = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()] \
+            if isinstance(exc, ValidationError) else [str(exc)[:200]]
+        raise Invalid("the job spec is malformed", errors) from exc
+
+
+def json_depth(text: str) -> int:
+    """The deepest bracket nesting in a JSON text, brackets inside strings not counted. Linear."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def wake_worker(request: Request) -> None:
@@ -81,20 +129,60 @@ def list_jobs(instance: InstanceDep, principal: PrincipalDep, state: str | None 
 
 
 @router.get("/jobs/{job_id}")
-def get_job(job_id: str, instance: InstanceDep, principal: PrincipalDep,
-            wait_s: float = Query(default=0, ge=0, le=30, description="long-poll: wait this long for a change"),
-            since: str | None = Query(default=None, max_length=20, description="the state the caller last saw"),
-            ) -> dict[str, Any]:
-    """A job; with `wait_s` and `since`, answers as soon as its state differs from `since`."""
-    deadline = time.monotonic() + wait_s
-    while True:
+async def get_job(job_id: str, request: Request, instance: InstanceDep, principal: PrincipalDep,
+                  wait_s: float = Query(default=0, ge=0, le=30, description="long-poll: wait this long for a change"),
+                  since: str | None = Query(default=None, max_length=20, description="the state the caller last saw"),
+                  ) -> dict[str, Any]:
+    """A job; with `wait_s` and `since`, answers as soon as its state differs from `since`.
+
+    The wait holds no thread: 45 long-polls once held every worker thread and /healthz took 29 s
+    (review 11.14). Each look at the job borrows a thread for one read; between looks the request
+    sleeps on the event loop. A token may hold `max_long_polls_per_token` waits at once.
+    """
+    steward = principal.role is Role.STEWARD
+
+    def read() -> dict[str, Any]:
         with instance.read_context(principal) as ctx:
-            view = service.job_view(service.get_job(ctx, job_id), steward=principal.role is Role.STEWARD)
-        remaining = deadline - time.monotonic()
-        if since is None or view["state"] != since or remaining <= 0:
-            return view
-        # A separate worker process commits elsewhere; the short slice bounds the delay then.
-        instance.wait_for_change(min(remaining, 0.25))
+            return service.job_view(service.get_job(ctx, job_id), steward=steward)
+
+    view = await run_in_threadpool(read)
+    if since is None or view["state"] != since or wait_s <= 0:
+        return view
+    with long_poll_slot(request, principal, instance.settings.max_long_polls_per_token, wait_s):
+        deadline = time.monotonic() + wait_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            # A separate worker process commits elsewhere; the short slice bounds the delay then.
+            await asyncio.sleep(min(remaining, LONG_POLL_SLICE_S))
+            view = await run_in_threadpool(read)
+            if view["state"] != since:
+                break
+    return view
+
+
+LONG_POLL_SLICE_S = 0.25
+
+
+@contextlib.contextmanager
+def long_poll_slot(request: Request, principal: Principal, limit: int, wait_s: float) -> Iterator[None]:
+    """Count one long-poll against the caller's token, or refuse with 429 past `limit`.
+
+    The counts live on the app (one event loop, so no lock): per process, as the waits are.
+    """
+    counts: collections.Counter[str] | None = getattr(request.app.state, "long_polls", None)
+    if counts is None:
+        counts = collections.Counter()
+        request.app.state.long_polls = counts
+    key = principal.jti
+    if counts[key] >= limit:
+        raise TooManyRequests(f"this token already holds {counts[key]} long-polls (at most {limit}); "
+                              "wait for one to answer", retry_after_s=max(1, math.ceil(wait_s)))
+    counts[key] += 1
+    try:
+        yield
+    finally:
+        counts[key] -= 1
+        if counts[key] <= 0:
+            del counts[key]
 
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
