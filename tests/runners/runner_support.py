@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from runners.base import LABEL_INSTANCE, JobDefinition, Resources, RunState, RunStatus
+from runners.cgroup_usage import CGROUP_ROOT, PROC, process_cgroup
 from runners.docker import DockerRunner
 from runners.output_quota import is_mounted
 
@@ -117,18 +118,21 @@ def host_processes_with(argument: str) -> list[int]:
     return found
 
 
-def cgroup_file(pid: int, controller: str, name: str) -> Path | None:
-    """The host path of a cgroup v1 file for process `pid`, or None if it is not there."""
+def cgroup_file(pid: int, controller: str, name: str, *, proc: Path = PROC,
+                cgroup_root: Path = CGROUP_ROOT) -> Path | None:
+    """The host path of file `name` of `controller` for process `pid`, under cgroup v1 or v2 (whichever the host
+    has), or None if it is not there. Under v2 the files keep their v1 names where both have one (`pids.current`)."""
+    cgroup = process_cgroup(pid, proc=proc, cgroup_root=cgroup_root)
+    return cgroup.file(controller, name) if cgroup is not None else None
+
+
+def pids_in_cgroup(pid: int, *, proc: Path = PROC, cgroup_root: Path = CGROUP_ROOT) -> int | None:
+    """How many processes and threads share process `pid`'s pids cgroup now (v1 or v2), or None."""
+    current = cgroup_file(pid, "pids", "pids.current", proc=proc, cgroup_root=cgroup_root)
     try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
+        return int(current.read_text().split()[0]) if current is not None else None
+    except (OSError, ValueError, IndexError):
         return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            candidate = Path("/sys/fs/cgroup") / controllers / path.lstrip("/") / name
-            return candidate if candidate.exists() else None
-    return None
 
 
 def assert_nothing_left(client: Any, instance_id: str, state_dir: Path) -> None:

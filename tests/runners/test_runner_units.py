@@ -1,5 +1,5 @@
 """The Docker runner's parts that need no engine: container options, validation, log bounds, file-name rules,
-cgroup reading, and the output copy run against a hostile tree on the local disk."""
+and the output copy run against a hostile tree on the local disk (cgroup reading: test_cgroup_usage.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runners.base import JobDefinition, Resources
-from runners.cgroup_usage import Usage, read_cgroup_usage
+from runners.cgroup_usage import Usage
 from runners.docker import (
     CONTAINER_TMP,
     LABEL_TIMEOUT,
@@ -193,77 +193,6 @@ def test_docker_timestamps() -> None:
     assert _timestamp("2024-05-01T14:00:00+02:00") == 1714564800.0
     with pytest.raises(RunnerError, match="timestamp"):
         _timestamp("yesterday")
-
-
-# --- cgroup usage ---
-
-CONTAINER_ID = "c0ffee" * 10
-
-
-def fake_cgroups(tmp_path: Path, proc_lines: list[str], files: dict[str, str]) -> tuple[Path, Path]:
-    proc, root = tmp_path / "proc", tmp_path / "cgroup"
-    (proc / "42").mkdir(parents=True)
-    (proc / "42" / "cgroup").write_text("\n".join(proc_lines) + "\n")
-    for relative, content in files.items():
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        (root / relative).write_text(content)
-    return proc, root
-
-
-@pytest.mark.parametrize(
-    ("proc_lines", "files"),
-    [
-        pytest.param(
-            [f"4:memory:/docker/{CONTAINER_ID}", f"2:cpuacct:/docker/{CONTAINER_ID}", f"0::/docker/{CONTAINER_ID}"],
-            {
-                f"cpuacct/docker/{CONTAINER_ID}/cpuacct.usage": "2500000000\n",
-                f"memory/docker/{CONTAINER_ID}/memory.max_usage_in_bytes": "1048576\n",
-            },
-            id="v1 cgroupfs",
-        ),
-        pytest.param(
-            [
-                f"5:memory:/system.slice/docker-{CONTAINER_ID}.scope",
-                f"3:cpu,cpuacct:/system.slice/docker-{CONTAINER_ID}.scope",
-            ],
-            {
-                f"cpu,cpuacct/system.slice/docker-{CONTAINER_ID}.scope/cpuacct.usage": "2500000000\n",
-                f"memory/system.slice/docker-{CONTAINER_ID}.scope/memory.max_usage_in_bytes": "1048576\n",
-            },
-            id="v1 systemd, cpu and cpuacct mounted together",
-        ),
-        pytest.param(
-            [f"0::/system.slice/docker-{CONTAINER_ID}.scope"],
-            {
-                f"system.slice/docker-{CONTAINER_ID}.scope/cpu.stat": "usage_usec 2500000\nuser_usec 2000000\n",
-                f"system.slice/docker-{CONTAINER_ID}.scope/memory.peak": "1048576\n",
-            },
-            id="v2 systemd",
-        ),
-        pytest.param(
-            [f"0::/docker/{CONTAINER_ID}"],
-            {
-                f"docker/{CONTAINER_ID}/cpu.stat": "usage_usec 2500000\n",
-                f"docker/{CONTAINER_ID}/memory.current": "1048576\n",
-            },
-            id="v2 cgroupfs without memory.peak",
-        ),
-    ],
-)
-def test_cgroup_usage_is_read_for_each_layout(tmp_path: Path, proc_lines: list[str], files: dict[str, str]) -> None:
-    proc, root = fake_cgroups(tmp_path, proc_lines, files)
-    usage = read_cgroup_usage(42, CONTAINER_ID, proc=proc, cgroup_root=root)
-    assert usage == Usage(cpu_seconds=2.5, peak_memory_bytes=1048576)
-
-
-def test_cgroup_of_a_reused_pid_is_not_charged_to_the_job(tmp_path: Path) -> None:
-    proc, root = fake_cgroups(
-        tmp_path,
-        ["4:memory:/user.slice", "2:cpuacct:/user.slice"],
-        {"cpuacct/user.slice/cpuacct.usage": "9\n", "memory/user.slice/memory.max_usage_in_bytes": "9\n"},
-    )
-    assert read_cgroup_usage(42, CONTAINER_ID, proc=proc, cgroup_root=root) is None
-    assert read_cgroup_usage(43, CONTAINER_ID, proc=proc, cgroup_root=root) is None, "a vanished pid"
 
 
 # --- the output copy, on a hostile tree built here ---

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runner_support import SMALL, JobFiles, cgroup_file, last_json_line, logs, run_to_exit, wait_for_exit
+from runner_support import SMALL, JobFiles, last_json_line, logs, pids_in_cgroup, run_to_exit, wait_for_exit
 
 from runners.base import RunState, RunStatus
 from runners.docker import LOG_FILES, DockerRunner, log_file_bytes, truncation_marker
@@ -40,9 +40,9 @@ while True:
 
     def count_pids(status: RunStatus) -> None:
         if status.state is RunState.RUNNING:
-            current = cgroup_file(int(container.attrs["State"]["Pid"]), "pids", "pids.current")
+            current = pids_in_cgroup(int(container.attrs["State"]["Pid"]))
             if current is not None:
-                pids_seen.append(int(current.read_text()))
+                pids_seen.append(current)
 
     status = wait_for_exit(runner, job.id, limit_s=30, every_poll=count_pids)
     host_still_forks = subprocess.run(["true"], check=False).returncode == 0
