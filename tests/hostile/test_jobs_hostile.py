@@ -3,6 +3,11 @@
 Every test asserts that the attack was contained, that the service still answers, and (in the
 `job_world` fixture's teardown) that no container of this instance is left behind. The job code
 reports what it could do on stdout, which the test reads through the steward's review endpoint.
+
+Each attack also proves that it really ran, so a broken attack cannot pass as a blocked one: a refusal
+counts only with the errno the guard gives (any other exception is "broken"), the disk flood writes up to
+ENOSPC, the fork bomb forks up to the pids limit, the memory bomb allocates most of its limit before the
+kill, and the network probe reaches its target from a container without the guard.
 """
 
 from __future__ import annotations
@@ -12,21 +17,33 @@ import json
 import subprocess
 import threading
 from collections.abc import Iterator
+from typing import Any
 
+import docker
 import pytest
 from helpers import auth
 from jobworld import JobWorld
 
+from runners.base import Resources
+
 pytestmark = pytest.mark.docker
 
+# A refusal is an OSError with an errno, named here ("blocked: EROFS"); any other exception means the attack
+# itself broke ("broken: NameError: ..."), which no test accepts as contained.
 PROBE = '''
-import json, os, socket
+import errno, json, os, socket
 def attempt(fn):
     try:
         return "allowed: " + str(fn())
+    except OSError as exc:
+        return "blocked: " + (errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__)
     except Exception as exc:
-        return "blocked: " + type(exc).__name__
+        return "broken: " + type(exc).__name__ + ": " + str(exc)[:200]
 '''
+LIMITS = Resources()  # the runner's defaults for what a job spec does not set: pids, output and log sizes
+NETWORK_REFUSALS = {"blocked: ENETUNREACH", "blocked: EHOSTUNREACH", "blocked: ECONNREFUSED", "blocked: ETIMEDOUT",
+                    "blocked: TimeoutError"}
+WRITE_REFUSALS = {"blocked: EROFS", "blocked: EACCES", "blocked: EPERM"}
 
 
 def run(world: JobWorld, code: str, *, timeout_s: int = 60, memory_mb: int = 256,
@@ -45,31 +62,65 @@ def report(stdout: str) -> dict[str, str]:
     return result
 
 
+class _Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"the service's own port")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 @pytest.fixture
 def host_server() -> Iterator[int]:
-    """A real HTTP server on the host's loopback: a stand-in for the API's own port."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    """A real HTTP server on every host address: a stand-in for the API's own port."""
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), _Answer)
+    thread = threading.Thread(target=serve, args=(server,), daemon=True)
     thread.start()
     yield server.server_address[1]
     server.shutdown()
+    server.server_close()
 
 
-def test_network_outside_gateway_and_api_port_are_unreachable(job_world: JobWorld, host_server: int) -> None:
+def serve(server: http.server.ThreadingHTTPServer) -> None:
+    server.serve_forever()
+
+
+def unguarded(image: str, code: str) -> dict[str, str]:
+    """`code` run in the same image on Docker's default bridge network, without the runner's guard: the control
+    that shows a target is reachable, so that a refusal inside a job is the guard's doing."""
+    client = docker.from_env()
+    try:
+        output = client.containers.run(image, ["python3", "-c", PROBE + code], network="bridge", remove=True,
+                                       stdout=True, stderr=True)
+    finally:
+        client.close()
+    return report(output.decode())
+
+
+def test_network_outside_gateway_and_api_port_are_unreachable(job_world: JobWorld, host_server: int,
+                                                              analysis_image: str) -> None:
     gateway = subprocess.run(["docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"],
                              capture_output=True, text=True).stdout.strip() or "172.17.0.1"
     targets = {"outside-dns": ("1.1.1.1", 53), "outside-https": ("8.8.8.8", 443), "gateway": (gateway, 2375),
                "gateway-api": (gateway, host_server), "api-port": ("127.0.0.1", host_server)}
     code = f"""
-results = {{name: attempt(lambda h=h, p=p: socket.create_connection((h, p), timeout=3).close())
-            for name, (h, p) in {targets!r}.items()}}
+def fetch(host, port):
+    with socket.create_connection((host, port), timeout=3) as connection:
+        connection.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        return connection.recv(200).decode(errors="replace").split("\\r\\n")[0]
+results = {{name: attempt(lambda h=h, p=p: fetch(h, p)) for name, (h, p) in {targets!r}.items()}}
 results["interfaces"] = ",".join(sorted(line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:]))
 print(json.dumps(results))
 """
+    # Control: without the guard, the same code in the same image reaches the stand-in API through the gateway.
+    control = unguarded(analysis_image, code)
+    assert control["gateway-api"].startswith("allowed: HTTP/1.0 200"), f"control: unreachable unguarded: {control}"
     _, stdout = run(job_world, code)
     results = report(stdout)
     for name in targets:
-        assert results[name].startswith("blocked"), f"the job reached {name} {targets[name]}: {results[name]}"
+        assert results[name] in NETWORK_REFUSALS, f"the job reached {name} {targets[name]}: {results[name]}"
     assert results["interfaces"] == "lo", f"the container has interfaces {results['interfaces']}"
 
 
@@ -90,8 +141,10 @@ print(json.dumps(results))
     _, stdout = run(job_world, code)
     results = report(stdout)
     for path in ["/evil", "/data/evil", "/data/carotid-stenting.parquet", "/code/evil", "/etc/evil", "/usr/evil"]:
-        assert results[path].startswith("blocked"), f"the job wrote {path}"
-    assert results["tmp"].startswith("allowed") and results["exec-tmp"].startswith("blocked"), results
+        assert results[path] in WRITE_REFUSALS, f"the job wrote {path}, or the write broke: {results[path]}"
+    # The same write works where writing is allowed, and the copied binary runs nowhere but for noexec.
+    assert results["tmp"] == "allowed: /tmp/ok", results
+    assert results["exec-tmp"] == "blocked: EACCES", results
 
 
 def test_host_files_environment_and_docker_socket_are_out_of_reach(job_world: JobWorld,
@@ -111,7 +164,8 @@ print(json.dumps(results))
     results = report(stdout)
     assert "s3cr3t-sentinel-value" not in stdout and "SANDBOX_" not in results["environ"], "service env leaked"
     assert results["docker-sock"] == "False" and results["host-root"] == "False"
-    assert results["shadow"].startswith("blocked")
+    assert results["shadow"] in {"blocked: EACCES", "blocked: ENOENT"}, results["shadow"]
+    assert "PATH=" in results["environ"] and "HOME" in results["environ"], "the probe read no environment at all"
 
 
 def test_identity_capabilities_and_seccomp_from_inside(job_world: JobWorld) -> None:
@@ -145,18 +199,23 @@ os._exit(0)
 """
     _, stdout = run(job_world, code, timeout_s=30)
     results = report(stdout)
-    assert results["children"] < 400, f"the fork bomb made {results['children']} processes"
+    # Stopped by the pids limit (EAGAIN from fork), after forking nearly up to it: it really ran.
+    assert results["stopped_by"] == "BlockingIOError", f"the bomb stopped on something else: {results}"
+    assert results["children"] < LIMITS.pids, f"the fork bomb made {results['children']} processes"
+    assert results["children"] >= LIMITS.pids // 2, f"the bomb never came near the limit: {results}"
 
 
 def test_memory_bomb_is_oom_killed(job_world: JobWorld) -> None:
     code = """
-print(json.dumps({"start": True}), flush=True)
 hoard = []
 while True:
-    hoard.append(bytearray(16 * 1024 * 1024))
+    hoard.append(b"\\x01" * (8 * 1024 * 1024))  # written, so every page is really in memory
+    print(json.dumps({"allocated_mb": 8 * len(hoard)}), flush=True)
 """
-    job, _ = run(job_world, code, memory_mb=128)
+    job, stdout = run(job_world, code, memory_mb=128)
     assert job["reason"].startswith("oom"), f"a memory bomb ended with {job['reason']!r}"
+    allocated = max(json.loads(line)["allocated_mb"] for line in stdout.splitlines() if line.startswith("{"))
+    assert allocated >= 64, f"killed after {allocated} MB of 128: the bomb never came near its limit"
 
 
 def test_disk_flood_stops_at_the_output_quota(job_world: JobWorld) -> None:
@@ -169,12 +228,14 @@ try:
             handle.write(chunk); handle.flush(); written += len(chunk)
     error = "none"
 except OSError as exc:
-    error = exc.strerror or type(exc).__name__
+    error = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__
 print(json.dumps({"written_mb": written // (1024 * 1024), "error": error}))
 """
     job, stdout = run(job_world, code)
     results = report(stdout)
-    assert results["error"] != "none" and results["written_mb"] <= 110, f"the flood wrote {results}"
+    # Stopped by a full quota (ENOSPC), after filling most of it: it really wrote.
+    assert results["error"] in {"ENOSPC", "EDQUOT"}, f"the flood stopped on something else: {results}"
+    assert LIMITS.output_mb * 0.8 <= results["written_mb"] <= LIMITS.output_mb * 1.1, f"the flood wrote {results}"
     flood = next((o for o in job["outputs"] if o["path"] == "flood.bin"), None)
     assert flood is None or flood["status"] == "blocked", "a .bin flood file was not blocked"
 
@@ -183,24 +244,32 @@ def test_log_flood_is_bounded(job_world: JobWorld) -> None:
     code = """
 import sys
 line = "x" * 1023 + "\\n"
+written = 0
 for _ in range(60 * 1024):
-    sys.stdout.write(line)
-print(json.dumps({"done": True}))
+    written += sys.stdout.write(line)
+sys.stdout.flush()
+sys.stderr.write(json.dumps({"written_bytes": written}) + "\\n")
 """
     job, stdout = run(job_world, code)
     log = next(o for o in job["outputs"] if o["path"] == "logs/stdout.txt")
-    assert log["size"] <= 1_100_000, f"a 60 MB log flood kept {log['size']} bytes"
+    assert log["size"] <= LIMITS.log_bytes * 1.1, f"a 60 MB log flood kept {log['size']} bytes"
     assert "truncated" in stdout.lower()
+    # The flood really went out in full: the job got to its end and said so on stderr.
+    assert job["exit_code"] == 0, job
+    assert report(job_world.review_text(job["id"], "logs/stderr.txt")) == {"written_bytes": 60 * 1024 * 1024}
 
 
 def test_timeout_kills_the_job(job_world: JobWorld) -> None:
-    job, _ = run(job_world, "import time\nprint('{}', flush=True)\ntime.sleep(600)\n", timeout_s=3)
+    code = "import time\nprint(json.dumps({'sleeping': True}), flush=True)\ntime.sleep(600)\n"
+    job, stdout = run(job_world, code, timeout_s=3)
     assert job["reason"].startswith("timeout"), f"a job past its limit ended with {job['reason']!r}"
+    assert report(stdout) == {"sleeping": True}, "the job never got to its sleep"
 
 
 def test_sleep_forever_then_cancel(job_world: JobWorld) -> None:
     created = job_world.submit({"main.py": "import time\ntime.sleep(10**6)\n"}, ["python3", "main.py"])
     job_world.run_until(created["id"], {"running"})
+    assert [c.status for c in job_world.containers()] == ["running"], "no container ran the job"
     response = job_world.api.post(f"/v1/jobs/{created['id']}/cancel", headers=auth(job_world.buyer))
     assert response.json()["state"] == "cancelled"
     job_world.worker.tick()
@@ -211,12 +280,25 @@ def test_sleep_forever_then_cancel(job_world: JobWorld) -> None:
 def test_orphaned_processes_die_with_the_job(job_world: JobWorld) -> None:
     code = """
 import subprocess
+import subprocess, time
 subprocess.Popen(["sleep", "4242"], start_new_session=True)
 subprocess.Popen(["sh", "-c", "nohup sleep 4243 >/dev/null 2>&1 &"])
-print(json.dumps({"spawned": True}))
+def running():
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            found.add(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode().strip())
+        except OSError:
+            pass
+    return sorted(found & {"sleep 4242", "sleep 4243"})
+deadline = time.monotonic() + 5
+while len(running()) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(json.dumps({"orphans": running()}))
 """
-    job, _ = run(job_world, code)
+    job, stdout = run(job_world, code)
     assert job["exit_code"] == 0
+    assert report(stdout) == {"orphans": ["sleep 4242", "sleep 4243"]}, "the orphans were never started"
     survivors = subprocess.run(["pgrep", "-f", "sleep 424[23]"], capture_output=True, text=True).stdout.split()
     assert not survivors, f"orphaned processes outlived the job: {survivors}"
 
