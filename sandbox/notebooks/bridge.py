@@ -8,8 +8,10 @@ are refused by type before they reach the kernel (comms unless allowed, the debu
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
 from jupyter_server.services.kernels.connection.base import (
@@ -25,10 +27,20 @@ from sandbox.notebooks.runtime import runtime
 V1 = "v1.kernel.websocket.jupyter.org"
 
 
+def _audit(outcome: Outcome) -> Future[None] | None:
+    """Queue the outcome's audit event; the future completes when it has committed (None: nothing to record)."""
+    if outcome.audit is None:
+        return None
+    details = dict(outcome.audit)
+    details["decision"] = details.pop("action", outcome.action)
+    return runtime().record_before_release("notebook.output", **details)
+
+
 class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
-    # Messages wait here, in order, behind one whose outcome needs platform work (a table recomputed):
-    # the client sees the table where the kernel displayed it, before the cell's idle status.
-    _backlog: deque[tuple[Any, list[Any], Outcome]] | None = None
+    # Messages wait here, in order, behind one whose outcome needs platform work (a table recomputed) or
+    # whose audit event has not committed yet: the client sees the table where the kernel displayed it,
+    # before the cell's idle status, and sees no output before its record is in the log.
+    _backlog: deque[tuple[Any, list[Any], Outcome, Future[None] | None]] | None = None
 
     def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
         rt = runtime()
@@ -42,34 +54,42 @@ class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
             rt.record("notebook.message.refused", channel=channel, reason="malformed or badly signed")
             return
         outcome = rt.message_filter.outgoing(str(channel), msg)
-        if self._backlog or outcome.work is not None:
+        # Queued now, not when the message reaches the head of the backlog, so that a burst of outputs
+        # is written in one commit.
+        committed = _audit(outcome) if outcome.work is None else None
+        if self._backlog or outcome.work is not None or committed is not None:
             if self._backlog is None:
                 self._backlog = deque()
-            self._backlog.append((stream, outgoing_msg, outcome))
+            self._backlog.append((stream, outgoing_msg, outcome, committed))
             if len(self._backlog) == 1:
                 IOLoop.current().spawn_callback(self._drain)
             return
-        self._relay(stream, outgoing_msg, outcome, msg)
+        self._relay(stream, outgoing_msg, outcome)
 
     async def _drain(self) -> None:
         assert self._backlog is not None
         while self._backlog:
-            stream, outgoing_msg, outcome = self._backlog[0]
+            stream, outgoing_msg, outcome, committed = self._backlog[0]
             if outcome.work is not None:
                 outcome = await IOLoop.current().run_in_executor(None, outcome.work)
+                committed = _audit(outcome)
+            if committed is not None:
+                try:
+                    await asyncio.wrap_future(committed)
+                except Exception:  # audit before release: what could not be recorded does not leave
+                    self._backlog.popleft()
+                    self.log.error("an output was withheld because its audit event could not be written")
+                    continue
             self._backlog.popleft()
             try:
-                self._relay(stream, outgoing_msg, outcome, None)
+                self._relay(stream, outgoing_msg, outcome)
             except Exception:  # a closed socket: the rest of the backlog has nowhere to go either
                 self.log.warning("a filtered message could not be relayed", exc_info=True)
 
-    def _relay(self, stream: Any, outgoing_msg: list[Any], outcome: Outcome, msg: dict[str, Any] | None) -> None:
-        rt = runtime()
-        if outcome.audit is not None:
-            details = dict(outcome.audit)
-            details["decision"] = details.pop("action", outcome.action)
-            rt.record("notebook.output", **details)
+    def _relay(self, stream: Any, outgoing_msg: list[Any], outcome: Outcome) -> None:
+        """Send what the filter decided; its audit event, if any, has committed already."""
         if outcome.held:
+            rt = runtime()
             cell = outcome.audit.get("cell") if outcome.audit else None
             IOLoop.current().run_in_executor(None, lambda: rt.hold(list(outcome.held), cell=cell))
         if outcome.action == "drop":

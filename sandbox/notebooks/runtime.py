@@ -1,8 +1,10 @@
 """The notebook server process's view of its session: the store, the policy, Docker, the egress filter.
 
 One `Runtime` per server process (`runtime()`), built from the spec the service wrote. Audit events
-from the message path are written by a background thread, in order and in batches, so that a
-message is never held up by a database commit.
+from the message path are written by a background thread, in order, with group commit: each batch is
+whatever queued while the previous one committed. An output is relayed only once its event has
+committed (`record_before_release`), so a server killed after relaying cannot lose the record; a burst
+of outputs shares one commit instead of paying one each.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import queue
 import secrets
 import threading
-import time
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -42,8 +44,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 EXPORTS = "exports/"  # where exported workspace files sit among the session's outputs
-AUDIT_BATCH_S = 0.25
 AUDIT_BATCH_MAX = 500
+_FLUSH = "__flush__"
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
@@ -61,7 +63,7 @@ class Runtime:
     def __init__(self, spec: SessionSpec) -> None:
         self.spec = spec
         self.instance = Instance(Settings(**spec.settings))
-        self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._events: queue.Queue[tuple[str, dict[str, Any], Future[None] | None] | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_events, name="notebook-audit", daemon=True)
         self._writer.start()
         self._dp_sockets: dict[str, DpSocket] = {}
@@ -180,42 +182,60 @@ class Runtime:
 
     def record(self, action: str, **details: Any) -> None:
         """Queue an audit event about this session; written in order by the background writer."""
-        self._events.put((action, details))
+        self._events.put((action, details, None))
+
+    def record_before_release(self, action: str, **details: Any) -> Future[None]:
+        """Queue an audit event; the future completes once it has committed (or fails if it could not be).
+
+        Audit before release: the caller relays what the event records only after this completes.
+        """
+        committed: Future[None] = Future()
+        self._events.put((action, details, committed))
+        return committed
 
     def flush(self, timeout_s: float = 10.0) -> None:
-        done = threading.Event()
-        self._events.put(("__flush__", {"event": done}))
-        done.wait(timeout_s)
+        """Wait until every event queued so far has been written (or `timeout_s` passes)."""
+        done: Future[None] = Future()
+        self._events.put((_FLUSH, {}, done))
+        try:
+            done.result(timeout_s)
+        except Exception:  # a failed write is logged by the writer; a flush only waits
+            return
 
     def _write_events(self) -> None:
-        # One transaction per batch: events gathered for up to AUDIT_BATCH_S (or until a flush) share a
-        # commit, so a busy kernel's outputs cost the relay a commit now and then, not one each.
+        # Group commit: a batch is everything that queued while the previous one committed, never a
+        # wait for more. An idle session's event commits at once; a busy kernel's outputs share commits.
         while True:
             first = self._events.get()
             if first is None:
                 return
             batch, stop = [first], False
-            deadline = time.monotonic() + AUDIT_BATCH_S
-            while len(batch) < AUDIT_BATCH_MAX and batch[-1][0] != "__flush__":
+            while len(batch) < AUDIT_BATCH_MAX:
                 try:
-                    item = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._events.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
                     stop = True
                     break
                 batch.append(item)
-            flushes = [details["event"] for action, details in batch if action == "__flush__"]
-            events = [(action, details) for action, details in batch if action != "__flush__"]
+            events = [(action, details) for action, details, _ in batch if action != _FLUSH]
+            failure: Exception | None = None
             try:
                 if events:
                     with self.instance.context(self.principal) as ctx:
                         ctx.audit.record_many(ctx.session, actor=ctx.actor, events=[
                             (action, "job", self.spec.job, details) for action, details in events])
-            except Exception:  # the log must not stop the notebook; the error is logged with the events lost
+            except Exception as exc:  # logged; outputs waiting on these events are then withheld, not relayed
                 log.exception("notebook_audit_write_failed", events=len(events))
-            for event in flushes:
-                event.set()
+                failure = exc
+            for _, _, waiting in batch:
+                if waiting is None:
+                    continue
+                if failure is None:
+                    waiting.set_result(None)
+                else:
+                    waiting.set_exception(failure)
             if stop:
                 return
 
