@@ -12,15 +12,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
+from sandbox.auth.orgs import ORG_PATTERN
 from sandbox.auth.tokens import Principal, Role
-from sandbox.catalog.service import get_dataset
+from sandbox.catalog.service import owned_dataset
 from sandbox.context import Context
 from sandbox.dp.ledger import ensure_ledgers
-from sandbox.errors import Conflict, ContractNotUsable, Invalid, NotFound
+from sandbox.errors import Conflict, ContractNotUsable, Forbidden, Invalid, NotFound
 from sandbox.policies import resolve_policy
 from sandbox.store.models import Contract
 
-ORG_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 MAX_EPSILON = 100.0
 
 
@@ -98,14 +98,19 @@ def create_contract(ctx: Context, request: ContractRequest) -> Contract:
         errors.append(f"valid_until {valid_until.isoformat()} is in the past")
     if valid_until <= valid_from:
         errors.append("valid_until must be after valid_from")
+    if request.buyer_org == steward.org:
+        # A buyer org's members never hold steward rights over its own jobs (review 11.10): the
+        # steward who grants a contract would be the one approving and reviewing its work.
+        raise Forbidden("a steward may not grant a contract to their own organisation", object="contract")
     for name in request.datasets:
         try:
-            get_dataset(ctx.session, name)
+            owned_dataset(ctx.session, name, steward)
         except NotFound:
+            # Another org's dataset reads as a missing one: a steward grants only their own org's data.
             errors.append(f"dataset {name!r} does not exist")
     if errors:
         raise Invalid("the contract is invalid", errors)
-    policy = resolve_policy(ctx.session, request.policy)
+    policy = resolve_policy(ctx.session, request.policy, org=steward.org)
     contract = Contract(
         id=f"c-{uuid.uuid4().hex[:12]}",
         buyer_org=request.buyer_org,
@@ -120,6 +125,7 @@ def create_contract(ctx: Context, request: ContractRequest) -> Contract:
         quotas=request.quotas.model_dump(),
         policy_name=policy.name,
         policy_version=policy.version,
+        owner_org=steward.org,
         created_by=steward.sub,
         created_at=now,
     )
@@ -133,14 +139,25 @@ def create_contract(ctx: Context, request: ContractRequest) -> Contract:
     return contract
 
 
+def _visible(ctx: Context) -> Any:
+    """The contracts the caller may see: a buyer its org's, a steward those its org granted."""
+    if isinstance(ctx.actor, Principal) and ctx.actor.role is Role.BUYER:
+        return Contract.buyer_org == ctx.actor.org
+    if isinstance(ctx.actor, Principal) and ctx.actor.role is Role.STEWARD:
+        return Contract.owner_org == ctx.actor.org
+    return None  # auditors (and the service itself) read every contract
+
+
 def get_contract(ctx: Context, contract_id: str, *, for_update: bool = False) -> Contract:
     """A contract the caller may see; another org's contract is 'not found', not 'forbidden'."""
     query = select(Contract).where(Contract.id == contract_id)
+    visible = _visible(ctx)
+    if visible is not None:
+        query = query.where(visible)
     if for_update:
         query = query.with_for_update()
     contract = ctx.session.execute(query).scalar_one_or_none()
-    if contract is None or (ctx.is_buyer and isinstance(ctx.actor, Principal)
-                            and contract.buyer_org != ctx.actor.org):
+    if contract is None:
         raise NotFound(f"contract {contract_id!r} does not exist")
     return contract
 
@@ -148,8 +165,9 @@ def get_contract(ctx: Context, contract_id: str, *, for_update: bool = False) ->
 def list_contracts(ctx: Context) -> list[Contract]:
     ctx.require_role(Role.STEWARD, Role.BUYER, Role.AUDITOR)
     query = select(Contract).order_by(Contract.created_at.desc())
-    if ctx.is_buyer and isinstance(ctx.actor, Principal):
-        query = query.where(Contract.buyer_org == ctx.actor.org)
+    visible = _visible(ctx)
+    if visible is not None:
+        query = query.where(visible)
     return list(ctx.session.execute(query).scalars())
 
 
@@ -229,6 +247,7 @@ def contract_view(contract: Contract) -> dict[str, Any]:
         "policy": f"{contract.policy_name}@{contract.policy_version}",
         "state": contract_state(contract),
         "revoked_at": contract.revoked_at.isoformat() if contract.revoked_at else None,
+        "owner_org": contract.owner_org,
         "created_by": contract.created_by,
         "created_at": contract.created_at.isoformat(),
     }

@@ -15,10 +15,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from sandbox.audit import SystemActor
-from sandbox.auth.tokens import Role
+from sandbox.auth.tokens import Principal, Role
 from sandbox.context import Context
 from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
-from sandbox.store.models import Policy
+from sandbox.store.models import Contract, Policy
 
 SCHEMA_FILE = "policy.schema.json"
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
@@ -70,6 +70,11 @@ def _versions(session: Session, name: str) -> list[Policy]:
     return list(session.execute(select(Policy).where(Policy.name == name).order_by(Policy.version)).scalars())
 
 
+def _usable_by(org: str | None) -> Any:
+    """Versions an org's contracts may pin: the shipped (global) ones and the org's own."""
+    return Policy.owner_org.is_(None) if org is None else (Policy.owner_org.is_(None) | (Policy.owner_org == org))
+
+
 def _add_version(ctx: Context, body: dict[str, Any], status: str) -> Policy:
     latest = ctx.session.execute(select(func.max(Policy.version)).where(Policy.name == body["name"])).scalar()
     now = datetime.now(UTC)
@@ -80,6 +85,8 @@ def _add_version(ctx: Context, body: dict[str, Any], status: str) -> Policy:
         body=body,
         sha256=digest(body),
         status=status,
+        # A steward's version belongs to their org; the service's own (shipped files) is global.
+        owner_org=None if system else ctx.actor.org,
         created_by=ctx.actor.sub,
         created_at=now,
         decided_by=ctx.actor.sub if system and status == APPROVED else None,
@@ -109,12 +116,14 @@ def sync_shipped_policies(ctx: Context) -> list[Policy]:
 
 
 def propose_policy(ctx: Context, body: Any) -> Policy:
-    """A steward's new version of a policy; it is pending until another steward approves it."""
-    ctx.require_role(Role.STEWARD)
+    """A steward's new version of a policy, owned by their org: it is pending until another steward
+    of that org approves it, and only that org's contracts can pin it."""
+    steward = ctx.require_role(Role.STEWARD)
     errors = policy_errors(body, ctx.settings.policies_dir)
     if errors:
         raise Invalid("policy does not match the schema", errors)
-    versions = _versions(ctx.session, body["name"])
+    versions = list(ctx.session.execute(select(Policy).where(
+        Policy.name == body["name"], _usable_by(steward.org)).order_by(Policy.version)).scalars())
     for existing in versions:
         if existing.sha256 == digest(body) and existing.status != REJECTED:
             raise Conflict(f"policy {existing.name}@{existing.version} already has this content")
@@ -124,9 +133,16 @@ def propose_policy(ctx: Context, body: Any) -> Policy:
 
 
 def decide_policy(ctx: Context, *, name: str, version: int, approve: bool, comment: str = "") -> Policy:
-    """Approve or reject a pending version; the steward who wrote it may not decide it."""
+    """Approve or reject a pending version; the steward who wrote it may not decide it.
+
+    A steward decides only their own org's versions (another org's are 404), so the two people are
+    two stewards of the owning org. A shipped file's change (global, proposed by the service when the
+    operator edited `policies/`) is decided by any steward: its author is the operator.
+    """
     steward = ctx.require_role(Role.STEWARD)
     policy = get_policy_version(ctx.session, name, version)
+    if policy.owner_org is not None and policy.owner_org != steward.org:
+        raise NotFound(f"policy {name}@{version} does not exist")
     if policy.status != PENDING:
         raise Conflict(f"policy {name}@{version} is already {policy.status}")
     if policy.created_by == steward.sub:
@@ -151,28 +167,62 @@ def get_policy_version(session: Session, name: str, version: int) -> Policy:
     return policy
 
 
-def resolve_policy(session: Session, reference: str) -> Policy:
-    """`name` means its newest approved version; `name@N` must be approved."""
+def resolve_policy(session: Session, reference: str, *, org: str | None = None) -> Policy:
+    """`name` means its newest approved version; `name@N` must be approved. Only versions that `org`
+    may pin count: the shipped ones and its own (None: the shipped ones only)."""
     name, _, version_text = reference.partition("@")
     if version_text:
         if not version_text.isdigit():
             raise Invalid(f"policy reference {reference!r} must look like name or name@version")
         try:
             policy = get_policy_version(session, name, int(version_text))
+            if policy.owner_org is not None and policy.owner_org != org:
+                raise NotFound(f"policy {name}@{version_text} does not exist")
         except NotFound as exc:
             # A reference inside a request body is a malformed body (422), not a missing resource.
             raise Invalid(exc.detail) from exc
         if policy.status != APPROVED:
             raise Invalid(f"policy {reference} is {policy.status}, not approved")
         return policy
-    approved = [p for p in _versions(session, name) if p.status == APPROVED]
+    candidates = session.execute(select(Policy).where(Policy.name == name, _usable_by(org))
+                                 .order_by(Policy.version)).scalars()
+    approved = [p for p in candidates if p.status == APPROVED]
     if not approved:
         raise Invalid(f"policy {name!r} has no approved version")
     return approved[-1]
 
 
-def list_policies(session: Session) -> list[Policy]:
-    return list(session.execute(select(Policy).order_by(Policy.name, Policy.version)).scalars())
+def list_policies(session: Session, principal: Principal) -> list[Policy]:
+    """The versions `principal` may see (`visible_to`)."""
+    everything = session.execute(select(Policy).order_by(Policy.name, Policy.version)).scalars()
+    pinned = _pinned_by_buyer(session, principal)
+    return [p for p in everything if visible_to(principal, p, pinned)]
+
+
+def get_visible_version(session: Session, principal: Principal, name: str, version: int) -> Policy:
+    """A version `principal` may see; another org's is 404, as a missing one is."""
+    policy = get_policy_version(session, name, version)
+    if not visible_to(principal, policy, _pinned_by_buyer(session, principal)):
+        raise NotFound(f"policy {name}@{version} does not exist")
+    return policy
+
+
+def visible_to(principal: Principal, policy: Policy, pinned: set[tuple[str, int]]) -> bool:
+    """Shipped versions are public; an org's own versions are its own, and its buyers read those
+    their contracts pin (`pinned`); auditors and admins read all."""
+    if policy.owner_org is None or policy.owner_org == principal.org:
+        return True
+    if principal.role in (Role.AUDITOR, Role.ADMIN):
+        return True
+    return (policy.name, policy.version) in pinned
+
+
+def _pinned_by_buyer(session: Session, principal: Principal) -> set[tuple[str, int]]:
+    if principal.role is not Role.BUYER:
+        return set()
+    rows = session.execute(select(Contract.policy_name, Contract.policy_version)
+                           .where(Contract.buyer_org == principal.org).distinct()).all()
+    return {(str(name), int(version)) for name, version in rows}
 
 
 def policy_view(policy: Policy) -> dict[str, Any]:
@@ -181,6 +231,7 @@ def policy_view(policy: Policy) -> dict[str, Any]:
         "version": policy.version,
         "ref": f"{policy.name}@{policy.version}",
         "status": policy.status,
+        "owner_org": policy.owner_org,
         "sha256": policy.sha256,
         "created_by": policy.created_by,
         "created_at": policy.created_at.isoformat(),

@@ -12,7 +12,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sandbox.auth.keys import key_id
-from sandbox.errors import Unauthorized
+from sandbox.auth.orgs import is_org_name
+from sandbox.errors import Invalid, Unauthorized
 
 REQUIRED_CLAIMS = ["sub", "org", "role", "iat", "exp", "aud", "iss", "jti"]
 
@@ -59,6 +60,8 @@ def issue_token(
     ttl_s: int,
     now: datetime | None = None,
 ) -> IssuedToken:
+    if not is_org_name(org):
+        raise Invalid(f"org {org[:64]!r} is not an organisation name (lowercase letters, digits, '_.-')")
     issued_at = (now or datetime.now(UTC)).replace(microsecond=0)
     expires_at = issued_at + timedelta(seconds=ttl_s)
     jti = uuid.uuid4().hex
@@ -164,6 +167,10 @@ def _principal(claims: dict[str, Any]) -> Principal:
     for name in ("sub", "org", "jti"):
         if not isinstance(claims[name], str) or not claims[name]:
             raise Unauthorized(f"token claim {name!r} must be a non-empty string")
+    if not is_org_name(claims["org"]):
+        # Ownership compares org names: one outside the pattern (an IdP's free text) could equal a
+        # placeholder owner such as UNKNOWN_OWNER, so it is no org at all.
+        raise Unauthorized("token claim 'org' is not a valid organisation name")
     return Principal(
         sub=claims["sub"],
         org=claims["org"],

@@ -13,7 +13,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from sandbox.auth.tokens import Role
+from sandbox.auth.orgs import owns
+from sandbox.auth.tokens import Principal, Role
 from sandbox.catalog.cards import DatasetCard, card_errors, public_schema
 from sandbox.catalog.ingest import IngestedVersion, ingest_version
 from sandbox.context import Context
@@ -37,6 +38,7 @@ def create_dataset(ctx: Context, card: DatasetCard) -> Dataset:
         privacy_unit=card.privacy_unit,
         privacy_unit_rows=card.privacy_unit_rows,
         columns={name: spec.model_dump(mode="json") for name, spec in card.columns.items()},
+        owner_org=steward.org,
         created_by=steward.sub,
         created_at=datetime.now(UTC),
     )
@@ -55,6 +57,24 @@ def get_dataset(session: Session, name: str, *, for_update: bool = False) -> Dat
     if dataset is None:
         raise NotFound(f"dataset {name!r} does not exist")
     return dataset
+
+
+def owned_dataset(session: Session, name: str, principal: Principal, *, for_update: bool = False) -> Dataset:
+    """A dataset that `principal` acts on as a steward of its owner org; any other is 'not found',
+    as a missing one is, so a steward of another org learns nothing from the refusal."""
+    query = select(Dataset).where(Dataset.name == name)
+    if for_update:
+        query = query.with_for_update()
+    dataset = session.execute(query).scalar_one_or_none()
+    if dataset is None or not owns(principal, dataset.owner_org):
+        raise NotFound(f"dataset {name!r} does not exist")
+    return dataset
+
+
+def steward_view_for(principal: Principal, dataset: Dataset) -> bool:
+    """Whether `principal` sees the steward's view of `dataset` (digests, row counts, every bound):
+    only stewards of its owner org; anyone else, stewards of other orgs too, sees the buyer's view."""
+    return owns(principal, dataset.owner_org)
 
 
 def get_version(session: Session, name: str, version: int | None = None) -> DatasetVersion:
@@ -101,7 +121,7 @@ def add_version(
     """Commit a staged Parquet file as the dataset's next immutable version."""
     steward = ctx.require_role(Role.STEWARD)
     # Row lock on PostgreSQL; SQLite's write lock is already held. Two uploads never share a number.
-    dataset = get_dataset(ctx.session, name, for_update=True)
+    dataset = owned_dataset(ctx.session, name, steward, for_update=True)
     if dataset.versions and dataset.versions[-1].sha256 == sha256:
         raise Conflict(f"this file is identical to {name} version {dataset.versions[-1].version}")
     number = (dataset.versions[-1].version if dataset.versions else 0) + 1
@@ -186,27 +206,33 @@ def list_datasets(session: Session) -> list[Dataset]:
 # are insert-only, so an entry with the same version count is still exact; only new datasets or
 # versions are rendered again. The whole listing is reused while the table counts do not move.
 _entries: dict[tuple[str, int, int, bool], bytes] = {}
-_listings: dict[tuple[str, bool], tuple[tuple[Any, ...], bytes, str]] = {}
+_listings: dict[tuple[str, str | None], tuple[tuple[Any, ...], bytes, str]] = {}
 _MAX_ENTRIES = 200_000
 
 
-def catalog_listing(session: Session, *, steward: bool) -> tuple[bytes, str]:
-    """The catalog as JSON bytes and its ETag, rendering only datasets that are new or changed."""
+def catalog_listing(session: Session, *, steward_of: str | None) -> tuple[bytes, str]:
+    """The catalog as JSON bytes and its ETag, rendering only datasets that are new or changed.
+
+    `steward_of` is the org of a steward caller: its own datasets get the steward's view, every other
+    dataset the buyer's (review 11.10); None gives everything the buyer's view.
+    """
     store = str(session.get_bind().engine.url)
     generation = tuple(session.execute(select(
         select(func.count(Dataset.id)).scalar_subquery(), select(func.max(Dataset.id)).scalar_subquery(),
         select(func.count(DatasetVersion.id)).scalar_subquery(),
         select(func.max(DatasetVersion.id)).scalar_subquery(),
     )).one())
-    cached = _listings.get((store, steward))
+    cached = _listings.get((store, steward_of))
     if cached is not None and cached[0] == generation:
         return cached[1], cached[2]
     index = session.execute(
-        select(Dataset.id, func.count(DatasetVersion.id))
+        select(Dataset.id, Dataset.owner_org, func.count(DatasetVersion.id))
         .outerjoin(DatasetVersion, DatasetVersion.dataset_id == Dataset.id)
-        .group_by(Dataset.id, Dataset.name).order_by(Dataset.name)
+        .group_by(Dataset.id, Dataset.name, Dataset.owner_org).order_by(Dataset.name)
     ).all()
-    keys = [(store, int(dataset_id), int(versions), steward) for dataset_id, versions in index]
+    # The owner never changes, so an entry keyed by its audience stays exact.
+    keys = [(store, int(dataset_id), int(versions), steward_of is not None and owner == steward_of)
+            for dataset_id, owner, versions in index]
     if len(_entries) + len(keys) > _MAX_ENTRIES:
         _entries.clear()
     fragments = {key: _entries.get(key) for key in keys}
@@ -214,9 +240,12 @@ def catalog_listing(session: Session, *, steward: bool) -> tuple[bytes, str]:
     ids = list(missing)
     for start in range(0, len(ids), 500):
         for dataset in session.execute(select(Dataset).where(Dataset.id.in_(ids[start:start + 500]))).scalars():
+            steward = missing[dataset.id][3]
             fragment = json.dumps(dataset_view(dataset, steward=steward), separators=(",", ":")).encode()
             fragments[missing[dataset.id]] = _entries[missing[dataset.id]] = fragment
     body = b"[" + b",".join(fragment for fragment in fragments.values() if fragment is not None) + b"]"
     etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
-    _listings[(store, steward)] = (generation, body, etag)
+    if len(_listings) > 10_000:
+        _listings.clear()
+    _listings[(store, steward_of)] = (generation, body, etag)
     return body, etag

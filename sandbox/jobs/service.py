@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 
 from sandbox.auth.tokens import Principal, Role
 from sandbox.catalog.service import get_version
@@ -141,23 +141,44 @@ def _store_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
     return job
 
 
+def visible_jobs(ctx: Context, query: Select[Job]) -> Select[Job]:
+    """Restrict a query over jobs to those the caller may see: a buyer its org's jobs, a steward the
+    jobs run under contracts its own org granted (review 11.10)."""
+    if isinstance(ctx.actor, Principal) and ctx.actor.role is Role.BUYER:
+        return query.where(Job.buyer_org == ctx.actor.org)
+    if isinstance(ctx.actor, Principal) and ctx.actor.role is Role.STEWARD:
+        granted = select(Contract.id).where(Contract.owner_org == ctx.actor.org)
+        return query.where(Job.contract_id.in_(granted))
+    return query
+
+
 def get_job(ctx: Context, identifier: str, *, for_update: bool = False) -> Job:
-    """A job the caller may see: a buyer only its own org's, as 404 otherwise."""
+    """A job the caller may see (`visible_jobs`); any other is 404, as a missing one is."""
     ctx.require_role(Role.BUYER, Role.STEWARD)
-    query = select(Job).where(Job.id == identifier)
+    query = visible_jobs(ctx, select(Job).where(Job.id == identifier))
     if for_update:
         query = query.with_for_update()
     job = ctx.session.execute(query).scalar_one_or_none()
-    if job is None or (ctx.is_buyer and isinstance(ctx.actor, Principal) and job.buyer_org != ctx.actor.org):
+    if job is None:
         raise NotFound(f"job {identifier!r} does not exist")
     return job
 
 
+def job_to_decide(ctx: Context, identifier: str) -> tuple[Principal, Job]:
+    """The steward and the job they decide on (approval, review): a job of their own org's data,
+    never one their own org submitted, however the data's org is set."""
+    steward = ctx.require_role(Role.STEWARD)
+    submitted_by_own_org = ctx.session.execute(
+        select(Job.id).where(Job.id == identifier, Job.buyer_org == steward.org)).first()
+    if submitted_by_own_org is not None:
+        # 403, not 404: the buyer org's own members know its jobs; it is the right that is refused.
+        raise Forbidden("a steward may not decide on their own organisation's jobs or outputs", object=identifier)
+    return steward, get_job(ctx, identifier, for_update=True)
+
+
 def list_jobs(ctx: Context, *, state: str | None = None, limit: int = 100) -> list[Job]:
     ctx.require_role(Role.BUYER, Role.STEWARD)
-    query = select(Job).order_by(Job.created_at.desc()).limit(limit)
-    if ctx.is_buyer and isinstance(ctx.actor, Principal):
-        query = query.where(Job.buyer_org == ctx.actor.org)
+    query = visible_jobs(ctx, select(Job).order_by(Job.created_at.desc()).limit(limit))
     if state:
         query = query.where(Job.state == state)
     return list(ctx.session.execute(query).scalars())
@@ -189,8 +210,7 @@ def cancel_job(ctx: Context, identifier: str) -> Job:
 
 
 def decide_approval(ctx: Context, identifier: str, *, approve: bool, comment: str = "") -> Job:
-    steward = ctx.require_role(Role.STEWARD)
-    job = get_job(ctx, identifier, for_update=True)
+    steward, job = job_to_decide(ctx, identifier)
     if job.state != JobState.PENDING_APPROVAL.value:
         raise Conflict(f"job {job.id} is {job.state}, not pending approval")
     if approve:
@@ -298,10 +318,7 @@ def released_file(ctx: Context, identifier: str, path: str) -> tuple[JobOutput, 
 
 
 def output_for_review(ctx: Context, identifier: str, path: str) -> tuple[JobOutput, Path]:
-    steward = ctx.require_role(Role.STEWARD)
-    job = get_job(ctx, identifier)
-    if steward.org == job.buyer_org:
-        raise Forbidden("a steward may not review outputs of their own organisation's job", object=job.id)
+    _steward, job = job_to_decide(ctx, identifier)
     for output in job.outputs:
         if output.path == path and output.stored_path is not None:
             ctx.record("job.output.inspect", "job", job.id, path=path, sha256=output.sha256)
@@ -330,9 +347,11 @@ def settle_review(ctx: Context, job: Job) -> None:
 
 
 def review_queue(ctx: Context) -> list[Job]:
-    ctx.require_role(Role.STEWARD)
+    """Jobs with files in review that the steward may decide: their org's data, not their org's jobs."""
+    steward = ctx.require_role(Role.STEWARD)
     waiting = select(JobOutput.job_id).where(JobOutput.status == OutputStatus.IN_REVIEW.value).distinct()
-    return list(ctx.session.execute(select(Job).where(Job.id.in_(waiting)).order_by(Job.created_at)).scalars())
+    query = visible_jobs(ctx, select(Job).where(Job.id.in_(waiting), Job.buyer_org != steward.org))
+    return list(ctx.session.execute(query.order_by(Job.created_at)).scalars())
 
 
 def reviewers_needed(ctx: Context, job: Job) -> int:
@@ -341,10 +360,17 @@ def reviewers_needed(ctx: Context, job: Job) -> int:
 
 
 def approvals(ctx: Context, output: JobOutput) -> list[OutputReview]:
-    """Releases that count for the file as it is now: a changed file resets its reviews."""
-    return list(ctx.session.execute(select(OutputReview).where(
+    """Releases that count for the file as it is now: a changed file resets its reviews, and only
+    stewards of the org that owns the data count, one vote each (the two-person rule, review 11.10)."""
+    owner = ctx.session.execute(select(Contract.owner_org).join(Job, Job.contract_id == Contract.id)
+                                .where(Job.id == output.job_id)).scalar_one_or_none()
+    reviews = ctx.session.execute(select(OutputReview).where(
         OutputReview.output_id == output.id, OutputReview.decision == "release",
-        OutputReview.sha256 == output.sha256)).scalars())
+        OutputReview.sha256 == output.sha256, OutputReview.org == owner).order_by(OutputReview.id)).scalars()
+    distinct: dict[str, OutputReview] = {}
+    for review in reviews:
+        distinct.setdefault(review.steward, review)
+    return list(distinct.values())
 
 
 def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject: list[str], comment: str,
@@ -352,10 +378,7 @@ def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject:
     """A steward's per-file decisions. A file leaves once as many different stewards as the policy
     asks have released it, as it is now; one rejection blocks it. A steward of the submitting org
     never reviews its outputs."""
-    steward = ctx.require_role(Role.STEWARD)
-    job = get_job(ctx, identifier, for_update=True)
-    if steward.org == job.buyer_org:
-        raise Forbidden("a steward may not review outputs of their own organisation's job", object=job.id)
+    steward, job = job_to_decide(ctx, identifier)
     if set(release) & set(reject):
         raise Invalid("a file cannot be both released and rejected", sorted(set(release) & set(reject)))
     by_path = {o.path: o for o in job.outputs}
@@ -420,12 +443,14 @@ def release_report(ctx: Context, identifier: str) -> dict[str, Any]:
 
 
 def usage_report(ctx: Context) -> list[dict[str, Any]]:
-    """Usage per contract: the steward sees all, a buyer its own org's."""
-    ctx.require_role(Role.STEWARD, Role.BUYER)
+    """Usage per contract: a steward sees the contracts its org granted, a buyer its own org's."""
+    principal = ctx.require_role(Role.STEWARD, Role.BUYER)
     steward = not ctx.is_buyer
     query = select(Contract).order_by(Contract.created_at)
-    if ctx.is_buyer and isinstance(ctx.actor, Principal):
-        query = query.where(Contract.buyer_org == ctx.actor.org)
+    if ctx.is_buyer:
+        query = query.where(Contract.buyer_org == principal.org)
+    else:
+        query = query.where(Contract.owner_org == principal.org)
     report = []
     for contract in ctx.session.execute(query).scalars():
         totals = usage_totals(ctx, contract.id)

@@ -35,6 +35,7 @@ from sandbox.jobs.service import (
     settle_review,
     sign_manifest,
     usage_totals,
+    visible_jobs,
 )
 from sandbox.notebooks.spec import notebook_settings
 from sandbox.policies import get_policy_version
@@ -155,11 +156,9 @@ def get_session(ctx: Context, identifier: str) -> Job:
 
 
 def list_sessions(ctx: Context) -> list[Job]:
-    principal = ctx.require_role(Role.BUYER, Role.STEWARD)
+    ctx.require_role(Role.BUYER, Role.STEWARD)
     query = select(Job).where(Job.kind == JobKind.NOTEBOOK.value).order_by(Job.created_at.desc()).limit(200)
-    if principal.role is Role.BUYER:
-        query = query.where(Job.buyer_org == principal.org)
-    return list(ctx.session.execute(query).scalars())
+    return list(ctx.session.execute(visible_jobs(ctx, query)).scalars())
 
 
 def stop_session(ctx: Context, identifier: str, *, signer: Any, reason: str = "stopped") -> Job:

@@ -44,6 +44,9 @@ class Dataset(Base):
     privacy_unit: Mapped[str] = mapped_column(String(64))
     privacy_unit_rows: Mapped[str] = mapped_column(String(8), default="many")
     columns: Mapped[dict[str, Any]] = mapped_column()
+    # The data-holder org: its stewards, and only they, act on the dataset, its versions, caps and
+    # contracts. The org of the steward who created it (sandbox.auth.orgs.UNKNOWN_OWNER if lost).
+    owner_org: Mapped[str] = mapped_column(String(64), index=True)
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column()
 
@@ -81,6 +84,8 @@ class Policy(Base):
     body: Mapped[dict[str, Any]] = mapped_column()
     sha256: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))  # pending | approved | rejected
+    # The org whose steward proposed this version; None for shipped (global) versions from policies/.
+    owner_org: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column()
     decided_by: Mapped[str | None] = mapped_column(String(200), default=None)
@@ -104,6 +109,8 @@ class Contract(Base):
     quotas: Mapped[dict[str, Any]] = mapped_column(default=dict)
     policy_name: Mapped[str] = mapped_column(String(64))
     policy_version: Mapped[int] = mapped_column(Integer)
+    # The data-holder org that granted it: the owner of every dataset it names.
+    owner_org: Mapped[str] = mapped_column(String(64), index=True)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
     revoked_by: Mapped[str | None] = mapped_column(String(200), default=None)
     created_by: Mapped[str] = mapped_column(String(200))

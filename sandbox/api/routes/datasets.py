@@ -33,7 +33,8 @@ def create_dataset(card: DatasetCard, instance: InstanceDep, steward: Steward) -
 @router.get("")
 def list_datasets(request: Request, instance: InstanceDep, principal: AnyRole) -> Response:
     with instance.read_session() as session:
-        body, etag = service.catalog_listing(session, steward=principal.role is Role.STEWARD)
+        steward_of = principal.org if principal.role is Role.STEWARD else None
+        body, etag = service.catalog_listing(session, steward_of=steward_of)
     headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
@@ -43,14 +44,16 @@ def list_datasets(request: Request, instance: InstanceDep, principal: AnyRole) -
 @router.get("/{name}")
 def get_dataset(name: str, instance: InstanceDep, principal: AnyRole) -> dict[str, Any]:
     with instance.read_session() as session:
-        return service.dataset_view(service.get_dataset(session, name), steward=principal.role is Role.STEWARD)
+        dataset = service.get_dataset(session, name)
+        return service.dataset_view(dataset, steward=service.steward_view_for(principal, dataset))
 
 
 @router.post("/{name}/versions", status_code=201)
 async def add_version(name: str, request: Request, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
     settings = instance.settings
     with instance.read_session() as session:
-        card = service.card_of(service.get_dataset(session, name))
+        # Before the body is read: another org's steward uploads nothing (404, as for a missing name).
+        card = service.card_of(service.owned_dataset(session, name, steward))
     upload = await receive_multipart(request, file_fields={"file"}, staging_dir=settings.tmp_dir,
                                      max_file_bytes=settings.max_upload_bytes)
     try:

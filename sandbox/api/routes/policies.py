@@ -18,15 +18,15 @@ class Decision(BaseModel):
 
 
 @router.get("")
-def list_policies(instance: InstanceDep, _principal: AnyRole) -> list[dict[str, Any]]:
+def list_policies(instance: InstanceDep, principal: AnyRole) -> list[dict[str, Any]]:
     with instance.read_session() as session:
-        return [policies.policy_view(p) for p in policies.list_policies(session)]
+        return [policies.policy_view(p) for p in policies.list_policies(session, principal)]
 
 
 @router.get("/{name}/versions/{version}")
-def get_policy(name: str, version: int, instance: InstanceDep, _principal: AnyRole) -> dict[str, Any]:
+def get_policy(name: str, version: int, instance: InstanceDep, principal: AnyRole) -> dict[str, Any]:
     with instance.read_session() as session:
-        return policies.policy_view(policies.get_policy_version(session, name, version))
+        return policies.policy_view(policies.get_visible_version(session, principal, name, version))
 
 
 @router.post("", status_code=201)
