@@ -17,6 +17,7 @@ from sandbox.api.routes import audit, contracts, datasets, health, jobs, noteboo
 from sandbox.instance import Instance
 from sandbox.notebooks import proxy
 from sandbox.notebooks.servers import NotebookServers
+from sandbox.security_log import SecurityLog
 
 # Paths that take a file upload get the upload cap; everything else the small JSON cap.
 UPLOAD_PATHS = re.compile(r"^/v1/(datasets/[^/]+/versions|jobs)/?$")
@@ -40,6 +41,7 @@ def create_app(instance: Instance) -> FastAPI:
     app.state.instance = instance
     app.state.notebooks = servers
     app.state.metrics = CollectorRegistry()
+    app.state.security_log = SecurityLog()
     settings = instance.settings
 
     def limit_for(path: str) -> int:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from sandbox.api.problems import PRINCIPAL_STATE
 from sandbox.auth.tokens import Principal, Role
 from sandbox.errors import Forbidden, Unauthorized
 from sandbox.instance import Instance
@@ -29,6 +30,8 @@ def get_principal(request: Request, instance: InstanceDep) -> Principal:
     principal = instance.verifier.verify(token.strip())
     if instance.is_revoked(principal.jti):
         raise Unauthorized("token revoked")
+    # The problem handlers audit this caller's refusals (403, 404) by name.
+    setattr(request.state, PRINCIPAL_STATE, principal)
     return principal
 
 

@@ -5,16 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 
+from sandbox.auth.tokens import Principal
 from sandbox.errors import SandboxError
 from sandbox.logs import get_logger
+from sandbox.security_log import SecurityLog, audit_refusal, mark_recorded, was_recorded
 
 PROBLEM_TYPE_BASE = "https://sandbox.invalid/problems/"
 # Where RequestContextMiddleware leaves the request id in the ASGI scope's state.
 REQUEST_ID_STATE = "request_id"
+# Where `sandbox.api.deps.get_principal` leaves the verified caller, for the refusal records below.
+PRINCIPAL_STATE = "principal"
 log = get_logger("sandbox.api")
 
 _TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
@@ -49,9 +55,41 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+def _route(connection: HTTPConnection) -> str:
+    route = connection.scope.get("route")
+    return str(getattr(route, "path", None) or "unmatched")
+
+
+def _object_of(connection: HTTPConnection, error: SandboxError) -> str:
+    """What the refused call was about: the error's own `object`, else the path's parameters."""
+    named = error.extra.get("object")
+    if named:
+        return str(named)
+    return "/".join(str(value) for value in connection.path_params.values()) or "-"
+
+
+async def record_refusal(connection: HTTPConnection, error: SandboxError) -> None:
+    """Record a refusal once: an identified caller's 403 or 404 on the audit chain, an unidentified
+    caller's 401, 403 or 404 in the rate-limited security log, never the chain (review 11.11)."""
+    if error.status not in (401, 403, 404) or was_recorded(error):
+        return
+    mark_recorded(error)
+    principal = getattr(connection.state, PRINCIPAL_STATE, None)
+    method = connection.scope.get("method", "WEBSOCKET")
+    if isinstance(principal, Principal) and error.status != 401:
+        await run_in_threadpool(audit_refusal, connection.app.state.instance, principal, status=error.status,
+                                method=method, route=_route(connection), object_id=_object_of(connection, error),
+                                reason=error.detail)
+        return
+    security_log: SecurityLog = connection.app.state.security_log
+    security_log.refusal(client=connection.client.host if connection.client else None, status=error.status,
+                         method=method, path=connection.url.path, reason=error.detail)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(SandboxError)
-    async def _sandbox_error(_request: Request, exc: SandboxError) -> JSONResponse:
+    async def _sandbox_error(request: Request, exc: SandboxError) -> JSONResponse:
+        await record_refusal(request, exc)
         return problem(exc.status, exc.detail, slug=exc.slug, title=exc.title,
                        headers=getattr(exc, "headers", None), **exc.extra)
 

@@ -18,6 +18,7 @@ import websockets
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import unix_connect
 
@@ -27,6 +28,7 @@ from sandbox.errors import Conflict, Forbidden, NotFound, SandboxError, Unauthor
 from sandbox.instance import Instance
 from sandbox.notebooks.servers import NotebookServers, RunningServer
 from sandbox.notebooks.sessions import session_access
+from sandbox.security_log import SecurityLog, audit_refusal, mark_recorded, was_recorded
 
 router = APIRouter(tags=["notebooks"], include_in_schema=False)
 
@@ -50,7 +52,8 @@ def _credentials(headers: Any, query: Any) -> tuple[str | None, str | None]:
     return (token, None) if token else (None, None)
 
 
-def _authorise(instance: Instance, job_id: str, headers: Any, query: Any) -> None:
+def _authorise(instance: Instance, job_id: str, headers: Any, query: Any) -> Principal | None:
+    """The verified service-token caller, if one was given; raises when access is refused."""
     token, jwt = _credentials(headers, query)
     if token is None and jwt is None:
         raise Unauthorized("a notebook session token (Authorization: token ...) or a bearer token is needed")
@@ -59,8 +62,16 @@ def _authorise(instance: Instance, job_id: str, headers: Any, query: Any) -> Non
         principal = instance.verifier.verify(jwt)
         if instance.is_revoked(principal.jti):
             raise Unauthorized("token revoked")
-    with instance.read_context(principal) if principal else _system_read(instance) as ctx:
-        session_access(ctx, job_id, token=token, principal=principal)
+    try:
+        with instance.read_context(principal) if principal else _system_read(instance) as ctx:
+            session_access(ctx, job_id, token=token, principal=principal)
+    except Forbidden as refusal:
+        if principal is not None:  # an identified caller: the refusal is theirs, on the audit chain
+            audit_refusal(instance, principal, action="notebook.access.denied", status=refusal.status,
+                          method="-", route="/notebooks/{job_id}", object_id=job_id, reason=refusal.detail)
+            mark_recorded(refusal)
+        raise
+    return principal
 
 
 @contextlib.contextmanager
@@ -76,12 +87,19 @@ def _servers(request_or_socket: Request | WebSocket) -> NotebookServers:
     return servers
 
 
-async def _server_for(instance: Instance, servers: NotebookServers, job_id: str, headers: Any,
-                      query: Any) -> RunningServer:
+async def _server_for(instance: Instance, servers: NotebookServers, job_id: str, connection: HTTPConnection,
+                      ) -> RunningServer:
     try:
-        await run_in_threadpool(_authorise, instance, job_id, headers, query)
-    except Forbidden as refusal:
-        await run_in_threadpool(_audit_refusal, instance, job_id, refusal.detail)
+        await run_in_threadpool(_authorise, instance, job_id, connection.headers, connection.query_params)
+    except (Unauthorized, Forbidden) as refusal:
+        # Nobody identified (no token, a bad one, a session token that opens nothing): the rate-limited
+        # security log with bounded fields, never the signed chain (review 11.11).
+        if not was_recorded(refusal):
+            security_log: SecurityLog = connection.app.state.security_log
+            security_log.refusal(client=connection.client.host if connection.client else None,
+                                 status=refusal.status, method=connection.scope.get("method", "WEBSOCKET"),
+                                 path=connection.url.path, reason=refusal.detail)
+            mark_recorded(refusal)
         raise
     except Conflict:  # the session ended (stopped, cancelled): its server goes too
         await run_in_threadpool(servers.stop, job_id)
@@ -89,17 +107,12 @@ async def _server_for(instance: Instance, servers: NotebookServers, job_id: str,
     return await run_in_threadpool(servers.ensure, job_id)
 
 
-def _audit_refusal(instance: Instance, job_id: str, detail: str) -> None:
-    with instance.context(SystemActor()) as ctx:
-        ctx.record("notebook.access.denied", "job", job_id, detail=detail)
-
-
 @router.api_route("/notebooks/{job_id}/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def forward(job_id: str, path: str, request: Request) -> Response:
     instance: Instance = request.app.state.instance
     if not FORWARDED.match(path):
         raise NotFound(f"/{path} is not available through the notebook proxy")
-    server = await _server_for(instance, _servers(request), job_id, request.headers, request.query_params)
+    server = await _server_for(instance, _servers(request), job_id, request)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
     headers["authorization"] = f"token {server.spec.internal_token}"
     query = httpx.QueryParams([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
@@ -127,7 +140,7 @@ async def forward_websocket(websocket: WebSocket, job_id: str, path: str) -> Non
         await websocket.close(code=1008, reason="not a kernel channel")
         return
     try:
-        server = await _server_for(instance, _servers(websocket), job_id, websocket.headers, websocket.query_params)
+        server = await _server_for(instance, _servers(websocket), job_id, websocket)
     except SandboxError as error:
         await websocket.close(code=1008, reason=error.detail[:120])
         return
