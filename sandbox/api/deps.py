@@ -54,4 +54,5 @@ Steward = Annotated[Principal, require(Role.STEWARD)]
 Buyer = Annotated[Principal, require(Role.BUYER)]
 Admin = Annotated[Principal, require(Role.ADMIN)]
 StewardOrAuditor = Annotated[Principal, require(Role.STEWARD, Role.AUDITOR)]
+MetricsReader = Annotated[Principal, require(Role.ADMIN, Role.AUDITOR, Role.STEWARD)]
 AnyRole = PrincipalDep

@@ -132,7 +132,7 @@ def test_metrics_label_routes_by_template(api: TestClient, tokens: Tokens) -> No
     buyer = auth(tokens.buyer())
     assert api.get("/v1/datasets/patient-p123456", headers=buyer).status_code == 404
     assert api.get("/v1/unrouted-p654321").status_code == 404
-    response = api.get("/metrics")
+    response = api.get("/metrics", headers=auth(tokens.auditor()))  # a token: review 11.17
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
     assert "# TYPE sandbox_http_requests_total counter" in text

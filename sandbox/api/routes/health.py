@@ -1,4 +1,4 @@
-"""Liveness and Prometheus metrics; no token needed."""
+"""Liveness (no token) and Prometheus metrics (a token of an admin, auditor or steward)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from sandbox.api.deps import InstanceDep
+from sandbox.api.deps import InstanceDep, MetricsReader
 
 router = APIRouter()
 
@@ -19,5 +19,7 @@ def healthz(instance: InstanceDep) -> dict[str, str]:
 
 
 @router.get("/metrics")
-def metrics(request: Request) -> Response:
+def metrics(request: Request, _reader: MetricsReader) -> Response:
+    """Route counters say how many approvals, reviews and refusals happen, so outsiders get none
+    of them (review 11.17); scrape with `Authorization: Bearer <token>`."""
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
