@@ -57,7 +57,7 @@ U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 Mask = npt.NDArray[np.bool_]
 
-INDEX_FORMAT = 2  # 2 adds each run column's domain; format 1 still loads, and scans the same, slower
+INDEX_FORMAT = 3  # 2 adds each run column's domain, 3 the rare values' rows; 1 and 2 still load (see `load`)
 MAX_FINDINGS = 100
 CHUNK_BYTES = 1 << 21
 RUN_BITS = 48  # entropy an n-gram of column values must carry to count as a run
@@ -66,6 +66,10 @@ RUN_SAMPLE_SHIFT = np.uint64(62)  # keep the n-grams whose top 2 bits are 0: a q
 DISTINCTIVE_MIN_CHARS = 6
 TOKEN_CACHE_ENTRIES = 2048  # 64 KiB of remembered token hashes
 MIN_ROW_VALUES = 3
+RARE_ROWS = 4  # a value in at most this many cells of the version is rare: it points at a few rows
+PARTIAL_VALUES = 3  # rare values of one row in one record that make a partial row
+RECORD_BYTES = 512  # rare values this close belong to one record, across line breaks (pretty JSON, wrapped prose)
+LINE_BYTES = 8192  # ... and this close on one line (a long prose line)
 
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
 _C2 = np.uint64(0xC4CEB9FE1A85EC53)
@@ -88,19 +92,20 @@ _EXPONENT = re.compile(rb"[-+]?(?:\d+\.?\d*|\.\d+)e[-+]?\d+")
 class LeakFinding:
     """One place an output matched the index; `detail` names columns and the line, never a value."""
 
-    kind: str  # "row" | "id" | "values"
+    kind: str  # "row" | "partial_row" | "id" | "values"
     line: int
     detail: str
 
 
 @dataclass(frozen=True)
 class LeakReport:
-    """Counts of distinct rows, distinct ids and value runs found, and the first findings."""
+    """Counts of distinct rows, distinct ids, value runs and partial rows found, and the first findings."""
 
     rows: int
     ids: int
     value_runs: int
     findings: list[LeakFinding] = field(default_factory=list)
+    partial_rows: int = 0  # rows of which PARTIAL_VALUES+ rare values stand together in one record
 
 
 @dataclass(frozen=True)
@@ -742,10 +747,12 @@ _compiled_member: Any = _compile(_find_many)
 
 
 def _classify_kernel(starts: I64, hashes: U64, offset: int, values: Table, ids: Table, distinctive: Table,
-                     stream: npt.NDArray[np.int32], stream_at: I64, distinctive_at: I64, id_seen: npt.NDArray[np.uint8],
-                     id_at: I64, counts: I64, memo: U64, candidates: U64, candidate_at: I64, positions: I64) -> None:
+                     stream: npt.NDArray[np.int32], stream_at: I64, distinctive_at: I64, distinctive_pos: I64,
+                     id_seen: npt.NDArray[np.uint8], id_at: I64, counts: I64, memo: U64, candidates: U64,
+                     candidate_at: I64, positions: I64) -> None:
     """Sort one chunk's tokens: QI values join the value stream (as their position in `values`), the rest are
-    looked up among the ids and the distinctive values (disjoint from the QI values by construction).
+    looked up among the ids and the other values sought (distinctive or rare values of the other columns, disjoint
+    from the QI values by construction), whose offsets and positions go to distinctive_at and distinctive_pos.
 
     counts holds, and gets updated: entries in stream (and stream_at), in distinctive_at, in id_at (which keeps
     the first ids found, as many as it holds), and distinct ids (each marked in the bitset id_seen). The caller
@@ -795,6 +802,7 @@ def _classify_kernel(starts: I64, hashes: U64, offset: int, values: Table, ids: 
         for k in range(others):
             if positions[k] >= 0:
                 distinctive_at[distinguished] = candidate_at[k]
+                distinctive_pos[distinguished] = positions[k]
                 distinguished += 1
     counts[0], counts[1], counts[2], counts[3] = streamed, distinguished, identified, distinct
 
@@ -806,7 +814,8 @@ _compiled_classify: Any = _compile(_classify_kernel)
 def _scan_chunk_kernel(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], key: np.uint64,
                        negative_key: np.uint64, zero_key: np.uint64, offset: int, values: Table, ids: Table,
                        distinctive: Table, stream: npt.NDArray[np.int32], stream_at: I64, distinctive_at: I64,
-                       id_seen: npt.NDArray[np.uint8], id_at: I64, counts: I64, memo: U64, candidates: U64,
+                       distinctive_pos: I64, id_seen: npt.NDArray[np.uint8], id_at: I64, counts: I64, memo: U64,
+                       candidates: U64,
                        candidate_at: I64, positions: I64, cache: U64, flags: Mask, masks: U64,
                        candidate_entry: I64) -> int:
     """_tokens_kernel and _classify_kernel in one pass over one chunk, with no array of tokens between them.
@@ -926,6 +935,7 @@ def _scan_chunk_kernel(raw: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8
         for k in range(others):
             if positions[k] >= 0:
                 distinctive_at[distinguished] = candidate_at[k]
+                distinctive_pos[distinguished] = positions[k]
                 distinguished += 1
     counts[0], counts[1], counts[2], counts[3] = streamed, distinguished, identified, distinct
     return 0
@@ -1232,6 +1242,98 @@ _flush_runs_one: Any = _compile(_flush_runs, inline=True)
 _compiled_all_runs: Any = _compile(_all_runs_kernel)
 
 
+PARTIAL_WAYS = 4  # rows tracked per bucket of _partial_rows_kernel's table; the least recently touched leaves
+PARTIAL_SLOTS = 4  # rare values remembered per tracked row
+
+
+def _partial_rows_kernel(raw: npt.NDArray[np.uint8], stream: npt.NDArray[np.int32], stream_at: I64, value_rare: I64,
+                         other_positions: I64, other_at: I64, other_rare: I64, starts: I64, rows: I64,
+                         seen: npt.NDArray[np.uint8], first: I64, entry_row: I64, entry_used: I64,
+                         entry_touched: I64, slot_value: I64, slot_at: I64, slot_line: I64) -> int:
+    """Rows of which PARTIAL_VALUES or more distinct rare values stand in one record; returns their count.
+
+    The rare values found are the QI values of the stream and the other columns' values found (each sorted by
+    offset), mapped to their position among the rare values (-1: not rare) and taken in offset order. Each points
+    at its rows (rows[starts[v]:starts[v + 1]], at most RARE_ROWS). Values belong to one record when they stand
+    within RECORD_BYTES, or on one line within LINE_BYTES. A table of recently pointed-at rows (`entry_*`,
+    PARTIAL_WAYS a bucket) keeps each row's last PARTIAL_SLOTS values (`slot_*`: value, offset, line); a row whose
+    remembered values of one record reach PARTIAL_VALUES is marked in the bitset `seen`, and the offset of that
+    record's first value appended to `first`. Slots and entries are scratch: the caller fills entry_row and
+    entry_touched with -1."""
+    distinct = 0
+    line = 0
+    previous = -1
+    buckets = entry_row.size // PARTIAL_WAYS
+    i = 0
+    j = 0
+    hit = 0
+    while i < stream.size or j < other_positions.size:
+        if j >= other_positions.size or (i < stream.size and stream_at[i] < other_at[j]):
+            value = value_rare[stream[i]]
+            at = stream_at[i]
+            i += 1
+        else:
+            value = other_rare[other_positions[j]]
+            at = other_at[j]
+            j += 1
+        if value < 0:
+            continue
+        hit += 1
+        if previous >= 0:
+            if at - previous > LINE_BYTES:
+                line += 1  # too far apart to share a record either way
+            else:
+                for b in range(previous, at):
+                    if raw[b] == 10:
+                        line += 1
+                        break
+        previous = at
+        for p in range(starts[value], starts[value + 1]):
+            row = rows[p]
+            base = (row % buckets) * PARTIAL_WAYS
+            entry = -1
+            victim = base
+            for way in range(base, base + PARTIAL_WAYS):
+                if entry_row[way] == row:
+                    entry = way
+                    break
+                if entry_touched[way] < entry_touched[victim]:
+                    victim = way
+            if entry < 0:
+                entry = victim
+                entry_row[entry] = row
+                entry_used[entry] = 0
+            entry_touched[entry] = hit
+            # Keep the values of this record, this value's own earlier slot excepted, then add it as the newest.
+            slot = entry * PARTIAL_SLOTS
+            kept = 0
+            for k in range(slot, slot + entry_used[entry]):
+                distance = at - slot_at[k]
+                if slot_value[k] != value and (distance <= RECORD_BYTES or (
+                        slot_line[k] == line and distance <= LINE_BYTES)):
+                    slot_value[slot + kept] = slot_value[k]
+                    slot_at[slot + kept] = slot_at[k]
+                    slot_line[slot + kept] = slot_line[k]
+                    kept += 1
+            if kept == PARTIAL_SLOTS:  # the oldest goes
+                for k in range(slot, slot + kept - 1):
+                    slot_value[k], slot_at[k], slot_line[k] = slot_value[k + 1], slot_at[k + 1], slot_line[k + 1]
+                kept -= 1
+            slot_value[slot + kept], slot_at[slot + kept], slot_line[slot + kept] = value, at, line
+            kept += 1
+            entry_used[entry] = kept
+            if kept >= PARTIAL_VALUES:
+                bit = np.uint8(1 << (row & 7))
+                if not seen[row >> 3] & bit:
+                    seen[row >> 3] |= bit
+                    first[distinct] = slot_at[slot]
+                    distinct += 1
+    return distinct
+
+
+_compiled_partial_rows: Any = _compile(_partial_rows_kernel)
+
+
 def _member(sorted_hashes: U64, hashes: U64, directory: Directory | None = None) -> Mask:
     if not sorted_hashes.size or not hashes.size:
         return np.zeros(hashes.size, dtype=np.bool_)
@@ -1302,6 +1404,16 @@ class FingerprintIndex:
         self._values = arrays["values"]
         self._distinctive = arrays["distinctive"]
         self._rows = arrays["rows"]
+        # Rare values and the rows each is in (format 3 on; an older index finds no partial rows). The tokens that are
+        # no QI value are sought among `_others`: the distinctive values and the rare values of the other columns.
+        self._rare = arrays.get("rare", np.zeros(0, np.uint64))
+        self._rare_starts = arrays.get("rare_starts", np.zeros(1, np.uint64)).astype(np.int64)
+        self._rare_rows = arrays.get("rare_rows", np.zeros(0, np.uint64)).astype(np.int64)
+        self._others = np.union1d(self._distinctive, np.setdiff1d(self._rare, self._values))
+        self._others_distinctive = np.isin(self._others, self._distinctive)
+        self._value_rare = _positions_in(self._rare, self._values)
+        self._others_rare = _positions_in(self._rare, self._others)
+        self._rare_values_in_stream = bool((self._value_rare >= 0).any())
         self._runs = {column: arrays[f"runs:{column}"] for column in header["run_widths"]}
         # Which QI values each run column holds (format 2 on): a window with a value outside a column's domain
         # cannot be one of its runs. A format-1 index has no domains, so every value counts for every column.
@@ -1311,12 +1423,12 @@ class FingerprintIndex:
         self._row_weights = _fmix(self._values ^ self._keys.row)
         self._run_weights = _fmix(self._values ^ self._keys.run)
         self._directories = {"ids": _directory(self._ids), "values": _directory(self._values),
-                             "distinctive": _directory(self._distinctive), "rows": _directory(self._rows),
+                             "others": _directory(self._others), "rows": _directory(self._rows),
                              **{f"runs:{column}": _directory(runs) for column, runs in self._runs.items()}}
         # The same sets with their directories as the compiled kernels take them; None without numba.
         self._tables: dict[str, Table] | None = None
         if all(directory is not None for directory in self._directories.values()):
-            sets = {"ids": self._ids, "values": self._values, "distinctive": self._distinctive, "rows": self._rows,
+            sets = {"ids": self._ids, "values": self._values, "others": self._others, "rows": self._rows,
                     **{f"runs:{column}": runs for column, runs in self._runs.items()}}
             self._tables = {name: (sets[name], directory[0], np.uint64(directory[1]))
                             for name, directory in self._directories.items() if directory is not None}
@@ -1333,14 +1445,15 @@ class FingerprintIndex:
     def _bitmap(self, name: str) -> tuple[npt.NDArray[np.uint8], int]:
         """The numpy path's Bloom filters, made on first use: the compiled path needs none."""
         if name not in self._bitmaps:
-            members = {"tokens": [self._ids, self._values, self._distinctive], "rows": [self._rows],
+            members = {"tokens": [self._ids, self._values, self._others], "rows": [self._rows],
                        "runs": list(self._runs.values())}[name]
             self._bitmaps[name] = _bitmap(np.concatenate([np.zeros(0, np.uint64), *members]))
         return self._bitmaps[name]
 
     @property
     def size_bytes(self) -> int:
-        arrays = [self._ids, self._values, self._distinctive, self._rows, *self._runs.values()]
+        arrays = [self._ids, self._values, self._others, self._rows, self._rare, self._rare_starts, self._rare_rows,
+                  *self._runs.values()]
         return sum(array.nbytes for array in arrays)
 
     @classmethod
@@ -1396,13 +1509,16 @@ class FingerprintIndex:
             hashes, present = _value_hashes(long_enough, keys)
             distinctive_sets.append(hashes[present])
         distinctive = np.setdiff1d(np.unique(np.concatenate([np.zeros(0, np.uint64), *distinctive_sets])), values)
+        rare, rare_starts, rare_rows = _rare_values(table, [*quasi, *others], keys)
 
         header = {
             "format": INDEX_FORMAT, "key": secret.hex(), "privacy_unit": unit, "quasi_identifiers": quasi,
             "distinctive_columns": others, "row_widths": sorted({int(w) for w in np.unique(row_width[indexed])}),
             "run_widths": run_widths, "rows_indexed": int(indexed.sum()), "source_rows": table.num_rows,
+            "rare_rows": RARE_ROWS,
         }
-        arrays = {"ids": ids, "values": values, "distinctive": distinctive, "rows": rows,
+        arrays = {"ids": ids, "values": values, "distinctive": distinctive, "rows": rows, "rare": rare,
+                  "rare_starts": rare_starts, "rare_rows": rare_rows,
                   **{f"runs:{name}": hashes for name, hashes in runs.items()},
                   **{f"domain:{name}": hashes for name, hashes in domains.items()}}
         buffer = io.BytesIO()
@@ -1416,14 +1532,14 @@ class FingerprintIndex:
     def load(cls, path: Path) -> FingerprintIndex:
         with np.load(path, allow_pickle=False) as stored:
             header: dict[str, Any] = json.loads(bytes(stored["header"]).decode())
-            if header.get("format") not in (1, INDEX_FORMAT):
+            if header.get("format") not in (1, 2, INDEX_FORMAT):
                 raise ValueError(f"{path.name}: leak index format {header.get('format')!r}, expected {INDEX_FORMAT}")
             arrays = {name: np.asarray(stored[name], dtype=np.uint64) for name in stored.files if name != "header"}
         return cls(header, arrays)
 
     def scan(self, data: bytes) -> LeakReport:
         """Rows, ids and value runs of the indexed version found anywhere in `data`."""
-        stream, offsets, ids, id_offsets, distinctive_offsets = self._tokens(data)
+        stream, offsets, ids, id_offsets, other_offsets, other_positions = self._tokens(data)
         findings: list[tuple[int, str, str]] = []  # (byte offset, kind, detail with {line})
         findings += [(int(at), "id", f"a value of privacy-unit column {self.header['privacy_unit']} "
                       "on line {line}") for at in id_offsets]
@@ -1436,18 +1552,23 @@ class FingerprintIndex:
             width = self.header["run_widths"][column]
             findings.append((at, "values", f"a run of {width}+ values of column {column} in dataset order "
                                            "starting on line {line}"))
-        distinctive_lines = self._distinctive_lines(data, distinctive_offsets)
+        partial, partial_offsets = self._find_partial_rows(data, stream, offsets, other_positions, other_offsets,
+                                                           MAX_FINDINGS)
+        findings += [(int(at), "partial_row", f"{PARTIAL_VALUES}+ rare values of one dataset row on line {{line}}")
+                     for at in partial_offsets]
+        distinctive_lines = self._distinctive_lines(data, other_offsets[self._others_distinctive[other_positions]])
         for line in distinctive_lines[:MAX_FINDINGS]:
             named = ", ".join(self.header["distinctive_columns"])
             findings.append((-line, "values", f"two or more distinctive values of columns {named} "
                                               "on line {line}"))
         report_findings = self._located(data, findings)
-        return LeakReport(rows=rows, ids=ids,
-                          value_runs=len(run_offsets) + len(distinctive_lines), findings=report_findings)
+        return LeakReport(rows=rows, ids=ids, value_runs=len(run_offsets) + len(distinctive_lines),
+                          findings=report_findings, partial_rows=partial)
 
-    def _tokens(self, data: bytes) -> tuple[npt.NDArray[np.int32], I64, int, I64, I64]:
+    def _tokens(self, data: bytes) -> tuple[npt.NDArray[np.int32], I64, int, I64, I64, I64]:
         """The value stream (positions in the QI value set) with its byte offsets; the count of distinct ids found
-        and the offsets of the first MAX_FINDINGS; the offsets of distinctive values. In order of appearance."""
+        and the offsets of the first MAX_FINDINGS; the offsets and positions in `_others` of the other values found.
+        In order of appearance."""
         if _compiled_classify is None or self._tables is None:
             return self._tokens_numpy(data)
         tables = self._tables
@@ -1462,6 +1583,7 @@ class FingerprintIndex:
         stream = np.empty(len(data) // 8 + 1024, dtype=np.int32)
         offsets = np.empty(stream.size, dtype=np.int64)
         distinctive_offsets = np.empty(stream.size, dtype=np.int64)
+        distinctive_positions = np.empty(stream.size, dtype=np.int64)
         id_seen = np.zeros((self._ids.size + 7) // 8, dtype=np.uint8)
         id_offsets = np.empty(MAX_FINDINGS, dtype=np.int64)
         counts = np.zeros(4, dtype=np.int64)  # see _classify_kernel
@@ -1471,32 +1593,34 @@ class FingerprintIndex:
             status = -1
             while fused:
                 status = _compiled_scan(raw, _CLASSES, keys.token, keys.negative, keys.zero, offset, tables["values"],
-                                        tables["ids"], tables["distinctive"], stream, offsets, distinctive_offsets,
-                                        id_seen, id_offsets, counts, *scratch, token_cache, buffers.flags,
-                                        buffers.masks, candidate_entry)
+                                        tables["ids"], tables["others"], stream, offsets, distinctive_offsets,
+                                        distinctive_positions, id_seen, id_offsets, counts, *scratch, token_cache,
+                                        buffers.flags, buffers.masks, candidate_entry)
                 if status != -2:
                     break
                 grown = 2 * stream.size + raw.size // 2 + 1
-                stream, offsets, distinctive_offsets = (
+                stream, offsets, distinctive_offsets, distinctive_positions = (
                     np.concatenate([array, np.empty(grown - array.size, array.dtype)])
-                    for array in (stream, offsets, distinctive_offsets))
+                    for array in (stream, offsets, distinctive_offsets, distinctive_positions))
             if status == 0:
                 continue
             # A token in exponent notation (or no fused kernel): tokens first, then their classes.
             starts, hashes = _token_hashes(chunk, keys, buffers)
             if int(counts[:2].max()) + hashes.size > stream.size:
                 grown = 2 * stream.size + hashes.size
-                stream, offsets, distinctive_offsets = (
+                stream, offsets, distinctive_offsets, distinctive_positions = (
                     np.concatenate([array, np.empty(grown - array.size, array.dtype)])
-                    for array in (stream, offsets, distinctive_offsets))
-            _compiled_classify(starts, hashes, offset, tables["values"], tables["ids"], tables["distinctive"], stream,
-                               offsets, distinctive_offsets, id_seen, id_offsets, counts, *scratch)
+                    for array in (stream, offsets, distinctive_offsets, distinctive_positions))
+            _compiled_classify(starts, hashes, offset, tables["values"], tables["ids"], tables["others"], stream,
+                               offsets, distinctive_offsets, distinctive_positions, id_seen, id_offsets, counts,
+                               *scratch)
         streamed, distinguished, identified, distinct = counts.tolist()
         return (stream[:streamed], offsets[:streamed], distinct, id_offsets[:identified],
-                distinctive_offsets[:distinguished])
+                distinctive_offsets[:distinguished], distinctive_positions[:distinguished])
 
-    def _tokens_numpy(self, data: bytes) -> tuple[npt.NDArray[np.int32], I64, int, I64, I64]:
-        parts: dict[str, list[npt.NDArray[Any]]] = {name: [] for name in ("stream", "at", "ids", "id_at", "rare")}
+    def _tokens_numpy(self, data: bytes) -> tuple[npt.NDArray[np.int32], I64, int, I64, I64, I64]:
+        parts: dict[str, list[npt.NDArray[Any]]] = {name: [] for name in ("stream", "at", "ids", "id_at", "rare",
+                                                                          "rare_positions")}
         for offset, chunk in _chunks(data):
             starts, hashes = _token_hashes(chunk, self._keys)
             maybe = np.flatnonzero(_maybe(self._bitmap("tokens"), hashes))
@@ -1511,10 +1635,14 @@ class FingerprintIndex:
             parts["id_at"].append(starts[is_id])
             parts["stream"].append(np.searchsorted(self._values, hashes[is_value]).astype(np.int32))
             parts["at"].append(starts[is_value])
-            parts["rare"].append(starts[_member(self._distinctive, hashes, self._directories["distinctive"])])
-        stream, at, ids, id_at, rare = (np.concatenate([np.zeros(0, dtype=dtype), *parts[name]]) for name, dtype in (
-            ("stream", np.int32), ("at", np.int64), ("ids", np.uint64), ("id_at", np.int64), ("rare", np.int64)))
-        return stream, at, _distinct(ids), id_at[:MAX_FINDINGS], rare
+            other = rest[_member(self._others, hashes[rest], self._directories["others"])]
+            parts["rare"].append(starts[other])
+            parts["rare_positions"].append(np.searchsorted(self._others, hashes[other]).astype(np.int64))
+        stream, at, ids, id_at, rare, rare_positions = (
+            np.concatenate([np.zeros(0, dtype=dtype), *parts[name]]) for name, dtype in (
+                ("stream", np.int32), ("at", np.int64), ("ids", np.uint64), ("id_at", np.int64), ("rare", np.int64),
+                ("rare_positions", np.int64)))
+        return stream, at, _distinct(ids), id_at[:MAX_FINDINGS], rare, rare_positions
 
     def _find_rows(self, stream: npt.NDArray[np.int32], offsets: I64,
                    limit: int | None = None) -> tuple[int, list[int]]:
@@ -1571,6 +1699,26 @@ class FingerprintIndex:
             return 0, []
         unique_sums, first = np.unique(sums, return_index=True)
         return int(unique_sums.size), offsets[_smallest(np.concatenate(matched_at)[first], limit)].tolist()
+
+    def _find_partial_rows(self, data: bytes, stream: npt.NDArray[np.int32], offsets: I64, other_positions: I64,
+                           other_offsets: I64, limit: int | None = None) -> tuple[int, list[int]]:
+        """Distinct rows of which PARTIAL_VALUES or more rare values stand in one record (see
+        _partial_rows_kernel), and the sorted offsets where the first `limit` such records start."""
+        if not self._rare.size or not (stream.size or other_positions.size):
+            return 0, []
+        rows = int(self.header.get("source_rows", int(self._rare_rows.max(initial=0)) + 1))
+        seen = np.zeros((rows + 7) // 8, dtype=np.uint8)
+        first = np.empty(rows, dtype=np.int64)
+        entries = 1 << 12
+        scratch = (np.full(entries, -1, dtype=np.int64), np.zeros(entries, dtype=np.int64),
+                   np.full(entries, -1, dtype=np.int64),
+                   *(np.zeros(entries * PARTIAL_SLOTS, dtype=np.int64) for _ in range(3)))
+        if not self._rare_values_in_stream:  # no QI value is rare (a large version): the stream holds no rare one
+            stream, offsets = stream[:0], offsets[:0]
+        kernel = _compiled_partial_rows if _compiled_partial_rows is not None else _partial_rows_kernel
+        distinct = kernel(np.frombuffer(data, dtype=np.uint8), stream, offsets, self._value_rare, other_positions,
+                          other_offsets, self._others_rare, self._rare_starts, self._rare_rows, seen, first, *scratch)
+        return int(distinct), _smallest(first[:distinct], limit).tolist()
 
     def _find_runs(self, stream: npt.NDArray[np.int32], offsets: I64) -> list[tuple[str, int]]:
         """Runs of each column's values in dataset order, (column, offset of the run's start), by offset."""
@@ -1651,6 +1799,15 @@ class FingerprintIndex:
         return located[:MAX_FINDINGS]
 
 
+def _positions_in(sorted_hashes: U64, hashes: U64) -> I64:
+    """Each hash's position in `sorted_hashes`, or -1 where it is not there."""
+    positions = np.searchsorted(sorted_hashes, hashes).astype(np.int64)
+    inside = positions < sorted_hashes.size
+    found = np.zeros(hashes.size, dtype=np.bool_)
+    found[inside] = sorted_hashes[positions[inside]] == hashes[inside]
+    return np.where(found, positions, -1).astype(np.int64)
+
+
 def _distinct(hashes: U64) -> int:
     """len(np.unique(hashes)), by a plain sort: faster than numpy's hash-based unique on millions."""
     if not hashes.size:
@@ -1671,6 +1828,40 @@ def _line_numbers(data: bytes | memoryview, byte_offsets: I64) -> I64:
     return np.asarray(np.searchsorted(newlines, byte_offsets, side="right") + 1, dtype=np.int64)
 
 
+def _rare_values(table: pa.Table, columns: list[str], keys: _Keys) -> tuple[U64, U64, U64]:
+    """The rare values of `columns` (sorted hashes of those in at most RARE_ROWS cells, counted over all the
+    columns, since an output does not say which column a value came from) and the rows each is in, as a CSR
+    list: rows rare_rows[rare_starts[i]:rare_starts[i + 1]] hold rare[i]."""
+    encoded: list[tuple[U64, Mask, I64, I64]] = []  # per column: distinct values' hashes, present, counts, per row
+    for name in columns:
+        column = pc.dictionary_encode(table.column(name).combine_chunks())
+        hashes, present = _value_hashes(column.dictionary.to_pylist(), keys)
+        valid = np.asarray(column.indices.is_valid(), dtype=np.bool_)
+        indices = np.where(valid, column.indices.fill_null(0).to_numpy(zero_copy_only=False), -1).astype(np.int64)
+        counts = np.bincount(indices[valid], minlength=hashes.size)
+        encoded.append((hashes, present, counts, indices))
+    every = np.concatenate([np.zeros(0, np.uint64), *(hashes[present] for hashes, present, _, _ in encoded)])
+    weights = np.concatenate([np.zeros(0, np.int64), *(counts[present] for _, present, counts, _ in encoded)])
+    distinct, inverse = np.unique(every, return_inverse=True)
+    rare = distinct[np.bincount(inverse, weights=weights, minlength=distinct.size) <= RARE_ROWS]
+    pair_hashes: list[U64] = [np.zeros(0, np.uint64)]
+    pair_rows: list[I64] = [np.zeros(0, np.int64)]
+    for hashes, present, _, indices in encoded:
+        is_rare = np.append(present & np.isin(hashes, rare), False)  # index -1 (a null) reads the False
+        where = np.flatnonzero(is_rare[indices])
+        pair_hashes.append(hashes[indices[where]])
+        pair_rows.append(where)
+    hashes = np.concatenate(pair_hashes)
+    rows = np.concatenate(pair_rows)
+    order = np.lexsort((rows, hashes))
+    hashes, rows = hashes[order], rows[order]
+    keep = np.ones(hashes.size, dtype=np.bool_)  # a value in two columns of one row points at it once
+    keep[1:] = (hashes[1:] != hashes[:-1]) | (rows[1:] != rows[:-1])
+    hashes, rows = hashes[keep], rows[keep]
+    starts = np.append(np.searchsorted(hashes, rare, side="left"), hashes.size)
+    return rare, starts.astype(np.uint64), rows.astype(np.uint64)
+
+
 def _column_hashes(column: pa.ChunkedArray, keys: _Keys) -> tuple[U64, Mask]:
     """Per-row hashes of a column, hashing each distinct value once."""
     encoded = pc.dictionary_encode(column.combine_chunks())
@@ -1689,6 +1880,9 @@ def leak_verdict(report: LeakReport, *, block_rows: int, block_ids: int) -> tupl
     reasons = []
     if report.rows >= block_rows:
         reasons.append(f"{report.rows} dataset row(s) found (policy blocks at {block_rows})")
+    if report.partial_rows >= block_rows:
+        reasons.append(f"{report.partial_rows} dataset row(s) partly found: {PARTIAL_VALUES}+ of a row's rare values "
+                       f"in one record (policy blocks at {block_rows})")
     if report.value_runs >= block_rows:
         reasons.append(f"{report.value_runs} run(s) of dataset values found (policy blocks at {block_rows})")
     if report.ids >= block_ids:
@@ -1697,7 +1891,8 @@ def leak_verdict(report: LeakReport, *, block_rows: int, block_ids: int) -> tupl
         lines = sorted({finding.line for finding in report.findings})[:10]
         where = f"; first on lines {', '.join(map(str, lines))}" if lines else ""
         return "block", "; ".join(reasons) + where
-    if report.rows or report.ids or report.value_runs:
+    if report.rows or report.ids or report.value_runs or report.partial_rows:
+        partial = f", {report.partial_rows} partial row(s)" if report.partial_rows else ""
         return "pass", (f"below policy thresholds: {report.rows} row(s), {report.ids} id(s), "
-                        f"{report.value_runs} value run(s)")
+                        f"{report.value_runs} value run(s){partial}")
     return "pass", "no dataset rows, ids or runs of dataset values found"

@@ -458,10 +458,257 @@ def test_format_1_index_without_domains_scans_the_same(index: FingerprintIndex, 
     with np.load(index_path, allow_pickle=False) as stored:
         arrays = {name: stored[name] for name in stored.files if not name.startswith("domain:")}
     header = json.loads(bytes(arrays["header"]).decode())
-    assert header["format"] == 2 and len(arrays) < len(stored.files)
+    assert header["format"] == leaks_format() and len(arrays) < len(stored.files)
     arrays["header"] = np.frombuffer(json.dumps({**header, "format": 1}).encode(), dtype=np.uint8)
     old = index_path.with_name("format-1.leakindex")
     with old.open("wb") as file:
         np.savez(file, allow_pickle=False, **arrays)
     data = b"\n".join([csv_copy(rows[:40]), columnar_json(rows), ids_in_log(rows[70:])])
     assert FingerprintIndex.load(old).scan(data) == index.scan(data)
+
+
+def leaks_format() -> int:
+    from sandbox.egress import leaks
+
+    return leaks.INDEX_FORMAT
+
+
+def test_format_2_index_without_rare_values_still_scans(index: FingerprintIndex, index_path: Path,
+                                                        rows: list[Row]) -> None:
+    """An index written before rare values' rows were stored loads and finds what it always found."""
+    with np.load(index_path, allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in stored.files if not name.startswith("rare")}
+    header = json.loads(bytes(arrays["header"]).decode())
+    arrays["header"] = np.frombuffer(json.dumps({**header, "format": 2}).encode(), dtype=np.uint8)
+    old = index_path.with_name("format-2.leakindex")
+    with old.open("wb") as file:
+        np.savez(file, allow_pickle=False, **arrays)
+    data = b"\n".join([csv_copy(rows[:40]), columnar_json(rows), ids_in_log(rows[70:])])
+    assert FingerprintIndex.load(old).scan(data) == index.scan(data)
+
+
+# Partial rows (review 11.9): a record carrying three or more rare values of one row, in any order and any subset of
+# columns, without an id. The demo registry's values are too common for that, so a lab table of precise
+# measurements, where most values point at a row or two, stands in.
+LAB_CARD: dict[str, Any] = {
+    "privacy_unit": "patient_id",
+    "columns": {
+        "patient_id": {"type": "string"},
+        "age": {"type": "integer", "bounds": [18, 90]},
+        "sex": {"type": "string", "categories": ["F", "M"]},
+        "systolic_bp": {"type": "integer", "bounds": [80, 220]},
+        "weight_kg": {"type": "float"},
+        "creatinine": {"type": "float"},
+        "egfr": {"type": "float"},
+        "ldl": {"type": "float"},
+        "smoker": {"type": "boolean"},
+    },
+}
+MEASUREMENTS = ["weight_kg", "creatinine", "egfr", "ldl"]
+LAB_ROWS = 3000
+
+
+def lab_table(rows: int = LAB_ROWS, seed: int = 41) -> dict[str, list[Any]]:
+    rng = np.random.default_rng(seed)
+    return {
+        "patient_id": [f"L{n:05d}" for n in range(rows)],
+        "age": rng.integers(18, 91, rows).tolist(),
+        "sex": rng.choice(["F", "M"], rows).tolist(),
+        "systolic_bp": rng.integers(95, 180, rows).tolist(),
+        "weight_kg": np.round(rng.normal(80, 15, rows).clip(40, 160), 2).tolist(),
+        "creatinine": np.round(rng.lognormal(0, 0.3, rows), 3).tolist(),
+        "egfr": np.round(rng.normal(75, 20, rows).clip(5, 130), 2).tolist(),
+        "ldl": np.round(rng.normal(3.2, 0.9, rows).clip(0.5, 8), 3).tolist(),
+        "smoker": (rng.random(rows) < 0.2).tolist(),
+    }
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FingerprintIndex, list[Row]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sandbox.egress import leaks
+
+    folder = tmp_path_factory.mktemp("lab")
+    table = pa.table(lab_table())
+    pq.write_table(table, folder / "lab.parquet")
+    index = FingerprintIndex.build(folder / "lab.parquet", LAB_CARD, folder / "lab.leakindex")
+    records: list[Row] = table.to_pylist()
+    # A value is rare when it is in at most RARE_ROWS cells of the table (any column: an output does not say
+    # which). Rows whose four measurements are all rare, shuffled.
+    cells: dict[str, int] = {}
+    for row in records:
+        for column in ("age", "systolic_bp", *MEASUREMENTS):
+            key = np.format_float_positional(float(row[column]), trim="-")
+            cells[key] = cells.get(key, 0) + 1
+    rare_rows = [row for row in records if all(
+        cells[np.format_float_positional(float(row[c]), trim="-")] <= leaks.RARE_ROWS for c in MEASUREMENTS)]
+    random.Random(43).shuffle(rare_rows)
+    assert len(rare_rows) >= 200
+    return folder / "lab.parquet", index, rare_rows
+
+
+def _number(value: float, style: int) -> str:
+    """One value written the ways people write numbers: plain, padded with zeros, quoted, as a float."""
+    plain = np.format_float_positional(float(value), trim="-")
+    return [plain, f"{float(value):.4f}", f"'{plain}'", f'"{plain}"', f"{plain}0" if "." in plain else f"{plain}.0",
+            plain + "."][style % 6]
+
+
+UNITS = {"weight_kg": "kg", "creatinine": "mg/dl", "egfr": "ml/min", "ldl": "mmol/l"}
+
+
+def prose_records(rows: list[Row], *, subset: int = 3, seed: int = 47) -> bytes:
+    """Each row as one sentence of `subset` of its measurements, shuffled, numbers written variously, no id."""
+    rng = random.Random(seed)
+    lines = []
+    for n, row in enumerate(rows):
+        columns = rng.sample(MEASUREMENTS, subset)
+        said = [f"{column.replace('_kg', '')} was {_number(row[column], n + k)} {UNITS[column]}"
+                for k, column in enumerate(columns)]
+        lines.append(f"Case {n + 1}: a patient whose " + ", and whose ".join(said) + ". Unremarkable otherwise.")
+    return "\n".join(lines).encode()
+
+
+def prose_paragraph(rows: list[Row]) -> bytes:
+    """All records in one long line, separated by semicolons, values in another order than the columns."""
+    return "; ".join(f"ldl {row['ldl']} / eGFR={row['egfr']} / wt: {row['weight_kg']}" for row in rows).encode()
+
+
+def pretty_json_records(rows: list[Row]) -> bytes:
+    """Records spanning lines, keys renamed and reordered, with a foreign field between."""
+    return json.dumps([{"e": row["egfr"], "note": "reviewed", "c": str(row["creatinine"]), "w": row["weight_kg"]}
+                       for row in rows], indent=2).encode()
+
+
+def separated_fields(rows: list[Row]) -> bytes:
+    """Pipes, tabs and newlines between one record's values: a value per line, a blank line between records."""
+    return "\n\n".join(f"weight:\t{row['weight_kg']}\ncreat |{row['creatinine']}|\nldl\t{row['ldl']}"
+                        for row in rows).encode()
+
+
+PARTIAL_FORMS: list[tuple[str, Callable[[list[Row]], bytes]]] = [
+    ("prose, three measurements each, shuffled, numbers written variously", prose_records),
+    ("prose, all four measurements", lambda rows: prose_records(rows, subset=4, seed=53)),
+    ("one long paragraph", prose_paragraph),
+    ("pretty json records with renamed keys", pretty_json_records),
+    ("fields on separate lines", separated_fields),
+]
+
+
+@pytest.mark.parametrize(("form", "build"), PARTIAL_FORMS, ids=[f[0] for f in PARTIAL_FORMS])
+def test_partial_rows_are_found_in_any_order_and_format(lab: tuple[Path, FingerprintIndex, list[Row]], form: str,
+                                                        build: Callable[[list[Row]], bytes]) -> None:
+    _, index, rare_rows = lab
+    report = index.scan(build(rare_rows[:50]))
+    verdict, reason = leak_verdict(report, block_rows=1, block_ids=1)
+    assert verdict == "block", f"{form!r}: 50 partial rows released: {reason}"
+    assert report.partial_rows >= 50, f"{form!r}: {report.partial_rows} of 50 partial rows found"
+    assert (report.rows, report.ids) == (0, 0)
+    assert any(f.kind == "partial_row" for f in report.findings), report.findings
+    assert all("line" in f.detail for f in report.findings)
+
+
+def test_partial_row_findings_point_at_their_lines(lab: tuple[Path, FingerprintIndex, list[Row]]) -> None:
+    _, index, rare_rows = lab
+    data = b"nothing here\n" * 3 + prose_records(rare_rows[:2]) + b"\nthe end"
+    report = index.scan(data)
+    assert report.partial_rows == 2
+    assert [f.line for f in report.findings if f.kind == "partial_row"] == [4, 5]
+    values = [str(rare_rows[n][c]) for n in range(2) for c in MEASUREMENTS]
+    assert not [v for f in report.findings for v in values if v in f.detail], "a finding repeats a value"
+
+
+def test_fewer_than_three_or_scattered_rare_values_are_no_partial_row(
+        lab: tuple[Path, FingerprintIndex, list[Row]]) -> None:
+    _, index, rare_rows = lab
+    first, second, third = rare_rows[:3]
+    pairs = "\n".join(f"weight {row['weight_kg']} creatinine {row['creatinine']}" for row in rare_rows[:50])
+    mixed = "\n".join(f"weight {a['weight_kg']} creatinine {b['creatinine']} ldl {c['ldl']} egfr {a['ldl']}"
+                      for a, b, c in zip(rare_rows[:50], rare_rows[50:100], rare_rows[100:150], strict=True))
+    filler = "x" * 70 + "\n"
+    scattered = (f"weight {first['weight_kg']}\n" + filler * 10 + f"creatinine {first['creatinine']}\n" + filler * 10
+                 + f"ldl {first['ldl']}\n")
+    same_line_far = f"weight {second['weight_kg']} " + "y " * 5000 + f"ldl {second['ldl']} egfr {second['egfr']}"
+    for name, data in (("pairs", pairs), ("values of three rows", mixed), ("one row's values on far lines", scattered),
+                       ("one row's values far apart on one line", same_line_far)):
+        report = index.scan(data.encode())
+        assert report.partial_rows == 0, f"{name}: {report.partial_rows} partial rows, {report.findings[:3]}"
+    # ...while the same values close together are one.
+    near = f"weight {third['weight_kg']}\n" + filler * 5 + f"creatinine {third['creatinine']}\nldl {third['ldl']}"
+    assert index.scan(near.encode()).partial_rows == 1
+
+
+def lab_aggregates(parquet: Path) -> list[tuple[str, bytes]]:
+    """Legitimate outputs of the lab table: means, quantiles, correlations and regressions.
+
+    No medians of small groups: the median of an odd count is a row's own value, and in a group of 17 the same
+    row was the median of three columns at once, a real partial row that the scan rightly reports."""
+    connection = duckdb.connect()
+    connection.execute(f"CREATE TABLE t AS SELECT *, age // 10 * 10 AS decade FROM read_parquet('{parquet}')")
+    files: list[tuple[str, bytes]] = []
+    for keys in ("sex", "decade", "smoker", "sex, decade", "sex, smoker", "decade, smoker", "sex, decade, smoker"):
+        for digits in (1, 2, 3, 4):
+            means = connection.execute(
+                f"SELECT {keys}, count(*) AS n, " + ", ".join(
+                    f"round(avg({m}), {digits}) AS {m}, round(stddev({m}), {digits}) AS sd_{m}, "
+                    f"round(quantile_cont({m}, 0.25), {digits}) AS q1_{m}" for m in MEASUREMENTS)
+                + " FROM t GROUP BY ALL HAVING count(*) >= 10 ORDER BY ALL").fetchall()
+            files.append((f"means by {keys} ({digits}).csv", "\n".join(",".join(map(str, r)) for r in means).encode()))
+            files.append((f"means by {keys} ({digits}).json", json.dumps([list(map(str, r)) for r in means]).encode()))
+    for measurement in MEASUREMENTS:
+        quantiles = connection.execute(
+            f"SELECT sex, quantile_cont({measurement}, [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]) FROM t GROUP BY sex"
+        ).fetchall()
+        files.append((f"quantiles of {measurement}.txt", "\n".join(f"{s}: {q}" for s, q in quantiles).encode()))
+    correlations = connection.execute("SELECT " + ", ".join(
+        f"corr({a}, {b})" for a, b in itertools.combinations([*MEASUREMENTS, "age", "systolic_bp"], 2))
+        + " FROM t").fetchone()
+    files.append(("correlations.txt", " ".join(map(str, correlations or ())).encode()))
+    data = np.array(connection.execute(f"SELECT age, systolic_bp, {', '.join(MEASUREMENTS)} FROM t").fetchall())
+    rng = np.random.default_rng(59)
+    for model in range(40):
+        outcome = int(rng.integers(0, data.shape[1]))
+        chosen = [c for c in range(data.shape[1]) if c != outcome and rng.random() < 0.6] or [0]
+        sample = data[rng.choice(len(data), size=len(data) // 2, replace=False)]
+        design = np.column_stack([np.ones(len(sample)), sample[:, chosen]])
+        coefficients, *_ = np.linalg.lstsq(design, sample[:, outcome], rcond=None)
+        residual = sample[:, outcome] - design @ coefficients
+        sigma2 = residual @ residual / (len(sample) - design.shape[1])
+        errors = np.sqrt(np.diag(sigma2 * np.linalg.inv(design.T @ design)))
+        digits = int(rng.integers(2, 7))
+        lines = [f"OLS {model}: n={len(sample)} r2={1 - residual.var() / sample[:, outcome].var():.{digits}f}"]
+        lines += [f"x{c} {b:.{digits}f} {se:.{digits}f} {b / se:.2f}" for c, b, se in zip(
+            [-1, *chosen], coefficients, errors, strict=True)]
+        files.append((f"regression {model}.txt", "\n".join(lines).encode()))
+    return files
+
+
+def test_no_partial_rows_in_legitimate_lab_aggregates(lab: tuple[Path, FingerprintIndex, list[Row]]) -> None:
+    parquet, index, _ = lab
+    files = lab_aggregates(parquet)
+    assert len(files) >= 100
+    flagged = [(name, report.partial_rows) for name, report in ((name, index.scan(data)) for name, data in files)
+               if report.partial_rows]
+    assert not flagged, f"partial rows reported in aggregates: {flagged}"
+
+
+def test_no_partial_rows_in_demo_aggregates(index: FingerprintIndex, registry: Path) -> None:
+    flagged = [name for name, data in aggregates(registry) if index.scan(data).partial_rows]
+    assert not flagged, f"partial rows reported in demo aggregates: {flagged}"
+
+
+def test_partial_rows_compiled_match_python(lab: tuple[Path, FingerprintIndex, list[Row]],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.egress import leaks
+
+    parquet, index, rare_rows = lab
+    corpus = [build(rare_rows[:80]) for _, build in PARTIAL_FORMS] + [data for _, data in lab_aggregates(parquet)[::9]]
+    corpus.append(b"\n".join(corpus))  # more rows at once than one table bucket holds
+    expected = [index.scan(data) for data in corpus]
+    assert sum(report.partial_rows for report in expected) >= 5 * 80
+    for kernel in ("_compiled_tokens", "_compiled_classify", "_compiled_scan", "_compiled_rows", "_compiled_runs",
+                   "_compiled_all_runs", "_compiled_partial_rows"):
+        monkeypatch.setattr(leaks, kernel, None)
+    assert [index.scan(data) for data in corpus] == expected
