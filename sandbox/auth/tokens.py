@@ -11,6 +11,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sandbox.auth.jwks import JwksCache
 from sandbox.auth.keys import key_id
 from sandbox.auth.orgs import is_org_name
 from sandbox.errors import Invalid, Unauthorized
@@ -94,12 +95,15 @@ class TokenVerifier:
         jwks_issuer: str | None = None,
         jwks_audience: str | None = None,
         jwks_algorithms: list[str] | None = None,
+        jwks: JwksCache | None = None,
     ) -> None:
         self._public_key = public_key
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_s
-        self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=5) if jwks_url else None
+        self._jwks = jwks or (JwksCache(jwks_url) if jwks_url else None)
+        if self._jwks is not None:
+            self._jwks.prefetch()
         self._jwks_issuer = jwks_issuer
         self._jwks_audience = jwks_audience or audience
         # "none" and the HMAC family never verify here, whatever an IdP's list says: a public
@@ -113,7 +117,8 @@ class TokenVerifier:
                 # The PyJWK itself, not its raw key: PyJWT then refuses a header `alg` other than
                 # the key's own, where a raw RSA key met by `alg: ES256` or `EdDSA` raised a
                 # TypeError or InvalidKeyError that surfaced as a 500.
-                signing_key = self._jwks.get_signing_key_from_jwt(token)
+                kid = jwt.get_unverified_header(token).get("kid")
+                signing_key = self._jwks.signing_key(kid if isinstance(kid, str) else None)
                 claims = jwt.decode(
                     token,
                     signing_key,
@@ -143,8 +148,6 @@ class TokenVerifier:
             raise Unauthorized("token issuer is not trusted") from exc
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthorized(f"token lacks the {exc.claim!r} claim") from exc
-        except jwt.PyJWKClientError as exc:
-            raise Unauthorized("token signing key not found at the identity provider") from exc
         except jwt.PyJWTError as exc:
             # Not only InvalidTokenError: InvalidKeyError and PyJWKError are no token errors to
             # PyJWT, yet here they are still a caller's bad token, never a server fault.
