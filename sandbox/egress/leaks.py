@@ -14,6 +14,11 @@ When a version is registered, `FingerprintIndex.build` reads its parquet file on
   is recognised; columns too low in entropy to make an n-gram of at most 32 distinctive are skipped.
 - **distinctive values**: values of the other non-boolean columns that occur in one row only and
   are at least 6 characters long once canonical (a free-text note, an exact lab value).
+- **rare values** (format 3): values of any non-boolean column but the id that are in at most RARE_ROWS cells
+  of the version (counted over all those columns, as an output does not say which column a value came from),
+  each with the rows it is in. A record that carries PARTIAL_VALUES (3) or more rare values of one row, in any
+  order and any subset of its columns, without an id, is a *partial row*: a few precise measurements are enough
+  to point at a patient.
 
 `scan` tokenises an output as bytes in one numba-compiled pass (or, without numba, in numpy passes with the same
 result), never per token in Python: a token is a run of
@@ -25,7 +30,9 @@ array of tokens in between; a chunk holding a token in exponent notation is redo
 are canonicalised in Python. The runs of all (up to 8) run columns are then sought in one pass over the stream.
 Tokens in the QI value set form a *value stream*, across line breaks, so pretty-printed
 JSON records count too. A row is found when a window of the stream holds exactly a row's QI values in
-any order, allowing one foreign value inside the window (an index or a 0/1 flag column). The hash
+any order, allowing one foreign value inside the window (an index or a 0/1 flag column). A partial row is
+found when rare values standing within one record (on one line within LINE_BYTES, or within RECORD_BYTES across
+lines) all point at one row. The hash
 key is random per index and lives in the index header: the file is not a copy of the data, but who
 holds file and key can test guesses, as the scanner must; treat the index file as confidential.
 """
@@ -1449,6 +1456,12 @@ class FingerprintIndex:
                        "runs": list(self._runs.values())}[name]
             self._bitmaps[name] = _bitmap(np.concatenate([np.zeros(0, np.uint64), *members]))
         return self._bitmaps[name]
+
+    @property
+    def outdated(self) -> bool:
+        """Whether the index predates the current format (and so misses what it adds: partial rows from format 3);
+        rebuild it from the version to scan for everything."""
+        return bool(self.header.get("format") != INDEX_FORMAT)
 
     @property
     def size_bytes(self) -> int:

@@ -485,6 +485,8 @@ def test_format_2_index_without_rare_values_still_scans(index: FingerprintIndex,
         np.savez(file, allow_pickle=False, **arrays)
     data = b"\n".join([csv_copy(rows[:40]), columnar_json(rows), ids_in_log(rows[70:])])
     assert FingerprintIndex.load(old).scan(data) == index.scan(data)
+    assert FingerprintIndex.load(old).outdated and not index.outdated
+    assert FingerprintIndex.load(old).scan(prose_without_id(rows)).partial_rows == 0
 
 
 # Partial rows (review 11.9): a record carrying three or more rare values of one row, in any order and any subset of
