@@ -226,3 +226,20 @@ def test_policy_versions_belong_to_the_proposing_org(orgs: Orgs, tmp_path: Path)
     assert hospital["policy"] == ref, "the owning org's approved version was not pinned"
     # The buyer reads the version its contract pins, the other hospital still does not.
     _status(orgs.api.get(f"/v1/policies/default/versions/{version}", headers=orgs.buyer), 200, "buyer")
+
+
+def test_a_steward_reads_only_their_own_orgs_audit_events(orgs: Orgs) -> None:
+    orgs.api.get(f"/v1/contracts/{orgs.contract}", headers=orgs.buyer)  # acme's read of the hospital's contract
+    _status(orgs.api.post("/v1/datasets", headers=orgs.clinic, json=demo_card("clinic-data")), 201, "clinic data")
+    hospital_objects = {DATASET, f"{DATASET}@1", orgs.contract}
+    seen_by_clinic = _status(orgs.api.get("/v1/audit?limit=1000", headers=orgs.clinic), 200, "clinic audit")
+    leaked = [e for e in seen_by_clinic if e["object_id"] in hospital_objects or e["org"] in ("hospital", "acme")]
+    assert not leaked, f"another hospital's steward read the hospital's audit events: {leaked[:3]}"
+    assert "clinic-data" in {e["object_id"] for e in seen_by_clinic}, "a steward lost their own org's events"
+    seen_by_owner = _status(orgs.api.get("/v1/audit?limit=1000", headers=orgs.ben), 200, "hospital audit")
+    pairs = {(e["action"], e["object_id"], e["org"]) for e in seen_by_owner}
+    assert ("contract.read", orgs.contract, "acme") in pairs, "the owner does not see a buyer's use of its contract"
+    assert ("dataset.version.add", f"{DATASET}@1", "hospital") in pairs
+    assert not [e for e in seen_by_owner if e["object_id"] == "clinic-data"], "the hospital read the clinic's events"
+    everything = _status(orgs.api.get("/v1/audit?limit=1000", headers=auth(orgs.tokens.auditor())), 200, "auditor")
+    assert {e["object_id"] for e in everything} >= hospital_objects | {"clinic-data"}, "the auditor lost events"
