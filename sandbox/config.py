@@ -94,6 +94,8 @@ class Settings(BaseSettings):
 
     # Notebook servers check for idle kernels this often (the idle time itself is the policy's).
     notebook_cull_interval_s: int = Field(default=60, ge=1)
+    # Open kernel websockets re-check their token, session and contract this often; a lapse closes them.
+    notebook_access_check_s: float = Field(default=5.0, gt=0)
 
     # Per-job DP sockets. Unix socket paths are limited to 108 bytes, so they live under a short root.
     dp_socket_root: Path = Field(default_factory=lambda: _short_runtime_dir("sandbox-dp"))

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import re
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import websockets
@@ -38,6 +39,55 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "transfer-encoding", "upgrade", "content-length", "content-encoding", "authorization",
                         "cookie", "host", "set-cookie", "origin", "referer"})
 MAX_WS_MESSAGE = 64 * 1024 * 1024
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_DECODINGS = 8
+
+
+def forwardable_path(path: str, raw_path: bytes | None) -> str:
+    """The path below `/notebooks/<id>/`, refused (404) if any decoding of it could leave the allow-list.
+
+    The allow-list once matched `api/kernels/%2e%2e/...`, which the upstream client then normalised to
+    another API (review 11.15). So the path is percent-decoded until it stops changing, and every form of
+    it is checked: no dot segment (`..`, `.`, `..;x`), no backslash, no encoded slash, no control
+    character, no empty segment but a trailing one. What is forwarded must be what was checked, so a
+    path that still decodes after the one decoding every server does (double encoding) is refused too.
+    The allow-list is checked last, on that path.
+    """
+    if raw_path is not None and _ENCODED_SEPARATOR.search(raw_path.decode("latin-1")):
+        raise NotFound("an encoded slash or backslash is not forwarded through the notebook proxy")
+    form = path
+    for _ in range(MAX_DECODINGS):
+        problem = _path_problem(form)
+        if problem:
+            raise NotFound(f"{problem} is not forwarded through the notebook proxy")
+        try:
+            decoded = unquote(form, errors="strict")
+        except UnicodeDecodeError:
+            raise NotFound("a path that does not decode to UTF-8 is not forwarded through the notebook proxy") from None
+        if decoded == form:
+            break
+        form = decoded
+    else:
+        raise NotFound("a path encoded this many times is not forwarded through the notebook proxy")
+    if form != path:
+        raise NotFound("a double-encoded path is not forwarded through the notebook proxy")
+    if not FORWARDED.match(path):
+        raise NotFound(f"/{path} is not available through the notebook proxy")
+    return path
+
+
+def _path_problem(form: str) -> str | None:
+    if "\\" in form or _ENCODED_SEPARATOR.search(form):
+        return "a backslash or an encoded slash"
+    if _CONTROL.search(form):
+        return "a control character"
+    segments = form.split("/")
+    if any(segment.split(";", 1)[0] in (".", "..") for segment in segments):
+        return "a dot segment"
+    if any(not segment for segment in segments[:-1]):
+        return "an empty segment"
+    return None
 
 
 def _credentials(headers: Any, query: Any) -> tuple[str | None, str | None]:
@@ -110,8 +160,7 @@ async def _server_for(instance: Instance, servers: NotebookServers, job_id: str,
 @router.api_route("/notebooks/{job_id}/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def forward(job_id: str, path: str, request: Request) -> Response:
     instance: Instance = request.app.state.instance
-    if not FORWARDED.match(path):
-        raise NotFound(f"/{path} is not available through the notebook proxy")
+    path = forwardable_path(path, request.scope.get("raw_path"))
     server = await _server_for(instance, _servers(request), job_id, request)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
     headers["authorization"] = f"token {server.spec.internal_token}"
@@ -136,7 +185,9 @@ class _Unavailable(SandboxError):
 @router.websocket("/notebooks/{job_id}/{path:path}")
 async def forward_websocket(websocket: WebSocket, job_id: str, path: str) -> None:
     instance: Instance = websocket.app.state.instance
-    if not re.fullmatch(r"api/kernels/[0-9a-f-]{36}/channels", path):
+    raw_path = websocket.scope.get("raw_path")
+    if not re.fullmatch(r"api/kernels/[0-9a-f-]{36}/channels", path) or (
+            raw_path is not None and b"%" in raw_path):
         await websocket.close(code=1008, reason="not a kernel channel")
         return
     try:
@@ -172,7 +223,21 @@ async def forward_websocket(websocket: WebSocket, job_id: str, path: str) -> Non
             else:
                 await websocket.send_text(data)
 
-    tasks = [asyncio.create_task(client_to_kernel()), asyncio.create_task(kernel_to_client())]
+    lapsed: list[str] = []
+
+    async def access_lapses() -> None:
+        # The socket lives as long as the right to it: a revoked or expired token (session token or JWT),
+        # an ended session, or a revoked or expired contract closes it at the next look.
+        while True:
+            await asyncio.sleep(instance.settings.notebook_access_check_s)
+            try:
+                await run_in_threadpool(_authorise, instance, job_id, websocket.headers, websocket.query_params)
+            except SandboxError as error:
+                lapsed.append(error.detail[:120])
+                return
+
+    tasks = [asyncio.create_task(client_to_kernel()), asyncio.create_task(kernel_to_client()),
+             asyncio.create_task(access_lapses())]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -180,4 +245,7 @@ async def forward_websocket(websocket: WebSocket, job_id: str, path: str) -> Non
             task.cancel()
         await upstream.close()
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await websocket.close()
+            if lapsed:
+                await websocket.close(code=1008, reason=f"access ended: {lapsed[0]}"[:120])
+            else:
+                await websocket.close()
