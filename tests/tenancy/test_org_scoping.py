@@ -243,3 +243,41 @@ def test_a_steward_reads_only_their_own_orgs_audit_events(orgs: Orgs) -> None:
     assert not [e for e in seen_by_owner if e["object_id"] == "clinic-data"], "the hospital read the clinic's events"
     everything = _status(orgs.api.get("/v1/audit?limit=1000", headers=auth(orgs.tokens.auditor())), 200, "auditor")
     assert {e["object_id"] for e in everything} >= hospital_objects | {"clinic-data"}, "the auditor lost events"
+
+
+# Bodies that pass validation, so the answer is about the object, not the body.
+BODIES: dict[str, dict[str, Any]] = {
+    "/v1/reviews/{job_id}/decisions": {"release": ["summary.csv"]},
+    "/v1/datasets/{name}/budget-cap": {"epsilon_cap": 1.0},
+    "/v1/datasets/{name}/versions/{version}/mock": {"epsilon": 1.0},
+    "/v1/notebooks/{identifier}/exports": {"path": "x.csv"},
+}
+
+
+def test_every_route_naming_another_orgs_object_is_404_to_a_steward(orgs: Orgs) -> None:
+    """The class, not the listed examples: each /v1 route with an object in its path, called by a steward
+    of another hospital on the hospital's objects, answers 404 (the catalog card: the buyer's view)."""
+    job = orgs.job(state="in_review", outputs={"summary.csv": "group,n\na,15\n"})
+    body = orgs.api.get("/v1/policies/default/versions/1", headers=orgs.ana).json()["body"]
+    proposed = orgs.api.post("/v1/policies", headers=orgs.ana, json={**body, "description": "hospital's own"}).json()
+    values = {"job_id": job, "identifier": job, "contract_id": orgs.contract, "name": DATASET, "version": "1",
+              "path": "summary.csv"}
+    policy_values = {"name": "default", "version": str(proposed["version"])}
+    checked, failures = 0, []
+    # The OpenAPI schema lists every /v1 route (tests/auth/test_roles.py checks it against the routes).
+    for template, operations in orgs.api.app.openapi()["paths"].items():  # type: ignore[attr-defined]
+        if not template.startswith("/v1/") or "{" not in template or template.startswith("/v1/tokens/"):
+            continue  # tokens are the admin's, not an org's
+        url = template
+        for key, value in {**values, **(policy_values if template.startswith("/v1/policies/") else {})}.items():
+            url = url.replace("{" + key + "}", value)
+        for method in sorted(m.upper() for m in operations):
+            response = orgs.api.request(method, url, headers=orgs.clinic, json=BODIES.get(template, {}))
+            if response.status_code == 403 and "may not call this" in response.text:
+                continue  # a role the route refuses to every steward: not an org question
+            checked += 1
+            expected = 200 if (method, template) == ("GET", "/v1/datasets/{name}") else 404
+            if response.status_code != expected:
+                failures.append(f"{method} {template}: {response.status_code} {response.text[:120]}")
+    assert checked >= 20, f"only {checked} routes were probed"
+    assert not failures, "another org's steward got further than a 404:\n" + "\n".join(failures)
