@@ -102,7 +102,8 @@ def sync_shipped_policies(ctx: Context) -> list[Policy]:
     file becomes a pending version that a steward must approve. Returns what was added."""
     added = []
     for name, body in load_shipped_policies(ctx.settings.policies_dir).items():
-        versions = _versions(ctx.session, name)
+        # The shipped (global) line only: an org's own version with this content is no global one.
+        versions = [v for v in _versions(ctx.session, name) if v.owner_org is None]
         if any(v.sha256 == digest(body) for v in versions):
             continue
         status = PENDING if versions else APPROVED

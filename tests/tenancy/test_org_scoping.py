@@ -6,6 +6,7 @@ two stewards of the owning org. Each attack is a real call on a real service wit
 from __future__ import annotations
 
 import hashlib
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,11 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from helpers import Tokens, auth, demo_card, register_demo
 from sqlalchemy import select
 
+from sandbox.config import REPO_ROOT
 from sandbox.instance import Instance
+from sandbox.policies import sync_shipped_policies
 from sandbox.store.models import Job, JobOutput, OutputReview
 
 DATASET = "carotid-stenting"
@@ -281,3 +285,22 @@ def test_every_route_naming_another_orgs_object_is_404_to_a_steward(orgs: Orgs) 
                 failures.append(f"{method} {template}: {response.status_code} {response.text[:120]}")
     assert checked >= 20, f"only {checked} routes were probed"
     assert not failures, "another org's steward got further than a 404:\n" + "\n".join(failures)
+
+
+def test_an_orgs_version_does_not_stand_in_for_a_shipped_change(orgs: Orgs, tmp_path: Path) -> None:
+    """An operator's edit of a shipped file becomes a global pending version even when one org already
+    has a version with that content: that version binds only its own org."""
+    body = orgs.api.get("/v1/policies/default/versions/1", headers=orgs.ana).json()["body"]
+    edited = {**body, "description": "operator's edit"}
+    assert orgs.api.post("/v1/policies", headers=orgs.ana, json=edited).status_code == 201
+    copy = tmp_path / "policies-copy"
+    shutil.copytree(REPO_ROOT / "policies", copy)
+    (copy / "default.yaml").write_text(yaml.safe_dump(edited))
+    reloaded = Instance(orgs.instance.settings.model_copy(update={"policies_dir": copy}))
+    try:
+        with reloaded.system_context() as ctx:
+            added = sync_shipped_policies(ctx)
+            assert [(p.name, p.owner_org, p.status) for p in added] == [("default", None, "pending")], \
+                "the operator's change was taken for the hospital's version"
+    finally:
+        reloaded.close()
