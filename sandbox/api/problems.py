@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 
@@ -108,6 +109,24 @@ def install_problem_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path}"
         return problem(exc.status_code, detail, headers=getattr(exc, "headers", None))
+
+    # Bad input that surfaces below the validation layer, as a class rather than route by route (review
+    # 11.16): an integer past 2^63 reaching SQLite, a date whose UTC form leaves datetime's range, nesting
+    # deep enough to exhaust a recursive parser, a value PostgreSQL refuses. Each is the caller's error.
+    @app.exception_handler(OverflowError)
+    async def _out_of_range(request: Request, exc: OverflowError) -> JSONResponse:
+        log.warning("input_out_of_range", path=request.url.path, error=str(exc)[:200])
+        return problem(422, "a number or date in the request is out of range", slug="invalid")
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        log.warning("input_too_deep", path=request.url.path)
+        return problem(422, "the request is nested too deeply", slug="invalid")
+
+    @app.exception_handler(DataError)
+    async def _refused_by_store(request: Request, exc: DataError) -> JSONResponse:
+        log.warning("input_refused_by_store", path=request.url.path, error=str(exc.orig)[:200])
+        return problem(422, "a value in the request is out of range", slug="invalid")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -86,7 +86,12 @@ def ingest_version(card: DatasetCard, upload: Path, filename: str, destination: 
         select_list = ", ".join(
             f'CAST("{name}" AS {_STORED_TYPE[spec.type]}) AS "{name}"' for name, spec in card.columns.items()
         )
-        connection.execute(f"CREATE TEMP TABLE upload AS SELECT {select_list} FROM {source}", params)  # noqa: S608
+        try:
+            # The whole file is read here: a value the stored type cannot hold (a uint64 past 2^63) or a
+            # corrupt page fails now, and is the uploader's error (422), not the service's (review 11.16).
+            connection.execute(f"CREATE TEMP TABLE upload AS SELECT {select_list} FROM {source}", params)  # noqa: S608
+        except duckdb.Error as exc:
+            raise Invalid(f"could not read {filename!r} as {source_format}: {_first_line(exc)}") from exc
         errors = value_problems(connection, card)
         if errors:
             raise Invalid("the file's values do not match the declared privacy metadata", errors)

@@ -170,12 +170,21 @@ class Schema:
         return bool(spec.get("public")) and spec.get("type") in NUMERIC_TYPES and spec.get("bounds") is not None
 
 
+# Deeper nesting than any real query: 2,400 nested parentheses exhausted the recursive parser (review 11.16).
+MAX_NESTING = 100
+
+
 def parse_query(sql: str, schema: Schema) -> ParsedQuery:
     """The query's validated meaning; raises Invalid listing every part that is not allowed."""
     checker = _Checker(schema)
-    statement = checker.single_select(sql)
+    try:
+        statement = checker.single_select(sql)
+    except RecursionError:  # nesting the token count did not show (NOT NOT ..., - - ...): refused the same
+        raise _invalid([f"the query is nested more than {MAX_NESTING} levels deep"]) from None
     if statement is None:
         raise _invalid(checker.errors)
+    if _depth(statement) > MAX_NESTING:
+        raise _invalid([f"the query is nested more than {MAX_NESTING} levels deep"])
     outputs, group_by, where = checker.select(statement)
     checker.allow_listed(statement)
     if statement.args.get("where") is not None and where is None and not checker.errors:
@@ -183,6 +192,17 @@ def parse_query(sql: str, schema: Schema) -> ParsedQuery:
     if checker.errors:
         raise _invalid(checker.errors)
     return ParsedQuery(outputs=tuple(outputs), group_by=tuple(group_by), where=where)
+
+
+def _depth(root: exp.Expression) -> int:
+    """The parse tree's depth, found without recursion."""
+    deepest = 0
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.iter_expressions())
+    return deepest
 
 
 def _invalid(errors: list[str]) -> Invalid:
@@ -229,6 +249,13 @@ class _Checker:
             tokens = sqlglot.Dialect.get_or_raise("duckdb").tokenize(sql)
         except TokenError as error:
             self.fail(f"the query could not be read: {_short(error)}")
+            return None
+        depth = deepest = 0
+        for token in tokens:
+            depth += (token.token_type == sqlglot.TokenType.L_PAREN) - (token.token_type == sqlglot.TokenType.R_PAREN)
+            deepest = max(deepest, depth)
+        if deepest > MAX_NESTING:
+            self.fail(f"the query is nested more than {MAX_NESTING} levels deep")
             return None
         if any(token.comments for token in tokens):
             self.fail("comments (-- or /* */) are not allowed in a DP query")
