@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers import Tokens, auth, register_demo
+from sqlalchemy import text
 
 from sandbox.instance import Instance
 from sandbox.store.models import ImageRecord
@@ -148,3 +149,23 @@ def test_stored_code_is_capped_per_org(api: TestClient, instance: Instance, toke
     staged = list((instance.settings.tmp_dir).glob("bundle-*"))
     assert not staged, f"a refused bundle stayed staged: {staged}"
     assert submit({"main.py": b"print(1)\n"}).status_code == 201, "a small bundle under the cap was refused"
+
+
+def test_bundles_unpack_before_the_submit_transaction(instance: Instance,
+                                                      submit: Callable[..., httpx.Response]) -> None:
+    """Unpacking inside the transaction once held every other writer for seconds (review 11.13)."""
+    if instance.settings.database_url:
+        pytest.skip("SQLite's single writer lock is what makes the order observable")
+    home = instance.settings.home_dir
+    with ThreadPoolExecutor(1) as pool, instance.engine.connect() as blocker:
+        transaction = blocker.begin()  # another writer holds the database
+        blocker.execute(text("UPDATE audit_head SET seq = seq WHERE id = 1"))
+        pending = pool.submit(submit)
+        _wait_for(lambda: any(home.rglob("code/main.py")), "the bundle to unpack while another writer holds the store")
+        assert not pending.done(), "the submission finished while the store was locked"
+        transaction.rollback()
+        created = pending.result(timeout=60)
+    assert created.status_code == 201, created.text
+    job_code = home / "artifacts" / "jobs" / created.json()["id"] / "code" / "main.py"
+    assert job_code.read_bytes() == b"print(1)\n"
+    assert not list(instance.settings.tmp_dir.glob("bundle-*")), "the staged bundle was left behind"
