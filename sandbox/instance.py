@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from sandbox import security_log
 from sandbox.audit import AuditLog, SystemActor
 from sandbox.auth.keys import ensure_signing_key, key_id, load_private_key, load_public_key
 from sandbox.auth.tokens import IssuedToken, Principal, Role, TokenVerifier, issue_token
@@ -143,8 +144,10 @@ class Instance:
             if isinstance(actor, Principal):
                 with self.sessions() as session, session.begin():
                     self.audit.record(session, actor=actor, action="access.denied", object_type="request",
-                                      object_id=str(refusal.extra.get("object", "-")),
-                                      details={"detail": refusal.detail})
+                                      object_id=security_log.bounded(refusal.extra.get("object", "-")),
+                                      details={"detail": security_log.bounded(refusal.detail)})
+                # The API's error handler records refusals too; this one is on the chain already.
+                security_log.mark_recorded(refusal)
             raise
 
     @contextmanager

@@ -136,3 +136,19 @@ def test_api_flood_of_bad_tokens_is_rate_limited(api: TestClient) -> None:
         assert api.get("/v1/whoami", headers={"Authorization": "Bearer junk"}).status_code == 401
     written = [line for line in security.recent if line["path"] == "/v1/whoami"]
     assert len(written) == security.per_client, f"{len(written)} lines for one client's flood"
+
+
+def test_a_refusal_inside_a_write_is_recorded_once(api: TestClient, tokens: Tokens, instance: Instance,
+                                                   tmp_path: Path) -> None:
+    # The service refuses a steward who would grant their own org a contract inside its write transaction,
+    # which records the refusal itself; the API's handler must not add a second event.
+    steward = tokens.steward("ana", org="hospital")
+    register_demo(api, steward, tmp_path)
+    before = _head(instance)
+    response = api.post("/v1/contracts", headers=auth(steward), json={
+        "buyer_org": "hospital", "datasets": ["carotid-stenting"], "tier": "trusted", "kinds": ["analysis"],
+        "purpose": "self-dealing", "valid_until": "2099-01-01", "epsilon": 100.0})
+    assert response.status_code == 403, response.text
+    recorded = [e for e in _events(instance, before) if e.action in ("access.denied", "request.refused")]
+    assert len(recorded) == 1, [(e.action, e.object_id) for e in recorded]
+    assert all(len(e.object_id) <= BOUND for e in recorded)
