@@ -87,6 +87,11 @@ class Checkpoint:
         return cls(seq=body["seq"], hash=body["hash"], signature=body["signature"])
 
 
+def instance_checkpoints(path: Path) -> tuple[list[Checkpoint], int]:
+    """The instance's own checkpoints; none for an instance from before checkpoints, or whose file was removed."""
+    return read_checkpoints(path) if path.exists() else ([], 0)
+
+
 def read_checkpoints(path: Path) -> tuple[list[Checkpoint], int]:
     """The checkpoints in a file (one JSON object a line), and how many lines could not be read.
 

@@ -182,22 +182,19 @@ def audit_verify(home: HomeOption = None, as_json: JsonOption = False,
 
     The checkpoints are those given and those in the instance's own append-only checkpoint file.
     """
-    from sandbox.audit import Checkpoint, read_checkpoints, verify_chain
+    from sandbox.audit import instance_checkpoints, read_checkpoints, verify_chain
     from sandbox.instance import Instance
 
     instance = Instance(_settings(home))
     _call(instance.require_initialised)
-    checkpoints: list[Checkpoint] = []
-    unreadable = 0
-    for path in [instance.settings.audit_checkpoint_path, *(checkpoint or [])]:
-        if path == instance.settings.audit_checkpoint_path and not path.exists():
-            continue  # an instance from before checkpoints, or one whose file was removed: only the chain is checked
+    checkpoints, unreadable = instance_checkpoints(instance.settings.audit_checkpoint_path)
+    for path in checkpoint or []:
         try:
             found, skipped = read_checkpoints(path)
         except OSError as exc:
             console.print(f"[bold red]cannot read checkpoint file[/] {path}: {exc}")
             raise typer.Exit(2) from exc
-        if path != instance.settings.audit_checkpoint_path and not found:
+        if not found:
             console.print(f"[bold red]no checkpoint in[/] {path}")
             raise typer.Exit(2)
         checkpoints += found

@@ -141,3 +141,14 @@ def test_a_line_cut_short_by_a_crash_is_skipped_not_fatal(instance: Instance) ->
     result = _cli(instance, "verify")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "could not be read" in result.stderr
+
+
+def test_the_verify_route_checks_the_instance_checkpoints_too(api: TestClient, tokens: Tokens, instance: Instance,
+                                                              tmp_path: Path) -> None:
+    register_demo(api, tokens.steward(), tmp_path)
+    older = _head(instance)
+    instance.issue_token(sub="late", org="acme", role=Role.BUYER, ttl_s=60)
+    _roll_back_to(instance, older)
+    assert _db_only(instance), "the attack needs the database alone to look intact"
+    report = api.get("/v1/audit/verify", headers=auth(tokens.auditor())).json()
+    assert report["ok"] is False, f"the API called a truncated chain intact: {report}"

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select, union
 
 from sandbox.api.deps import InstanceDep, StewardOrAuditor
-from sandbox.audit import event_fields, verify_chain
+from sandbox.audit import event_fields, instance_checkpoints, verify_chain
 from sandbox.auth.tokens import Role
 from sandbox.store.models import AuditEvent, Contract, Dataset, Job
 
@@ -35,8 +35,11 @@ def list_events(instance: InstanceDep, principal: StewardOrAuditor,
 
 @router.get("/verify")
 def verify(instance: InstanceDep, principal: StewardOrAuditor) -> dict[str, Any]:
+    """The chain checked link by link and against the instance's own checkpoints, so a database cut back to
+    an older signed head fails here as it does in `sandbox audit verify`."""
+    checkpoints, _ = instance_checkpoints(instance.settings.audit_checkpoint_path)
     with instance.context(principal) as ctx:
-        report = verify_chain(ctx.session, instance.public_key)
+        report = verify_chain(ctx.session, instance.public_key, checkpoints)
         return {"ok": report.ok, "events": report.events, "first_bad_seq": report.first_bad_seq,
                 "problem": report.problem}
 
