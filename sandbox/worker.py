@@ -38,7 +38,7 @@ from sandbox.egress.leaks import leak_verdict
 from sandbox.images import IMAGES, ImageBuildError, image_digest
 from sandbox.instance import Instance
 from sandbox.jobs.lifecycle import TERMINAL, JobState
-from sandbox.jobs.service import move, settle_review, sign_manifest, usage_totals
+from sandbox.jobs.service import move, settle_review, usage_totals
 from sandbox.logs import get_logger
 from sandbox.policies import get_policy_version
 from sandbox.release.dp_answers import platform_answer, record_job_answer
@@ -51,6 +51,7 @@ from sandbox.release.jobs import (
     verified_tables,
     withheld_name,
 )
+from sandbox.release.review import sign_manifest
 from sandbox.release.routing import LOG_PATHS, name_problem, route_outputs
 from sandbox.release.status import Origin
 from sandbox.release.tables import earlier_releases, platform_dir

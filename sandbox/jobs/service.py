@@ -23,9 +23,9 @@ from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
 from sandbox.jobs.bundles import StagedBundle
 from sandbox.jobs.lifecycle import TERMINAL, JobState, next_state
 from sandbox.policies import get_policy_version
-from sandbox.release.status import Origin, OutputStatus, next_status
-from sandbox.release.verify import canonical
-from sandbox.store.models import Contract, DatasetVersion, Job, JobOutput, OutputReview, Policy
+from sandbox.release import review
+from sandbox.release.status import OutputStatus
+from sandbox.store.models import Contract, DatasetVersion, Job, JobOutput, Policy
 
 
 class ResourceRequest(BaseModel):
@@ -62,7 +62,6 @@ def resource_problems(resources: ResourceRequest, runtime: dict[str, Any]) -> li
     return problems
 
 
-WITHHELD = "withheld"  # what a buyer sees of an output it did not get
 MEMORY_BUCKET = 64 * 1024 * 1024
 
 
@@ -220,46 +219,6 @@ def decide_approval(ctx: Context, identifier: str, *, approve: bool, comment: st
     return job
 
 
-def _visible_to_buyer(output: JobOutput) -> bool:
-    """Whether a buyer may see that an output exists under its name: released files, and what the platform made."""
-    return output.status == OutputStatus.RELEASED.value or output.origin == Origin.PLATFORM.value
-
-
-def output_view(output: JobOutput, *, steward: bool) -> dict[str, Any]:
-    """One output as the caller may see it.
-
-    Buyers never see the name, size, hash or kind of a file they did not get: each is a channel the
-    job's code controls. An unreleased file of the job's own is one anonymous `withheld` entry.
-    """
-    if not steward and not _visible_to_buyer(output):
-        return {"path": None, "size": None, "sha256": None, "kind": None, "verdict": None,
-                "status": WITHHELD, "origin": output.origin, "rules": []}
-    released = output.status == OutputStatus.RELEASED.value
-    view: dict[str, Any] = {
-        "path": output.path, "size": output.size if released or steward else None,
-        "sha256": output.sha256 if released or steward else None, "kind": output.kind,
-        "verdict": output.verdict, "status": output.status, "origin": output.origin,
-        "rules": [c["rule"] for c in output.checks if c["verdict"] != "pass"],
-    }
-    if output.spec is not None:
-        view["spec"] = output.spec
-    if steward:
-        # Reasons can quote what a check found; buyers see the rule names only.
-        view["checks"] = output.checks
-        view["decided_by"] = output.decided_by
-        view["comment"] = output.comment
-    else:
-        # Why the platform made no table names card columns and rules only, never a value.
-        view["reasons"] = [c["reason"] for c in output.checks if c["rule"] == "table-spec"]
-    return view
-
-
-def outputs_view(outputs: list[JobOutput], *, steward: bool) -> list[dict[str, Any]]:
-    """Outputs in path order; for buyers, withheld entries last, so their order says nothing of their names."""
-    views = [output_view(o, steward=steward) for o in outputs]
-    return views if steward else sorted(views, key=lambda v: v["status"] == WITHHELD)
-
-
 def _seconds(value: float, steward: bool) -> float:
     return value if steward else float(math.ceil(value))
 
@@ -302,14 +261,14 @@ def job_view(job: Job, *, steward: bool) -> dict[str, Any]:
         _whole_seconds(job.started_at),
         "finished_at": (job.finished_at.isoformat() if job.finished_at else None) if steward else
         _whole_seconds(job.finished_at),
-        "outputs": outputs_view(list(job.outputs), steward=steward),
+        "outputs": review.outputs_view(list(job.outputs), steward=steward),
     }
 
 
 def released_file(ctx: Context, identifier: str, path: str) -> tuple[JobOutput, Path]:
     job = get_job(ctx, identifier)
     for output in job.outputs:
-        if output.path == path and (not ctx.is_buyer or _visible_to_buyer(output)):
+        if output.path == path and (not ctx.is_buyer or review.visible_to_buyer(output)):
             if output.status != OutputStatus.RELEASED.value or output.stored_path is None:
                 raise Forbidden(f"{path} is {output.status}, not released", object=f"{job.id}:{path}")
             ctx.record("job.output.download", "job", job.id, path=path, sha256=output.sha256)
@@ -324,19 +283,6 @@ def output_for_review(ctx: Context, identifier: str, path: str) -> tuple[JobOutp
             ctx.record("job.output.inspect", "job", job.id, path=path, sha256=output.sha256)
             return output, ctx.settings.artifacts_dir / output.stored_path
     raise NotFound(f"job {identifier} has no stored output {path!r}")
-
-
-def sign_manifest(job: Job, signer: Any) -> None:
-    """(Re)write the job's release manifest over its released files, sign it (Ed25519), and
-    count the released bytes for usage."""
-    files = [{"path": o.path, "sha256": o.sha256, "size": o.size, "origin": o.origin,
-              **({"spec": o.spec} if o.spec is not None else {})}
-             for o in job.outputs if o.status == OutputStatus.RELEASED.value]
-    manifest = {"job": job.id, "dataset": f"{job.dataset}@{job.dataset_version}", "code_sha256": job.code_sha256,
-                "image_id": job.image_id, "files": files, "signed_at": datetime.now(UTC).isoformat()}
-    job.manifest = manifest
-    job.manifest_signature = signer.sign(canonical(manifest)).hex()
-    job.usage = {**job.usage, "bytes_released": sum(f["size"] for f in files)}
 
 
 def settle_review(ctx: Context, job: Job) -> None:
@@ -359,87 +305,24 @@ def reviewers_needed(ctx: Context, job: Job) -> int:
     return int(get_policy_version(ctx.session, name, int(version)).body["review"]["reviewers"])
 
 
-def approvals(ctx: Context, output: JobOutput) -> list[OutputReview]:
-    """Releases that count for the file as it is now: a changed file resets its reviews, and only
-    stewards of the org that owns the data count, one vote each (the two-person rule, review 11.10)."""
-    owner = ctx.session.execute(select(Contract.owner_org).join(Job, Job.contract_id == Contract.id)
-                                .where(Job.id == output.job_id)).scalar_one_or_none()
-    reviews = ctx.session.execute(select(OutputReview).where(
-        OutputReview.output_id == output.id, OutputReview.decision == "release",
-        OutputReview.sha256 == output.sha256, OutputReview.org == owner).order_by(OutputReview.id)).scalars()
-    distinct: dict[str, OutputReview] = {}
-    for review in reviews:
-        distinct.setdefault(review.steward, review)
-    return list(distinct.values())
-
-
 def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject: list[str], comment: str,
                    signer: Any) -> Job:
-    """A steward's per-file decisions. A file leaves once as many different stewards as the policy
-    asks have released it, as it is now; one rejection blocks it. A steward of the submitting org
-    never reviews its outputs."""
+    """A steward's per-file decisions (`sandbox.release.review`), then the manifest and the job's state.
+    A steward of the submitting org never reviews its outputs."""
     steward, job = job_to_decide(ctx, identifier)
-    if set(release) & set(reject):
-        raise Invalid("a file cannot be both released and rejected", sorted(set(release) & set(reject)))
-    by_path = {o.path: o for o in job.outputs}
-    unknown = [p for p in [*release, *reject] if p not in by_path]
-    if unknown:
-        raise Invalid("no such outputs", unknown)
-    needed = reviewers_needed(ctx, job)
-    now = datetime.now(UTC)
-    for path in release + reject:
-        output = by_path[path]
-        if output.status != OutputStatus.IN_REVIEW.value:
-            raise Conflict(f"{path} is {output.status}, not in review")
-        if path in release and output.verdict == "block":
-            raise Conflict(f"{path} was blocked by a check and cannot be released")
-        if path in release and any(a.steward == steward.sub for a in approvals(ctx, output)):
-            raise Conflict(f"{steward.sub} already released {path}; it needs a different steward")
-        decision = "release" if path in release else "reject"
-        ctx.session.add(OutputReview(output_id=output.id, steward=steward.sub, org=steward.org, decision=decision,
-                                     sha256=output.sha256, comment=comment, at=now))
-        ctx.session.flush()
-        released = decision == "release" and len(approvals(ctx, output)) >= needed
-        if decision == "reject" or released:
-            output.status = next_status(output.status,
-                                        OutputStatus.RELEASED if released else OutputStatus.BLOCKED).value
-            output.decided_by, output.decided_at, output.comment = steward.sub, now, comment
-        ctx.record(f"job.output.{decision}", "job", job.id, path=path, sha256=output.sha256, comment=comment,
-                   approvals=len(approvals(ctx, output)), needed=needed, status=output.status)
-    sign_manifest(job, signer)
+    review.record_decisions(ctx, job, steward=steward, release=release, reject=reject, comment=comment,
+                            needed=reviewers_needed(ctx, job))
+    review.sign_manifest(job, signer)
     settle_review(ctx, job)
     return job
 
 
 def release_report(ctx: Context, identifier: str) -> dict[str, Any]:
-    """Released files, blocked files with the rules that blocked them, and files waiting for review.
-
-    Buyers see their files only once released; the rest is a count (`withheld`), as in `output_view`.
-    """
+    """The job's release report, as the caller may see it (`sandbox.release.review.release_report`)."""
     job = get_job(ctx, identifier)
     steward = not ctx.is_buyer
-    needed = reviewers_needed(ctx, job)
-    report: dict[str, Any] = {"job": job.id, "state": job.state, "reason": job.reason if steward else buyer_reason(job),
-                              "released": [], "blocked": [], "in_review": [], "withheld": 0}
-    for output in job.outputs:
-        if not steward and not _visible_to_buyer(output):
-            report["withheld"] += 1
-            continue
-        view = output_view(output, steward=steward)
-        entry: dict[str, Any] = {key: view[key] for key in ("path", "size", "sha256", "kind", "origin")}
-        if output.status == OutputStatus.RELEASED.value:
-            report["released"].append(entry)
-        elif output.status == OutputStatus.BLOCKED.value:
-            entry["rules"] = [c["rule"] for c in output.checks if c["verdict"] == "block"] or ["rejected-in-review"]
-            entry["reasons"] = [c["reason"] for c in output.checks if c["verdict"] == "block"] if steward \
-                else view["reasons"]
-            report["blocked"].append(entry)
-        else:
-            entry["approvals"] = len(approvals(ctx, output))
-            entry["needed"] = needed
-            entry["rules"] = [c["rule"] for c in output.checks if c["verdict"] == "review"]
-            report["in_review"].append(entry)
-    return report
+    return review.release_report(ctx, job, steward=steward, needed=reviewers_needed(ctx, job),
+                                 reason=job.reason if steward else buyer_reason(job))
 
 
 def usage_report(ctx: Context) -> list[dict[str, Any]]:

@@ -31,14 +31,13 @@ from sandbox.jobs.service import (
     get_job,
     job_id,
     move,
-    outputs_view,
     settle_review,
-    sign_manifest,
     usage_totals,
     visible_jobs,
 )
 from sandbox.notebooks.spec import notebook_settings
 from sandbox.policies import get_policy_version
+from sandbox.release.review import outputs_view, sign_manifest
 from sandbox.release.routing import route_outputs
 from sandbox.release.status import Origin, OutputStatus
 from sandbox.store.models import ImageRecord, Job, JobOutput, NotebookToken

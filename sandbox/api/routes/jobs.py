@@ -23,6 +23,7 @@ from sandbox.errors import Invalid, NotFound, TooManyRequests
 from sandbox.jobs import service
 from sandbox.jobs.bundles import StagedBundle, stage_bundle
 from sandbox.jobs.quotas import require_org_quota
+from sandbox.release import review
 from sandbox.store.models import ImageRecord
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -196,7 +197,7 @@ def get_logs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> Pla
             if output is None:
                 continue
             if output.status != "released" or output.stored_path is None:
-                shown = output.status if principal.role is Role.STEWARD else service.WITHHELD
+                shown = output.status if principal.role is Role.STEWARD else review.WITHHELD
                 parts.append(f"== {name}: {shown} ==\n")
                 continue
             text = (instance.settings.artifacts_dir / output.stored_path).read_text(errors="replace")
@@ -211,7 +212,7 @@ def get_logs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> Pla
 def list_outputs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> list[dict[str, Any]]:
     with instance.context(principal) as ctx:
         job = service.get_job(ctx, job_id)
-        return service.outputs_view(list(job.outputs), steward=principal.role is Role.STEWARD)
+        return review.outputs_view(list(job.outputs), steward=principal.role is Role.STEWARD)
 
 
 @router.get("/jobs/{job_id}/outputs/{path:path}")

@@ -12,9 +12,9 @@ from sandbox.api.deps import Buyer, InstanceDep, PrincipalDep
 from sandbox.auth.tokens import Principal, Role
 from sandbox.errors import NotFound
 from sandbox.instance import Instance
-from sandbox.jobs.service import output_view
 from sandbox.notebooks import sessions
 from sandbox.notebooks.servers import NotebookServers
+from sandbox.release.review import output_view
 
 router = APIRouter(prefix="/v1", tags=["notebooks"])
 
