@@ -76,7 +76,7 @@ MIN_ROW_VALUES = 3
 RARE_ROWS = 4  # a value in at most this many cells of the version is rare: it points at a few rows
 PARTIAL_VALUES = 3  # rare values of one row in one record that make a partial row
 RECORD_BYTES = 512  # rare values this close belong to one record, across line breaks (pretty JSON, wrapped prose)
-LINE_BYTES = 8192  # ... and this close on one line (a long prose line)
+LINE_BYTES = 1024  # ... and this close on one line (a long prose line; wider windows meet chance triples)
 
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
 _C2 = np.uint64(0xC4CEB9FE1A85EC53)
@@ -1256,17 +1256,19 @@ PARTIAL_SLOTS = 4  # rare values remembered per tracked row
 def _partial_rows_kernel(raw: npt.NDArray[np.uint8], stream: npt.NDArray[np.int32], stream_at: I64, value_rare: I64,
                          other_positions: I64, other_at: I64, other_rare: I64, starts: I64, rows: I64,
                          seen: npt.NDArray[np.uint8], first: I64, entry_row: I64, entry_used: I64,
-                         entry_touched: I64, slot_value: I64, slot_at: I64, slot_line: I64) -> int:
+                         entry_touched: I64, slot_value: I64, slot_at: I64, slot_line: I64, slot_hit: I64) -> int:
     """Rows of which PARTIAL_VALUES or more distinct rare values stand in one record; returns their count.
 
     The rare values found are the QI values of the stream and the other columns' values found (each sorted by
     offset), mapped to their position among the rare values (-1: not rare) and taken in offset order. Each points
     at its rows (rows[starts[v]:starts[v + 1]], at most RARE_ROWS). Values belong to one record when they stand
-    within RECORD_BYTES, or on one line within LINE_BYTES. A table of recently pointed-at rows (`entry_*`,
-    PARTIAL_WAYS a bucket) keeps each row's last PARTIAL_SLOTS values (`slot_*`: value, offset, line); a row whose
-    remembered values of one record reach PARTIAL_VALUES is marked in the bitset `seen`, and the offset of that
-    record's first value appended to `first`. Slots and entries are scratch: the caller fills entry_row and
-    entry_touched with -1."""
+    within RECORD_BYTES, or on one line within LINE_BYTES, and when at least half of the rare values found from the
+    first of them to the last are the row's: a dense table of statistics (means printed to the data's precision)
+    hits many rare values, and three of them may point at one row by chance, but never as a run of their own. A
+    table of recently pointed-at rows (`entry_*`, PARTIAL_WAYS a bucket) keeps each row's last PARTIAL_SLOTS values
+    (`slot_*`: value, offset, line, number of the rare value found); a row whose remembered values of one record
+    reach PARTIAL_VALUES is marked in the bitset `seen`, and the offset of that record's first value appended to
+    `first`. Slots and entries are scratch: the caller fills entry_row and entry_touched with -1."""
     distinct = 0
     line = 0
     previous = -1
@@ -1321,20 +1323,27 @@ def _partial_rows_kernel(raw: npt.NDArray[np.uint8], stream: npt.NDArray[np.int3
                     slot_value[slot + kept] = slot_value[k]
                     slot_at[slot + kept] = slot_at[k]
                     slot_line[slot + kept] = slot_line[k]
+                    slot_hit[slot + kept] = slot_hit[k]
                     kept += 1
             if kept == PARTIAL_SLOTS:  # the oldest goes
                 for k in range(slot, slot + kept - 1):
                     slot_value[k], slot_at[k], slot_line[k] = slot_value[k + 1], slot_at[k + 1], slot_line[k + 1]
+                    slot_hit[k] = slot_hit[k + 1]
                 kept -= 1
             slot_value[slot + kept], slot_at[slot + kept], slot_line[slot + kept] = value, at, line
+            slot_hit[slot + kept] = hit
             kept += 1
             entry_used[entry] = kept
-            if kept >= PARTIAL_VALUES:
-                bit = np.uint8(1 << (row & 7))
-                if not seen[row >> 3] & bit:
-                    seen[row >> 3] |= bit
-                    first[distinct] = slot_at[slot]
-                    distinct += 1
+            # The row's values from the start-th kept on: enough of them, and at least half the rare values there.
+            for start in range(kept - PARTIAL_VALUES + 1):
+                own = kept - start
+                if hit - slot_hit[slot + start] + 1 <= 2 * own:
+                    bit = np.uint8(1 << (row & 7))
+                    if not seen[row >> 3] & bit:
+                        seen[row >> 3] |= bit
+                        first[distinct] = slot_at[slot + start]
+                        distinct += 1
+                    break
     return distinct
 
 
@@ -1725,7 +1734,7 @@ class FingerprintIndex:
         entries = 1 << 12
         scratch = (np.full(entries, -1, dtype=np.int64), np.zeros(entries, dtype=np.int64),
                    np.full(entries, -1, dtype=np.int64),
-                   *(np.zeros(entries * PARTIAL_SLOTS, dtype=np.int64) for _ in range(3)))
+                   *(np.zeros(entries * PARTIAL_SLOTS, dtype=np.int64) for _ in range(4)))
         if not self._rare_values_in_stream:  # no QI value is rare (a large version): the stream holds no rare one
             stream, offsets = stream[:0], offsets[:0]
         kernel = _compiled_partial_rows if _compiled_partial_rows is not None else _partial_rows_kernel

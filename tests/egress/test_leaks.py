@@ -501,12 +501,13 @@ LAB_CARD: dict[str, Any] = {
         "systolic_bp": {"type": "integer", "bounds": [80, 220]},
         "weight_kg": {"type": "float"},
         "creatinine": {"type": "float"},
-        "egfr": {"type": "float"},
+        "egfr": {"type": "float", "bounds": [5, 130]},  # a QI column: its values travel in the value stream
         "ldl": {"type": "float"},
+        "daily_steps": {"type": "integer"},
         "smoker": {"type": "boolean"},
     },
 }
-MEASUREMENTS = ["weight_kg", "creatinine", "egfr", "ldl"]
+MEASUREMENTS = ["weight_kg", "creatinine", "egfr", "ldl", "daily_steps"]
 LAB_ROWS = 3000
 
 
@@ -521,6 +522,7 @@ def lab_table(rows: int = LAB_ROWS, seed: int = 41) -> dict[str, list[Any]]:
         "creatinine": np.round(rng.lognormal(0, 0.3, rows), 3).tolist(),
         "egfr": np.round(rng.normal(75, 20, rows).clip(5, 130), 2).tolist(),
         "ldl": np.round(rng.normal(3.2, 0.9, rows).clip(0.5, 8), 3).tolist(),
+        "daily_steps": rng.integers(1000, 20000, rows).tolist(),
         "smoker": (rng.random(rows) < 0.2).tolist(),
     }
 
@@ -558,7 +560,7 @@ def _number(value: float, style: int) -> str:
             plain + "."][style % 6]
 
 
-UNITS = {"weight_kg": "kg", "creatinine": "mg/dl", "egfr": "ml/min", "ldl": "mmol/l"}
+UNITS = {"weight_kg": "kg", "creatinine": "mg/dl", "egfr": "ml/min", "ldl": "mmol/l", "daily_steps": "steps"}
 
 
 def prose_records(rows: list[Row], *, subset: int = 3, seed: int = 47) -> bytes:
@@ -592,7 +594,10 @@ def separated_fields(rows: list[Row]) -> bytes:
 
 PARTIAL_FORMS: list[tuple[str, Callable[[list[Row]], bytes]]] = [
     ("prose, three measurements each, shuffled, numbers written variously", prose_records),
-    ("prose, all four measurements", lambda rows: prose_records(rows, subset=4, seed=53)),
+    ("prose, all five measurements", lambda rows: prose_records(rows, subset=5, seed=53)),
+    ("integers written as floats and strings",
+     lambda rows: "\n".join(f"steps={float(r['daily_steps'])}; '{r['daily_steps']}'? no: weight '{r['weight_kg']}', "
+                            f"ldl {r['ldl']:.5f}" for r in rows).encode()),
     ("one long paragraph", prose_paragraph),
     ("pretty json records with renamed keys", pretty_json_records),
     ("fields on separate lines", separated_fields),
@@ -640,6 +645,18 @@ def test_fewer_than_three_or_scattered_rare_values_are_no_partial_row(
     # ...while the same values close together are one.
     near = f"weight {third['weight_kg']}\n" + filler * 5 + f"creatinine {third['creatinine']}\nldl {third['ldl']}"
     assert index.scan(near.encode()).partial_rows == 1
+
+
+def test_a_rows_values_scattered_in_a_dense_table_are_chance(lab: tuple[Path, FingerprintIndex, list[Row]]) -> None:
+    """Three of a row's rare values among many other rare values (a table of statistics printed to the data's
+    precision) are chance; the same three with one stray value between them are a record."""
+    _, index, rare_rows = lab
+    row, others = rare_rows[0], rare_rows[1:9]
+    strays = [str(other[column]) for other, column in zip(others, itertools.cycle(MEASUREMENTS), strict=False)]
+    scattered = [str(row["weight_kg"]), *strays[:3], str(row["creatinine"]), *strays[3:6], str(row["ldl"])]
+    assert index.scan(", ".join(scattered).encode()).partial_rows == 0
+    close = [str(row["weight_kg"]), strays[0], str(row["creatinine"]), str(row["ldl"]), *strays[1:]]
+    assert index.scan(", ".join(close).encode()).partial_rows == 1
 
 
 def lab_aggregates(parquet: Path) -> list[tuple[str, bytes]]:
