@@ -69,10 +69,13 @@ def fingerprint_path(artifacts: Path, dataset: str, version: int) -> Path:
 
 def ensure_fingerprints(artifacts: Path, dataset: str, version: int, parquet: Path,
                         card: dict[str, Any]) -> FingerprintIndex:
-    """The version's index, built on first need (normally right after the version is registered)."""
+    """The version's index, built on first need (normally right after the version is registered), and
+    rebuilt once when it predates the current format (an older index misses partial rows)."""
     path = fingerprint_path(artifacts, dataset, version)
     if path.exists():
-        return FingerprintIndex.load(path)
+        index = FingerprintIndex.load(path)
+        if not index.outdated:
+            return index
     # Built aside and renamed: a reader never sees half an index, and two builders cannot mix.
     staged = path.with_name(f".{uuid.uuid4().hex}.fingerprints")
     try:

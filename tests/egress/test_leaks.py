@@ -489,6 +489,24 @@ def test_format_2_index_without_rare_values_still_scans(index: FingerprintIndex,
     assert FingerprintIndex.load(old).scan(prose_without_id(rows)).partial_rows == 0
 
 
+def test_an_outdated_index_is_rebuilt_when_the_checks_ask_for_it(index_path: Path, registry: Path,
+                                                                 tmp_path: Path) -> None:
+    """A version registered before partial rows keeps its older index on disk; the checks rebuild it once."""
+    from sandbox.egress.content import ensure_fingerprints, fingerprint_path
+
+    with np.load(index_path, allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in stored.files if not name.startswith("rare")}
+    header = json.loads(bytes(arrays["header"]).decode())
+    arrays["header"] = np.frombuffer(json.dumps({**header, "format": 2}).encode(), dtype=np.uint8)
+    target = fingerprint_path(tmp_path, "carotid-stenting", 1)
+    target.parent.mkdir(parents=True)
+    with target.open("wb") as file:
+        np.savez(file, allow_pickle=False, **arrays)
+    assert FingerprintIndex.load(target).outdated
+    assert not ensure_fingerprints(tmp_path, "carotid-stenting", 1, registry, CARD).outdated
+    assert not FingerprintIndex.load(target).outdated, "the rebuilt index was not kept"
+
+
 # Partial rows (review 11.9): a record carrying three or more rare values of one row, in any order and any subset of
 # columns, without an id. The demo registry's values are too common for that, so a lab table of precise
 # measurements, where most values point at a row or two, stands in.
