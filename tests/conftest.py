@@ -91,3 +91,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         names = ", ".join(c["Names"][0] for c in left)
         print(f"\nFAILED: containers with the project's labels were left behind: {names}")
         session.exitstatus = 1
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty store, SQLite or a fresh PostgreSQL database, for tests that run migrations step by step."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    with cloned_database(request.getfixturevalue("postgres_template")) as url:
+        yield url

@@ -33,3 +33,15 @@ def cloned_database(template: str) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def run_migration(engine: Engine, url: str, revision: str, *, down: bool = False) -> None:
+    """Upgrade (or downgrade) the store at `url` to `revision` on `engine`'s connection, as Alembic would."""
+    from alembic import command
+
+    from sandbox.store.database import alembic_config
+
+    config = alembic_config(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sandbox.errors import Conflict
+from sandbox.transitions import apply_transition
 
 
 class JobState(StrEnum):
@@ -42,8 +42,4 @@ ACTIVE = frozenset({S.RUNNING, S.CHECKING})  # hold resources or a container
 
 def next_state(current: JobState | str, target: JobState | str) -> JobState:
     """`target`, if the table allows it from `current`; otherwise a Conflict naming both."""
-    current, target = JobState(current), JobState(target)
-    if target not in TRANSITIONS[current]:
-        allowed = ", ".join(sorted(TRANSITIONS[current])) or "nothing (it is final)"
-        raise Conflict(f"a {current.value} job cannot become {target.value}; it may become {allowed}")
-    return target
+    return apply_transition(TRANSITIONS, JobState(current), JobState(target), noun="job")

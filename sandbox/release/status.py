@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sandbox.errors import Conflict
+from sandbox.transitions import apply_transition
 
 
 class OutputStatus(StrEnum):
@@ -26,11 +26,7 @@ TRANSITIONS: dict[OutputStatus, frozenset[OutputStatus]] = {
 
 def next_status(current: OutputStatus | str, target: OutputStatus | str) -> OutputStatus:
     """`target`, if the table allows it from `current`; otherwise a Conflict naming both."""
-    current, target = OutputStatus(current), OutputStatus(target)
-    if target not in TRANSITIONS[current]:
-        allowed = ", ".join(sorted(TRANSITIONS[current])) or "nothing (it is final)"
-        raise Conflict(f"a {current.value} output cannot become {target.value}; it may become {allowed}")
-    return target
+    return apply_transition(TRANSITIONS, OutputStatus(current), OutputStatus(target), noun="output")
 
 
 class Origin(StrEnum):

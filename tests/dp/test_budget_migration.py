@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
-from alembic import command
-from pgdb import cloned_database
+from pgdb import run_migration
 
-from sandbox.store.database import alembic_config, make_engine
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    with cloned_database(request.getfixturevalue("postgres_template")) as url:
-        yield url
-
-
-def _run(engine: sa.Engine, url: str, revision: str, *, down: bool = False) -> None:
-    config = alembic_config(url)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        (command.downgrade if down else command.upgrade)(config, revision)
+from sandbox.store.database import make_engine
 
 
 def test_backfill_never_grants_budget(store_url: str) -> None:
     engine = make_engine(store_url)
     try:
-        _run(engine, store_url, "head")
-        _run(engine, store_url, "0006", down=True)
+        run_migration(engine, store_url, "head")
+        run_migration(engine, store_url, "0006", down=True)
         now = datetime.now(UTC)
         with engine.begin() as connection:
             tables = sa.MetaData()
@@ -49,7 +29,7 @@ def test_backfill_never_grants_budget(store_url: str) -> None:
             connection.execute(tables.tables["dataset_budgets"].insert().values(
                 dataset="d", epsilon_cap=2.5, epsilon_spent=0.30000000000000004, epsilon_reserved=0.0,
                 mock_epsilon=0.1234567))
-        _run(engine, store_url, "head")
+        run_migration(engine, store_url, "head")
         with engine.connect() as connection:
             ledger = connection.execute(sa.text(
                 "SELECT epsilon_total_units, epsilon_spent_units, delta_total_units, delta_spent_units "

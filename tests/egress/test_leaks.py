@@ -473,16 +473,21 @@ def leaks_format() -> int:
     return leaks.INDEX_FORMAT
 
 
-def test_format_2_index_without_rare_values_still_scans(index: FingerprintIndex, index_path: Path,
-                                                        rows: list[Row]) -> None:
-    """An index written before rare values' rows were stored loads and finds what it always found."""
+def _as_format_2(index_path: Path, target: Path) -> Path:
+    """A copy of the index as format 2 wrote it: no rare values' rows."""
     with np.load(index_path, allow_pickle=False) as stored:
         arrays = {name: stored[name] for name in stored.files if not name.startswith("rare")}
     header = json.loads(bytes(arrays["header"]).decode())
     arrays["header"] = np.frombuffer(json.dumps({**header, "format": 2}).encode(), dtype=np.uint8)
-    old = index_path.with_name("format-2.leakindex")
-    with old.open("wb") as file:
+    with target.open("wb") as file:
         np.savez(file, allow_pickle=False, **arrays)
+    return target
+
+
+def test_format_2_index_without_rare_values_still_scans(index: FingerprintIndex, index_path: Path,
+                                                        rows: list[Row]) -> None:
+    """An index written before rare values' rows were stored loads and finds what it always found."""
+    old = _as_format_2(index_path, index_path.with_name("format-2.leakindex"))
     data = b"\n".join([csv_copy(rows[:40]), columnar_json(rows), ids_in_log(rows[70:])])
     assert FingerprintIndex.load(old).scan(data) == index.scan(data)
     assert FingerprintIndex.load(old).outdated and not index.outdated
@@ -494,14 +499,9 @@ def test_an_outdated_index_is_rebuilt_when_the_checks_ask_for_it(index_path: Pat
     """A version registered before partial rows keeps its older index on disk; the checks rebuild it once."""
     from sandbox.egress.content import ensure_fingerprints, fingerprint_path
 
-    with np.load(index_path, allow_pickle=False) as stored:
-        arrays = {name: stored[name] for name in stored.files if not name.startswith("rare")}
-    header = json.loads(bytes(arrays["header"]).decode())
-    arrays["header"] = np.frombuffer(json.dumps({**header, "format": 2}).encode(), dtype=np.uint8)
     target = fingerprint_path(tmp_path, "carotid-stenting", 1)
     target.parent.mkdir(parents=True)
-    with target.open("wb") as file:
-        np.savez(file, allow_pickle=False, **arrays)
+    _as_format_2(index_path, target)
     assert FingerprintIndex.load(target).outdated
     assert not ensure_fingerprints(tmp_path, "carotid-stenting", 1, registry, CARD).outdated
     assert not FingerprintIndex.load(target).outdated, "the rebuilt index was not kept"

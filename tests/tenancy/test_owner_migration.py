@@ -3,34 +3,14 @@ log first, then the creating steward's issued tokens; what neither settles fails
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
-from alembic import command
-from pgdb import cloned_database
+from pgdb import run_migration
 
 from sandbox.auth.orgs import UNKNOWN_OWNER
-from sandbox.store.database import alembic_config, make_engine
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    with cloned_database(request.getfixturevalue("postgres_template")) as url:
-        yield url
-
-
-def _run(engine: sa.Engine, url: str, revision: str, *, down: bool = False) -> None:
-    config = alembic_config(url)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        (command.downgrade if down else command.upgrade)(config, revision)
+from sandbox.store.database import make_engine
 
 
 def _rows(connection: sa.Connection, tables: sa.MetaData, now: datetime) -> None:
@@ -67,8 +47,8 @@ def _rows(connection: sa.Connection, tables: sa.MetaData, now: datetime) -> None
 def test_backfill_takes_the_creators_org_and_fails_closed(store_url: str) -> None:
     engine = make_engine(store_url)
     try:
-        _run(engine, store_url, "head")
-        _run(engine, store_url, "0007", down=True)
+        run_migration(engine, store_url, "head")
+        run_migration(engine, store_url, "0007", down=True)
         with engine.begin() as connection:
             connection.execute(sa.text("DELETE FROM policies"))
             connection.execute(sa.text("DELETE FROM audit_events"))
@@ -76,7 +56,7 @@ def test_backfill_takes_the_creators_org_and_fails_closed(store_url: str) -> Non
             tables = sa.MetaData()
             tables.reflect(connection, only=["datasets", "contracts", "policies", "audit_events", "issued_tokens"])
             _rows(connection, tables, datetime.now(UTC))
-        _run(engine, store_url, "head")
+        run_migration(engine, store_url, "head")
         with engine.connect() as connection:
             datasets = dict(connection.execute(sa.text("SELECT name, owner_org FROM datasets")).all())
             contracts = dict(connection.execute(sa.text("SELECT id, owner_org FROM contracts")).all())
