@@ -45,11 +45,12 @@ def analysis_image() -> str:
                         progress=lambda *_: None)["analysis"]
 
 
-def pack(files: dict[str, str]) -> bytes:
+def pack(files: dict[str, str] | dict[str, bytes]) -> bytes:
+    """A code bundle (tar.gz) of `files`, text or bytes, as a client would send it."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
+        for name, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -3,9 +3,7 @@ org's waiting jobs and stored code are capped, each refusal a 429 with Retry-Aft
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,20 +14,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers import Tokens, auth, register_demo
+from jobworld import pack
 from sqlalchemy import text
 
 from sandbox.instance import Instance
 from sandbox.store.models import ImageRecord
-
-
-def _pack(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -49,7 +38,7 @@ def submit(api: TestClient, instance: Instance, tokens: Tokens, tmp_path: Path) 
     def send(code: dict[str, bytes] | None = None, token: str | None = None) -> httpx.Response:
         spec = {"contract": contract.json()["id"], "dataset": "carotid-stenting", "image": "analysis",
                 "command": ["python", "main.py"]}
-        bundle = _pack(code or {"main.py": b"print(1)\n"})
+        bundle = pack(code or {"main.py": b"print(1)\n"})
         return api.post("/v1/jobs", headers=auth(token or buyer), data={"spec": json.dumps(spec)},
                         files={"code": ("code.tar.gz", bundle, "application/gzip")})
 

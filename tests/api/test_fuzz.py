@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from helpers import Tokens, auth, demo_card, register_demo
+from jobworld import pack
 
 from sandbox.auth.tokens import Role
 from sandbox.instance import Instance
@@ -69,22 +70,10 @@ def world(api: TestClient, instance: Instance, tokens: Tokens, tmp_path: Path) -
                                   "admin": tokens.admin()}, real=real, contract=contract.json()["id"])
 
 
-def _pack(files: dict[str, bytes]) -> bytes:
-    import tarfile
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def _submit(api: TestClient, token: str, spec: Any, raw_spec: str | None = None) -> Any:
     text = raw_spec if raw_spec is not None else json.dumps(spec)
     return api.post("/v1/jobs", headers=auth(token), data={"spec": text},
-                    files={"code": ("code.tar.gz", _pack({"main.py": b"print(1)\n"}), "application/gzip")})
+                    files={"code": ("code.tar.gz", pack({"main.py": b"print(1)\n"}), "application/gzip")})
 
 
 def all_routes(app: Any) -> list[tuple[str, str, APIRoute]]:
