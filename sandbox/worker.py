@@ -30,7 +30,7 @@ from sandbox.catalog.service import get_dataset, get_version
 from sandbox.context import Context
 from sandbox.contracts import JobKind, Tier
 from sandbox.dp.mock_publication import mock_path
-from sandbox.dp.queries import job_principal, request_from_socket, run_query
+from sandbox.dp.queries import job_principal, request_from_socket, run_query, settle_abandoned_reservations
 from sandbox.dp.socket_server import DpSocket
 from sandbox.egress import CheckResult, OutputFacts, Verdict, detect_kind
 from sandbox.egress.content import ContentContext, content_checks, ensure_fingerprints, sidecar
@@ -165,6 +165,8 @@ class Worker:
 
     def run_forever(self, interval_s: float = 0.5) -> None:
         log.info("worker_started")
+        # The DP sockets answer from here: budget a killed worker held mid-query goes back first.
+        settle_abandoned_reservations(self.instance)
         while not self.stopping.is_set():
             self._wake.clear()
             try:

@@ -14,6 +14,7 @@ from sandbox import __version__
 from sandbox.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from sandbox.api.problems import install_problem_handlers
 from sandbox.api.routes import audit, contracts, datasets, health, jobs, notebooks, policies, queries, tokens
+from sandbox.dp.queries import settle_abandoned_reservations
 from sandbox.instance import Instance
 from sandbox.notebooks import proxy
 from sandbox.notebooks.servers import NotebookServers
@@ -31,6 +32,8 @@ def create_app(instance: Instance) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Kernels outlive no server: those of a previous process are removed, ours go with us.
         await run_in_threadpool(servers.reap)
+        # Budget a killed process held mid-query goes back before the first query.
+        await run_in_threadpool(settle_abandoned_reservations, instance)
         try:
             yield
         finally:
