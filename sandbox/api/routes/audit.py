@@ -58,7 +58,8 @@ def steward_events(org: str) -> ColumnElement[bool]:
         AuditEvent.org == org,
         and_(AuditEvent.object_type.in_(["dataset", "contract", "job", "request"]),
              AuditEvent.object_id.in_(own_objects)),
-        and_(AuditEvent.object_type == "dataset_version", own_version),
+        # Versions, and what is done to one (a DP query names the dataset at its version: "name@3").
+        and_(AuditEvent.object_type.in_(["dataset_version", "dataset"]), own_version),
         and_(AuditEvent.org == "-", AuditEvent.object_type.in_(["instance", "image", "policy"])),
     )
 
