@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,3 +59,26 @@ class Tokens:
 
     def admin(self, org: str = "ops") -> str:
         return self.make(Role.ADMIN, org)
+
+
+class _StandInHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"the service's own port")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def stand_in_api() -> Iterator[int]:
+    """A real HTTP server on every host address, standing in for the API's own port; yields the port."""
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), _StandInHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

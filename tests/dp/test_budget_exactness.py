@@ -189,16 +189,22 @@ def test_a_failing_final_transaction_gives_the_reservation_back(
     assert states == {"released"}, states
 
 
+def held_by_a_dead_process(instance: Instance, contract: str, units: int) -> str:
+    """A reservation as a process that has since died left it: reserved, under another holder."""
+    with instance.sessions() as session, session.begin():
+        held = ledger.reserve(session, contract_id=contract, dataset=DATASET,
+                              charge=ledger.Charge(epsilon_units=units), query_key="killed")
+        session.execute(update(BudgetReservation).where(BudgetReservation.id == held.id)
+                        .values(holder="gone-host:4242:0000"))
+        return held.id
+
+
 def test_a_starting_service_gives_back_what_a_killed_process_reserved(
         api: TestClient, instance: Instance, settings: Settings, world: dict[str, str]) -> None:
     from sandbox.api.app import create_app
 
     contract = make_contract(api, world["steward"], epsilon=1.0)
-    with instance.sessions() as session, session.begin():
-        held = ledger.reserve(session, contract_id=contract, dataset=DATASET,
-                              charge=ledger.Charge(epsilon_units=300_000), query_key="killed")
-        session.execute(update(BudgetReservation).where(BudgetReservation.id == held.id)
-                        .values(holder="gone-host:4242:0000"))
+    held_by_a_dead_process(instance, contract, 300_000)
     restarted = Instance(settings)
     try:
         with TestClient(create_app(restarted)):  # start-up runs, before any query or budget reading
@@ -210,13 +216,7 @@ def test_a_starting_service_gives_back_what_a_killed_process_reserved(
 def test_reservations_of_a_killed_process_are_released_at_startup(
         api: TestClient, instance: Instance, settings: Settings, world: dict[str, str]) -> None:
     contract = make_contract(api, world["steward"], epsilon=1.0)
-    with instance.sessions() as session, session.begin():
-        held = ledger.reserve(session, contract_id=contract, dataset=DATASET,
-                              charge=ledger.Charge(epsilon_units=400_000), query_key="killed")
-        held_id = held.id
-    with instance.sessions() as session, session.begin():  # as if another process, now dead, held it
-        session.execute(update(BudgetReservation).where(BudgetReservation.id == held_id)
-                        .values(holder="gone-host:4242:0000"))
+    held_by_a_dead_process(instance, contract, 400_000)
     assert ledger_row(instance, contract).epsilon_reserved_units == 400_000
     restarted = Instance(settings)
     try:

@@ -12,16 +12,13 @@ kill, and the network probe reaches its target from a container without the guar
 
 from __future__ import annotations
 
-import http.server
 import json
 import subprocess
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 import docker
 import pytest
-from helpers import auth
+from helpers import auth, stand_in_api
 from jobworld import JobWorld
 
 from runners.base import Resources
@@ -62,29 +59,11 @@ def report(stdout: str) -> dict[str, str]:
     return result
 
 
-class _Answer(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"the service's own port")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def host_server() -> Iterator[int]:
     """A real HTTP server on every host address: a stand-in for the API's own port."""
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), _Answer)
-    thread = threading.Thread(target=serve, args=(server,), daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
-def serve(server: http.server.ThreadingHTTPServer) -> None:
-    server.serve_forever()
+    with stand_in_api() as port:
+        yield port
 
 
 def unguarded(image: str, code: str) -> dict[str, str]:

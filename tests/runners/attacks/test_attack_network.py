@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import ipaddress
 import json
 import socket
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import stand_in_api
 from runner_support import JobFiles, last_json_line, logs, run_to_exit
 
 from runners.docker import DockerRunner
@@ -51,25 +51,11 @@ print(json.dumps({"results": results, "interfaces": interfaces, "net_dev": net_d
 """
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"the service's own port")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def host_server() -> Iterator[int]:
     """A real HTTP server on every host address, standing in for the API's own port."""
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with stand_in_api() as port:
+        yield port
 
 
 @pytest.fixture
