@@ -354,7 +354,8 @@ class Worker:
         context = ContentContext(index=index, dataset_parquet=parquet, card=card, policy=policy)
         limit = int(float(policy["egress"]["max_file_mb"]) * 1024 * 1024)
         files = [("logs/stdout.txt", collected.stdout, True), ("logs/stderr.txt", collected.stderr, True)]
-        files += [(f.path, f, False) for f in buyer_files(collected)]
+        own = buyer_files(collected)
+        files += [(f.path, f, False) for f in own]
         contents = {path: f.stored_at.read_bytes() for path, f, _ in files if f.size <= limit}
         results: dict[str, list[CheckResult] | None] = {}
         for path, file, is_log in files:
@@ -363,7 +364,7 @@ class Worker:
             facts = _facts(path, file, is_log=is_log)
             kind, _ = detect_kind(facts)
             results[path] = content_checks(facts, kind, contents[path], context, provenance=sidecar(contents, path))
-        names = [f.path for f in buyer_files(collected)] + list(collected.refused)
+        names = [f.path for f in own] + list(collected.refused)
         leak_scan = policy["egress"]["leak_scan"]
         verdict, reason = leak_verdict(index.scan("\n".join(names).encode()), block_rows=int(leak_scan["block_rows"]),
                                        block_ids=int(leak_scan["block_ids"]))

@@ -268,7 +268,7 @@ def read_regression_provenance(raw: dict[str, Any]) -> RegressionProvenance:
 # -- recomputation (the DuckDB adapter) ------------------------------------------------------------------------------
 
 
-def _quote(name: str) -> str:
+def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -276,15 +276,15 @@ def dataset_columns(dataset_parquet: Path) -> list[str]:
     return list(pq.read_schema(dataset_parquet).names)
 
 
-def _where(filters: Sequence[Filter], not_null: Iterable[str]) -> tuple[str, list[Any]]:
-    clauses = [f"{_quote(column)} IS NOT NULL" for column in not_null]
+def where_clause(filters: Sequence[Filter], not_null: Iterable[str]) -> tuple[str, list[Any]]:
+    clauses = [f"{quote_identifier(column)} IS NOT NULL" for column in not_null]
     parameters: list[Any] = []
     for item in filters:
         if item.op == "in":
-            clauses.append(f"{_quote(item.column)} IN ({', '.join('?' for _ in item.value)})")
+            clauses.append(f"{quote_identifier(item.column)} IN ({', '.join('?' for _ in item.value)})")
             parameters.extend(item.value)
         else:
-            clauses.append(f"{_quote(item.column)} {FILTER_OPERATORS[item.op]} ?")
+            clauses.append(f"{quote_identifier(item.column)} {FILTER_OPERATORS[item.op]} ?")
             parameters.append(item.value)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", parameters
 
@@ -293,10 +293,10 @@ def recompute_cells(dataset_parquet: Path, *, groups: Sequence[str], value: str 
                     privacy_unit: str | None, top_n: int) -> dict[tuple[str, ...], CellStats]:
     """Counts, sums and the largest per-unit contributions for every group, straight from the dataset version."""
     group_names = [f"g{i}" for i in range(len(groups))]
-    selected = [f"{_quote(column)} AS {name}" for column, name in zip(groups, group_names, strict=True)]
-    value_expression = f"CAST({_quote(value)} AS DOUBLE)" if value else "CAST(NULL AS DOUBLE)"
-    unit_expression = _quote(privacy_unit) if privacy_unit else "file_row_number"
-    where, parameters = _where(filters, groups)
+    selected = [f"{quote_identifier(column)} AS {name}" for column, name in zip(groups, group_names, strict=True)]
+    value_expression = f"CAST({quote_identifier(value)} AS DOUBLE)" if value else "CAST(NULL AS DOUBLE)"
+    unit_expression = quote_identifier(privacy_unit) if privacy_unit else "file_row_number"
+    where, parameters = where_clause(filters, groups)
     unit_grouping = ", ".join([*group_names, "u"])
     outer_grouping = f" GROUP BY {', '.join(group_names)}" if group_names else ""
     # Every name was checked against the dataset's schema and is quoted; values travel as parameters.
@@ -326,7 +326,7 @@ def recompute_cells(dataset_parquet: Path, *, groups: Sequence[str], value: str 
 
 def recompute_rows(dataset_parquet: Path, *, filters: Sequence[Filter], not_null: Sequence[str]) -> int:
     """Rows of the dataset version a regression could have used."""
-    where, parameters = _where(filters, not_null)
+    where, parameters = where_clause(filters, not_null)
     with duck.connect() as connection:
         rows = connection.execute(f"SELECT count(*) FROM read_parquet(?){where}",  # noqa: S608 (names are quoted)
                                   [str(dataset_parquet), *parameters]).fetchall()

@@ -42,7 +42,9 @@ from sandbox.egress.tables import (
     min_cell_count_rule,
     normalise_label,
     p_ratio_rule,
+    quote_identifier,
     recompute_cells,
+    where_clause,
     zeros_rule,
 )
 from sandbox.egress.verdicts import SEVERITY, CheckResult, Verdict
@@ -226,11 +228,6 @@ def _parse_filters(raw: Any, card: dict[str, Any]) -> tuple[Filter, ...]:
     return tuple(unique[key] for key in sorted(unique, key=repr))
 
 
-def _sql_filters(filters: Sequence[Filter]) -> list[Filter]:
-    # The recomputation takes 'in' values as a list.
-    return [Filter(f.column, f.op, list(f.value)) if f.op == "in" else f for f in filters]
-
-
 @dataclass(frozen=True)
 class EarlierRelease:
     """A platform-made table already released to the same buyer organisation on the same dataset."""
@@ -312,7 +309,7 @@ def verify_table(spec: TableSpec, *, dataset_parquet: Path, card: dict[str, Any]
     top_n = max(int(sdc.get("dominance_n") or 0), 2)
     try:
         recomputed = recompute_cells(dataset_parquet, groups=list(spec.groups), value=spec.values,
-                                     filters=_sql_filters(spec.filters), privacy_unit=unit, top_n=top_n)
+                                     filters=spec.filters, privacy_unit=unit, top_n=top_n)
     except duckdb.Error as exc:
         raise SpecError(f"the table could not be recomputed from the dataset version ({type(exc).__name__})") from exc
     categories = [_public_categories(card, column) or [] for column in spec.groups]
@@ -408,24 +405,11 @@ def differencing_rule(spec: TableSpec, *, dataset_parquet: Path, minimum: int,
 
 def _cells_sql(spec: TableSpec) -> tuple[str, list[Any]]:
     # A record is known by the hash of all its values, so an unchanged record matches across weekly versions.
-    keys = ", ".join(f"CAST(t.{_quote(column)} AS VARCHAR)" for column in spec.groups)
-    clauses = [f"t.{_quote(column)} IS NOT NULL" for column in spec.groups]
-    parameters: list[Any] = []
-    for item in _sql_filters(spec.filters):
-        if item.op == "in":
-            clauses.append(f"t.{_quote(item.column)} IN ({', '.join('?' for _ in item.value)})")
-            parameters.extend(item.value)
-        else:
-            operator = {"==": "=", "!=": "<>"}.get(item.op, item.op)
-            clauses.append(f"t.{_quote(item.column)} {operator} ?")
-            parameters.append(item.value)
+    keys = ", ".join(f"CAST({quote_identifier(column)} AS VARCHAR)" for column in spec.groups)
+    where, parameters = where_clause(spec.filters, spec.groups)
     sql = (f"SELECT DISTINCT [{keys}] AS k, hash(t) AS r "  # noqa: S608 (names quoted, values bound)
-           f"FROM read_parquet(?) AS t WHERE {' AND '.join(clauses)}")
+           f"FROM read_parquet(?) AS t{where}")
     return sql, parameters
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _isolations(spec: TableSpec, dataset_parquet: Path, release: EarlierRelease,
