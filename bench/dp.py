@@ -2,9 +2,15 @@
 
 Run: .venv/bin/python bench/dp.py [--rows 10000000] [--quick] [--repeats 5] [--peer-repeats 3] [--skip-peers]
 The query is `SELECT site, COUNT(*) AS n, AVG(age) AS mean_age FROM bench GROUP BY site`, side by side in one run:
-- sandbox.dp.engine with row-level privacy (unit `row_id`, one row each) and with user-level privacy
+- the DP engine (sandbox.dp) with row-level privacy (unit `row_id`, one row each) and with user-level privacy
   (unit `patient_id`, ~1.1 rows each, bounded to 2 rows and 1 group per unit);
 - raw DuckDB, the same SQL with no privacy;
+- end to end, as a buyer meets it: `POST /v1/queries` over HTTP to a `sandbox serve` process (the API, which
+  holds no data: it checks the query and forwards it) and on over the worker's Unix socket to a
+  `sandbox worker` process, which runs the engine beside the data, reserves and charges the budget, stores the
+  answer and audits it. The version is uploaded through the API first (not timed); each timed query asks a
+  distinct epsilon, so none is answered from the cache. Its peak RSS is the worker process's over the
+  queries, and raw DuckDB on the stored version is timed between its queries, under the same load;
 - OpenDP 0.16's Polars context and SmartNoise SQL, each in its own virtualenv under .cache/bench/ (created on
   first use), both row-level with public site keys.
 Every measurement is a fresh child process: a first run (shown apart), then the median of the repeats,
@@ -81,6 +87,8 @@ class Outcome:
     answer: list[list[Any]] = field(default_factory=list)
     problem: str = ""
     note: str = ""
+    # End to end only: raw DuckDB on the stored version the worker reads, timed between its queries.
+    same_file_raw_s: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -152,6 +160,9 @@ def child(kind: str, parquet: str, repeats: int, epsilon: float) -> None:
     sys.path.insert(0, str(REPO))
     from measure import Answer, measure, unavailable
 
+    if kind.startswith("e2e-"):
+        end_to_end_child(kind.removeprefix("e2e-"), parquet, repeats, epsilon)
+        return
     if kind == "duckdb":
         import duckdb
 
@@ -167,7 +178,8 @@ def child(kind: str, parquet: str, repeats: int, epsilon: float) -> None:
         measure(run_duckdb, repeats=repeats, packages=["duckdb"])
         return
     try:
-        from sandbox.dp.engine import Budget, DatasetPrivacy, execute, plan_query
+        from sandbox.dp.duckdb_engine import execute
+        from sandbox.dp.plan import DatasetPrivacy, plan_query
     except ImportError as error:
         unavailable(f"{type(error).__name__}: {error}")
         return
@@ -178,7 +190,7 @@ def child(kind: str, parquet: str, repeats: int, epsilon: float) -> None:
 
     def run_engine() -> Answer:
         plan = plan_query(QUERY, dataset)
-        answer = execute(plan, Path(parquet), Budget(epsilon=epsilon), cache_dir=cache_dir)
+        answer = execute(plan, Path(parquet), plan.cost(epsilon=epsilon), cache_dir=cache_dir)
         position = {name: index for index, name in enumerate(answer.columns)}
         return [(row[position["site"]], float(row[position["n"]]), float(row[position["mean_age"]]))
                 for row in answer.rows]
@@ -186,11 +198,142 @@ def child(kind: str, parquet: str, repeats: int, epsilon: float) -> None:
     measure(run_engine, repeats=repeats, packages=["duckdb", "opendp", "sqlglot"])
 
 
+def end_to_end_child(card_kind: str, parquet: str, repeats: int, epsilon: float) -> None:
+    """Time `POST /v1/queries` against a real API process and a real worker process, from a fresh home."""
+    import tempfile
+
+    import httpx
+    from measure import emit, versions
+
+    from sandbox.auth.tokens import Role
+    from sandbox.config import Settings
+    from sandbox.instance import Instance, init_instance
+    from sandbox.local_http import call, worker_socket
+
+    home = Path(tempfile.mkdtemp(prefix="dp-e2e-", dir=CACHE))
+    settings = Settings(home=home, log_level="WARNING")
+    init_instance(settings)
+    instance = Instance(settings)
+    steward = instance.issue_token(sub="steward", org="hospital", role=Role.STEWARD, ttl_s=3600).token
+    buyer = instance.issue_token(sub="buyer", org="acme", role=Role.BUYER, ttl_s=3600).token
+    socket = worker_socket(settings.dp_socket_root, instance.instance_id)
+    instance.close()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}, "SANDBOX_HOME": str(home),
+           "SANDBOX_LOG_LEVEL": "WARNING", "SANDBOX_EMBEDDED_WORKER": "false"}
+    port = _free_port()
+    cli = [sys.executable, "-m", "sandbox.cli"]
+    log = (home / "processes.log").open("wb")
+    worker = subprocess.Popen([*cli, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    api = subprocess.Popen([*cli, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                           cwd=REPO)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+    try:
+        deadline = time.monotonic() + 120
+        while not socket.exists() or not _healthy(http):
+            if time.monotonic() > deadline or worker.poll() is not None or api.poll() is not None:
+                log.flush()
+                tail = (home / "processes.log").read_text()[-400:].replace("\n", " | ")
+                emit("unavailable", reason=f"the API or the worker did not start: {tail}")
+                return
+            time.sleep(0.1)
+        steward_auth, buyer_auth = {"Authorization": f"Bearer {steward}"}, {"Authorization": f"Bearer {buyer}"}
+        card = {**CARDS[card_kind], "title": "bench"}
+        http.post("/v1/datasets", json=card, headers=steward_auth).raise_for_status()
+        with open(parquet, "rb") as handle:
+            http.post("/v1/datasets/bench/versions", files={"file": ("bench.parquet", handle)},
+                      headers=steward_auth).raise_for_status()
+        # What registration starts in the background (the ranked copy), awaited before the clock starts.
+        call(socket, "/datasets/warm-up", {"dataset": "bench", "version": 1}, timeout_s=3600)
+        contract = http.post("/v1/contracts", headers=steward_auth, json={
+            "buyer_org": "acme", "datasets": ["bench"], "tier": "dp_only", "kinds": ["query"], "purpose": "bench",
+            "valid_until": "2099-01-01", "epsilon": round(epsilon * (repeats + 2) + 1, 3), "policy": "dp-only"})
+        contract.raise_for_status()
+        asked = iter(range(repeats + 1))
+
+        def run_query() -> list[tuple[str, float, float]]:
+            # A distinct epsilon each time (the grid step is 0.001): an identical query would be a cache hit.
+            body = {"contract": contract.json()["id"], "dataset": "bench", "sql": QUERY,
+                    "epsilon": round(epsilon + 0.001 * next(asked), 3)}
+            answer = http.post("/v1/queries", json=body, headers=buyer_auth)
+            answer.raise_for_status()
+            document = answer.json()
+            assert not document["cached"]
+            position = {name: index for index, name in enumerate(document["columns"])}
+            return [(row[position["site"]], float(row[position["n"]]), float(row[position["mean_age"]]))
+                    for row in document["rows"]]
+
+        # Raw DuckDB on the very file the worker answers from (the version as stored: typed, zstd), in this
+        # process, interleaved with the end-to-end queries so that both see the same machine load.
+        import duckdb
+
+        stored = duckdb.connect()
+        stored.read_parquet(str(home / "artifacts" / "datasets" / "bench" / "v1.parquet")).create_view("bench")
+
+        def run_raw() -> float:
+            started = time.perf_counter()
+            stored.execute(QUERY).fetchall()
+            return time.perf_counter() - started
+
+        run_raw()
+        # The worker ingested and fingerprinted the version just now: its peak from here on is the queries' own.
+        Path(f"/proc/{worker.pid}/clear_refs").write_text("5")
+        baseline = _process_memory_mib(worker.pid, "VmRSS")
+        started = time.perf_counter()
+        answer = run_query()
+        warmup = time.perf_counter() - started
+        emit("warmup", seconds=warmup)
+        times, raw_times = [], []
+        for _ in range(repeats):
+            raw_times.append(run_raw())
+            started = time.perf_counter()
+            answer = run_query()
+            times.append(time.perf_counter() - started)
+        emit("result", warmup_s=warmup, times_s=times, peak_rss_mib=_process_memory_mib(worker.pid, "VmHWM"),
+             timed_peak_rss_mib=None, baseline_rss_mib=baseline, versions=versions("duckdb", "opendp", "httpx"),
+             answer=sorted(answer), same_file_raw_s=raw_times)
+    finally:
+        http.close()
+        for process in (api, worker):
+            process.terminate()
+        for process in (api, worker):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _healthy(http: Any) -> bool:
+    import httpx
+
+    try:
+        return bool(http.get("/healthz").status_code == 200)
+    except httpx.TransportError:
+        return False
+
+
+def _process_memory_mib(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def prepare_child(parquet: str) -> None:
     """The one-time ranking a version gets at registration, timed and measured in a process of its own."""
     import time
 
-    from sandbox.dp.engine import DatasetPrivacy, prepare
+    from sandbox.dp.duckdb_engine import prepare
+    from sandbox.dp.plan import DatasetPrivacy
 
     started = time.perf_counter()
     prepare(Path(parquet), DatasetPrivacy.from_card(CARDS["engine-user"]), cache_dir=RANKED)
@@ -268,6 +411,7 @@ def run_child(label: str, command: list[str], *, rows: int, warmup_deadline_s: f
                 elif event["event"] == "unavailable":
                     outcome.problem = f"not available ({event['reason']})"
                 elif event["event"] == "result":
+                    outcome.same_file_raw_s = event.get("same_file_raw_s", [])
                     outcome.warmup_s = event["warmup_s"]
                     outcome.times_s = event["times_s"]
                     outcome.peak_rss_mib = event["peak_rss_mib"]
@@ -350,6 +494,10 @@ def report(outcomes: list[Outcome], engine_small: dict[str, Outcome], args: argp
     print(f"  load average {load_before} before, {load_average()} after")
     print("  peak RSS is the whole child process; 'repeats' is the peak over the timed runs alone, 'imports' the RSS "
           "before the first run;")
+    print("  end to end: HTTP to the API process, which forwards over a Unix socket to the worker process; its peak "
+          "RSS is the worker's over the queries, 'imports' its RSS before them (after ingesting the version); each\n"
+          "  is also compared with raw DuckDB on the version as the worker stores it (typed, zstd), timed between its "
+          "queries")
     print("  max |err| is the largest distance from the exact answer over the sites")
     print(f"  {'':<34} {'rows':>4} {'first run':>11} {'median':>11} {'min':>11} {'peak RSS':>9} {'repeats':>8} "
           f"{'imports':>8}   {'max |err|: count':>9} {'mean':>7}")
@@ -367,6 +515,7 @@ def report(outcomes: list[Outcome], engine_small: dict[str, Outcome], args: argp
     by_label = {outcome.label: outcome for outcome in outcomes}
     duckdb, row, user = by_label["raw DuckDB (no privacy)"], by_label["engine, row-level"], by_label[
         "engine, user-level bounded"]
+    e2e_row, e2e_user = by_label["end to end, row-level"], by_label["end to end, user-level bounded"]
 
     def ratio(numerator: Outcome, denominator: Outcome, of: str = "median") -> float | None:
         if not (numerator.ok and denominator.ok):
@@ -385,8 +534,20 @@ def report(outcomes: list[Outcome], engine_small: dict[str, Outcome], args: argp
     for text, value, target, bound in [
         ("engine row-level / raw DuckDB", ratio(row, duckdb), "<= 1.5x", 1.5),
         ("engine user-level bounded / raw DuckDB", ratio(user, duckdb), "<= 3x", 3.0),
+        ("end to end (API -> worker) row-level / raw DuckDB", ratio(e2e_row, duckdb), "<= 2x", 2.0),
+        ("end to end (API -> worker) bounded / raw DuckDB", ratio(e2e_user, duckdb), "<= 2x", 2.0),
     ]:
         print(ratio_line(text, value, target, None if value is None else value <= bound))
+    # The stored version (typed, zstd, smaller row groups) scans faster than the bench's file: against it, the
+    # end-to-end figure shows the fixed cost of a query that is checked, forwarded, reserved, charged and audited.
+    for text, outcome in [("  row-level / raw DuckDB on the stored version (no target)", e2e_row),
+                          ("  bounded / raw DuckDB on the stored version (no target)", e2e_user)]:
+        if not (outcome.ok and outcome.same_file_raw_s):
+            print(ratio_line(text, None, "none", None))
+            continue
+        raw = statistics.median(outcome.same_file_raw_s)
+        print(ratio_line(text, outcome.median_s / raw, "none", None)
+              + f"  (+{(outcome.median_s - raw) * 1000:.0f} ms a query)")
     for label, floor in [("OpenDP Polars context", 20.0), ("SmartNoise SQL", 10.0)]:
         peer = by_label[label]
         engine = row if peer.rows == row.rows else engine_small.get("engine-row", Outcome(label="", rows=0))
@@ -444,6 +605,9 @@ def main() -> None:
         measure_here("duckdb", "raw DuckDB (no privacy)", path, args.rows, args.repeats, args.epsilon),
         measure_here("engine-row", "engine, row-level", path, args.rows, args.repeats, args.epsilon),
         measure_here("engine-user", "engine, user-level bounded", path, args.rows, args.repeats, args.epsilon),
+        measure_here("e2e-engine-row", "end to end, row-level", path, args.rows, args.repeats, args.epsilon),
+        measure_here("e2e-engine-user", "end to end, user-level bounded", path, args.rows, args.repeats,
+                     args.epsilon),
     ]
     for name, label in [("opendp-polars", "OpenDP Polars context"), ("smartnoise", "SmartNoise SQL")]:
         if args.skip_peers:

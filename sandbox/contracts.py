@@ -14,9 +14,9 @@ from sqlalchemy import select
 
 from sandbox.auth.orgs import ORG_PATTERN
 from sandbox.auth.tokens import Principal, Role
+from sandbox.budgets.ledger import ensure_ledgers
 from sandbox.catalog.service import owned_dataset
 from sandbox.context import Context
-from sandbox.dp.ledger import ensure_ledgers
 from sandbox.errors import Conflict, ContractNotUsable, Forbidden, Invalid, NotFound
 from sandbox.policies import resolve_policy
 from sandbox.store.models import Contract

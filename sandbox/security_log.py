@@ -12,13 +12,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sandbox.logs import get_logger
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from sandbox.audit import AuditLog
     from sandbox.auth.tokens import Principal
-    from sandbox.instance import Instance
 
 MAX_FIELD = 200
 _log = get_logger("sandbox.security")
@@ -98,7 +100,17 @@ def was_recorded(error: BaseException) -> bool:
     return bool(error.__dict__.get("refusal_recorded"))
 
 
-def audit_refusal(instance: Instance, principal: Principal, *, action: str = "request.refused", status: int,
+class Audited(Protocol):
+    """What `audit_refusal` needs of an `Instance`, which sits above this module: its sessions and audit log."""
+
+    @property
+    def sessions(self) -> sessionmaker[Session]: ...
+
+    @property
+    def audit(self) -> AuditLog: ...
+
+
+def audit_refusal(instance: Audited, principal: Principal, *, action: str = "request.refused", status: int,
                   method: str, route: str, object_id: str, reason: str) -> None:
     """Put an identified caller's refusal (403, or 404 on what is not theirs) on the signed chain,
     with bounded fields: the caller is known, so the event is theirs to answer for."""

@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 
 from sandbox.auth.orgs import owns
 from sandbox.auth.tokens import Principal, Role
+from sandbox.budgets.ledger import ensure_dataset_budget
 from sandbox.catalog.cards import DatasetCard, card_errors, public_schema
 from sandbox.catalog.ingest import IngestedVersion, ingest_version
 from sandbox.context import Context
-from sandbox.dp.ledger import ensure_dataset_budget
 from sandbox.errors import Conflict, Invalid, NotFound
 from sandbox.store.models import Dataset, DatasetVersion
 

@@ -1,1 +1,1 @@
-"""Differential privacy: the DP SQL engine, budgets and DP mock data."""
+"""Differential privacy: the DP SQL engine (plan, mechanisms, DuckDB adapter), DP queries and DP mock data."""

@@ -10,10 +10,10 @@ from pathlib import Path
 from sqlalchemy import select
 
 from sandbox.auth.tokens import Principal, Role
+from sandbox.budgets import ledger
 from sandbox.catalog.service import file_sha256, get_dataset, get_version
 from sandbox.context import Context
 from sandbox.contracts import contract_state
-from sandbox.dp import ledger
 from sandbox.dp.mock import synthesize_mock
 from sandbox.errors import Conflict, Forbidden, NotFound
 from sandbox.instance import Instance

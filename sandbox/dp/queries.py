@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
@@ -21,19 +22,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from sandbox.auth.tokens import Principal, Role
+from sandbox.budgets import ledger
+from sandbox.budgets.cost import PrivacyCost, requested_delta_units, requested_epsilon_units
 from sandbox.catalog.service import get_dataset, get_version
+from sandbox.context import Context
 from sandbox.contracts import JobKind, require_usable
-from sandbox.dp import ledger
-from sandbox.dp.engine import (
-    Budget,
-    DatasetPrivacy,
-    QueryPlan,
-    execute,
-    plan_query,
-    prepare,
-    zcdp_to_approx_dp,
-)
-from sandbox.errors import Conflict, Invalid
+from sandbox.dp.duckdb_engine import execute, prepare
+from sandbox.dp.plan import DatasetPrivacy, QueryPlan, plan_query
+from sandbox.errors import Conflict, Forbidden, Invalid
 from sandbox.instance import Instance
 from sandbox.store.models import BudgetLedger, BudgetReservation, Contract, DpAnswer
 
@@ -41,8 +37,8 @@ from sandbox.store.models import BudgetLedger, BudgetReservation, Contract, DpAn
 class QueryRequest(BaseModel):
     """The body of `POST /v1/queries`: exactly one of `epsilon` (pure DP) or `rho` (zCDP).
 
-    Epsilon (and rho) come in fixed steps (ledger.EPSILON_STEP, at least ledger.EPSILON_MIN) and
-    delta in whole units of 1e-12: a budget at arbitrary precision could carry bits (review 10).
+    Epsilon (and rho) come in fixed steps (EPSILON_STEP, at least EPSILON_MIN, in `sandbox.budgets.cost`)
+    and delta in whole units of 1e-12: a budget at arbitrary precision could carry bits (review 10).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -59,7 +55,7 @@ class QueryRequest(BaseModel):
     def _on_the_grid(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is not None:
             try:
-                ledger.requested_epsilon_units(value, str(info.field_name))
+                requested_epsilon_units(value, str(info.field_name))
             except Invalid as exc:
                 raise ValueError(exc.detail) from exc
         return value
@@ -68,7 +64,7 @@ class QueryRequest(BaseModel):
     @classmethod
     def _delta_on_the_grid(cls, value: float) -> float:
         try:
-            ledger.requested_delta_units(value)
+            requested_delta_units(value)
         except Invalid as exc:
             raise ValueError(exc.detail) from exc
         return value
@@ -94,20 +90,50 @@ def request_from_socket(body: dict[str, Any], *, contract: str, dataset: str) ->
     return QueryRequest(contract=contract, dataset=dataset, **body)
 
 
-def charge_for(request: QueryRequest, plan: QueryPlan) -> ledger.Charge:
-    """What the ledger is charged, before any noise: pure epsilon, or zCDP converted to (epsilon, delta).
+def socket_handler(instance: Instance, *, job_id: str, org: str, contract: str, dataset: str, via: str,
+                   on_answer: Callable[[QueryRequest, dict[str, Any]], None] | None = None,
+                   ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The `POST /query` handler of a job's or kernel's DP socket (`sandbox.dp.socket_server.DpSocket`).
 
-    With private GROUP BY keys the engine gives half of delta to the key threshold and converts
-    rho with the other half, so the conversion here uses the same half. A converted epsilon is
-    rounded up to the grid, so every charge is a whole number of steps.
+    The socket fixes the contract and dataset; the query acts as the job's buyer org (`job_principal`).
+    `on_answer` sees each answered query before it leaves, to keep the platform's own record of it; it may
+    add fields to the answer (a notebook adds the record's id).
     """
-    delta_units = ledger.requested_delta_units(request.delta)
-    if request.epsilon is not None:
-        return ledger.Charge(epsilon_units=ledger.requested_epsilon_units(request.epsilon), delta_units=delta_units)
-    assert request.rho is not None
-    conversion_delta = request.delta if plan.public_keys else request.delta / 2
-    return ledger.Charge(epsilon_units=ledger.epsilon_units_up(zcdp_to_approx_dp(request.rho, conversion_delta)),
-                         delta_units=delta_units)
+    principal = job_principal(job_id, org)
+
+    def handle(body: dict[str, Any]) -> dict[str, Any]:
+        request = request_from_socket(body, contract=contract, dataset=dataset)
+        answer = run_query(instance, principal, request, via=via)
+        if on_answer is not None:
+            on_answer(request, answer)
+        return answer
+
+    return handle
+
+
+def check_query(instance: Instance, actor: Principal, request: QueryRequest) -> None:
+    """What the API process checks before it forwards a query to the worker: the contract is usable for
+    queries on the dataset, which has a version, and the SQL plans against its card. Reads the store only,
+    never the data; the worker checks all of it again under the ledger's lock.
+    """
+    try:
+        with instance.read_context(actor) as ctx:
+            _check_query(ctx, request)
+    except Forbidden:
+        # A refused contract goes on the audit chain as every refused use does (Instance.context records it).
+        with instance.context(actor) as ctx:
+            _check_query(ctx, request)
+
+
+def _check_query(ctx: Context, request: QueryRequest) -> None:
+    require_usable(ctx, request.contract, kind=JobKind.QUERY, dataset=request.dataset)
+    version = get_version(ctx.session, request.dataset)  # 404 for no dataset, or none with a version, as run_query
+    charge_for(request, plan_query(request.sql, DatasetPrivacy.from_card(version.dataset.card)))
+
+
+def charge_for(request: QueryRequest, plan: QueryPlan) -> PrivacyCost:
+    """What the query costs, before any noise: computed once by its plan, then reserved, run and reported as is."""
+    return plan.cost(epsilon=request.epsilon, rho=request.rho, delta=request.delta)
 
 
 def cache_key(version_sha256: str, plan_key: str, request: QueryRequest) -> str:
@@ -135,8 +161,9 @@ def warm_up(instance: Instance, dataset: str, version: int) -> None:
 def settle_abandoned_reservations(instance: Instance) -> int:
     """Release the reservations of processes that died mid-query; call once when a process starts.
 
-    Also done lazily before this process's first query or budget reading, for processes whose
-    start-up does not call it.
+    Also done lazily before this process's first query, for processes whose start-up does not call it.
+    Reservations are held where queries run: the worker (`sandbox.worker_socket`), or a job's or kernel's
+    DP socket.
     """
     with _STARTED_LOCK:
         _STARTED.add(instance)
@@ -166,7 +193,7 @@ class _Reserved:
     version: int
     parquet: Path
     plan: QueryPlan
-    charge: ledger.Charge
+    cost: PrivacyCost
 
 
 @dataclass(frozen=True)
@@ -208,7 +235,7 @@ def _reserve_or_reuse(instance: Instance, actor: Principal, request: QueryReques
         privacy = DatasetPrivacy.from_card(dataset.card)
         plan = plan_query(request.sql, privacy)
         key = cache_key(version.sha256, plan.key, request)
-        charge = charge_for(request, plan)
+        cost = charge_for(request, plan)
         # The ledger row lock serialises every query of this contract on this dataset, so the look
         # for a finished or running twin below and the reservation cannot interleave with another's.
         ledger_row, _ = ledger.lock(ctx.session, contract.id, request.dataset)
@@ -218,16 +245,16 @@ def _reserve_or_reuse(instance: Instance, actor: Principal, request: QueryReques
             ctx.record("dp.query.cached", "dataset", f"{request.dataset}@{version.version}", contract=contract.id,
                        sql=request.sql, via=via)
             return {**cached.answer, "epsilon_spent": 0.0,
-                    "epsilon_remaining": ledger.shown_epsilon(ledger.own_remaining_units(ledger_row)), "cached": True}
+                    "epsilon_remaining": ledger.remaining_epsilon(ledger_row), "cached": True}
         running = ctx.session.execute(select(BudgetReservation.id).where(
             BudgetReservation.ledger_id == ledger_row.id, BudgetReservation.query_key == key,
             BudgetReservation.state == "reserved")).scalars().first()
         if running is not None:
             return _Waiting(running)
         reservation = ledger.reserve(ctx.session, contract_id=contract.id, dataset=request.dataset,
-                                     charge=charge, query_key=key)
+                                     cost=cost, query_key=key)
         return _Reserved(reservation_id=reservation.id, contract_id=contract.id, key=key, version=version.version,
-                         parquet=instance.settings.artifacts_dir / version.path, plan=plan, charge=charge)
+                         parquet=instance.settings.artifacts_dir / version.path, plan=plan, cost=cost)
 
 
 def _wait_for(instance: Instance, reservation_id: str, deadline: float) -> None:
@@ -247,13 +274,10 @@ def _run_reserved(instance: Instance, actor: Principal, request: QueryRequest, h
     """Run a reserved query, store and charge its answer; any failure gives the reservation back."""
     committed = False
     try:
-        answer = execute(held.plan, held.parquet,
-                         Budget(epsilon=request.epsilon, rho=request.rho, delta=request.delta),
-                         cache_dir=dp_cache_dir(instance))
-        spent_units = ledger.epsilon_units_up(answer.epsilon_spent) if math.isfinite(answer.epsilon_spent) else -1
-        if not 0 <= spent_units <= held.charge.epsilon_units or answer.delta_spent > held.charge.delta:
+        answer = execute(held.plan, held.parquet, held.cost, cache_dir=dp_cache_dir(instance))
+        if not held.cost.covers(epsilon=answer.epsilon_spent, delta=answer.delta_spent):
             raise RuntimeError(f"the engine spent ({answer.epsilon_spent}, {answer.delta_spent}), "
-                               f"more than the reserved ({held.charge.epsilon}, {held.charge.delta})")
+                               f"more than the reserved ({held.cost.epsilon}, {held.cost.delta})")
         body = {
             "columns": answer.columns, "rows": _json_safe(answer.rows), "accuracy": answer.accuracy,
             "accuracy_meaning": "half-width of a 95% interval around each noisy cell",
@@ -267,8 +291,8 @@ def _run_reserved(instance: Instance, actor: Principal, request: QueryRequest, h
                                      created_at=datetime.now(UTC)))
             ctx.session.flush()
             ctx.record("dp.query", "dataset", f"{request.dataset}@{held.version}", contract=held.contract_id,
-                       sql=request.sql, epsilon=held.charge.epsilon, delta=held.charge.delta, via=via)
-            left = ledger.shown_epsilon(ledger.own_remaining_units(ledger_row))
+                       sql=request.sql, epsilon=held.cost.epsilon, delta=held.cost.delta, via=via)
+            left = ledger.remaining_epsilon(ledger_row)
         committed = True
     finally:
         if not committed:
@@ -276,7 +300,7 @@ def _run_reserved(instance: Instance, actor: Principal, request: QueryRequest, h
                 ledger.settle(ctx.session, held.reservation_id, spent=False)
                 ctx.record("dp.query.failed", "dataset", f"{request.dataset}@{held.version}",
                            contract=held.contract_id, sql=request.sql, via=via)
-    return {**body, "epsilon_spent": held.charge.epsilon, "epsilon_remaining": left, "cached": False}
+    return {**body, "epsilon_spent": held.cost.epsilon, "epsilon_remaining": left, "cached": False}
 
 
 def _json_safe(value: Any) -> Any:
@@ -299,8 +323,11 @@ def _json_safe(value: Any) -> Any:
 
 
 def budgets(instance: Instance, actor: Principal) -> list[dict[str, object]]:
-    """Every ledger the caller may see: a buyer its own org's contracts only, a steward all with cap totals."""
-    _started(instance)
+    """Every ledger the caller may see: a buyer its own org's contracts only, a steward all with cap totals.
+
+    Read from the store only (the API process serves it): it settles no reservation, since in the API
+    process every reservation held is a live worker's.
+    """
     with instance.read_context(actor) as ctx:
         ctx.require_role(Role.BUYER, Role.STEWARD)
         query = select(BudgetLedger, Contract).join(Contract, Contract.id == BudgetLedger.contract_id)

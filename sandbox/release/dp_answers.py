@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandbox.dp.engine import DatasetPrivacy, plan_query
+from sandbox.dp.plan import DatasetPrivacy, plan_query
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,7 @@ class BudgetLedger(Base):
     delta_total: Mapped[float] = mapped_column(Float, default=0.0)
     delta_spent: Mapped[float] = mapped_column(Float, default=0.0)
     delta_reserved: Mapped[float] = mapped_column(Float, default=0.0)
-    # The truth the ledger computes with: integers of a fixed unit (dp.ledger.EPSILON_UNIT, DELTA_UNIT),
+    # The truth the ledger computes with: integers of a fixed unit (budgets.cost.EPSILON_SCALE, DELTA_SCALE),
     # so no float slack can let a query through; the float columns above only mirror them for display.
     epsilon_total_units: Mapped[int] = mapped_column(BigInteger, default=0)
     epsilon_spent_units: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -22,9 +22,12 @@ from helpers import Tokens, auth, demo_card, register_demo
 from pydantic import ValidationError
 from sqlalchemy import select, update
 
+from sandbox.budgets import ledger
+from sandbox.budgets.cost import EPSILON_STEP_UNITS, PrivacyCost, epsilon_units_up
 from sandbox.config import Settings
-from sandbox.dp import ledger, queries
-from sandbox.dp.engine import Budget, DatasetPrivacy, execute, plan_query
+from sandbox.dp import queries
+from sandbox.dp.duckdb_engine import execute
+from sandbox.dp.plan import DatasetPrivacy, plan_query
 from sandbox.instance import Instance
 from sandbox.store.models import BudgetLedger, BudgetReservation, DatasetBudget
 
@@ -119,7 +122,7 @@ def test_tiny_charges_never_pass_an_exhausted_budget(api: TestClient, instance: 
     # Below the API's grid the ledger itself must still refuse the smallest unit it knows.
     for n in range(50):
         with pytest.raises(ledger.BudgetExhausted), instance.sessions() as session, session.begin():
-            ledger.reserve(session, contract_id=contract, dataset=DATASET, charge=ledger.Charge(epsilon_units=1),
+            ledger.reserve(session, contract_id=contract, dataset=DATASET, cost=PrivacyCost(epsilon_units=1),
                            query_key=f"tiny-{n}")
     row = ledger_row(instance, contract)
     assert row.epsilon_spent_units == row.epsilon_total_units == 300_000, "spent more than the total"
@@ -193,7 +196,7 @@ def held_by_a_dead_process(instance: Instance, contract: str, units: int) -> str
     """A reservation as a process that has since died left it: reserved, under another holder."""
     with instance.sessions() as session, session.begin():
         held = ledger.reserve(session, contract_id=contract, dataset=DATASET,
-                              charge=ledger.Charge(epsilon_units=units), query_key="killed")
+                              cost=PrivacyCost(epsilon_units=units), query_key="killed")
         session.execute(update(BudgetReservation).where(BudgetReservation.id == held.id)
                         .values(holder="gone-host:4242:0000"))
         return held.id
@@ -229,7 +232,7 @@ def test_reservations_of_a_killed_process_are_released_at_startup(
     # A process's own reservations are not its own abandoned ones.
     with instance.sessions() as session, session.begin():
         mine = ledger.reserve(session, contract_id=contract, dataset=DATASET,
-                              charge=ledger.Charge(epsilon_units=10_000), query_key="live")
+                              cost=PrivacyCost(epsilon_units=10_000), query_key="live")
         assert ledger.release_abandoned(session) == 0
         ledger.settle(session, mine.id, spent=False)
 
@@ -239,7 +242,7 @@ def test_a_released_reservation_cannot_be_committed(api: TestClient, instance: I
     contract = make_contract(api, world["steward"], epsilon=1.0)
     with instance.sessions() as session, session.begin():
         held = ledger.reserve(session, contract_id=contract, dataset=DATASET,
-                              charge=ledger.Charge(epsilon_units=100_000), query_key="lost")
+                              cost=PrivacyCost(epsilon_units=100_000), query_key="lost")
         ledger.release_abandoned(session, holder="someone-else")
         with pytest.raises(ledger.ReservationLost):
             ledger.settle(session, held.id, spent=True)
@@ -287,8 +290,8 @@ def test_decimal_date_and_timestamp_cells_become_json(tmp_path: Path) -> None:
     pq.write_table(table, tmp_path / "prices.parquet")
     privacy = DatasetPrivacy(name="prices", privacy_unit="pid", one_row_per_unit=True,
                              columns={"pid": {"type": "string"}, "price": {"type": "float"}})
-    answer = execute(plan_query("SELECT price, COUNT(*) FROM prices GROUP BY price", privacy),
-                     tmp_path / "prices.parquet", Budget(epsilon=2.0, delta=1e-6))
+    plan = plan_query("SELECT price, COUNT(*) FROM prices GROUP BY price", privacy)
+    answer = execute(plan, tmp_path / "prices.parquet", plan.cost(epsilon=2.0, delta=1e-6))
     safe = queries._json_safe(answer.rows)
     assert json.loads(json.dumps(safe)) == safe
     assert sorted(row[0] for row in safe) == [1.25, 2.5]
@@ -350,11 +353,18 @@ def test_rho_with_private_group_keys_is_answered(api: TestClient, tokens: Tokens
     assert answer["rows"] and on_grid(answer["epsilon_spent"]) and answer["epsilon_spent"] > 0
 
 
-def test_the_charge_is_computed_once_and_matches_the_engine() -> None:
+@pytest.mark.parametrize("keys", ["site", "age"])
+def test_the_cost_is_computed_once_and_matches_the_engine(tmp_path: Path, keys: str) -> None:
+    from sandbox.demo import write_registry
+
     privacy = DatasetPrivacy.from_card(demo_card())
-    plan = plan_query('SELECT site, COUNT(*) FROM "carotid-stenting" GROUP BY site', privacy)
+    plan = plan_query(f'SELECT {keys}, COUNT(*) FROM "carotid-stenting" GROUP BY {keys}', privacy)
     request = queries.QueryRequest(contract="c", dataset=DATASET, sql="x", rho=0.5, delta=1e-6)
-    charge = queries.charge_for(request, plan)
-    assert charge.epsilon_units % ledger.EPSILON_STEP_UNITS == 0
+    cost = queries.charge_for(request, plan)
+    assert cost.epsilon_units % EPSILON_STEP_UNITS == 0
+    assert cost.threshold_delta == (0.0 if plan.public_keys else 5e-7), "private keys pay half of delta"
+    answer = execute(plan, write_registry(tmp_path / "registry.parquet", procedures=400), cost)
+    assert cost.covers(epsilon=answer.epsilon_spent, delta=answer.delta_spent), (cost, answer.epsilon_spent)
+    assert epsilon_units_up(answer.epsilon_spent) == cost.epsilon_units, "the reserved cost is not what was spent"
     with pytest.raises(ValidationError, match="steps of 1e-12"):
         queries.QueryRequest(contract="c", dataset=DATASET, sql="x", epsilon=0.1, delta=1.5e-13)

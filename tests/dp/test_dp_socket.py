@@ -1,7 +1,7 @@
 """Hostile requests on a job's DP socket: each is refused, and neither ledger is charged (review 11.21).
 
-The socket fixes the contract and dataset; the handler here is built exactly as the worker's and the
-notebook runtime's are, from `queries.request_from_socket` and `queries.run_query`.
+The socket fixes the contract and dataset; the server and its handler are the worker's and the notebook
+runtime's own: `DpSocket` (the local HTTP server) and `queries.socket_handler`.
 """
 
 from __future__ import annotations
@@ -44,10 +44,8 @@ def world(api: TestClient, tokens: Tokens, instance: Instance, tmp_path: Path) -
     other = _contract(api, steward, "rival")
     other_dataset = _contract(api, steward, "acme", dataset="other-registry")
 
-    def handle(body: dict[str, Any]) -> dict[str, Any]:
-        request = queries.request_from_socket(body, contract=own, dataset="carotid-stenting")
-        return queries.run_query(instance, queries.job_principal("j-test", "acme"), request, via="job:j-test")
-
+    handle = queries.socket_handler(instance, job_id="j-test", org="acme", contract=own, dataset="carotid-stenting",
+                                    via="job:j-test")
     folder = Path(tempfile.mkdtemp(prefix="dps", dir="/tmp"))  # a socket path must stay short
     served = DpSocket(folder / "dp.sock", handle)
     try:

@@ -9,9 +9,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from sandbox.budgets.cost import PrivacyCost, zcdp_to_approx_dp
 from sandbox.demo import CARD, SITES, write_registry
-from sandbox.dp import engine
-from sandbox.dp.engine import Budget, DatasetPrivacy, execute, plan_query
+from sandbox.dp import duckdb_engine
+from sandbox.dp.duckdb_engine import execute
+from sandbox.dp.plan import DatasetPrivacy, plan_query
 from sandbox.errors import Invalid
 
 T = '"carotid-stenting"'
@@ -40,7 +42,7 @@ def test_from_card_reads_bounds_and_privacy_unit(dataset: DatasetPrivacy) -> Non
 
 def test_grouped_count_and_avg_near_truth_with_every_site(registry: Path, dataset: DatasetPrivacy) -> None:
     plan = plan_query(f"SELECT site, COUNT(*) AS n, AVG(age) AS mean_age FROM {T} GROUP BY site", dataset)
-    answer = execute(plan, registry, Budget(epsilon=30.0))
+    answer = execute(plan, registry, plan.cost(epsilon=30.0))
     assert answer.columns == ["site", "n", "mean_age"]
     assert [row[0] for row in answer.rows] == SITES, "every public site, in the card's order"
     rows = truth(registry, "SELECT site, count(*), avg(age) FROM t GROUP BY site")
@@ -57,24 +59,25 @@ def test_grouped_count_and_avg_near_truth_with_every_site(registry: Path, datase
 
 def test_empty_public_categories_still_appear(registry: Path, dataset: DatasetPrivacy) -> None:
     plan = plan_query(f"SELECT stent_type, COUNT(*) FROM {T} WHERE site = 'nowhere' GROUP BY stent_type", dataset)
-    answer = execute(plan, registry, Budget(epsilon=5.0))
+    answer = execute(plan, registry, plan.cost(epsilon=5.0))
     assert [row[0] for row in answer.rows] == ["closed-cell", "open-cell", "dual-layer"]
     assert all(abs(row[1]) <= 10 for row in answer.rows), "no rows match, so counts are noise around zero"
 
 
 def test_two_public_keys_list_the_full_cross_product(registry: Path, dataset: DatasetPrivacy) -> None:
     plan = plan_query(f"SELECT symptomatic, sex, count(*) FROM {T} GROUP BY sex, symptomatic", dataset)
-    answer = execute(plan, registry, Budget(rho=2.0, delta=1e-6))
+    answer = execute(plan, registry, plan.cost(rho=2.0, delta=1e-6))
     assert sorted((row[0], row[1]) for row in answer.rows) == sorted(
         (s, x) for s in (False, True) for x in ("F", "M"))
     assert answer.mechanism == "discrete_gaussian" and answer.rho_spent == 2.0
-    assert answer.epsilon_spent == pytest.approx(engine.zcdp_to_approx_dp(2.0, 1e-6))
+    assert answer.epsilon_spent == pytest.approx(zcdp_to_approx_dp(2.0, 1e-6))
 
 
 def test_ungrouped_statistics_with_where(registry: Path, dataset: DatasetPrivacy) -> None:
     sql = (f"SELECT COUNT(*), SUM(length_of_stay), VAR_SAMP(age), STDDEV(age), MEDIAN(age) FROM {T} "
            "WHERE age BETWEEN 60 AND 80 AND (sex = 'M' OR symptomatic) AND stent_type IN ('open-cell', 'closed-cell')")
-    answer = execute(plan_query(sql, dataset), registry, Budget(epsilon=50.0))
+    plan = plan_query(sql, dataset)
+    answer = execute(plan, registry, plan.cost(epsilon=50.0))
     (count, stay, variance, stddev, median), = answer.rows
     (n, total, var, sd, med), = truth(registry, "SELECT count(*), sum(length_of_stay), var_samp(age), stddev(age), "
                                       "median(age) FROM t WHERE age BETWEEN 60 AND 80 AND (sex = 'M' OR symptomatic) "
@@ -90,8 +93,8 @@ def test_private_group_keys_need_delta_and_are_thresholded(registry: Path, datas
     plan = plan_query(f"SELECT age, COUNT(*) FROM {T} GROUP BY age", dataset)
     assert not plan.public_keys
     with pytest.raises(Invalid, match="delta"):
-        execute(plan, registry, Budget(epsilon=1.0))
-    answer = execute(plan, registry, Budget(epsilon=1.0, delta=1e-6))
+        execute(plan, registry, plan.cost(epsilon=1.0))
+    answer = execute(plan, registry, plan.cost(epsilon=1.0, delta=1e-6))
     exact = dict(truth(registry, "SELECT age, count(*) FROM t GROUP BY age"))
     assert answer.rows, "common ages should clear the threshold"
     assert all(row[0] in exact for row in answer.rows), "a released key does not exist in the data"
@@ -101,23 +104,24 @@ def test_private_group_keys_need_delta_and_are_thresholded(registry: Path, datas
 
 def test_row_level_dataset_needs_no_ranking(registry: Path) -> None:
     row_level = DatasetPrivacy.from_card({**CARD, "privacy_unit_rows": "one"})
-    answer = execute(plan_query(f"SELECT COUNT(*) FROM {T}", row_level), registry, Budget(epsilon=50.0))
+    plan = plan_query(f"SELECT COUNT(*) FROM {T}", row_level)
+    answer = execute(plan, registry, plan.cost(epsilon=50.0))
     assert abs(answer.rows[0][0] - 2550) <= 5
 
 
 def test_bounding_keeps_at_most_rows_per_unit(registry: Path, dataset: DatasetPrivacy, tmp_path: Path) -> None:
-    ranked = engine.prepare(registry, dataset, cache_dir=tmp_path)
+    ranked = duckdb_engine.prepare(registry, dataset, cache_dir=tmp_path)
     connection = duckdb.connect()
     columns = [r[0] for r in connection.execute(f"DESCRIBE SELECT * FROM read_parquet('{ranked}')").fetchall()]
-    assert "patient_id" not in columns and engine.RANK_COLUMN in columns
-    sql = f"SELECT count(*) FROM read_parquet('{ranked}') WHERE {engine.RANK_COLUMN} <= 1"
+    assert "patient_id" not in columns and duckdb_engine.RANK_COLUMN in columns
+    sql = f"SELECT count(*) FROM read_parquet('{ranked}') WHERE {duckdb_engine.RANK_COLUMN} <= 1"
     kept = connection.execute(sql).fetchall()
     patients = truth(registry, "SELECT count(DISTINCT patient_id) FROM t")
     assert kept == patients, "rank 1 keeps exactly one row per patient"
 
 
 def test_the_query_connection_reads_nothing_but_the_version(registry: Path) -> None:
-    with engine._connection(registry) as connection:
+    with duckdb_engine.version_cursor(registry) as connection:
         for attack in ("SELECT * FROM read_csv('/etc/passwd')", "SET enable_external_access = true",
                        "INSTALL httpfs", f"SELECT * FROM read_parquet('{registry.parent}/*.parquet')"):
             with pytest.raises(duckdb.Error):
@@ -145,8 +149,10 @@ def test_plan_key_changes_with_meaning(dataset: DatasetPrivacy) -> None:
 
 def test_budget_must_be_one_kind() -> None:
     with pytest.raises(Invalid):
-        Budget(epsilon=1.0, rho=1.0)
+        PrivacyCost.requested(epsilon=1.0, rho=1.0)
     with pytest.raises(Invalid):
-        Budget()
+        PrivacyCost.requested()
     with pytest.raises(Invalid):
-        Budget(epsilon=math.inf)
+        PrivacyCost.requested(epsilon=math.inf)
+    with pytest.raises(Invalid, match="delta > 0"):
+        PrivacyCost.requested(rho=1.0)

@@ -1,4 +1,4 @@
-"""Statistical privacy checks through the engine's public entry point (`engine.execute`), not the noise primitive.
+"""Statistical privacy checks through the engine's entry point (`duckdb_engine.execute`), not the noise primitive.
 
 Review 11.20: the neighbouring-dataset and calibration tests drew noise from `noise.add_noise` directly,
 so a mistake between planning and noise (bounding, sensitivity, budget split, key threshold) went unseen.
@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sandbox.dp import engine
-from sandbox.dp.engine import Budget, DatasetPrivacy, execute, plan_query
+from sandbox.dp.duckdb_engine import RANK_COLUMN, execute
+from sandbox.dp.plan import DatasetPrivacy, plan_query
 
 DRAWS = 2000
 EPSILON = 1.0
@@ -45,7 +45,7 @@ def _write(path: Path, victim_rows: int, victim_ward: str = "common") -> Path:
 
 def _counts(dataset: DatasetPrivacy, parquet: Path, cache: Path) -> list[int]:
     plan = plan_query('SELECT COUNT(*) FROM "toy"', dataset)
-    return [int(execute(plan, parquet, Budget(epsilon=EPSILON), cache_dir=cache).rows[0][0]) for _ in range(DRAWS)]
+    return [int(execute(plan, parquet, plan.cost(epsilon=EPSILON), cache_dir=cache).rows[0][0]) for _ in range(DRAWS)]
 
 
 def _worst_excess(first: list[int], second: list[int]) -> float:
@@ -82,7 +82,7 @@ def _rare_released(parquet: Path, cache: Path, *, threshold_delta: float | None 
     plan = plan_query('SELECT ward, COUNT(*) AS n FROM "toy" GROUP BY ward', DATASET)
     released = 0
     for _ in range(DRAWS):
-        answer = execute(plan, parquet, Budget(epsilon=EPSILON, delta=threshold_delta or DELTA), cache_dir=cache)
+        answer = execute(plan, parquet, plan.cost(epsilon=EPSILON, delta=threshold_delta or DELTA), cache_dir=cache)
         released += any(row[0] == "rare" for row in answer.rows)
     return released
 
@@ -108,12 +108,12 @@ def test_the_key_check_catches_a_threshold_far_too_low(tmp_path: Path, monkeypat
 def test_stated_accuracy_covers_about_95_percent_through_the_engine(tmp_path: Path) -> None:
     parquet = _write(tmp_path / "d.parquet", 0)
     plan = plan_query('SELECT COUNT(*) FROM "toy"', DATASET)
-    exact = int(execute(plan, parquet, Budget(epsilon=1e9), cache_dir=tmp_path).rows[0][0])
+    exact = int(execute(plan, parquet, plan.cost(epsilon=1e9), cache_dir=tmp_path).rows[0][0])
     covered = 0
     for _ in range(DRAWS):
-        answer = execute(plan, parquet, Budget(epsilon=EPSILON), cache_dir=tmp_path)
+        answer = execute(plan, parquet, plan.cost(epsilon=EPSILON), cache_dir=tmp_path)
         half_width = answer.accuracy[0][0]
         assert half_width is not None
         covered += abs(answer.rows[0][0] - exact) <= half_width
     assert covered / DRAWS >= 0.95 - TOLERANCE, f"the 95% half-width covered {covered / DRAWS:.3f} of answers"
-    assert engine.RANK_COLUMN  # the bounded path (ranked copy) was the one measured
+    assert RANK_COLUMN  # the bounded path (ranked copy) was the one measured

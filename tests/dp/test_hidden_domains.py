@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from sandbox.dp import engine
-from sandbox.dp.engine import DatasetPrivacy, plan_query
 from sandbox.dp.mock import design_mock
+from sandbox.dp.plan import DatasetPrivacy, plan_query, public_bounds
 from sandbox.errors import Invalid
 
 CARD: dict[str, Any] = {
@@ -65,8 +64,8 @@ def test_hidden_categories_are_refused_in_where_exactly_like_none() -> None:
 def test_hidden_bounds_never_reach_the_engine() -> None:
     """Even a plan built by hand around the checker cannot clamp to, or report, a hidden bound."""
     with pytest.raises(Invalid, match="hidden_weight"):
-        engine._public_bounds(DATASET, "hidden_weight")
-    assert engine._public_bounds(DATASET, "age") == (0.0, 100.0)
+        public_bounds(DATASET, "hidden_weight")
+    assert public_bounds(DATASET, "age") == (0.0, 100.0)
 
 
 def test_mock_notes_do_not_say_which_columns_have_hidden_domains() -> None:

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sandbox.dp import engine
-from sandbox.dp.engine import Budget, DatasetPrivacy, execute, plan_query
+from sandbox.dp.duckdb_engine import RANK_COLUMN, execute
+from sandbox.dp.plan import DatasetPrivacy, plan_query
 from sandbox.errors import Invalid
 
 ROWS = 150
-COLLIDING = ["_dp_unit_rank", engine.RANK_COLUMN, engine.RANK_COLUMN.upper(), "file_row_number", "filename"]
+COLLIDING = ["_dp_unit_rank", RANK_COLUMN, RANK_COLUMN.upper(), "file_row_number", "filename"]
 
 
 def _dataset(extra: list[str]) -> DatasetPrivacy:
@@ -40,7 +40,7 @@ def test_an_undeclared_colliding_column_cannot_switch_bounding_off(tmp_path: Pat
     parquet = _write(tmp_path / "toy.parquet", [name])
     dataset = _dataset([])
     plan = plan_query("SELECT COUNT(*) AS n FROM toy", dataset)
-    answer = execute(plan, parquet, Budget(epsilon=50.0), cache_dir=tmp_path)
+    answer = execute(plan, parquet, plan.cost(epsilon=50.0), cache_dir=tmp_path)
     count = answer.rows[0][0]
     assert count <= 3 + 10, f"one unit with {ROWS} rows counted {count} (bounding to 3 rows was switched off)"
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sandbox.dp import engine, noise, sensitivity
+from sandbox.dp import duckdb_engine, noise, sensitivity
+from sandbox.dp.plan import DatasetPrivacy, plan_query
 
 EPSILON = 1.0
 DRAWS = 20_000
@@ -30,17 +31,17 @@ def _write(path: Path, extra_unit_rows: int) -> Path:
     return path
 
 
-DATASET = engine.DatasetPrivacy(
+DATASET = DatasetPrivacy(
     name="toy", privacy_unit="patient_id", one_row_per_unit=False,
     columns={"patient_id": {"type": "string"}, "site": {"type": "string", "categories": ["a"], "public": True}},
     rows_per_unit=2,
 )
 
 
-def _noisy_counts(dataset: engine.DatasetPrivacy, parquet: Path) -> list[int]:
+def _noisy_counts(dataset: DatasetPrivacy, parquet: Path) -> list[int]:
     """Many draws of the engine's noisy COUNT(*): the bounded count once, then OpenDP noise at its scale."""
-    plan = engine.plan_query('SELECT COUNT(*) FROM "toy"', dataset)
-    exact = engine.execute(plan, parquet, engine.Budget(epsilon=1e9)).rows[0][0]  # noise far below 1
+    plan = plan_query('SELECT COUNT(*) FROM "toy"', dataset)
+    exact = duckdb_engine.execute(plan, parquet, plan.cost(epsilon=1e9)).rows[0][0]  # noise far below 1
     bound = dataset.contribution(1)
     norms = sensitivity.count_rows(bound)
     return noise.add_noise([exact] * DRAWS, l1=int(norms.l1), l2=norms.l2, loss=noise.Loss(epsilon=EPSILON)).values

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sandbox.demo import CARD
-from sandbox.dp.engine import DatasetPrivacy, plan_query
+from sandbox.dp.plan import DatasetPrivacy, plan_query
 from sandbox.errors import Invalid
 
 DATASET = DatasetPrivacy.from_card(CARD)

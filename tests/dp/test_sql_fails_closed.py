@@ -11,7 +11,7 @@ import pytest
 
 from sandbox.demo import CARD
 from sandbox.dp import sql as dp_sql
-from sandbox.dp.engine import DatasetPrivacy, plan_query
+from sandbox.dp.plan import DatasetPrivacy, plan_query
 from sandbox.errors import Invalid
 
 DATASET = DatasetPrivacy.from_card(CARD)

@@ -1,13 +1,10 @@
-"""The budget ledger: reserve before any noise is drawn, then commit or release. Never overspend.
+"""The budget ledger: reserve a query's `PrivacyCost` before any noise is drawn, then commit or release it.
 
 Every reservation locks the contract's ledger row, then the dataset's cap row, always in that
 order (FOR UPDATE on PostgreSQL; SQLite transactions here already hold the write lock), so
 concurrent queries serialise on the budget and cannot both fit into the same remainder.
 
-Arithmetic is exact: epsilon in integer micro-units, delta in integer units of 1e-12. A float sum
-with a slack let 50 queries at epsilon 1e-9 through an exhausted budget, and a pure-DP contract
-pay a delta of 1e-9 (review 11.4). Buyers request epsilon on a grid (EPSILON_STEP, at least
-EPSILON_MIN) and see budgets rounded to it, so the spend they can observe carries no extra bits.
+Every figure is an exact integer of the units in `cost`, so no float sum can overspend (review 11.4).
 The float columns only mirror the integers for readers that want a number.
 """
 
@@ -16,22 +13,22 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from sandbox.budgets.cost import (
+    DELTA_SCALE,
+    EPSILON_SCALE,
+    PrivacyCost,
+    epsilon_units_up,
+    shown_delta,
+    shown_epsilon,
+    total_units,
+)
 from sandbox.errors import Conflict, Invalid, NotFound
 from sandbox.store.models import BudgetLedger, BudgetReservation, Contract, DatasetBudget
-
-EPSILON_SCALE = 1_000_000            # ledger units per epsilon: micro-epsilon
-DELTA_SCALE = 1_000_000_000_000      # ledger units per delta: 1e-12
-EPSILON_STEP_UNITS = 1_000           # requests and displays in steps of epsilon 0.001
-EPSILON_MIN_UNITS = 10_000           # and at least epsilon 0.01
-EPSILON_STEP = EPSILON_STEP_UNITS / EPSILON_SCALE
-EPSILON_MIN = EPSILON_MIN_UNITS / EPSILON_SCALE
 
 # Names this process in the reservations it holds; a reservation whose holder is another process
 # when a process starts was left by one that died mid-query, and is released (see `release_abandoned`).
@@ -41,73 +38,6 @@ HOLDER = f"{socket.gethostname()[:24]}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
 class BudgetExhausted(Conflict):
     slug = "budget-exhausted"
     title = "Privacy budget exhausted"
-
-
-@dataclass(frozen=True)
-class Charge:
-    """What one query costs, in ledger units."""
-
-    epsilon_units: int
-    delta_units: int = 0
-
-    @property
-    def epsilon(self) -> float:
-        return self.epsilon_units / EPSILON_SCALE
-
-    @property
-    def delta(self) -> float:
-        return self.delta_units / DELTA_SCALE
-
-
-def _decimal(value: float, what: str) -> Decimal:
-    try:
-        exact = Decimal(repr(float(value)))  # the shortest text of the float: what the client wrote
-    except (InvalidOperation, ValueError) as exc:
-        raise Invalid(f"{what} must be a finite number") from exc
-    if not exact.is_finite() or exact < 0:
-        raise Invalid(f"{what} must be a finite, non-negative number")
-    return exact
-
-
-def requested_epsilon_units(value: float, what: str = "epsilon") -> int:
-    """A requested epsilon (or rho) in ledger units; refused unless on the grid and at least the minimum."""
-    steps = _decimal(value, what) * EPSILON_SCALE / EPSILON_STEP_UNITS
-    if steps != steps.to_integral_value() or steps * EPSILON_STEP_UNITS < EPSILON_MIN_UNITS:
-        raise Invalid(f"{what} is requested in steps of {EPSILON_STEP:g} and at least {EPSILON_MIN:g}; "
-                      f"{value!r} is not one of them",
-                      errors=[f"{what} must be a multiple of {EPSILON_STEP:g}, at least {EPSILON_MIN:g}"])
-    return int(steps) * EPSILON_STEP_UNITS
-
-
-def epsilon_units_up(value: float) -> int:
-    """A computed epsilon (a zCDP conversion) rounded up to the grid: charged, never under-charged."""
-    steps = (_decimal(value, "epsilon") * EPSILON_SCALE / EPSILON_STEP_UNITS).to_integral_value(ROUND_CEILING)
-    return int(steps) * EPSILON_STEP_UNITS
-
-
-def requested_delta_units(value: float) -> int:
-    """A requested delta in ledger units; refused unless a whole number of 1e-12."""
-    units = _decimal(value, "delta") * DELTA_SCALE
-    if units != units.to_integral_value():
-        raise Invalid(f"delta is requested in steps of {1 / DELTA_SCALE:g}; {value!r} is not one of them",
-                      errors=[f"delta must be a multiple of {1 / DELTA_SCALE:g}"])
-    return int(units)
-
-
-def total_units(value: float | None, scale: int) -> int | None:
-    """A total (a contract's epsilon, a cap) in ledger units, rounded down: rounding never grants budget."""
-    if value is None:
-        return None
-    return int((_decimal(value, "budget") * scale).to_integral_value(ROUND_FLOOR))
-
-
-def shown_epsilon(units: int) -> float:
-    """An epsilon figure as buyers see it: rounded down to the request grid."""
-    return (max(units, 0) // EPSILON_STEP_UNITS) * EPSILON_STEP_UNITS / EPSILON_SCALE
-
-
-def shown_delta(units: int) -> float:
-    return max(units, 0) / DELTA_SCALE
 
 
 def ensure_ledgers(session: Session, contract: Contract) -> None:
@@ -163,6 +93,11 @@ def own_remaining_units(ledger: BudgetLedger) -> int:
     return max(ledger.epsilon_total_units - ledger.epsilon_spent_units - ledger.epsilon_reserved_units, 0)
 
 
+def remaining_epsilon(ledger: BudgetLedger) -> float:
+    """What the contract's own budget still holds, as its buyer sees it (on the grid)."""
+    return shown_epsilon(own_remaining_units(ledger))
+
+
 def cap_remaining_units(cap: DatasetBudget) -> int | None:
     """What the dataset's cap still holds across all buyers; None when uncapped."""
     if cap.epsilon_cap_units is None:
@@ -171,34 +106,35 @@ def cap_remaining_units(cap: DatasetBudget) -> int | None:
     return max(cap.epsilon_cap_units - used, 0)
 
 
-def reserve(session: Session, *, contract_id: str, dataset: str, charge: Charge, query_key: str) -> BudgetReservation:
-    """Hold `charge` for one query, or raise BudgetExhausted and hold nothing."""
+def reserve(session: Session, *, contract_id: str, dataset: str, cost: PrivacyCost,
+            query_key: str) -> BudgetReservation:
+    """Hold `cost` for one query, or raise BudgetExhausted and hold nothing."""
     ledger, cap = lock(session, contract_id, dataset)
     own = own_remaining_units(ledger)
-    if charge.epsilon_units > own:
+    if cost.epsilon_units > own:
         raise BudgetExhausted(
-            f"this query needs epsilon {charge.epsilon:g} but only {shown_epsilon(own):g} remains on contract "
+            f"this query needs epsilon {cost.epsilon:g} but only {shown_epsilon(own):g} remains on contract "
             f"{contract_id} for {dataset!r}; nothing was spent", epsilon_remaining=shown_epsilon(own))
     shared = cap_remaining_units(cap)
-    if shared is not None and charge.epsilon_units > shared:
+    if shared is not None and cost.epsilon_units > shared:
         # The cap's remainder is other buyers' business: the refusal says only that it binds.
         raise BudgetExhausted(f"the dataset-wide privacy budget for {dataset!r} cannot cover epsilon "
-                              f"{charge.epsilon:g}; nothing was spent", epsilon_remaining=shown_epsilon(own))
-    if charge.delta_units > 0 and ledger.delta_total_units == 0:
+                              f"{cost.epsilon:g}; nothing was spent", epsilon_remaining=shown_epsilon(own))
+    if cost.delta_units > 0 and ledger.delta_total_units == 0:
         raise BudgetExhausted(f"contract {contract_id} is pure DP (delta 0): no query may spend delta; "
                               "nothing was spent", epsilon_remaining=shown_epsilon(own))
     delta_left = ledger.delta_total_units - ledger.delta_spent_units - ledger.delta_reserved_units
-    if charge.delta_units > delta_left:
-        raise BudgetExhausted(f"this query needs delta {charge.delta:g} but only {shown_delta(delta_left):g} "
+    if cost.delta_units > delta_left:
+        raise BudgetExhausted(f"this query needs delta {cost.delta:g} but only {shown_delta(delta_left):g} "
                               "remains; nothing was spent", epsilon_remaining=shown_epsilon(own))
-    ledger.epsilon_reserved_units += charge.epsilon_units
-    ledger.delta_reserved_units += charge.delta_units
-    cap.epsilon_reserved_units += charge.epsilon_units
+    ledger.epsilon_reserved_units += cost.epsilon_units
+    ledger.delta_reserved_units += cost.delta_units
+    cap.epsilon_reserved_units += cost.epsilon_units
     _mirror_ledger(ledger)
     _mirror_cap(cap)
-    reservation = BudgetReservation(id=uuid.uuid4().hex, ledger_id=ledger.id, epsilon=charge.epsilon,
-                                    delta=charge.delta, epsilon_units=charge.epsilon_units,
-                                    delta_units=charge.delta_units, state="reserved", query_key=query_key,
+    reservation = BudgetReservation(id=uuid.uuid4().hex, ledger_id=ledger.id, epsilon=cost.epsilon,
+                                    delta=cost.delta, epsilon_units=cost.epsilon_units,
+                                    delta_units=cost.delta_units, state="reserved", query_key=query_key,
                                     holder=HOLDER, created_at=datetime.now(UTC))
     session.add(reservation)
     session.flush()
@@ -300,7 +236,7 @@ def budget_view(ledger: BudgetLedger, cap: DatasetBudget, *, steward: bool) -> d
         "epsilon_total": shown_epsilon(ledger.epsilon_total_units),
         "epsilon_spent": shown_epsilon(ledger.epsilon_spent_units),
         "epsilon_reserved": shown_epsilon(ledger.epsilon_reserved_units),
-        "epsilon_remaining": shown_epsilon(own_remaining_units(ledger)),
+        "epsilon_remaining": remaining_epsilon(ledger),
         "delta_total": shown_delta(ledger.delta_total_units),
         "delta_spent": shown_delta(ledger.delta_spent_units),
         # The cap is a steward's setting, not anyone's spend: it moves with no buyer's queries.
