@@ -15,7 +15,9 @@ from sqlalchemy.engine import make_url
 
 from sandbox.config import Settings
 from sandbox.instance import Instance, init_instance
+from sandbox.local_http import LocalHttpServer
 from sandbox.store.database import make_engine, migrate
+from sandbox.worker_socket import serve_worker_socket
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +73,16 @@ def tokens(instance: Instance) -> Tokens:
 
 
 @pytest.fixture
-def api(instance: Instance) -> Iterator[TestClient]:
+def worker_service(instance: Instance) -> Iterator[LocalHttpServer]:
+    """The worker's local service for `instance`, as `sandbox worker` serves it (no Docker needed): the API
+    forwards DP queries, mock publication and version uploads to it over its real Unix socket."""
+    service = serve_worker_socket(instance)
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def api(instance: Instance, worker_service: LocalHttpServer) -> Iterator[TestClient]:
     from sandbox.api.app import create_app
 
     with TestClient(create_app(instance), raise_server_exceptions=False) as client:

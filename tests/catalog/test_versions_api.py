@@ -25,6 +25,7 @@ from sandbox.config import Settings
 from sandbox.demo import generate_registry
 from sandbox.instance import Instance, init_instance
 from sandbox.store.models import DatasetVersion
+from sandbox.worker_socket import serve_worker_socket
 
 PROBLEM_JSON = "application/problem+json"
 NAME = "carotid-stenting"
@@ -277,8 +278,10 @@ def small_limit(tmp_path: Path, database_url: str | None) -> Iterator[SmallLimit
                         max_upload_bytes=SMALL_UPLOAD_LIMIT)
     init_instance(settings)
     opened = Instance(settings)
+    worker = serve_worker_socket(opened)  # the worker's local service, as the `api` fixture has it
     with TestClient(create_app(opened), raise_server_exceptions=False) as client:
         yield SmallLimit(client, opened)
+    worker.close()
     opened.close()
 
 

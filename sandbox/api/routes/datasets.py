@@ -2,35 +2,32 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from sandbox.api import schemas
 from sandbox.api.deps import AnyRole, InstanceDep, Steward
 from sandbox.api.uploads import receive_multipart
 from sandbox.auth.tokens import Role
 from sandbox.catalog import service
 from sandbox.catalog.cards import DatasetCard
-from sandbox.dp import queries
-from sandbox.egress.content import ensure_fingerprints
 from sandbox.errors import Invalid
-from sandbox.instance import Instance
-from sandbox.logs import get_logger
+from sandbox.worker_socket import LONG_TIMEOUT_S, ask_worker, principal_body, require_worker
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-log = get_logger("sandbox.catalog")
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=schemas.DatasetView, response_model_exclude_unset=True)
 def create_dataset(card: DatasetCard, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
     with instance.context(steward) as ctx:
         dataset = service.create_dataset(ctx, card)
         return service.dataset_view(dataset, steward=True)
 
 
-@router.get("")
+@router.get("", response_model=list[schemas.DatasetView],
+            responses={304: {"description": "Not modified: the catalog still has the ETag given in If-None-Match"}})
 def list_datasets(request: Request, instance: InstanceDep, principal: AnyRole) -> Response:
     with instance.read_session() as session:
         steward_of = principal.org if principal.role is Role.STEWARD else None
@@ -41,50 +38,33 @@ def list_datasets(request: Request, instance: InstanceDep, principal: AnyRole) -
     return Response(body, media_type="application/json", headers=headers)
 
 
-@router.get("/{name}")
+@router.get("/{name}", response_model=schemas.DatasetView, response_model_exclude_unset=True)
 def get_dataset(name: str, instance: InstanceDep, principal: AnyRole) -> dict[str, Any]:
     with instance.read_session() as session:
         dataset = service.get_dataset(session, name)
         return service.dataset_view(dataset, steward=service.steward_view_for(principal, dataset))
 
 
-@router.post("/{name}/versions", status_code=201)
+@router.post("/{name}/versions", status_code=201, response_model=schemas.DatasetVersionView,
+             response_model_exclude_unset=True)
 async def add_version(name: str, request: Request, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    """Stage the upload, then let the worker read, check and store it: this process opens no dataset file."""
     settings = instance.settings
     with instance.read_session() as session:
         # Before the body is read: another org's steward uploads nothing (404, as for a missing name).
-        card = service.card_of(service.owned_dataset(session, name, steward))
+        service.owned_dataset(session, name, steward)
+    require_worker(instance, what="registering a version")
     upload = await receive_multipart(request, file_fields={"file"}, staging_dir=settings.tmp_dir,
                                      max_file_bytes=settings.max_upload_bytes)
     try:
         if "file" not in upload.files:
             raise Invalid("the upload needs a part named 'file'")
         uploaded = upload.files["file"]
-        staged, ingested, sha256 = await run_in_threadpool(
-            service.prepare_version, settings.tmp_dir, card, uploaded.path, uploaded.filename
-        )
+        # The worker also warms the new version up (leak-scan fingerprints, the DP ranked copy).
+        return await run_in_threadpool(
+            ask_worker, instance, "/datasets/versions",
+            {"principal": principal_body(steward), "dataset": name, "upload": str(uploaded.path),
+             "filename": uploaded.filename, "upload_sha256": uploaded.sha256, "size_bytes": uploaded.size},
+            timeout_s=LONG_TIMEOUT_S, what="registering a version")
     finally:
         upload.discard()
-    try:
-        with instance.context(steward) as ctx:
-            version = service.add_version(ctx, name=name, staged=staged, ingested=ingested, sha256=sha256,
-                                          upload_sha256=uploaded.sha256, size_bytes=uploaded.size)
-            view = service.version_view(version, steward=True)
-    finally:
-        staged.unlink(missing_ok=True)
-    # Fingerprints for the leak scan and the DP ranked copy: built now, not on the first job or query.
-    threading.Thread(target=_warm_up, args=(instance, name, view["version"]), daemon=True).start()
-    return view
-
-
-def _warm_up(instance: Instance, name: str, version: int) -> None:
-    """Build what each new version needs before its first use: the leak-scan fingerprints and the
-    ranked copy for DP bounding. A failure only means the first job or query builds it."""
-    try:
-        with instance.read_session() as session:
-            card = service.get_dataset(session, name).card
-            parquet = instance.settings.artifacts_dir / service.get_version(session, name, version).path
-        ensure_fingerprints(instance.settings.artifacts_dir, name, version, parquet, card)
-        queries.warm_up(instance, name, version)
-    except Exception as exc:
-        log.warning("version_warm_up_failed", dataset=name, version=version, error=str(exc))

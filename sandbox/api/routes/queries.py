@@ -10,12 +10,14 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from sandbox.api import schemas
 from sandbox.api.deps import Buyer, InstanceDep, PrincipalDep, Steward
 from sandbox.auth.tokens import Principal, Role
 from sandbox.catalog.service import owned_dataset
 from sandbox.dp import mock_publication, queries
 from sandbox.instance import Instance
 from sandbox.store.models import Contract
+from sandbox.worker_socket import LONG_TIMEOUT_S, QUERY_TIMEOUT_S, ask_worker, principal_body
 
 router = APIRouter(prefix="/v1", tags=["dp"])
 
@@ -28,9 +30,17 @@ class CapRequest(BaseModel):
     epsilon_cap: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False)
 
 
-@router.post("/queries")
+@router.post("/queries", response_model=schemas.DpAnswer, response_model_exclude_unset=True)
 async def query(body: queries.QueryRequest, instance: InstanceDep, buyer: Buyer) -> dict[str, Any]:
-    return await run_in_threadpool(queries.run_query, instance, buyer, body)
+    """Check the query against the store and the card, then let the worker answer it beside the data."""
+    return await run_in_threadpool(_forward_query, instance, buyer, body)
+
+
+def _forward_query(instance: Instance, buyer: Principal, body: queries.QueryRequest) -> dict[str, Any]:
+    queries.check_query(instance, buyer, body)
+    return ask_worker(instance, "/dp/query",
+                      {"principal": principal_body(buyer), "query": body.model_dump(mode="json"), "via": "api"},
+                      timeout_s=QUERY_TIMEOUT_S, what="a DP query")
 
 
 def _require_owner(instance: Instance, steward: Principal, name: str) -> None:
@@ -39,7 +49,7 @@ def _require_owner(instance: Instance, steward: Principal, name: str) -> None:
         owned_dataset(session, name, steward)
 
 
-@router.get("/budgets")
+@router.get("/budgets", response_model=list[schemas.BudgetView], response_model_exclude_unset=True)
 def budgets(instance: InstanceDep, principal: PrincipalDep) -> list[dict[str, object]]:
     views = queries.budgets(instance, principal)
     if principal.role is not Role.STEWARD:
@@ -50,22 +60,26 @@ def budgets(instance: InstanceDep, principal: PrincipalDep) -> list[dict[str, ob
     return [view for view in views if view.get("contract") in own]
 
 
-@router.post("/datasets/{name}/budget-cap")
+@router.post("/datasets/{name}/budget-cap", response_model=schemas.DatasetBudgetCap, response_model_exclude_unset=True)
 def set_cap(name: str, body: CapRequest, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
     _require_owner(instance, steward, name)
     return queries.set_dataset_cap(instance, steward, name, body.epsilon_cap)
 
 
-@router.post("/datasets/{name}/versions/{version}/mock", status_code=201)
+@router.post("/datasets/{name}/versions/{version}/mock", status_code=201, response_model=schemas.DpMockView,
+             response_model_exclude_unset=True)
 async def publish_mock(name: str, version: int, body: MockRequest, instance: InstanceDep,
                        steward: Steward) -> dict[str, object]:
     """Build the version's DP mock from noisy marginals, paid from the dataset's budget."""
     await run_in_threadpool(_require_owner, instance, steward, name)
-    return await run_in_threadpool(mock_publication.publish_mock, instance, steward, dataset=name, version=version,
-                                   epsilon=body.epsilon)
+    return await run_in_threadpool(
+        ask_worker, instance, "/dp/mock",
+        {"principal": principal_body(steward), "dataset": name, "version": version, "epsilon": body.epsilon},
+        timeout_s=LONG_TIMEOUT_S, what="publishing a DP mock")
 
 
-@router.get("/datasets/{name}/versions/{version}/mock")
+@router.get("/datasets/{name}/versions/{version}/mock", response_class=FileResponse,
+            responses=schemas.file_answer("application/vnd.apache.parquet", "the DP mock as Parquet"))
 def download_mock(name: str, version: int, instance: InstanceDep, principal: PrincipalDep) -> FileResponse:
     """The DP mock, to develop code against before it runs on the real rows."""
     if principal.role is Role.STEWARD:

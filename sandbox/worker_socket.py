@@ -1,0 +1,203 @@
+"""The worker's local service: what the API process asks of the data side, over the worker's Unix socket.
+
+The API process holds no data. It checks a request against the store, then forwards whatever must read
+a dataset file to this service, which runs beside the data: DP queries, DP mock publication, a new
+version's ingestion and its warm-up. The service starts with `sandbox worker` and with the embedded worker
+of `sandbox serve`, before Docker and without it, so DP queries work while the engine is down.
+
+The socket is 0600: only the service's own user (the API process) may connect, and the API passes the
+principal it verified. Other modules add routes with `@worker_route("/notebooks/...")` in a module named in
+`ROUTE_MODULES`, or pass `extra_routes` to `serve_worker_socket`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sandbox.auth.tokens import Principal, Role
+from sandbox.catalog import service
+from sandbox.dp import mock_publication, queries
+from sandbox.egress.content import ensure_fingerprints
+from sandbox.errors import Invalid
+from sandbox.instance import Instance
+from sandbox.local_http import Handler, LocalHttpServer, WorkerUnavailable, call, worker_socket
+from sandbox.logs import get_logger
+
+log = get_logger("sandbox.worker_socket")
+
+WorkerRoute = Callable[[Instance, dict[str, Any]], dict[str, Any]]
+
+# Modules whose import registers more routes with `worker_route` (imported when the service starts).
+ROUTE_MODULES: tuple[str, ...] = ("sandbox.notebooks.exports",)
+
+_ROUTES: dict[str, WorkerRoute] = {}
+
+# How long the API waits for each kind of answer. A query may wait for an identical one in flight.
+QUERY_TIMEOUT_S = queries.WAIT_FOR_IDENTICAL_S + 60
+LONG_TIMEOUT_S = 3600.0  # ingesting a large upload, drawing a mock, ranking a version
+
+
+def worker_route(path: str) -> Callable[[WorkerRoute], WorkerRoute]:
+    """Serve `path` on every worker's local service with the decorated `handler(instance, body)`."""
+
+    def register(handler: WorkerRoute) -> WorkerRoute:
+        if path in _ROUTES and _ROUTES[path] is not handler:
+            raise ValueError(f"worker route {path} is registered twice")
+        _ROUTES[path] = handler
+        return handler
+
+    return register
+
+
+def serve_worker_socket(instance: Instance, *, extra_routes: Mapping[str, WorkerRoute] | None = None,
+                        ) -> LocalHttpServer:
+    """Serve the worker's local service for `instance` at `worker_socket(...)`, from a thread; no Docker needed."""
+    for module in ROUTE_MODULES:
+        importlib.import_module(module)
+    routes = {**_ROUTES, **(extra_routes or {})}
+    # Budget that a killed worker held mid-query goes back before this one answers.
+    queries.settle_abandoned_reservations(instance)
+    path = worker_socket(instance.settings.dp_socket_root, instance.instance_id)
+    # The instance's folder also holds the jobs' DP socket folders: its mode stays as it was (0755).
+    server = LocalHttpServer(path, {route: _bound(instance, handler) for route, handler in routes.items()},
+                             mode=0o600, folder_mode=0o755, peer_name="api")
+    log.info("worker_socket_serving", path=str(path), routes=sorted(routes))
+    return server
+
+
+def _bound(instance: Instance, handler: WorkerRoute) -> Handler:
+    return lambda body: handler(instance, body)
+
+
+def ask_worker(instance: Instance, route: str, body: dict[str, Any], *, timeout_s: float = 60.0,
+               what: str = "this request") -> dict[str, Any]:
+    """The API side: POST `body` to the worker's `route`; a refusal there is raised here unchanged."""
+    return call(worker_socket(instance.settings.dp_socket_root, instance.instance_id), route, body,
+                timeout_s=timeout_s,
+                unavailable=f"{what} runs beside the data in the worker, which is not running; nothing was done")
+
+
+def require_worker(instance: Instance, *, what: str) -> None:
+    """Refuse now (503) when no worker serves this instance: before an upload is read, say."""
+    path = worker_socket(instance.settings.dp_socket_root, instance.instance_id)
+    if not path.exists():
+        raise WorkerUnavailable(f"{what} runs beside the data in the worker, which is not running (no socket at "
+                                f"{path}); start `sandbox worker`")
+
+
+# The principal the API verified, as it travels ------------------------------------------------------
+
+def principal_body(principal: Principal) -> dict[str, str]:
+    return {"sub": principal.sub, "org": principal.org, "role": principal.role.value, "jti": principal.jti,
+            "issuer": principal.issuer, "expires_at": principal.expires_at.isoformat()}
+
+
+def principal_of(body: dict[str, Any]) -> Principal:
+    fields = body.get("principal")
+    if not isinstance(fields, dict):
+        raise Invalid("the request names no principal")
+    try:
+        return Principal(sub=str(fields["sub"]), org=str(fields["org"]), role=Role(fields["role"]),
+                         jti=str(fields["jti"]), issuer=str(fields["issuer"]),
+                         expires_at=datetime.fromisoformat(str(fields["expires_at"])))
+    except (KeyError, ValueError) as exc:
+        raise Invalid(f"the principal is malformed: {exc}") from exc
+
+
+# Routes -------------------------------------------------------------------------------------------
+
+@worker_route("/dp/query")
+def dp_query(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
+    """`{principal, query: QueryRequest, via}` -> the answer `run_query` gives, or its refusal."""
+    request = queries.QueryRequest.model_validate(body.get("query"))
+    return queries.run_query(instance, principal_of(body), request, via=str(body.get("via", "api")))
+
+
+@worker_route("/dp/mock")
+def dp_mock(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
+    """`{principal, dataset, version, epsilon}` -> the published mock's view."""
+    version, epsilon = body.get("version"), body.get("epsilon")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        raise Invalid("version must be an integer")
+    if not isinstance(epsilon, int | float) or isinstance(epsilon, bool):
+        raise Invalid("epsilon must be a number")
+    return mock_publication.publish_mock(instance, principal_of(body), dataset=str(body.get("dataset")),
+                                         version=version, epsilon=float(epsilon))
+
+
+@worker_route("/datasets/versions")
+def dataset_version(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
+    """`{principal, dataset, upload, filename, upload_sha256, size_bytes}`: validate the upload the API
+    staged, store it as the dataset's next version, and warm it up in the background; -> the version's view."""
+    steward, name = principal_of(body), str(body.get("dataset"))
+    upload = _staged_upload(instance, body.get("upload"))
+    with instance.read_session() as session:
+        card = service.card_of(service.owned_dataset(session, name, steward))
+    staged, ingested, sha256 = service.prepare_version(instance.settings.tmp_dir, card, upload,
+                                                       str(body.get("filename", "")))
+    try:
+        with instance.context(steward) as ctx:
+            version = service.add_version(ctx, name=name, staged=staged, ingested=ingested, sha256=sha256,
+                                          upload_sha256=str(body.get("upload_sha256")),
+                                          size_bytes=int(body.get("size_bytes", 0)))
+            view = service.version_view(version, steward=True)
+    finally:
+        staged.unlink(missing_ok=True)
+    # The leak scan's fingerprints and the DP ranked copy: built now, not on the first job or query.
+    threading.Thread(target=_warm_up_quietly, args=(instance, name, view["version"]), daemon=True,
+                     name="version-warm-up").start()
+    return view
+
+
+def _staged_upload(instance: Instance, named: object) -> Path:
+    """The API's staged upload: a file it wrote in the instance's tmp folder, never a path elsewhere."""
+    if not isinstance(named, str):
+        raise Invalid("the request names no staged upload")
+    path = Path(named).resolve()
+    if path.parent != instance.settings.tmp_dir.resolve() or not path.name.startswith("upload-") \
+            or not path.is_file():
+        raise Invalid("the staged upload is not a file the API staged")
+    return path
+
+
+@worker_route("/datasets/warm-up")
+def dataset_warm_up(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
+    """`{dataset, version}`: build what a version needs before its first use, now; -> when it is done."""
+    version = body.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise Invalid("version must be an integer")
+    warm_up(instance, str(body.get("dataset")), version)
+    return {"dataset": body.get("dataset"), "version": version, "warm": True}
+
+
+_WARMING: dict[tuple[str, str, int], threading.Lock] = {}
+_WARMING_LOCK = threading.Lock()
+
+
+def warm_up(instance: Instance, name: str, version: int) -> None:
+    """The leak-scan fingerprints and the ranked copy for DP bounding of a version.
+
+    One build per version at a time: a second caller (the route, while the upload's own warm-up runs)
+    waits for the first and then finds both built, instead of building them again beside it.
+    """
+    with _WARMING_LOCK:
+        lock = _WARMING.setdefault((instance.instance_id, name, version), threading.Lock())
+    with lock:
+        with instance.read_session() as session:
+            card = service.get_dataset(session, name).card
+            parquet = instance.settings.artifacts_dir / service.get_version(session, name, version).path
+        ensure_fingerprints(instance.settings.artifacts_dir, name, version, parquet, card)
+        queries.warm_up(instance, name, version)
+
+
+def _warm_up_quietly(instance: Instance, name: str, version: int) -> None:
+    """A failure only means the first job or query builds it."""
+    try:
+        warm_up(instance, name, version)
+    except Exception as exc:
+        log.warning("version_warm_up_failed", dataset=name, version=version, error=str(exc))
