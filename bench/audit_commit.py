@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sandbox.config import Settings
 from sandbox.instance import Instance, init_instance
-from sandbox.notebooks.runtime import Runtime
+from sandbox.notebooks.jupyter.runtime import Runtime
 from sandbox.notebooks.spec import SessionSpec
 
 

@@ -160,7 +160,7 @@ def filter_cost(home: Path, count: int) -> dict[str, float]:
     """`MessageFilter.outgoing` alone on 10 kB messages of the aggregate tier (withheld: no scan runs there now)."""
     from sandbox.config import Settings
     from sandbox.instance import Instance
-    from sandbox.notebooks.egress import MessageFilter, NotebookRules
+    from sandbox.notebooks.jupyter.egress import MessageFilter, NotebookRules
     from sandbox.policies import get_policy_version
 
     instance = Instance(Settings(home=home))

@@ -3,6 +3,9 @@
 The scheduler never imports Docker. It hands a `JobDefinition` to a `JobRunner` and re-derives
 each job's state from `poll()` on every tick, so a service restarted mid-job loses nothing:
 every step may be called again after a crash and must then do nothing harmful.
+
+Notebook kernels run in the same sandbox as jobs, through a `KernelRunner`: the notebook server that
+owns a kernel starts, watches and removes it, and the worker removes the kernels no live server owns.
 """
 
 from __future__ import annotations
@@ -12,11 +15,19 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+# The job images this platform builds (`runners/images.py`); a worker publishes each by name once its
+# engine has it. Named here, without the Docker SDK, so the API can tell "not built yet" from "no such image".
+JOB_IMAGES: tuple[str, ...] = ("analysis",)
+
 # Labels on everything a runner creates, so reconciliation can find (and remove) what it owns.
 LABEL_MANAGED = "org.sandbox.managed"
 LABEL_JOB = "org.sandbox.job"
 LABEL_ORG = "org.sandbox.org"
 LABEL_INSTANCE = "org.sandbox.instance"
+# Kernels carry these instead of LABEL_JOB, so the job reconciliation leaves them alone.
+LABEL_KERNEL = "org.sandbox.kernel"
+LABEL_NOTEBOOK = "org.sandbox.notebook"
+LABEL_CONTRACT = "org.sandbox.contract"
 
 
 @dataclass(frozen=True)
@@ -103,3 +114,45 @@ class JobRunner(Protocol):
 
     def managed_jobs(self) -> set[str]:
         """Ids of every job this runner has anything for (to find orphans)."""
+
+
+@dataclass(frozen=True)
+class KernelDefinition:
+    """One notebook kernel: a job's sandbox (`job`: image, command, /code, /data, limits, DP socket) whose
+    /output, and working folder, is the session's workspace, plus the host folder of its IPC sockets."""
+
+    key: str  # the kernel's own id within the instance: letters, digits, '_', '.', '-'
+    notebook: str  # the session (a job of kind notebook) whose server owns the kernel
+    contract: str
+    job: JobDefinition
+    workspace: Path  # host folder (the session's quota file system) bound at /output
+    ipc_dir: Path  # host folder bound read-write at the runner's IPC folder: connection file and sockets
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    key: str
+    notebook: str
+    contract: str
+    state: RunState
+    exit_code: int | None = None
+    timed_out: bool = False
+    started_at: float | None = None
+    cpu_seconds: float = 0.0  # as the kernel's cgroup reports it now (0 once it has exited)
+
+
+class KernelRunner(Protocol):
+    def start_kernel(self, kernel: KernelDefinition) -> None:
+        """Create and start the kernel's container; a no-op if it exists already."""
+
+    def kernel_status(self, key: str) -> KernelStatus:
+        """The kernel's state and CPU time so far (UNKNOWN once it is gone); kills it past its time limit."""
+
+    def signal_kernel(self, key: str, signum: int) -> None:
+        """Send `signum` to the kernel's process if it runs; a no-op otherwise."""
+
+    def remove_kernel(self, key: str) -> KernelStatus:
+        """Remove the kernel's container, running or not; its last status (UNKNOWN if it was gone already)."""
+
+    def kernels(self, *, notebook: str | None = None, contract: str | None = None) -> list[KernelStatus]:
+        """This instance's kernels, exited ones too; of one session or one contract if given."""

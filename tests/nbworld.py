@@ -1,5 +1,10 @@
 """A real service on a loopback port with notebook sessions, and a Jupyter websocket client that speaks
-the wire protocol as JupyterLab does (fixtures and helpers for tests/notebooks)."""
+the wire protocol as JupyterLab does (fixtures and helpers for tests/notebooks).
+
+As deployed: the API app has no Docker access and runs no notebook server; a worker (a `Worker` with a
+`DockerRunner` and its kernel runner, as `sandbox worker` builds it) hosts the servers and kernels, and
+serves its local socket (exports, DP, uploads). Here both live in the test process, the worker in a thread.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +28,13 @@ from jupyter_server.services.kernels.connection.base import deserialize_msg_from
 from websockets.sync.client import connect
 
 from runners.docker import DockerRunner
+from runners.kernels import DockerKernelRunner
 from sandbox.api.app import create_app
 from sandbox.config import Settings
 from sandbox.instance import Instance, init_instance
+from sandbox.notebooks.servers import RunningServer, workspace_dir
 from sandbox.worker import Worker
+from sandbox.worker_socket import serve_worker_socket
 
 DATASET = "carotid-stenting"
 V1 = "v1.kernel.websocket.jupyter.org"
@@ -170,6 +178,34 @@ class JupyterKernel:
         self.ws.close()
 
 
+WORKER_TICK_S = 0.2
+
+
+def start_worker(instance: Instance, runner_dir: Path) -> Worker:
+    """A worker as `sandbox worker` runs it (less the machine-wide lock), ticking in a thread."""
+    runner = DockerRunner(state_dir=runner_dir, instance_id=instance.instance_id)
+    worker = Worker(instance, runner, kernels=DockerKernelRunner(instance_id=instance.instance_id,
+                                                                 client=runner.client))
+    worker.refresh_images()  # published before the first session asks for the kernel image
+    worker.start_thread(WORKER_TICK_S)
+    return worker
+
+
+def wait_for_server(session: dict[str, Any], timeout: float = 120) -> None:
+    """Wait, as a client's first request does, until the worker has the session's server up.
+
+    A session starts in the store at once; its server comes up in the worker a few seconds later, and the
+    proxy holds a request meanwhile (up to its own limit, then 503).
+    """
+    headers = {"Authorization": f"token {session['token']}"}
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = httpx.get(f"{session['url']}api/status", headers=headers, timeout=timeout)
+        if answer.status_code != 503 or time.monotonic() > deadline:
+            assert answer.status_code == 200, answer.text
+            return
+
+
 @dataclass
 class NotebookWorld:
     url: str
@@ -179,6 +215,8 @@ class NotebookWorld:
     steward: str
     buyer: str
     contracts: dict[str, str]
+    worker: Worker | None
+    runner_dir: Path
     sessions: list[str] = field(default_factory=list)
     kernels: list[JupyterKernel] = field(default_factory=list)
     by_tier: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -194,6 +232,46 @@ class NotebookWorld:
         if tier not in self.kernel_by_tier:
             self.kernel_by_tier[tier] = self.kernel(self.session(tier))
         return self.kernel_by_tier[tier]
+
+    def workspace(self, session_id: str) -> Path:
+        """The session's workspace, as the worker mounted it."""
+        return workspace_dir(self.instance.settings, session_id)
+
+    def server(self, session_id: str) -> RunningServer:
+        """The session's live server process in the worker (waits for the worker to start it)."""
+        deadline = time.monotonic() + 60
+        while True:
+            running = self.worker.notebooks.get(session_id) if self.worker and self.worker.notebooks else None
+            if running is not None or time.monotonic() > deadline:
+                assert running is not None, f"the worker runs no server for {session_id}"
+                return running
+            time.sleep(0.1)
+
+    def stop_worker(self) -> None:
+        """Stop the worker as `sandbox worker` stops on Ctrl-C: its servers end, the sessions stay running."""
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        self.app.state.wake_worker = None
+        self.kernel_by_tier.clear()  # their servers are gone, and their websockets with them
+
+    def halt_worker(self) -> None:
+        """The worker dies outright, as under SIGKILL: none of its steps runs any more and it stops nothing.
+
+        Its servers live on here (their parent, this process, is alive); the caller decides their fate.
+        """
+        assert self.worker is not None
+        self.worker.stopping.set()
+        self.worker.wake()
+        self.worker._pool.shutdown(wait=True)  # steps already running end; no new one starts
+        self.worker = None
+        self.app.state.wake_worker = None
+        self.kernel_by_tier.clear()
+
+    def start_worker(self) -> Worker:
+        self.worker = start_worker(self.instance, self.runner_dir)
+        self.app.state.wake_worker = self.worker.wake  # as `sandbox serve` wires its embedded worker
+        return self.worker
 
     def version_file(self) -> Path:
         return self.instance.settings.artifacts_dir / "datasets" / DATASET / "v1.parquet"
@@ -213,6 +291,8 @@ class NotebookWorld:
         body: dict[str, Any] = response.json()
         if expect == 201:
             self.sessions.append(body["id"])
+            if self.worker is not None:
+                wait_for_server(body)
         return body
 
     def kernel(self, session: dict[str, Any], *, v1: bool = False) -> JupyterKernel:
@@ -229,9 +309,12 @@ class NotebookWorld:
 
 def make_notebook_world(instance: Instance, tokens: Tokens, tmp_path: Path) -> Iterator[NotebookWorld]:
     docker_client()
-    Worker(instance, DockerRunner(state_dir=tmp_path / "runner", instance_id=instance.instance_id)).refresh_images()
+    service = serve_worker_socket(instance)
     app = create_app(instance)
-    with LiveServer(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+    world: NotebookWorld | None = None
+    with ExitStack() as stack, LiveServer(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        stack.callback(service.close)
+        stack.callback(lambda: world.stop_worker() if world is not None else None)
         steward = tokens.steward(org="hospital")
         register_demo(http, steward, tmp_path, procedures=300)  # type: ignore[arg-type]
         mock = http.post(f"/v1/datasets/{DATASET}/versions/1/mock", headers=auth(steward), json={"epsilon": 1.0})
@@ -245,7 +328,9 @@ def make_notebook_world(instance: Instance, tokens: Tokens, tmp_path: Path) -> I
             assert created.status_code == 201, created.text
             contracts[tier] = created.json()["id"]
         world = NotebookWorld(url=url, app=app, instance=instance, http=http, steward=steward,
-                              buyer=tokens.buyer(org="acme"), contracts=contracts)
+                              buyer=tokens.buyer(org="acme"), contracts=contracts, worker=None,
+                              runner_dir=tmp_path / "runner")
+        world.start_worker()
         try:
             yield world
         finally:

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry
 
 from sandbox import __version__
 from sandbox.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from sandbox.api.problems import install_problem_handlers
-from sandbox.api.routes import audit, contracts, datasets, health, jobs, notebooks, policies, queries, tokens
-from sandbox.dp.queries import settle_abandoned_reservations
+from sandbox.api.routes import (
+    audit,
+    contracts,
+    datasets,
+    health,
+    jobs,
+    notebook_proxy,
+    notebooks,
+    policies,
+    queries,
+    tokens,
+)
 from sandbox.instance import Instance
-from sandbox.notebooks import proxy
-from sandbox.notebooks.servers import NotebookServers
 from sandbox.security_log import SecurityLog
 
 # Paths that take a file upload get the upload cap; everything else the small JSON cap.
@@ -26,23 +31,11 @@ UPLOAD_PATHS = re.compile(r"^/v1/(datasets/[^/]+/versions|jobs)/?$")
 
 def create_app(instance: Instance) -> FastAPI:
     instance.require_initialised()
-    servers = NotebookServers(instance)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Kernels outlive no server: those of a previous process are removed, ours go with us.
-        await run_in_threadpool(servers.reap)
-        # Budget a killed process held mid-query goes back before the first query.
-        await run_in_threadpool(settle_abandoned_reservations, instance)
-        try:
-            yield
-        finally:
-            await run_in_threadpool(servers.stop_all)
-
-    app = FastAPI(title="Health data sandbox", version=__version__, docs_url="/docs", redoc_url=None,
-                  lifespan=lifespan)
+    # No start-up work: DP reservations are the worker's, and its local service gives back those of a
+    # killed worker when it starts (an API process could not tell a live worker's from a dead one's).
+    app = FastAPI(title="Health data sandbox", version=__version__, docs_url="/docs", redoc_url=None)
     app.state.instance = instance
-    app.state.notebooks = servers
     app.state.metrics = CollectorRegistry()
     app.state.security_log = SecurityLog()
     settings = instance.settings
@@ -52,7 +45,7 @@ def create_app(instance: Instance) -> FastAPI:
 
     install_problem_handlers(app)
     for router in (health.router, datasets.router, contracts.router, policies.router, audit.router,
-                   tokens.router, jobs.router, queries.router, notebooks.router, proxy.router):
+                   tokens.router, jobs.router, queries.router, notebooks.router, notebook_proxy.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(RequestContextMiddleware, registry=app.state.metrics)

@@ -1,30 +1,27 @@
-"""Notebook sessions in the store: a session is a job of kind `notebook`, running while its server lives.
+"""Notebook sessions in the store: a session is a job of kind `notebook`, running until it is stopped.
 
-Its usage (kernel CPU and wall time) counts against the contract like any job's, and files exported from
-its workspace, and outputs the filter withheld for review, are its outputs: the review queue, the report
-and the signed download work on them as on any job's.
+The API process starts and stops sessions here, in the store only; the worker follows: it runs a server
+for each running session and tears it down once the session ended (`servers`). A session's usage (kernel
+CPU and wall time) counts against the contract like any job's, and files exported from its workspace,
+and outputs the filter withheld for review, are its outputs: the review queue, the report and the signed
+download work on them as on any job's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-import shutil
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy import select
 
 from sandbox.auth.tokens import Principal, Role
-from sandbox.catalog.service import get_dataset, get_version
+from sandbox.catalog.service import get_version
 from sandbox.context import Context
 from sandbox.contracts import JobKind, Tier, Use, get_contract, require_usable, usability_problems
 from sandbox.dp.mock_publication import find_mock
-from sandbox.egress import CheckResult, OutputFacts, Verdict, detect_kind
-from sandbox.egress.content import ContentContext, content_checks, ensure_fingerprints
-from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
-from sandbox.images import ImageBuildError, image_digest
+from sandbox.errors import Conflict, Forbidden, NotFound
 from sandbox.jobs.lifecycle import JobState
 from sandbox.jobs.service import (
     buyer_usage,
@@ -38,13 +35,25 @@ from sandbox.jobs.service import (
 from sandbox.notebooks.spec import notebook_settings
 from sandbox.policies import get_policy_version
 from sandbox.release.review import outputs_view, sign_manifest
-from sandbox.release.routing import route_outputs
-from sandbox.release.status import Origin, OutputStatus
-from sandbox.store.models import ImageRecord, Job, JobOutput, NotebookToken
+from sandbox.store.models import ImageRecord, Job, NotebookToken
+from sandbox.transitions import apply_transition
 
 KERNEL_IMAGE = "notebook"  # the policy's name for kernel images
 KERNEL_IMAGE_BUILD = "analysis"  # the built image that carries ipykernel
-HEAD_BYTES = 8192
+EXPORT_ROUTE = "/notebooks/export"  # where the worker's local service takes exports (`exports`)
+
+S = JobState
+# The part of the job lifecycle a session goes through (docs/state-diagrams.md draws it). A session starts
+# running; stopping it checks it and puts it in review at once, and it is done once nothing of it waits
+# for a steward. A buyer or steward may cancel it (`jobs.service.cancel_job`) while it runs or waits.
+SESSION_START = S.RUNNING
+SESSION_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.RUNNING: frozenset({S.CHECKING, S.CANCELLED}),
+    S.CHECKING: frozenset({S.IN_REVIEW}),
+    S.IN_REVIEW: frozenset({S.DONE, S.CANCELLED}),
+    S.DONE: frozenset(),
+    S.CANCELLED: frozenset(),
+}
 
 
 def _hash(token: str) -> str:
@@ -52,15 +61,18 @@ def _hash(token: str) -> str:
 
 
 def kernel_image_id(ctx: Context) -> str:
-    """The kernel image's id, as the worker published it, or as this machine's engine has it."""
+    """The kernel image's id, as a worker published it (`Worker.refresh_images`)."""
     record = ctx.session.get(ImageRecord, KERNEL_IMAGE_BUILD)
-    if record is not None:
-        return record.image_id
-    try:
-        return image_digest(KERNEL_IMAGE_BUILD)
-    except ImageBuildError as error:
-        raise Conflict(f"the kernel image ({KERNEL_IMAGE_BUILD}) is not available on this machine; "
-                       "the operator builds it with `sandbox images build`") from error
+    if record is None:
+        raise Conflict(f"no worker has published the kernel image ({KERNEL_IMAGE_BUILD}) yet; the operator builds "
+                       "it with `sandbox images build` and runs `sandbox worker`, which publishes it")
+    return record.image_id
+
+
+def _move_session(ctx: Context, job: Job, target: JobState, reason: str | None = None) -> None:
+    """One step of the session's lifecycle (SESSION_TRANSITIONS), applied to the job as any job's move."""
+    apply_transition(SESSION_TRANSITIONS, JobState(job.state), target, noun="notebook session")
+    move(ctx, job, target, reason=reason)
 
 
 def start_session(ctx: Context, *, contract_id: str, dataset: str, version: int | None = None) -> tuple[Job, bool]:
@@ -92,7 +104,7 @@ def start_session(ctx: Context, *, contract_id: str, dataset: str, version: int 
         command=["jupyter-kernel"],
         resources={"cpus": float(settings["kernel_cpus"]), "memory_mb": int(settings["kernel_memory_mb"]),
                    "timeout_s": int(float(settings["max_kernel_hours"]) * 3600), "gpus": 0},
-        code_sha256="", code_bytes=0, state=JobState.RUNNING.value, reason="notebook session",
+        code_sha256="", code_bytes=0, state=SESSION_START.value, reason="notebook session",
         usage={}, created_at=now, updated_at=now, started_at=now,
     )
     ctx.session.add(job)
@@ -154,6 +166,17 @@ def get_session(ctx: Context, identifier: str) -> Job:
     return job
 
 
+def exportable_session(ctx: Context, identifier: str, *, for_update: bool = False) -> Job:
+    """The calling buyer's running session, from which a workspace file may be exported."""
+    buyer = ctx.require_role(Role.BUYER)
+    job = get_job(ctx, identifier, for_update=for_update)
+    if job.kind != JobKind.NOTEBOOK.value or job.buyer_org != buyer.org:
+        raise NotFound(f"no notebook session {identifier}")
+    if job.state != JobState.RUNNING.value:
+        raise Conflict(f"notebook session {job.id} is {job.state}; exports are taken from a running session")
+    return job
+
+
 def list_sessions(ctx: Context) -> list[Job]:
     ctx.require_role(Role.BUYER, Role.STEWARD)
     query = select(Job).where(Job.kind == JobKind.NOTEBOOK.value).order_by(Job.created_at.desc()).limit(200)
@@ -168,12 +191,12 @@ def stop_session(ctx: Context, identifier: str, *, signer: Any, reason: str = "s
         return job
     job.exit_code = 0
     job.finished_at = datetime.now(UTC)
-    move(ctx, job, JobState.CHECKING, reason=f"notebook session {reason}")
+    _move_session(ctx, job, JobState.CHECKING, reason=f"notebook session {reason}")
     ctx.session.flush()
     ctx.session.refresh(job)
     sign_manifest(job, signer)
-    move(ctx, job, JobState.IN_REVIEW)
-    settle_review(ctx, job)
+    _move_session(ctx, job, JobState.IN_REVIEW)
+    settle_review(ctx, job)  # done once nothing waits for a steward (in the table: in_review -> done)
     return job
 
 
@@ -193,64 +216,3 @@ def session_view(job: Job, *, steward: bool = False, url: str | None = None,
     if token is not None:
         view["token"] = token
     return view
-
-
-def export_file(ctx: Context, identifier: str, path: str, *, workspace: Path) -> JobOutput:
-    """Copy a workspace file into the session's outputs, checked, to wait for a steward's review."""
-    buyer = ctx.require_role(Role.BUYER)
-    job = get_job(ctx, identifier, for_update=True)
-    if job.kind != JobKind.NOTEBOOK.value or job.buyer_org != buyer.org:
-        raise NotFound(f"no notebook session {identifier}")
-    if job.state != JobState.RUNNING.value:
-        raise Conflict(f"notebook session {job.id} is {job.state}; exports are taken from a running session")
-    relative = PurePosixPath(path.strip("/"))
-    if not relative.parts or any(part in ("..", ".") or part.startswith(".") for part in relative.parts):
-        raise Invalid(f"{path!r} is not a file of the workspace")
-    source = workspace.joinpath(*relative.parts)
-    current = workspace
-    for part in relative.parts:  # no link anywhere on the way: the kernel writes this folder
-        current = current / part
-        if current.is_symlink():
-            raise Invalid(f"{path!r} is a link; only regular files can be exported")
-    if not source.is_file():
-        raise NotFound(f"the workspace has no file {path!r}")
-    policy_name, _, policy_version = job.policy.partition("@")
-    policy = get_policy_version(ctx.session, policy_name, int(policy_version)).body
-    limit = int(float(policy["egress"]["max_file_mb"]) * 1024 * 1024)
-    size = source.stat().st_size
-    if size > limit:
-        raise Invalid(f"{path} is {size} bytes; the policy exports files up to {limit} bytes")
-    export_path = f"exports/{relative.as_posix()}"
-    if any(o.path == export_path and o.status == OutputStatus.IN_REVIEW.value for o in job.outputs):
-        raise Conflict(f"{path} is already waiting for review")
-    destination = ctx.settings.artifacts_dir / "jobs" / job.id / "outputs" / "exports" / relative.as_posix()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, destination)
-    data = destination.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    facts = OutputFacts(path=export_path, size=len(data), head=data[:HEAD_BYTES])
-    kind, _ = detect_kind(facts)
-    version = get_version(ctx.session, job.dataset, job.dataset_version)
-    card = get_dataset(ctx.session, job.dataset).card
-    parquet = ctx.settings.artifacts_dir / version.path
-    index = ensure_fingerprints(ctx.settings.artifacts_dir, job.dataset, job.dataset_version, parquet, card)
-    content = content_checks(facts, kind, data, ContentContext(index=index, dataset_parquet=parquet, card=card,
-                                                               policy=policy))
-    # Files leave a notebook only after review, in every tier: the release routing decides block or review.
-    export_review = CheckResult("notebook-export", Verdict.REVIEW, "files leave a notebook only after review")
-    [decision] = route_outputs([facts], policy=policy, tier=job.tier,
-                               content={export_path: [*(content or []), export_review]})
-    output = next((o for o in job.outputs if o.path == export_path), None)
-    if output is None:
-        output = JobOutput(job_id=job.id, path=export_path)
-        ctx.session.add(output)
-    output.size, output.sha256, output.kind = len(data), digest, decision.kind.value
-    output.verdict, output.status = decision.verdict.value, decision.status.value
-    output.checks = [c.as_dict() for c in decision.checks]
-    output.origin = Origin.BUYER.value
-    output.stored_path = str(destination.relative_to(ctx.settings.artifacts_dir))
-    output.decided_by = output.decided_at = None
-    ctx.session.flush()
-    ctx.record("notebook.export", "job", job.id, path=export_path, sha256=digest, size=len(data),
-               status=output.status, rules=[c.rule for c in decision.checks if c.verdict is not Verdict.PASS])
-    return output

@@ -1,4 +1,4 @@
-"""What a notebook server process is told about its session: written by the service, read by the server."""
+"""What a notebook server process is told about its session: written by the worker, read by the server."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class SessionSpec:
     image_id: str
     base_url: str  # /notebooks/<job>/
     socket: str  # the server's Unix socket
-    internal_token: str  # what the proxy presents to the server; never leaves the service
+    internal_token: str  # what the proxy presents to the server (`endpoint.server.json`); never leaves the service
     workspace: str  # host folder (a quota file system): the contents root, /output in kernels
     code_dir: str  # host folder mounted read-only at /code (empty: code lives in the workspace)
     data_file: str  # host file shown at /data/<dataset>.parquet: the mock for dp_only, else the version

@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select, text
 
 from sandbox.instance import Instance
-from sandbox.notebooks.runtime import Runtime
+from sandbox.notebooks.jupyter.runtime import Runtime
 from sandbox.notebooks.spec import SessionSpec
 from sandbox.store.models import AuditEvent
 

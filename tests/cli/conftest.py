@@ -24,6 +24,17 @@ def server(tmp_path: Path, database_url: str | None) -> Iterator[Server]:
     running = Server(url=url, home=home, env=env, process=process)
     yield running
     stop(process)
+    unmount_below(home)
+
+
+def unmount_below(root: Path) -> None:
+    """Notebook workspaces stay mounted while their session runs, so that a restarted worker finds them;
+    a test's server is gone for good, so what it left mounted under its home is taken down here."""
+    prefix = f"{root}/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
 
 
 from jobworld import analysis_image  # noqa: E402

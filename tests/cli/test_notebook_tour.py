@@ -1,5 +1,7 @@
 """The notebook tour as a researcher runs it: `sandbox notebook start`, a Jupyter client on the printed URL
-and token, aggregates in, rows out, a figure exported for review, the session stopped."""
+and token, aggregates in, rows out, a figure exported for review, the session stopped; and the processes
+behind it: the worker (embedded in `sandbox serve`, or `sandbox worker` beside an API without Docker, as
+docker-compose runs them) hosts the servers and kernels, and a killed one takes its kernels with it."""
 
 from __future__ import annotations
 
@@ -120,3 +122,76 @@ def test_a_service_killed_outright_takes_its_kernels_with_it(server: Server, tmp
     finally:
         stop(restarted)
     assert not client.containers.list(all=True, filters=label), "a stopped service leaves no kernel behind"
+
+
+def test_the_api_alone_proxies_to_a_separate_worker_that_may_die_and_come_back(server: Server, tmp_path: Path,
+                                                                             analysis_image: str) -> None:
+    """As docker-compose runs it: `sandbox serve` without its embedded worker, and `sandbox worker` apart."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import docker
+    import httpx
+    from cli.server import free_port, stop, wait_healthy
+
+    steward = server.token("steward", "xuanwu", "dr-li")
+    researcher = server.token("buyer", "uni-lab", "bob")
+    card = tmp_path / "card.yaml"
+    card.write_text(yaml.safe_dump({k: v for k, v in CARD.items() if k != "name"}))
+    server.cli("dataset", "create", "carotid-stenting", "--card", str(card), token=steward)
+    server.cli("dataset", "add-version", "carotid-stenting", str(write_registry(tmp_path / "r.parquet",
+                                                                                 procedures=300)), token=steward)
+    contract = json.loads(server.cli(
+        "contract", "create", "--buyer-org", "uni-lab", "--dataset", "carotid-stenting", "--tier", "trusted",
+        "--kinds", "notebook", "--epsilon", "1", "--valid-until", "2099-12-31", "--json", token=steward).stdout)["id"]
+    stop(server.process)  # its embedded worker published the images; from here on the API has no worker inside
+
+    env = {**server.env, "SANDBOX_EMBEDDED_WORKER": "false"}
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "serve", "--port", str(port)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    worker_log = (tmp_path / "worker.log").open("w")
+
+    def start_worker() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "sandbox.cli", "worker"], env=env, stdout=worker_log,
+                                stderr=subprocess.STDOUT, text=True)
+
+    worker = start_worker()
+    client = docker.from_env()
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", api)
+        alone = Server(url=f"http://127.0.0.1:{port}", home=server.home, env=env, process=api)
+        session = json.loads(alone.cli("notebook", "start", "--contract", contract, "--dataset", "carotid-stenting",
+                                       "--json", token=researcher).stdout)
+        kernel = JupyterKernel(session["url"], session["token"])
+        kernel.execute("x = 41\nopen('/output/notes.txt', 'w').write('a note')")
+        kernel.close()
+        exported = alone.cli("notebook", "export", session["id"], "notes.txt", token=researcher).stdout
+        assert "exports/notes.txt" in exported or "withheld" in exported, exported
+        label = {"label": f"org.sandbox.notebook={session['id']}"}
+        assert client.containers.list(all=True, filters=label), "the worker runs the kernel"
+
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while client.containers.list(all=True, filters=label) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not client.containers.list(all=True, filters=label), "the dead worker's server shut its kernels down"
+
+        worker = start_worker()
+        headers = {"Authorization": f"token {session['token']}"}
+        kernels = httpx.get(f"{session['url']}api/kernels", headers=headers, timeout=60)
+        assert kernels.status_code == 200 and kernels.json() == [], "the new worker serves the session again"
+        again = JupyterKernel(session["url"], session["token"])
+        assert "NameError" in again.execute("print(x)").text
+        again.close()
+        stopped = alone.cli("notebook", "stop", session["id"], token=researcher).stdout
+        assert "in_review" in stopped, "the export still waits for its review"
+        assert not client.containers.list(all=True, filters=label), "the worker removed the session's kernels"
+    finally:
+        for process in (worker, api):
+            if process.poll() is None:
+                stop(process)
+        worker_log.close()

@@ -26,7 +26,7 @@ import pytest
 
 import sandbox
 from sandbox.demo import generate_registry
-from sandbox.notebooks.egress import (
+from sandbox.notebooks.jupyter.egress import (
     DP_ANSWER_MIME,
     TABLE_SPEC_MIME,
     MessageFilter,
@@ -34,7 +34,7 @@ from sandbox.notebooks.egress import (
     Outcome,
     Rendered,
 )
-from sandbox.notebooks.verified import safe_message
+from sandbox.notebooks.jupyter.verified import safe_message
 from sandbox.policies import load_shipped_policies
 
 CELL = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"

@@ -99,7 +99,7 @@ def test_data_follows_the_tier(nb_world: NotebookWorld, tier: str) -> None:
         f"seen = str(sorted(os.listdir('/data'))) + hashlib.sha256(open('/data/{DATASET}.parquet','rb').read())"
         ".hexdigest()\nopen('/output/seen.txt', 'w').write(seen)")
     assert result.reply["content"]["status"] == "ok", result.text
-    seen = (nb_world.app.state.notebooks.workspace(nb_world.session(tier)["id"]) / "seen.txt").read_text()
+    seen = (nb_world.workspace(nb_world.session(tier)["id"]) / "seen.txt").read_text()
     expected = nb_world.mock_file() if tier == "dp_only" else nb_world.version_file()
     assert hashlib.sha256(expected.read_bytes()).hexdigest() in seen
     assert f"'{DATASET}.parquet'" in seen
@@ -565,7 +565,7 @@ def test_a_killed_server_is_replaced_and_its_kernels_removed(nb_world: NotebookW
     assert "2" in kernel.execute("print(1 + 1)").stdout
     label = f"org.sandbox.notebook={session['id']}"
     assert _containers(label), "the session's kernels run"
-    running = nb_world.app.state.notebooks.get(session["id"])
+    running = nb_world.server(session["id"])
     nb_world.kernel_by_tier.pop("trusted", None)  # its websocket dies with the server
     running.process.kill()
     running.process.wait(timeout=10)
@@ -581,7 +581,7 @@ def test_stopping_a_session_meters_usage_and_removes_everything(nb_world: Notebo
     session = nb_world.start("dp_only")
     kernel = nb_world.kernel(session)
     kernel.execute("sum(i * i for i in range(3_000_000))")
-    workspace = nb_world.app.state.notebooks.workspace(session["id"])
+    workspace = nb_world.workspace(session["id"])
     stopped = nb_world.http.delete(f"/v1/notebooks/{session['id']}", headers=auth(nb_world.buyer))
     assert stopped.status_code == 200, stopped.text
     nb_world.sessions.remove(session["id"])

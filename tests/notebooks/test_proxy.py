@@ -23,9 +23,9 @@ from sqlalchemy import select
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from sandbox.api.routes.notebook_proxy import forwardable_path
 from sandbox.auth.tokens import Role
 from sandbox.errors import NotFound
-from sandbox.notebooks.proxy import forwardable_path
 from sandbox.store.models import AuditEvent
 
 # Each climbs from an allowed prefix to `api/config/notebook`, which the proxy does not forward but the

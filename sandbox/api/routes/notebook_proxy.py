@@ -1,9 +1,14 @@
-"""The only way to a notebook server: HTTP and WebSocket through the service, after the session's checks.
+"""The only way to a notebook server: HTTP and WebSocket through the API, after the session's checks.
 
 Clients (JupyterLab, VS Code, jupyter_client) use `<service>/notebooks/<id>/` with the session token as
 Jupyter expects it (`Authorization: token ...` or `?token=`), or the service's own JWT as a bearer token.
 The proxy checks it on every request and every websocket, strips it, and talks to the server over its
 Unix socket with a token only the service knows. Only the Jupyter APIs a client needs are forwarded.
+
+The worker runs the servers (`sandbox.notebooks.servers`). The proxy finds a session's server where the
+worker announced it (`sandbox.notebooks.endpoint`); while there is none, or it does not answer (a session
+just started, a worker restarting), the proxy wakes an embedded worker and waits, up to SERVER_WAIT_S,
+then answers 503.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import httpx
@@ -27,11 +33,15 @@ from sandbox.audit import SystemActor
 from sandbox.auth.tokens import Principal
 from sandbox.errors import Conflict, Forbidden, NotFound, SandboxError, Unauthorized
 from sandbox.instance import Instance
-from sandbox.notebooks.servers import NotebookServers, RunningServer
+from sandbox.notebooks.endpoint import ServerEndpoint, ServerFailure, read_server, server_dir
 from sandbox.notebooks.sessions import session_access
 from sandbox.security_log import SecurityLog, audit_refusal, mark_recorded, was_recorded
 
 router = APIRouter(tags=["notebooks"], include_in_schema=False)
+
+# How long a request waits for the worker to bring a session's server up (`app.state` may say otherwise).
+SERVER_WAIT_S = 30.0
+POLL_S = 0.2
 
 # What a Jupyter client needs; terminals, nbconvert, server shutdown, events and extensions are not forwarded.
 FORWARDED = re.compile(r"^(api/?|api/(status|me|kernelspecs|kernels|sessions|contents)(/.*)?|files/.+|kernelspecs/.+)$")
@@ -130,15 +140,20 @@ def _system_read(instance: Instance) -> Any:
         yield ctx
 
 
-def _servers(request_or_socket: Request | WebSocket) -> NotebookServers:
-    servers: NotebookServers | None = getattr(request_or_socket.app.state, "notebooks", None)
-    if servers is None:
-        raise NotFound("notebooks are not served by this process")
-    return servers
+def _wake_worker(connection: HTTPConnection) -> None:
+    """An embedded worker looks at once (`jobs.wake_worker`, for a websocket as for a request)."""
+    wake = getattr(connection.app.state, "wake_worker", None)
+    if wake is not None:
+        wake()
 
 
-async def _server_for(instance: Instance, servers: NotebookServers, job_id: str, connection: HTTPConnection,
-                      ) -> RunningServer:
+class NotebookUnavailable(SandboxError):
+    status = 503
+    title = "Notebook server unavailable"
+    slug = "notebook-unavailable"
+
+
+async def _check_access(instance: Instance, job_id: str, connection: HTTPConnection) -> None:
     try:
         await run_in_threadpool(_authorise, instance, job_id, connection.headers, connection.query_params)
     except (Unauthorized, Forbidden) as refusal:
@@ -151,27 +166,64 @@ async def _server_for(instance: Instance, servers: NotebookServers, job_id: str,
                                  path=connection.url.path, reason=refusal.detail)
             mark_recorded(refusal)
         raise
-    except Conflict:  # the session ended (stopped, cancelled): its server goes too
-        await run_in_threadpool(servers.stop, job_id)
+    except Conflict:  # the session ended (stopped, cancelled): the worker takes its server down
+        _wake_worker(connection)
         raise
-    return await run_in_threadpool(servers.ensure, job_id)
+
+
+Answer = TypeVar("Answer")
+
+
+async def _with_server(connection: HTTPConnection, job_id: str,
+                       attempt: Callable[[ServerEndpoint], Awaitable[Answer]]) -> Answer:
+    """`attempt` against the session's server, once the worker has it up; 503 if it does not within the wait.
+
+    Only a failure to connect is retried: nothing reached the server, so no request runs twice.
+    """
+    instance: Instance = connection.app.state.instance
+    folder = server_dir(instance.settings, instance.instance_id, job_id)
+    wait_s = float(getattr(connection.app.state, "notebook_server_wait_s", SERVER_WAIT_S))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        announced = await run_in_threadpool(read_server, folder)
+        if isinstance(announced, ServerFailure):
+            raise NotebookUnavailable(f"the notebook server of session {job_id} could not start: {announced.detail}; "
+                                      "the worker tries again shortly")
+        if announced is not None:
+            try:
+                return await attempt(announced)
+            except (httpx.ConnectError, ConnectionError, FileNotFoundError):
+                pass  # gone since it was announced: the worker notices and starts another
+        _wake_worker(connection)
+        if loop.time() >= deadline:
+            raise NotebookUnavailable(
+                f"no worker brought the notebook server of session {job_id} up within {wait_s:.0f} s; the session "
+                "is kept, and answers once a worker runs (`sandbox worker`, or `sandbox serve` with its embedded "
+                "worker)")
+        await asyncio.sleep(POLL_S)
 
 
 @router.api_route("/notebooks/{job_id}/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def forward(job_id: str, path: str, request: Request) -> Response:
     instance: Instance = request.app.state.instance
     path = forwardable_path(path, request.scope.get("raw_path"))
-    server = await _server_for(instance, _servers(request), job_id, request)
+    await _check_access(instance, job_id, request)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-    headers["authorization"] = f"token {server.spec.internal_token}"
     query = httpx.QueryParams([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
-    transport = httpx.AsyncHTTPTransport(uds=server.spec.socket)
-    async with httpx.AsyncClient(transport=transport, timeout=120.0) as client:
-        try:
-            answer = await client.request(request.method, f"http://localhost/notebooks/{job_id}/{path}", params=query,
-                                          headers=headers, content=await request.body())
-        except httpx.TransportError as error:
-            raise _Unavailable(f"the notebook server did not answer: {error}") from error
+    body = await request.body()
+
+    async def send(server: ServerEndpoint) -> httpx.Response:
+        transport = httpx.AsyncHTTPTransport(uds=server.socket)
+        async with httpx.AsyncClient(transport=transport, timeout=120.0) as client:
+            return await client.request(request.method, f"http://localhost{server.base_url}{path}", params=query,
+                                        headers={**headers, "authorization": f"token {server.internal_token}"},
+                                        content=body)
+
+    try:
+        answer = await _with_server(request, job_id, send)
+    except httpx.TransportError as error:
+        raise _Unavailable(f"the notebook server did not answer: {error}") from error
     kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
     return Response(content=answer.content, status_code=answer.status_code, headers=kept)
 
@@ -191,17 +243,24 @@ async def forward_websocket(websocket: WebSocket, job_id: str, path: str) -> Non
         await websocket.close(code=1008, reason="not a kernel channel")
         return
     try:
-        server = await _server_for(instance, _servers(websocket), job_id, websocket)
+        await _check_access(instance, job_id, websocket)
     except SandboxError as error:
         await websocket.close(code=1008, reason=error.detail[:120])
         return
     query = "&".join(f"{k}={v}" for k, v in websocket.query_params.multi_items() if k != "token")
     protocols = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
-    uri = f"ws://localhost/notebooks/{job_id}/{path}" + (f"?{query}" if query else "")
+
+    async def connect(server: ServerEndpoint) -> Any:
+        uri = f"ws://localhost{server.base_url}{path}" + (f"?{query}" if query else "")
+        return await unix_connect(server.socket, uri, subprotocols=protocols or None,
+                                  additional_headers={"Authorization": f"token {server.internal_token}"},
+                                  max_size=MAX_WS_MESSAGE, compression=None, ping_interval=None)
+
     try:
-        upstream = await unix_connect(server.spec.socket, uri, subprotocols=protocols or None,
-                                      additional_headers={"Authorization": f"token {server.spec.internal_token}"},
-                                      max_size=MAX_WS_MESSAGE, compression=None, ping_interval=None)
+        upstream = await _with_server(websocket, job_id, connect)
+    except NotebookUnavailable as error:
+        await websocket.close(code=1013, reason=error.detail[:120])  # 1013: try again later
+        return
     except (OSError, websockets.exceptions.WebSocketException):
         await websocket.close(code=1011, reason="the kernel is not reachable")
         return

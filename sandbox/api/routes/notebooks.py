@@ -1,22 +1,34 @@
-"""Notebook sessions: a buyer starts (or reuses) a Jupyter server for a contract and dataset, and exports files."""
+"""Notebook sessions: a buyer starts (or reuses) a Jupyter server for a contract and dataset, and exports files.
+
+This process keeps the sessions (store rows, tokens); the worker runs their servers and reads their
+workspaces. Starting a session wakes an embedded worker and returns at once: the proxy waits for the
+server on first use. Stopping one ends it in the store and waits (a while) for the worker's teardown.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from sandbox.api import schemas
 from sandbox.api.deps import Buyer, InstanceDep, PrincipalDep
+from sandbox.api.routes.jobs import wake_worker
 from sandbox.auth.tokens import Principal, Role
-from sandbox.errors import NotFound
 from sandbox.instance import Instance
 from sandbox.notebooks import sessions
-from sandbox.notebooks.servers import NotebookServers
-from sandbox.release.review import output_view
+from sandbox.notebooks.endpoint import server_dir
+from sandbox.worker_socket import ask_worker, principal_body
 
 router = APIRouter(prefix="/v1", tags=["notebooks"])
+
+EXPORT_TIMEOUT_S = 300.0  # the first export of a version may build its fingerprints
+# How long a stop waits for the worker to take the server down (kernels stopped and metered, workspace gone);
+# `app.state.notebook_teardown_wait_s` may say otherwise.
+TEARDOWN_WAIT_S = 30.0
 
 
 class NotebookRequest(BaseModel):
@@ -29,81 +41,80 @@ class ExportRequest(BaseModel):
     path: str = Field(min_length=1, max_length=500)
 
 
-def _servers(request: Request) -> NotebookServers:
-    servers: NotebookServers | None = getattr(request.app.state, "notebooks", None)
-    if servers is None:
-        raise NotFound("this service process runs no notebooks (it has no Docker engine)")
-    return servers
-
-
 def _url(request: Request, instance: Instance, job_id: str) -> str:
     base = instance.settings.public_url or str(request.base_url).rstrip("/")
     return f"{base.rstrip('/')}/notebooks/{job_id}/"
 
 
-def _start(instance: Instance, servers: NotebookServers, buyer: Principal, body: NotebookRequest) -> tuple[str, str]:
+def _start(instance: Instance, buyer: Principal, body: NotebookRequest) -> tuple[str, str]:
     with instance.context(buyer) as ctx:
         job, _ = sessions.start_session(ctx, contract_id=body.contract, dataset=body.dataset, version=body.version)
         token = sessions.issue_session_token(ctx, job, buyer)
-        identifier = job.id
-    try:
-        servers.ensure(identifier)
-    except Exception:
-        _stop(instance, servers, buyer, identifier, reason="failed to start")
-        raise
-    return identifier, token
+        return job.id, token
 
 
-def _stop(instance: Instance, servers: NotebookServers, principal: Principal, identifier: str,
-          reason: str = "stopped") -> dict[str, Any]:
+def _stop(instance: Instance, principal: Principal, identifier: str) -> str:
     with instance.context(principal) as ctx:
         job = sessions.get_session(ctx, identifier)
-        job = sessions.stop_session(ctx, job.id, signer=instance.signing_key, reason=reason)
-        ctx.record("notebook.stop", "job", job.id, reason=reason)
-        view = sessions.session_view(job)
-    servers.stop(identifier)
-    return view
+        job = sessions.stop_session(ctx, job.id, signer=instance.signing_key)
+        ctx.record("notebook.stop", "job", job.id, reason="stopped")
+        return job.id
 
 
-@router.post("/notebooks", status_code=201)
+def _view(instance: Instance, principal: Principal, identifier: str, **shown: Any) -> dict[str, Any]:
+    with instance.read_context(principal) as ctx:
+        return sessions.session_view(sessions.get_session(ctx, identifier), steward=principal.role is Role.STEWARD,
+                                     **shown)
+
+
+@router.post("/notebooks", status_code=201, response_model=schemas.NotebookSession, response_model_exclude_unset=True)
 async def start_notebook(body: NotebookRequest, request: Request, instance: InstanceDep,
                          buyer: Buyer) -> dict[str, Any]:
     """Start or reuse the buyer's Jupyter server for (contract, dataset): its URL and a new session token."""
-    servers = _servers(request)
-    identifier, token = await run_in_threadpool(_start, instance, servers, buyer, body)
-    with instance.read_context(buyer) as ctx:
-        job = sessions.get_session(ctx, identifier)
-        return sessions.session_view(job, url=_url(request, instance, identifier), token=token)
+    identifier, token = await run_in_threadpool(_start, instance, buyer, body)
+    wake_worker(request)
+    return await run_in_threadpool(_view, instance, buyer, identifier, url=_url(request, instance, identifier),
+                                   token=token)
 
 
-@router.get("/notebooks")
+@router.get("/notebooks", response_model=list[schemas.NotebookSession], response_model_exclude_unset=True)
 def list_notebooks(instance: InstanceDep, principal: PrincipalDep) -> list[dict[str, Any]]:
     with instance.read_context(principal) as ctx:
         steward = principal.role is Role.STEWARD
         return [sessions.session_view(job, steward=steward) for job in sessions.list_sessions(ctx)]
 
 
-@router.get("/notebooks/{identifier}")
+@router.get("/notebooks/{identifier}", response_model=schemas.NotebookSession, response_model_exclude_unset=True)
 def get_notebook(identifier: str, instance: InstanceDep, principal: PrincipalDep) -> dict[str, Any]:
-    with instance.read_context(principal) as ctx:
-        return sessions.session_view(sessions.get_session(ctx, identifier), steward=principal.role is Role.STEWARD)
+    return _view(instance, principal, identifier)
 
 
-@router.delete("/notebooks/{identifier}")
+@router.delete("/notebooks/{identifier}", response_model=schemas.NotebookSession, response_model_exclude_unset=True)
 async def stop_notebook(identifier: str, request: Request, instance: InstanceDep, buyer: Buyer) -> dict[str, Any]:
-    """Stop the session: its kernels end, its workspace is deleted; exports stay in review."""
-    return await run_in_threadpool(_stop, instance, _servers(request), buyer, identifier)
+    """Stop the session: the worker ends its kernels and deletes its workspace; exports stay in review."""
+    identifier = await run_in_threadpool(_stop, instance, buyer, identifier)
+    wake_worker(request)
+    # The answer carries the kernels' final usage when the worker is quick about it; it is recorded either way.
+    folder = server_dir(instance.settings, instance.instance_id, identifier)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + float(getattr(request.app.state, "notebook_teardown_wait_s", TEARDOWN_WAIT_S))
+    while folder.exists() and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    return await run_in_threadpool(_view, instance, buyer, identifier)
 
 
-@router.post("/notebooks/{identifier}/exports", status_code=201)
-async def export(identifier: str, body: ExportRequest, request: Request, instance: InstanceDep,
-                 buyer: Buyer) -> dict[str, Any]:
-    """Ask for a workspace file to leave: it is checked and waits for a steward's review."""
-    servers = _servers(request)
+@router.post("/notebooks/{identifier}/exports", status_code=201, response_model=schemas.OutputView,
+             response_model_exclude_unset=True)
+async def export(identifier: str, body: ExportRequest, instance: InstanceDep, buyer: Buyer) -> dict[str, Any]:
+    """Ask for a workspace file to leave: the worker checks it, and it waits for a steward's review."""
 
     def run() -> dict[str, Any]:
-        with instance.context(buyer) as ctx:
-            output = sessions.export_file(ctx, identifier, body.path, workspace=servers.workspace(identifier))
-            return output_view(output, steward=False)
+        with instance.read_context(buyer) as ctx:
+            sessions.exportable_session(ctx, identifier)
+        answer = ask_worker(instance, sessions.EXPORT_ROUTE, {"principal": principal_body(buyer),
+                                                              "session": identifier, "path": body.path},
+                            timeout_s=EXPORT_TIMEOUT_S, what="exporting a notebook file")
+        output: dict[str, Any] = answer["output"]
+        return output
 
     return await run_in_threadpool(run)

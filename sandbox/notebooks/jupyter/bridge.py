@@ -20,30 +20,32 @@ from jupyter_server.services.kernels.connection.base import (
 )
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from tornado.ioloop import IOLoop
+from traitlets import Instance
 
-from sandbox.notebooks.egress import Outcome
-from sandbox.notebooks.runtime import runtime
+from sandbox.notebooks.jupyter.egress import Outcome
+from sandbox.notebooks.jupyter.runtime import Runtime
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
 
-def _audit(outcome: Outcome) -> Future[None] | None:
-    """Queue the outcome's audit event; the future completes when it has committed (None: nothing to record)."""
-    if outcome.audit is None:
-        return None
-    details = dict(outcome.audit)
-    details["decision"] = details.pop("action", outcome.action)
-    return runtime().record_before_release("notebook.output", **details)
-
-
 class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
+    runtime = Instance(Runtime, help="the session's collaborators (`server.server_config` sets it)").tag(config=True)
+
     # Messages wait here, in order, behind one whose outcome needs platform work (a table recomputed) or
     # whose audit event has not committed yet: the client sees the table where the kernel displayed it,
     # before the cell's idle status, and sees no output before its record is in the log.
     _backlog: deque[tuple[Any, list[Any], Outcome, Future[None] | None]] | None = None
 
+    def _audit(self, outcome: Outcome) -> Future[None] | None:
+        """Queue the outcome's audit event; the future completes when it has committed (None: nothing to record)."""
+        if outcome.audit is None:
+            return None
+        details = dict(outcome.audit)
+        details["decision"] = details.pop("action", outcome.action)
+        return self.runtime.record_before_release("notebook.output", **details)
+
     def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
-        rt = runtime()
+        rt: Runtime = self.runtime
         channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
         try:
             _, fed = self.session.feed_identities(outgoing_msg)
@@ -56,7 +58,7 @@ class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
         outcome = rt.message_filter.outgoing(str(channel), msg)
         # Queued now, not when the message reaches the head of the backlog, so that a burst of outputs
         # is written in one commit.
-        committed = _audit(outcome) if outcome.work is None else None
+        committed = self._audit(outcome) if outcome.work is None else None
         if self._backlog or outcome.work is not None or committed is not None:
             if self._backlog is None:
                 self._backlog = deque()
@@ -72,7 +74,7 @@ class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
             stream, outgoing_msg, outcome, committed = self._backlog[0]
             if outcome.work is not None:
                 outcome = await IOLoop.current().run_in_executor(None, outcome.work)
-                committed = _audit(outcome)
+                committed = self._audit(outcome)
             if committed is not None:
                 try:
                     await asyncio.wrap_future(committed)
@@ -89,7 +91,7 @@ class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
     def _relay(self, stream: Any, outgoing_msg: list[Any], outcome: Outcome) -> None:
         """Send what the filter decided; its audit event, if any, has committed already."""
         if outcome.held:
-            rt = runtime()
+            rt: Runtime = self.runtime
             cell = outcome.audit.get("cell") if outcome.audit else None
             IOLoop.current().run_in_executor(None, lambda: rt.hold(list(outcome.held), cell=cell))
         if outcome.action == "drop":
@@ -106,12 +108,13 @@ class FilteredKernelConnection(ZMQChannelsWebsocketConnection):
             self.log.warning("refused a malformed message from the client")
             return
         msg_type = str(header.get("msg_type", ""))
-        refusal = runtime().message_filter.incoming(channel, msg_type)
+        rt: Runtime = self.runtime
+        refusal = rt.message_filter.incoming(channel, msg_type)
         if refusal is not None:
-            runtime().record("notebook.message.refused", channel=channel, msg_type=msg_type, reason=refusal)
+            rt.record("notebook.message.refused", channel=channel, msg_type=msg_type, reason=refusal)
             self.write_stderr(f"[sandbox] {msg_type} refused: {refusal}", header)
             return
-        runtime().message_filter.remember(str(self.kernel_id), header, content)
+        rt.message_filter.remember(str(self.kernel_id), header, content)
         super().handle_incoming_message(incoming_msg)
 
     def _request_of(self, incoming_msg: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:

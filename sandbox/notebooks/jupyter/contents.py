@@ -28,9 +28,10 @@ import nbformat
 from jupyter_server.files.handlers import FilesHandler
 from jupyter_server.services.contents.filemanager import FileContentsManager
 from tornado import web
-from traitlets import default
+from traitlets import Instance, default
 
-from sandbox.notebooks.runtime import runtime
+from sandbox.notebooks.jupyter.egress import MessageFilter
+from sandbox.notebooks.jupyter.runtime import Runtime
 
 SERVED_SUFFIXES = frozenset({".ipynb", ".py", ".md", ".txt", ".r", ".sql"})
 MAX_SAVE_BYTES = 10 * 1024 * 1024
@@ -100,6 +101,8 @@ class SavedLedger:
 
 
 class WorkspaceContentsManager(FileContentsManager):
+    runtime = Instance(Runtime, help="the session's collaborators (`server.server_config` sets it)").tag(config=True)
+
     @default("files_handler_class")
     def _files_handler_class_default(self) -> type:
         # Downloads (/files/...) go through `get` below, not straight from the disk.
@@ -107,11 +110,11 @@ class WorkspaceContentsManager(FileContentsManager):
 
     @property
     def _verified_only(self) -> bool:
-        return runtime().spec.tier == "aggregate"
+        return bool(self.runtime.spec.tier == "aggregate")
 
     @property
     def _ledger(self) -> SavedLedger:
-        return SavedLedger(runtime().session_dir / "client-saved.json")
+        return SavedLedger(self.runtime.session_dir / "client-saved.json")
 
     def _guard(self, path: str) -> Path:
         """The file's host path, after refusing links and special files anywhere along the path."""
@@ -144,14 +147,14 @@ class WorkspaceContentsManager(FileContentsManager):
             return None
         digest = hashlib.sha256(data).hexdigest()
         files, _ = self._ledger.read()
-        if files.get(path) == digest or runtime().released_exports().get(path) == digest:
+        if files.get(path) == digest or self.runtime.released_exports().get(path) == digest:
             return data
         return None
 
     def _visible_folders(self) -> set[str]:
         files, folders = self._ledger.read()
         visible = {""}
-        for path in [*files, *folders, *runtime().released_exports()]:
+        for path in [*files, *folders, *self.runtime.released_exports()]:
             parent = path if path in folders else _parent(path)
             while parent not in visible:
                 visible.add(parent)
@@ -210,7 +213,7 @@ class WorkspaceContentsManager(FileContentsManager):
             model: dict[str, Any] = super().get(path, content=False, type="directory")
             if content:
                 files, _ = self._ledger.read()
-                names = {*files, *runtime().released_exports(), *folders}
+                names = {*files, *self.runtime.released_exports(), *folders}
                 children = sorted(p for p in names if p and _parent(p) == path)
                 listing = []
                 for child in children:
@@ -239,10 +242,10 @@ class WorkspaceContentsManager(FileContentsManager):
         return self._filtered(path, model)
 
     def _filtered(self, path: str, model: dict[str, Any]) -> dict[str, Any]:
-        rt = runtime()
+        rt: Runtime = self.runtime
         if model["type"] == "notebook":
             notebook = model["content"]
-            changed = filter_notebook(notebook)
+            changed = filter_notebook(notebook, rt.message_filter)
             raw = json.dumps(notebook, sort_keys=True).encode()
             rt.record("notebook.contents.get", path=path, sha256=hashlib.sha256(raw).hexdigest(), size=len(raw),
                       outputs_withheld=changed)
@@ -265,7 +268,7 @@ class WorkspaceContentsManager(FileContentsManager):
         if len(json.dumps(model.get("content")).encode()) > MAX_SAVE_BYTES:
             raise web.HTTPError(413, f"files in the workspace are limited to {MAX_SAVE_BYTES // (1024 * 1024)} MiB")
         if model.get("type") == "notebook" and model.get("content") is not None:
-            filter_notebook(model["content"])
+            filter_notebook(model["content"], self.runtime.message_filter)
             _give_cells_ids(model["content"])
         clean = _clean(path)
         # Recorded first (the save ends by reading the file back): the digest of what the client sent, not of
@@ -275,7 +278,7 @@ class WorkspaceContentsManager(FileContentsManager):
         elif model.get("content") is not None:
             self._ledger.saved_file(clean, hashlib.sha256(_written_bytes(model)).hexdigest())
         saved: dict[str, Any] = super().save(model, path)
-        runtime().record("notebook.contents.save", path=path)
+        self.runtime.record("notebook.contents.save", path=path)
         return saved
 
     def rename_file(self, old_path: str, new_path: str) -> None:
@@ -316,9 +319,8 @@ def _written_bytes(model: dict[str, Any]) -> bytes:
     return str(model["content"]).encode("utf-8")
 
 
-def filter_notebook(notebook: Any) -> int:
+def filter_notebook(notebook: Any, message_filter: MessageFilter) -> int:
     """Pass every stored output of a notebook through the message filter, in place; how many changed."""
-    message_filter = runtime().message_filter
     changed = 0
     cells = notebook.get("cells", []) if isinstance(notebook, dict) else getattr(notebook, "cells", [])
     for cell in cells:

@@ -1,74 +1,63 @@
-"""The notebook server process's view of its session: the store, the policy, Docker, the egress filter.
+"""The notebook server process's view of its session: the store, the policy, the kernel runner, the filter.
 
-One `Runtime` per server process (`runtime()`), built from the spec the service wrote. Audit events
-from the message path are written by a background thread, in order, with group commit: each batch is
-whatever queued while the previous one committed. An output is relayed only once its event has
-committed (`record_before_release`), so a server killed after relaying cannot lose the record; a burst
-of outputs shares one commit instead of paying one each.
+One `Runtime` per server process, built by the server's `main()` from the spec the worker wrote and handed
+to the Jupyter parts that need it (kernel manager, provisioner, websocket bridge, contents manager)
+through their traitlets config (`server.server_config`). Audit events from the message path go through
+the session's audit writer (`audit.SessionAudit`), in order and with group commit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import secrets
 import threading
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import docker
 import structlog
 from sqlalchemy import select
 
+from runners.base import KernelRunner
 from sandbox.auth.tokens import Principal
 from sandbox.catalog.service import get_dataset, get_version
 from sandbox.config import Settings
 from sandbox.contracts import JobKind, Use, usability_problems
-from sandbox.dp.queries import job_principal, request_from_socket, run_query
+from sandbox.dp.queries import QueryRequest, job_principal, socket_handler
 from sandbox.dp.socket_server import DpSocket
 from sandbox.instance import Instance
+from sandbox.jobs.service import usage_totals
+from sandbox.notebooks.jupyter.audit import SessionAudit
+from sandbox.notebooks.jupyter.egress import Held, MessageFilter, NotebookRules
+from sandbox.notebooks.jupyter.verified import SessionOutputs
 from sandbox.notebooks.spec import SessionSpec, notebook_settings
 from sandbox.policies import get_policy_version
 from sandbox.release.status import Origin, OutputStatus
 from sandbox.store.models import Contract, Job, JobOutput
 
-if TYPE_CHECKING:
-    from sandbox.notebooks.egress import Held, MessageFilter
-    from sandbox.notebooks.kernels import KernelContainer
-    from sandbox.notebooks.verified import SessionOutputs
-
 log = structlog.get_logger(__name__)
 
 EXPORTS = "exports/"  # where exported workspace files sit among the session's outputs
-AUDIT_BATCH_MAX = 500
-_FLUSH = "__flush__"
-
-_runtime: Runtime | None = None
-_runtime_lock = threading.Lock()
-
-
-def runtime() -> Runtime:
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            _runtime = Runtime(SessionSpec.from_environment())
-        return _runtime
 
 
 class Runtime:
-    def __init__(self, spec: SessionSpec) -> None:
+    """The session's collaborators in the server process: built once, shared by every Jupyter part."""
+
+    def __init__(self, spec: SessionSpec, *, instance: Instance | None = None,
+                 kernels: KernelRunner | None = None) -> None:
         self.spec = spec
-        self.instance = Instance(Settings(**spec.settings))
-        self._events: queue.Queue[tuple[str, dict[str, Any], Future[None] | None] | None] = queue.Queue()
-        self._writer = threading.Thread(target=self._write_events, name="notebook-audit", daemon=True)
-        self._writer.start()
+        self.instance = instance or Instance(Settings(**spec.settings))
+        self._kernels = kernels
+        self.audit = SessionAudit(self.instance, job_id=spec.job, principal=self.principal)
         self._dp_sockets: dict[str, DpSocket] = {}
         self._lock = threading.Lock()
-        self._held = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Runtime:
+        # traitlets deep-copies each config value it assigns: a collaborator is shared, never copied.
+        return self
 
     # -- facts -----------------------------------------------------------------------------------
 
@@ -82,9 +71,12 @@ class Runtime:
     def notebook_settings(self) -> dict[str, Any]:
         return notebook_settings(self.policy)
 
-    @cached_property
-    def docker(self) -> Any:
-        return docker.from_env()
+    @property
+    def kernels(self) -> KernelRunner:
+        """Where the session's kernels run (the worker's runner, `runners.kernels`)."""
+        if self._kernels is None:
+            raise RuntimeError("this notebook runtime was built without a kernel runner")
+        return self._kernels
 
     @cached_property
     def facts(self) -> tuple[dict[str, Any], Path]:
@@ -98,16 +90,12 @@ class Runtime:
     @cached_property
     def outputs(self) -> SessionOutputs:
         """Verified tables and recorded DP answers: what an aggregate kernel may show."""
-        from sandbox.notebooks.verified import SessionOutputs
-
         card, parquet = self.facts
         return SessionOutputs(self.instance, self.spec, self.principal, card=card, dataset_parquet=parquet,
                               sdc=dict(self.policy["egress"]["sdc"]))
 
     @cached_property
     def message_filter(self) -> MessageFilter:
-        from sandbox.notebooks.egress import MessageFilter, NotebookRules
-
         return MessageFilter(NotebookRules.from_policy(self.policy, self.spec.tier),
                              platform=self.outputs if self.spec.tier == "aggregate" else None,
                              signing_key=self._signing_key())
@@ -129,9 +117,6 @@ class Runtime:
 
     def kernel_refusal(self) -> str | None:
         """Why no new kernel may start now, or None."""
-        from sandbox.jobs.service import usage_totals
-        from sandbox.notebooks.kernels import live_kernels
-
         spec = self.spec
         with self.instance.read_context(self.principal) as ctx:
             contract = ctx.session.get(Contract, spec.contract)
@@ -147,7 +132,7 @@ class Runtime:
             if usage_totals(ctx, contract.id)["cpu_seconds"] >= quota_s:
                 return f"contract {contract.id} has used its {contract.quotas.get('cpu_hours')} CPU-hours"
         limit = int(self.notebook_settings["max_kernels_per_contract"])
-        running = live_kernels(self.docker, instance_id=self.instance.instance_id, contract=spec.contract)
+        running = self.kernels.kernels(contract=spec.contract)
         if len(running) >= limit:
             return f"contract {spec.contract} already runs {len(running)} kernel(s), its policy's limit"
         return None
@@ -158,86 +143,41 @@ class Runtime:
 
     # -- DP sockets ------------------------------------------------------------------------------
 
-    def open_dp_socket(self, kernel: KernelContainer) -> None:
+    def open_dp_socket(self, kernel: str, path: Path) -> None:
+        """Serve the kernel's DP queries at `path`, under the session's contract and the same ledger."""
         spec = self.spec
-
-        def handle(body: dict[str, Any]) -> dict[str, Any]:
-            request = request_from_socket(body, contract=spec.contract, dataset=spec.dataset)
-            answer = run_query(self.instance, self.principal, request, via=f"notebook:{spec.job}:{kernel.key}")
-            if spec.tier == "aggregate":
+        on_answer = None
+        if spec.tier == "aggregate":
+            def on_answer(request: QueryRequest, answer: dict[str, Any]) -> None:
                 # The kernel may display this id; the browser then sees the platform's record of the answer.
                 answer["answer_id"] = self.outputs.record_dp_answer(request.sql, answer)
-            return answer
 
+        handle = socket_handler(self.instance, job_id=spec.job, org=spec.org, contract=spec.contract,
+                                dataset=spec.dataset, via=f"notebook:{spec.job}:{kernel}", on_answer=on_answer)
         with self._lock:
-            self._dp_sockets[kernel.key] = DpSocket(kernel.dp_dir / "dp.sock", handle)
+            previous = self._dp_sockets.pop(kernel, None)
+            if previous is not None:
+                previous.close()
+            self._dp_sockets[kernel] = DpSocket(path, handle)
 
-    def close_dp_socket(self, kernel: KernelContainer) -> None:
+    def close_dp_socket(self, kernel: str) -> None:
         with self._lock:
-            served = self._dp_sockets.pop(kernel.key, None)
+            served = self._dp_sockets.pop(kernel, None)
         if served is not None:
             served.close()
 
     # -- the store -------------------------------------------------------------------------------
 
     def record(self, action: str, **details: Any) -> None:
-        """Queue an audit event about this session; written in order by the background writer."""
-        self._events.put((action, details, None))
+        """Queue an audit event about this session (`SessionAudit.record`)."""
+        self.audit.record(action, **details)
 
     def record_before_release(self, action: str, **details: Any) -> Future[None]:
-        """Queue an audit event; the future completes once it has committed (or fails if it could not be).
-
-        Audit before release: the caller relays what the event records only after this completes.
-        """
-        committed: Future[None] = Future()
-        self._events.put((action, details, committed))
-        return committed
+        """Queue an audit event; completes once it has committed (`SessionAudit.record_before_release`)."""
+        return self.audit.record_before_release(action, **details)
 
     def flush(self, timeout_s: float = 10.0) -> None:
-        """Wait until every event queued so far has been written (or `timeout_s` passes)."""
-        done: Future[None] = Future()
-        self._events.put((_FLUSH, {}, done))
-        try:
-            done.result(timeout_s)
-        except Exception:  # a failed write is logged by the writer; a flush only waits
-            return
-
-    def _write_events(self) -> None:
-        # Group commit: a batch is everything that queued while the previous one committed, never a
-        # wait for more. An idle session's event commits at once; a busy kernel's outputs share commits.
-        while True:
-            first = self._events.get()
-            if first is None:
-                return
-            batch, stop = [first], False
-            while len(batch) < AUDIT_BATCH_MAX:
-                try:
-                    item = self._events.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            events = [(action, details) for action, details, _ in batch if action != _FLUSH]
-            failure: Exception | None = None
-            try:
-                if events:
-                    with self.instance.context(self.principal) as ctx:
-                        ctx.audit.record_many(ctx.session, actor=ctx.actor, events=[
-                            (action, "job", self.spec.job, details) for action, details in events])
-            except Exception as exc:  # logged; outputs waiting on these events are then withheld, not relayed
-                log.exception("notebook_audit_write_failed", events=len(events))
-                failure = exc
-            for _, _, waiting in batch:
-                if waiting is None:
-                    continue
-                if failure is None:
-                    waiting.set_result(None)
-                else:
-                    waiting.set_exception(failure)
-            if stop:
-                return
+        self.audit.flush(timeout_s)
 
     def add_usage(self, *, cpu_seconds: float, wall_seconds: float, kernel: str) -> None:
         with self.instance.context(self.principal) as ctx:
@@ -290,13 +230,13 @@ class Runtime:
             job.updated_at = datetime.now(UTC)
 
     def close(self) -> None:
+        """Close the kernels' DP sockets, then write the audit events still queued."""
         with self._lock:
             sockets = list(self._dp_sockets.values())
             self._dp_sockets.clear()
         for served in sockets:
             served.close()
-        self._events.put(None)
-        self._writer.join(timeout=10)
+        self.audit.close()
 
 
 def _unique(path: str, taken: set[str]) -> str:

@@ -1,8 +1,10 @@
-"""The notebook server process: `python -m sandbox.notebooks.server`, started by the service per session.
+"""The notebook server process: `python -m sandbox.notebooks.jupyter.server`, started by the worker per session.
 
 A stock jupyter_server, configured so that it listens on a Unix socket only, knows one kernel (the
-sandbox container), filters every kernel message in its websocket bridge, serves notebooks and code
-from the workspace only, has no terminals, culls idle kernels and rate-limits output.
+sandbox container, run by the worker's kernel runner), filters every kernel message in its websocket
+bridge, serves notebooks and code from the workspace only, has no terminals, culls idle kernels and
+rate-limits output. `main()` builds the session's `Runtime` once and hands it to every part through
+the server's traitlets config.
 """
 
 from __future__ import annotations
@@ -15,11 +17,17 @@ from typing import Any
 
 from traitlets.config import Config
 
-from sandbox.notebooks.runtime import runtime
+from runners.kernels import DockerKernelRunner
+from sandbox.config import Settings
+from sandbox.instance import Instance
+from sandbox.notebooks.jupyter.kernels import register_provisioner
+from sandbox.notebooks.jupyter.runtime import Runtime
+from sandbox.notebooks.spec import SessionSpec
+
+PACKAGE = "sandbox.notebooks.jupyter"
 
 
-def server_config() -> Config:
-    rt = runtime()
+def server_config(rt: Runtime) -> Config:
     spec, settings = rt.spec, rt.notebook_settings
     config = Config()
     app: Any = config.ServerApp
@@ -31,11 +39,15 @@ def server_config() -> Config:
     app.terminals_enabled = False
     app.allow_root = True
     config.IdentityProvider.token = spec.internal_token
-    app.kernel_websocket_connection_class = "sandbox.notebooks.bridge.FilteredKernelConnection"
-    app.kernel_manager_class = "sandbox.notebooks.kernels.SandboxKernelManager"
-    app.kernel_spec_manager_class = "sandbox.notebooks.kernels.SandboxKernelSpecManager"
-    app.contents_manager_class = "sandbox.notebooks.contents.WorkspaceContentsManager"
+    app.kernel_websocket_connection_class = f"{PACKAGE}.bridge.FilteredKernelConnection"
+    app.kernel_manager_class = f"{PACKAGE}.kernels.SandboxKernelManager"
+    app.kernel_spec_manager_class = f"{PACKAGE}.kernels.SandboxKernelSpecManager"
+    app.contents_manager_class = f"{PACKAGE}.contents.WorkspaceContentsManager"
     app.jpserver_extensions = {}
+    # The session's collaborators, passed to each part that needs them.
+    for part in ("FilteredKernelConnection", "SandboxKernelManager", "SandboxKernelProvisioner",
+                 "WorkspaceContentsManager"):
+        config[part].runtime = rt
     relay: Any = config.ZMQChannelsWebsocketConnection
     relay.iopub_msg_rate_limit = float(settings["max_messages_per_s"])
     relay.iopub_data_rate_limit = float(settings["max_output_kb"]) * 1024 * 4
@@ -58,10 +70,10 @@ def server_config() -> Config:
 
 
 def stop_with_parent(interval_s: float = 0.5) -> None:
-    """End this server (as SIGTERM does: kernels shut down) once the service that started it is gone.
+    """End this server (as SIGTERM does: kernels shut down) once the worker that started it is gone.
 
-    A service killed outright (SIGKILL, a crash) cannot stop its servers; without this they would
-    keep their kernels, and restart them, with nobody left to relay or audit their messages.
+    A worker killed outright (SIGKILL, a crash) cannot stop its servers; without this they would keep
+    their kernels, and restart them, with nobody left to relay or audit their messages.
     """
     parent = os.getppid()
 
@@ -73,11 +85,10 @@ def stop_with_parent(interval_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def warm_up() -> None:
+def warm_up(rt: Runtime) -> None:
     """Load the filter and the session's facts (policy, card, version) before the first kernel speaks."""
 
     def run() -> None:
-        rt = runtime()
         rt.message_filter.incoming("shell", "kernel_info_request")
         rt.facts  # noqa: B018 - a cached property, read to fill it
 
@@ -88,15 +99,17 @@ def main() -> None:
     from jupyter_server.serverapp import ServerApp
 
     stop_with_parent()
-    warm_up()
-    rt = runtime()
-    app = ServerApp(config=server_config())
+    spec = SessionSpec.from_environment()
+    instance = Instance(Settings(**spec.settings))
+    rt = Runtime(spec, instance=instance, kernels=DockerKernelRunner(instance_id=instance.instance_id))
+    warm_up(rt)
+    register_provisioner()
+    app = ServerApp(config=server_config(rt))
     # SIGTERM stops the loop; the server then shuts its kernels down, which removes their containers.
     app.initialize(argv=[], find_extensions=False, new_httpserver=True)
     try:
         app.start()
     finally:
-        rt.flush()
         rt.close()
 
 

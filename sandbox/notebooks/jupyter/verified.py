@@ -22,7 +22,7 @@ from typing import Any
 from sandbox.auth.tokens import Principal
 from sandbox.egress.verdicts import Verdict
 from sandbox.instance import Instance
-from sandbox.notebooks.egress import (
+from sandbox.notebooks.jupyter.egress import (
     RULE_DP_ANSWER,
     RULE_TABLE_SPEC,
     Rendered,
