@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Query
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select, union
 
+from sandbox.api import schemas
 from sandbox.api.deps import InstanceDep, StewardOrAuditor
 from sandbox.audit import event_fields, instance_checkpoints, verify_chain
 from sandbox.auth.tokens import Role
@@ -15,7 +16,7 @@ from sandbox.store.models import AuditEvent, Contract, Dataset, Job
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
 
-@router.get("")
+@router.get("", response_model=list[schemas.AuditEventView], response_model_exclude_unset=True)
 def list_events(instance: InstanceDep, principal: StewardOrAuditor,
                 limit: int = Query(default=100, ge=1, le=1000),
                 before: int | None = Query(default=None, ge=1, description="only events with seq below this"),
@@ -33,7 +34,7 @@ def list_events(instance: InstanceDep, principal: StewardOrAuditor,
         return events
 
 
-@router.get("/verify")
+@router.get("/verify", response_model=schemas.ChainVerification, response_model_exclude_unset=True)
 def verify(instance: InstanceDep, principal: StewardOrAuditor) -> dict[str, Any]:
     """The chain checked link by link and against the instance's own checkpoints, so a database cut back to
     an older signed head fails here as it does in `sandbox audit verify`."""

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from sandbox import contracts
+from sandbox.api import schemas
 from sandbox.api.deps import AnyRole, InstanceDep, Steward
 from sandbox.auth.tokens import Role
 
@@ -18,19 +19,19 @@ class RevokeRequest(BaseModel):
     reason: str = Field(default="", max_length=2000)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=schemas.ContractView, response_model_exclude_unset=True)
 def create_contract(body: contracts.ContractRequest, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
     with instance.context(steward) as ctx:
         return contracts.contract_view(contracts.create_contract(ctx, body))
 
 
-@router.get("")
+@router.get("", response_model=list[schemas.ContractView], response_model_exclude_unset=True)
 def list_contracts(instance: InstanceDep, principal: AnyRole) -> list[dict[str, Any]]:
     with instance.context(principal) as ctx:
         return [contracts.contract_view(c) for c in contracts.list_contracts(ctx)]
 
 
-@router.get("/{contract_id}")
+@router.get("/{contract_id}", response_model=schemas.ContractView, response_model_exclude_unset=True)
 def get_contract(contract_id: str, instance: InstanceDep, principal: AnyRole) -> dict[str, Any]:
     with instance.context(principal) as ctx:
         ctx.require_role(Role.STEWARD, Role.BUYER, Role.AUDITOR)
@@ -39,7 +40,7 @@ def get_contract(contract_id: str, instance: InstanceDep, principal: AnyRole) ->
         return contracts.contract_view(contract)
 
 
-@router.post("/{contract_id}/revoke")
+@router.post("/{contract_id}/revoke", response_model=schemas.ContractView, response_model_exclude_unset=True)
 def revoke_contract(contract_id: str, instance: InstanceDep, steward: Steward,
                     body: RevokeRequest | None = None) -> dict[str, Any]:
     with instance.context(steward) as ctx:

@@ -16,7 +16,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, PlainTextResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from runners.base import JOB_IMAGES
+from sandbox.api import schemas
 from sandbox.api.deps import Buyer, InstanceDep, PrincipalDep, Steward
+from sandbox.api.schemas import Decision
 from sandbox.api.uploads import receive_multipart
 from sandbox.auth.tokens import Principal, Role
 from sandbox.errors import Invalid, NotFound, TooManyRequests
@@ -30,17 +33,13 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 
 
-class Decision(BaseModel):
-    comment: str = Field(default="", max_length=5000)
-
-
 class ReviewDecision(BaseModel):
     release: list[str] = Field(default_factory=list, max_length=10_000)
     reject: list[str] = Field(default_factory=list, max_length=10_000)
     comment: str = Field(default="", max_length=5000)
 
 
-@router.post("/jobs", status_code=201)
+@router.post("/jobs", status_code=201, response_model=schemas.JobCreated, response_model_exclude_unset=True)
 async def submit_job(request: Request, instance: InstanceDep, buyer: Buyer) -> dict[str, Any]:
     settings = instance.settings
     upload = await receive_multipart(request, file_fields={"code"}, staging_dir=settings.tmp_dir,
@@ -53,8 +52,11 @@ async def submit_job(request: Request, instance: InstanceDep, buyer: Buyer) -> d
         code = upload.files["code"]
         with instance.read_session() as session:
             image = session.get(ImageRecord, spec.image)
-        if image is None:
-            raise Invalid(f"image {spec.image!r} is not available on the workers (ask the operator to build it)")
+        # An image the policy allows but no worker has published yet (a demo still building it): the job
+        # waits in the queue and is pinned to the first image a worker publishes under that name.
+        if image is None and spec.image not in JOB_IMAGES:
+            raise Invalid(f"image {spec.image!r} is not available on the workers: jobs run in {list(JOB_IMAGES)}")
+        image_id = image.image_id if image is not None else ""
         # Unpacked and checked before the transaction, so no writer waits on it; the transaction below
         # checks contract, policy and quotas and only moves the checked folder into place.
         staged = await run_in_threadpool(stage_bundle, code.path, sha256=code.sha256, staging_dir=settings.tmp_dir)
@@ -63,7 +65,7 @@ async def submit_job(request: Request, instance: InstanceDep, buyer: Buyer) -> d
         def submit() -> dict[str, Any]:
             with instance.context(buyer) as ctx:
                 require_org_quota(ctx, org=buyer.org, incoming_bytes=bundle.summary.expanded_bytes)
-                job = service.submit_job(ctx, spec=spec, bundle=bundle, image_id=image.image_id)
+                job = service.submit_job(ctx, spec=spec, bundle=bundle, image_id=image_id)
                 return {"id": job.id, "state": job.state, "image_id": job.image_id}
 
         created = await run_in_threadpool(submit)
@@ -121,7 +123,7 @@ def wake_worker(request: Request) -> None:
         wake()
 
 
-@router.get("/jobs")
+@router.get("/jobs", response_model=list[schemas.JobView], response_model_exclude_unset=True)
 def list_jobs(instance: InstanceDep, principal: PrincipalDep, state: str | None = Query(default=None, max_length=20),
               limit: int = Query(default=100, ge=1, le=1000)) -> list[dict[str, Any]]:
     with instance.context(principal) as ctx:
@@ -129,7 +131,7 @@ def list_jobs(instance: InstanceDep, principal: PrincipalDep, state: str | None 
         return [service.job_view(j, steward=steward) for j in service.list_jobs(ctx, state=state, limit=limit)]
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", response_model=schemas.JobView, response_model_exclude_unset=True)
 async def get_job(job_id: str, request: Request, instance: InstanceDep, principal: PrincipalDep,
                   wait_s: float = Query(default=0, ge=0, le=30, description="long-poll: wait this long for a change"),
                   since: str | None = Query(default=None, max_length=20, description="the state the caller last saw"),
@@ -186,7 +188,8 @@ def long_poll_slot(request: Request, principal: Principal, limit: int, wait_s: f
             del counts[key]
 
 
-@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
+@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse,
+            responses=schemas.text_answer("text/plain", "the released logs, one section per log file"))
 def get_logs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> PlainTextResponse:
     """Released logs only: logs are outputs and pass the same checks."""
     with instance.context(principal) as ctx:
@@ -208,14 +211,15 @@ def get_logs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> Pla
         return PlainTextResponse("".join(parts))
 
 
-@router.get("/jobs/{job_id}/outputs")
+@router.get("/jobs/{job_id}/outputs", response_model=list[schemas.OutputView], response_model_exclude_unset=True)
 def list_outputs(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> list[dict[str, Any]]:
     with instance.context(principal) as ctx:
         job = service.get_job(ctx, job_id)
         return review.outputs_view(list(job.outputs), steward=principal.role is Role.STEWARD)
 
 
-@router.get("/jobs/{job_id}/outputs/{path:path}")
+@router.get("/jobs/{job_id}/outputs/{path:path}", response_class=FileResponse,
+            responses=schemas.file_answer("application/octet-stream", "the bytes of a released file"))
 def download_output(job_id: str, path: str, instance: InstanceDep, principal: PrincipalDep) -> FileResponse:
     with instance.context(principal) as ctx:
         output, stored = service.released_file(ctx, job_id, path)
@@ -223,14 +227,14 @@ def download_output(job_id: str, path: str, instance: InstanceDep, principal: Pr
                             headers={"X-Content-SHA256": output.sha256})
 
 
-@router.get("/jobs/{job_id}/report")
+@router.get("/jobs/{job_id}/report", response_model=schemas.ReleaseReport, response_model_exclude_unset=True)
 def release_report(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> dict[str, Any]:
     """What was released, what was blocked and by which rule, and what waits for review."""
     with instance.read_context(principal) as ctx:
         return service.release_report(ctx, job_id)
 
 
-@router.get("/jobs/{job_id}/manifest")
+@router.get("/jobs/{job_id}/manifest", response_model=schemas.SignedManifest, response_model_exclude_unset=True)
 def get_manifest(job_id: str, instance: InstanceDep, principal: PrincipalDep) -> dict[str, Any]:
     with instance.context(principal) as ctx:
         job = service.get_job(ctx, job_id)
@@ -239,7 +243,7 @@ def get_manifest(job_id: str, instance: InstanceDep, principal: PrincipalDep) ->
         return {"manifest": job.manifest, "signature": job.manifest_signature, "algorithm": "Ed25519"}
 
 
-@router.post("/jobs/{job_id}/cancel")
+@router.post("/jobs/{job_id}/cancel", response_model=schemas.JobView, response_model_exclude_unset=True)
 def cancel(job_id: str, request: Request, instance: InstanceDep, principal: PrincipalDep) -> dict[str, Any]:
     with instance.context(principal) as ctx:
         view = service.job_view(service.cancel_job(ctx, job_id), steward=principal.role is Role.STEWARD)
@@ -247,7 +251,7 @@ def cancel(job_id: str, request: Request, instance: InstanceDep, principal: Prin
     return view
 
 
-@router.post("/jobs/{job_id}/approve")
+@router.post("/jobs/{job_id}/approve", response_model=schemas.JobView, response_model_exclude_unset=True)
 def approve(job_id: str, request: Request, instance: InstanceDep, steward: Steward,
             body: Decision | None = None) -> dict[str, Any]:
     with instance.context(steward) as ctx:
@@ -257,20 +261,21 @@ def approve(job_id: str, request: Request, instance: InstanceDep, steward: Stewa
     return view
 
 
-@router.post("/jobs/{job_id}/reject")
+@router.post("/jobs/{job_id}/reject", response_model=schemas.JobView, response_model_exclude_unset=True)
 def reject(job_id: str, instance: InstanceDep, steward: Steward, body: Decision | None = None) -> dict[str, Any]:
     with instance.context(steward) as ctx:
         job = service.decide_approval(ctx, job_id, approve=False, comment=body.comment if body else "")
         return service.job_view(job, steward=True)
 
 
-@router.get("/reviews")
+@router.get("/reviews", response_model=list[schemas.JobView], response_model_exclude_unset=True)
 def reviews(instance: InstanceDep, steward: Steward) -> list[dict[str, Any]]:
     with instance.context(steward) as ctx:
         return [service.job_view(j, steward=True) for j in service.review_queue(ctx)]
 
 
-@router.get("/reviews/{job_id}/files/{path:path}")
+@router.get("/reviews/{job_id}/files/{path:path}", response_class=FileResponse,
+            responses=schemas.file_answer("application/octet-stream", "the bytes of the output, whatever its status"))
 def review_file(job_id: str, path: str, instance: InstanceDep, steward: Steward) -> FileResponse:
     """A steward reads any output of a job, whatever its status, to decide on it (audited)."""
     with instance.context(steward) as ctx:
@@ -279,7 +284,7 @@ def review_file(job_id: str, path: str, instance: InstanceDep, steward: Steward)
                             headers={"X-Content-SHA256": output.sha256})
 
 
-@router.post("/reviews/{job_id}/decisions")
+@router.post("/reviews/{job_id}/decisions", response_model=schemas.JobView, response_model_exclude_unset=True)
 def decide(job_id: str, body: ReviewDecision, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
     with instance.context(steward) as ctx:
         job = service.decide_outputs(ctx, job_id, release=body.release, reject=body.reject, comment=body.comment,
@@ -287,13 +292,13 @@ def decide(job_id: str, body: ReviewDecision, instance: InstanceDep, steward: St
         return service.job_view(job, steward=True)
 
 
-@router.get("/usage")
+@router.get("/usage", response_model=list[schemas.ContractUsage], response_model_exclude_unset=True)
 def usage(instance: InstanceDep, principal: PrincipalDep) -> list[dict[str, Any]]:
     with instance.context(principal) as ctx:
         return service.usage_report(ctx)
 
 
-@router.get("/signing-key")
+@router.get("/signing-key", response_model=schemas.SigningKey, response_model_exclude_unset=True)
 def signing_key(instance: InstanceDep, _principal: PrincipalDep) -> dict[str, str]:
     """The Ed25519 public key that signs release manifests (PEM); pin it out of band for real trust."""
     return {"algorithm": "Ed25519", "public_key_pem": instance.settings.verify_key_path.read_text()}

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from sandbox.api import schemas
 from sandbox.api.deps import Admin, AnyRole, InstanceDep
 from sandbox.auth.tokens import Role
 
@@ -20,19 +21,19 @@ class TokenRequest(BaseModel):
     ttl: int | None = Field(default=None, gt=0)
 
 
-@router.get("/whoami")
+@router.get("/whoami", response_model=schemas.WhoAmI, response_model_exclude_unset=True)
 def whoami(principal: AnyRole) -> dict[str, Any]:
     return {"sub": principal.sub, "org": principal.org, "role": principal.role.value, "jti": principal.jti,
             "expires_at": principal.expires_at.isoformat()}
 
 
-@router.post("/tokens", status_code=201)
+@router.post("/tokens", status_code=201, response_model=schemas.IssuedTokenView, response_model_exclude_unset=True)
 def issue(body: TokenRequest, instance: InstanceDep, admin: Admin) -> dict[str, Any]:
     issued = instance.issue_token(sub=body.sub, org=body.org, role=body.role, ttl_s=body.ttl, issued_by=admin)
     return {"token": issued.token, "jti": issued.jti, "expires_at": issued.expires_at.isoformat()}
 
 
-@router.post("/tokens/{jti}/revoke")
+@router.post("/tokens/{jti}/revoke", response_model=schemas.RevokedToken, response_model_exclude_unset=True)
 def revoke(jti: str, instance: InstanceDep, admin: Admin) -> dict[str, str]:
     instance.revoke_token(jti, revoked_by=admin)
     return {"jti": jti, "status": "revoked"}
