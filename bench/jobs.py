@@ -28,7 +28,7 @@ import docker.types
 import httpx
 from served import served
 
-from sandbox.images import image_digest
+from runners.images import image_digest
 
 # The runner's hardening, as docker-py arguments (runners/docker.py container_options, less the mounts).
 RAW_OPTIONS = {"network_mode": "none", "read_only": True, "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"],

@@ -1,15 +1,23 @@
-"""Build the job images offline: a debootstrapped Debian base, then each job image from a local wheelhouse.
+"""Build the images offline: a debootstrapped Debian base, the job images, and the deployment's own images.
 
 No container registry is needed. The base image is made with debootstrap from the host's Debian mirror
-and imported into the local Docker engine; the job images install their Python packages from wheels
-that the host downloads (containers do not trust the host's registry proxy, and have no network at
-run time anyway). Jobs reference an image by its local id, so a rebuilt image never changes under a
-job that was already admitted.
+and imported into the local Docker engine; the images install their Python packages from wheels that
+the host downloads (containers do not trust the host's registry proxy, and jobs have no network at run
+time anyway), and their Debian packages from .deb files the host's apt downloads. Jobs reference an
+image by its local id, so a rebuilt image never changes under a job that was already admitted.
+
+Two kinds of image are built here:
+- job images (`IMAGES`): what buyers' code runs in; the worker publishes them to the API by name;
+- deployment images (`DEPLOYMENT_IMAGES`): the service itself (`service`, the API), the `worker`
+  (the same package, run as `sandbox worker`) and `postgres`, which `docker-compose.yml` starts.
+Every image is rebuilt only when the hash of its inputs, kept in a label, no longer matches.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import io
 import os
 import platform
 import re
@@ -22,21 +30,31 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
 import docker
 import docker.errors
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from runners.base import JOB_IMAGES
 
 ProgressCallback = Callable[[str, float | None], None]
 """Receives `(step, fraction)`: a one-line description and how far along it is, or None if unknown."""
 
-IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IMAGES_DIR = REPO_ROOT / "images"
 
 DEFAULT_BASE_IMAGE = "sandbox-base:bookworm"
 BASE_SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "tini")
 FALLBACK_DEBIAN_MIRROR = "http://deb.debian.org/debian"
+FALLBACK_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
 IMAGE_LABEL = "org.sandbox.image"
 INPUTS_LABEL = "org.sandbox.inputs-sha256"
@@ -47,6 +65,11 @@ TARGET_PYTHON_VERSION = "3.11"
 TARGET_GLIBC_MINOR = 36
 
 WHEELHOUSE_STAMP = ".requirements.sha256"
+DEBS_STAMP = ".packages.sha256"
+
+# The service's own distribution, and what of this checkout goes into its wheel.
+PROJECT_DISTRIBUTION = "health-data-sandbox"
+PROJECT_SOURCES = ("pyproject.toml", "sandbox", "runners", "policies")
 
 
 class ImageBuildError(Exception):
@@ -57,23 +80,66 @@ class ImageNotBuiltError(ImageBuildError):
     """The image a caller asked for is not in the local Docker engine."""
 
 
+class Payload(StrEnum):
+    """What the host fetches for an image and adds to its build context beside its folder."""
+
+    NONE = "none"
+    WHEELHOUSE = "wheelhouse"  # wheels/ for the folder's pinned requirements.txt
+    PROJECT = "project"  # this checkout's wheel (project/), its pinned dependencies (requirements.txt, wheels/)
+    DEBS = "debs"  # debs/: the folder's packages.txt and what they need beyond the base image
+
+
 @dataclass(frozen=True)
 class ImageSpec:
-    """A job image: its short name, the folder with its Dockerfile and requirements.txt, its local tag."""
+    """An image: its short name, the folder with its Dockerfile, its local tag and what it is built from.
+
+    `parent` names another image here that this one is built FROM (the `PARENT_IMAGE` build argument);
+    without one, it is built from the base (the `BASE_IMAGE` build argument).
+    """
 
     name: str
     directory: Path
     tag: str
+    payload: Payload = Payload.WHEELHOUSE
+    parent: str | None = None
 
     @property
     def requirements(self) -> Path:
         return self.directory / "requirements.txt"
 
+    @property
+    def packages(self) -> Path:
+        return self.directory / "packages.txt"
+
 
 IMAGES: dict[str, ImageSpec] = {
-    spec.name: spec
-    for spec in (ImageSpec(name="analysis", directory=IMAGES_DIR / "analysis", tag="sandbox-analysis:latest"),)
+    name: ImageSpec(name=name, directory=IMAGES_DIR / name, tag=f"sandbox-{name}:latest") for name in JOB_IMAGES
 }
+"""Job images: buyers' code runs in them, and the worker publishes them to the API by name."""
+
+DEPLOYMENT_IMAGES: dict[str, ImageSpec] = {
+    spec.name: spec
+    for spec in (
+        ImageSpec(name="service", directory=IMAGES_DIR / "service", tag="sandbox-service:latest",
+                  payload=Payload.PROJECT),
+        ImageSpec(name="worker", directory=IMAGES_DIR / "worker", tag="sandbox-worker:latest",
+                  payload=Payload.NONE, parent="service"),
+        ImageSpec(name="postgres", directory=IMAGES_DIR / "postgres", tag="sandbox-postgres:latest",
+                  payload=Payload.DEBS),
+    )
+}
+"""The deployment's own images (`docker-compose.yml`); never offered to jobs."""
+
+
+
+def all_images() -> dict[str, ImageSpec]:
+    """Every image by name: the job images, then the deployment's."""
+    return {**IMAGES, **DEPLOYMENT_IMAGES}
+
+
+def image_groups() -> dict[str, list[str]]:
+    """Names that stand for several images in `build_images`."""
+    return {"jobs": list(IMAGES), "deployment": list(DEPLOYMENT_IMAGES)}
 
 
 def build_images(
@@ -84,10 +150,12 @@ def build_images(
     rebuild: bool,
     progress: ProgressCallback,
 ) -> dict[str, str]:
-    """Build the named job images (all if None) and their base; return each name's local image id.
+    """Build the named images (all if None: job images first) and their base; return each name's local id.
 
-    An image whose tag exists and whose inputs (Dockerfile, requirements, base image id) are unchanged
-    is kept unless `rebuild` is set. `base_image` None means the local debootstrapped base.
+    A name may also be a group (`jobs`, `deployment`); an image built from another (the worker from the
+    service) brings that one along. An image whose tag exists and whose inputs (its folder, what the
+    host fetched for it, its base image's id) are unchanged is kept unless `rebuild` is set.
+    `base_image` None means the local debootstrapped base.
     """
     specs = _specs_named(names)
     client = _docker_client()
@@ -99,46 +167,59 @@ def build_images(
 
     image_ids: dict[str, str] = {}
     for spec in specs:
-        expected_hash = inputs_hash(spec.directory, base_image_id=base_id)
+        if spec.parent is None:
+            build_args, from_id = {"BASE_IMAGE": base_reference}, base_id
+        else:
+            build_args, from_id = {"PARENT_IMAGE": all_images()[spec.parent].tag}, image_ids[spec.parent]
+        extra = _payload_key(spec)
+        expected_hash = inputs_hash(spec.directory, base_image_id=from_id, extra=extra)
         existing_id = _image_id_with_label(client, spec.tag, INPUTS_LABEL, expected_hash)
         if existing_id is not None and not rebuild:
             progress(f"{spec.name}: up to date ({spec.tag})", 1.0)
             image_ids[spec.name] = existing_id
             continue
-        wheelhouse = fill_wheelhouse(spec, wheel_cache=wheel_cache, progress=progress)
-        image_ids[spec.name] = _build_job_image(
-            client,
-            spec,
-            base_reference=base_reference,
-            wheelhouse=wheelhouse,
-            inputs=expected_hash,
-            nocache=rebuild,
-            progress=progress,
-        )
+        with tempfile.TemporaryDirectory(prefix=f"sandbox-{spec.name}-") as scratch:
+            extras = _fetch_payload(
+                spec, client=client, base_reference=base_reference, wheel_cache=wheel_cache,
+                scratch=Path(scratch), refresh=rebuild, progress=progress,
+            )
+            image_ids[spec.name] = _build_image(
+                client,
+                spec,
+                build_args=build_args,
+                extras=extras,
+                inputs=expected_hash,
+                nocache=rebuild,
+                progress=progress,
+            )
     return image_ids
 
 
 def image_digest(name: str) -> str:
-    """Return the local image id (`sha256:...`) of a job image by short name, or of any image reference."""
-    reference = IMAGES[name].tag if name in IMAGES else name
+    """Return the local image id (`sha256:...`) of an image by short name, or of any image reference."""
+    known = all_images()
+    reference = known[name].tag if name in known else name
     client = _docker_client()
     try:
         return str(client.images.get(reference).id)
     except docker.errors.ImageNotFound:
-        how = f"build it with `sandbox images build {name}`" if name in IMAGES else "build or load it first"
+        how = f"build it with `sandbox images build {name}`" if name in known else "build or load it first"
         raise ImageNotBuiltError(f"image {name!r} ({reference}) is not in the local Docker engine; {how}") from None
     except (docker.errors.DockerException, OSError) as error:
         raise ImageBuildError(f"cannot look up image {reference!r} in the Docker engine: {error}") from error
 
 
-def inputs_hash(directory: Path, *, base_image_id: str) -> str:
-    """Hash everything a job image is built from: the files in its folder and the base image's id."""
+def inputs_hash(directory: Path, *, base_image_id: str, extra: bytes = b"") -> str:
+    """Hash everything an image is built from: the files in its folder, the base image's id, and `extra`
+    (what else goes into its build context, such as the service's own sources and pinned dependencies)."""
     digest = hashlib.sha256()
     digest.update(f"base {base_image_id}\n".encode())
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         relative = path.relative_to(directory).as_posix()
         digest.update(f"file {relative} {path.stat().st_size}\n".encode())
         digest.update(path.read_bytes())
+    if extra:
+        digest.update(b"extra\n" + extra)
     return digest.hexdigest()
 
 
@@ -162,11 +243,14 @@ def wheelhouse_key(requirements: bytes, machine: str) -> str:
     return hashlib.sha256(target.encode() + requirements).hexdigest()
 
 
-def fill_wheelhouse(spec: ImageSpec, *, wheel_cache: Path, progress: ProgressCallback) -> Path:
-    """Download the wheels for `spec`'s requirements into `wheel_cache/<name>`, unless already there."""
-    requirements = spec.requirements.read_bytes()
+def fill_wheelhouse(
+    spec: ImageSpec, *, wheel_cache: Path, progress: ProgressCallback, requirements: Path | None = None
+) -> Path:
+    """Download the wheels for `spec`'s requirements (or `requirements`) into `wheel_cache/<name>`,
+    unless already there."""
+    requirements = requirements or spec.requirements
     machine = platform.machine()
-    key = wheelhouse_key(requirements, machine)
+    key = wheelhouse_key(requirements.read_bytes(), machine)
     wheelhouse = wheel_cache / spec.name
     stamp = wheelhouse / WHEELHOUSE_STAMP
     if stamp.is_file() and stamp.read_text().strip() == key:
@@ -178,7 +262,7 @@ def fill_wheelhouse(spec: ImageSpec, *, wheel_cache: Path, progress: ProgressCal
     # leaves stale wheels for pip to pick from.
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=wheel_cache))
     try:
-        _download_wheels(spec, staging, machine=machine, progress=progress)
+        _download_wheels(spec, staging, machine=machine, progress=progress, requirements=requirements)
         (staging / WHEELHOUSE_STAMP).write_text(key + "\n")
         if wheelhouse.exists():
             shutil.rmtree(wheelhouse)
@@ -188,6 +272,162 @@ def fill_wheelhouse(spec: ImageSpec, *, wheel_cache: Path, progress: ProgressCal
             shutil.rmtree(staging)
     progress(f"{spec.name}: wheelhouse ready", 1.0)
     return wheelhouse
+
+
+def project_requirements(distribution: str = PROJECT_DISTRIBUTION) -> str:
+    """Pin the service's runtime dependencies, transitive ones too, to the versions installed here.
+
+    The image then runs the versions this checkout was installed and tested with, except where such a
+    version needs a newer Python than the image's 3.11 (the host may run a later 3.11.x): that one is
+    left unpinned. Markers are evaluated for the host, which is Linux like the image; the distribution
+    itself is left out.
+    """
+    environment: dict[str, str] = {key: str(value) for key, value in default_environment().items()}
+    pins: dict[str, str] = {}
+    pending: list[tuple[str, frozenset[str]]] = [(distribution, frozenset())]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while pending:
+        name, extras = pending.pop()
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        try:
+            found = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise ImageBuildError(
+                f"{name} is not installed in {sys.prefix}; the service image pins the versions installed "
+                "here, so install the project first (`./run.sh test` or `pip install -e .`)"
+            ) from None
+        canonical = re.sub(r"[-_.]+", "-", found.metadata["Name"]).lower()
+        requires_python = found.metadata["Requires-Python"]
+        if canonical == distribution:
+            pass
+        elif requires_python and Version(TARGET_PYTHON_VERSION) not in SpecifierSet(requires_python):
+            # Installed for the host's newer 3.11: the image takes the newest release its Python accepts.
+            pins[canonical] = f"  # {found.version} here needs Python {requires_python}"
+        else:
+            pins[canonical] = f"=={found.version}"
+        for line in found.requires or []:
+            requirement = Requirement(line)
+            wanted = requirement.marker is None or any(
+                requirement.marker.evaluate({**environment, "extra": extra})
+                for extra in ("", *sorted(extras))
+            )
+            if wanted:
+                pending.append((requirement.name, frozenset(requirement.extras)))
+    header = f"# {distribution}'s runtime dependencies, pinned to the versions installed on the host.\n"
+    return header + "".join(f"{name}{pin}\n" for name, pin in sorted(pins.items()))
+
+
+def project_sources_hash(root: Path = REPO_ROOT) -> str:
+    """Hash the checkout files that go into the service's own wheel."""
+    digest = hashlib.sha256()
+    for path in _project_files(root):
+        relative = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            digest.update(f"link {relative} {os.readlink(path)}\n".encode())
+            continue
+        digest.update(f"file {relative} {path.stat().st_size}\n".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def debian_sources(apt_dir: Path = Path("/etc/apt")) -> list[tuple[str, str]]:
+    """The (URI, suite) pairs to fetch bookworm packages from: the host's where it has bookworm sources,
+    else Debian's own mirrors."""
+    suites = (BASE_SUITE, f"{BASE_SUITE}-updates", f"{BASE_SUITE}-security")
+    found: dict[str, str] = {}
+    for path in sorted((apt_dir / "sources.list.d").glob("*.sources")):
+        for stanza in path.read_text().split("\n\n"):
+            fields = _deb822_fields(stanza)
+            if "deb" not in fields.get("types", "").split() or not fields.get("uris"):
+                continue
+            for suite in fields.get("suites", "").split():
+                if suite in suites:
+                    found.setdefault(suite, fields["uris"].split()[0])
+    lists = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list"))]
+    for path in lists:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
+            if len(words) >= 3 and words[0] == "deb" and words[2] in suites:
+                found.setdefault(words[2], words[1])
+    if BASE_SUITE not in found:
+        found = {BASE_SUITE: FALLBACK_DEBIAN_MIRROR, f"{BASE_SUITE}-updates": FALLBACK_DEBIAN_MIRROR}
+    found.setdefault(f"{BASE_SUITE}-security", FALLBACK_SECURITY_MIRROR)
+    return [(found[suite], suite) for suite in suites if suite in found]
+
+
+def fill_debs(
+    spec: ImageSpec, *, client: Any, base_reference: str, cache: Path, refresh: bool, progress: ProgressCallback
+) -> Path:
+    """Download `spec`'s packages.txt, and whatever they need that the base image lacks, into
+    `cache/<name>` with the host's apt; unless they are there for the same list and base already.
+
+    apt resolves against the base image's own package database, not the host's, so a package the host
+    happens to have is still fetched when the image needs it.
+    """
+    packages = _listed(spec.packages)
+    status = _base_dpkg_status(client, base_reference)
+    sources = debian_sources()
+    key = hashlib.sha256(
+        "\n".join([platform.machine(), *packages, *(f"{uri} {suite}" for uri, suite in sources)]).encode()
+        + status
+    ).hexdigest()
+    folder = cache / spec.name
+    stamp = folder / DEBS_STAMP
+    if not refresh and stamp.is_file() and stamp.read_text().strip() == key:
+        progress(f"{spec.name}: Debian packages up to date", 1.0)
+        return folder
+    if shutil.which("apt-get") is None:
+        raise ImageBuildError(f"{spec.name}: fetching Debian packages needs apt-get on the host")
+    cache = cache.resolve()  # apt reads relative paths against its own folders
+    cache.mkdir(parents=True, exist_ok=True)
+    apt_root = cache / ".apt"
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=cache))
+    try:
+        (staging / "partial").mkdir()
+        for sub in ("state/lists/partial", "cache/archives/partial", "parts"):
+            (apt_root / sub).mkdir(parents=True, exist_ok=True)
+        (apt_root / "status").write_bytes(status)
+        signed = f" [signed-by={DEBIAN_KEYRING}]" if DEBIAN_KEYRING.is_file() else ""
+        (apt_root / "sources.list").write_text(
+            "".join(f"deb{signed} {uri} {suite} main\n" for uri, suite in sources)
+        )
+        options = [
+            "-o", f"Dir::State={apt_root / 'state'}",
+            "-o", f"Dir::State::status={apt_root / 'status'}",
+            "-o", f"Dir::Cache={apt_root / 'cache'}",
+            "-o", f"Dir::Etc::SourceList={apt_root / 'sources.list'}",
+            "-o", f"Dir::Etc::SourceParts={apt_root / 'parts'}",
+            "-o", "Debug::NoLocking=true",
+            "-o", "APT::Sandbox::User=root",
+            "-o", "APT::Install-Recommends=false",
+            "-o", "APT::Install-Suggests=false",
+            "-o", "Acquire::Languages=none",
+        ]  # fmt: skip
+        _run_streaming(["apt-get", *options, "update"], step=f"{spec.name}: apt-get update",
+                       progress=progress, fraction_of=None)
+        _run_streaming(
+            ["apt-get", *options, "-o", f"Dir::Cache::archives={staging}", "--download-only", "--yes",
+             "install", *packages],
+            step=f"{spec.name}: downloading Debian packages",
+            progress=progress,
+            fraction_of=None,
+        )
+        shutil.rmtree(staging / "partial", ignore_errors=True)
+        if not any(staging.glob("*.deb")):
+            raise ImageBuildError(f"{spec.name}: apt downloaded no package for {', '.join(packages)}")
+        (staging / DEBS_STAMP).write_text(key + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    progress(f"{spec.name}: Debian packages ready", 1.0)
+    return folder
 
 
 def build_base_image(
@@ -272,12 +512,120 @@ def _deb822_fields(stanza: str) -> dict[str, str]:
 
 
 def _specs_named(names: list[str] | None) -> list[ImageSpec]:
-    if names is None:
-        return list(IMAGES.values())
-    unknown = [name for name in names if name not in IMAGES]
+    """The specs to build, in order: job images first, and each image after the one it is built from."""
+    known, groups = all_images(), image_groups()
+    wanted: list[str] = []
+    for name in names if names is not None else [*groups["jobs"], *groups["deployment"]]:
+        wanted += groups.get(name, [name])
+    unknown = [name for name in wanted if name not in known]
     if unknown:
-        raise ImageBuildError(f"unknown image {', '.join(unknown)}; known images: {', '.join(IMAGES)}")
-    return [IMAGES[name] for name in names]
+        raise ImageBuildError(f"unknown image {', '.join(unknown)}; known images: {', '.join([*known, *groups])}")
+    ordered: list[str] = []
+    for name in wanted:
+        chain = [name]
+        while (parent := known[chain[-1]].parent) is not None:
+            chain.append(parent)
+        ordered += [link for link in reversed(chain) if link not in ordered]
+    return [known[name] for name in ordered]
+
+
+def _payload_key(spec: ImageSpec) -> bytes:
+    """What, beyond its folder, decides an image's content; cheap, so checking for changes stays fast."""
+    if spec.payload is Payload.PROJECT:
+        return f"sources {project_sources_hash()}\n{project_requirements()}".encode()
+    return b""
+
+
+def _fetch_payload(
+    spec: ImageSpec,
+    *,
+    client: Any,
+    base_reference: str,
+    wheel_cache: Path,
+    scratch: Path,
+    refresh: bool,
+    progress: ProgressCallback,
+) -> dict[str, Path]:
+    """Fetch what `spec` needs beside its folder; return each build-context folder (or file) it adds."""
+    if spec.payload is Payload.WHEELHOUSE:
+        return {"wheels": fill_wheelhouse(spec, wheel_cache=wheel_cache, progress=progress)}
+    if spec.payload is Payload.PROJECT:
+        requirements = scratch / "requirements.txt"
+        requirements.write_text(project_requirements())
+        wheelhouse = fill_wheelhouse(spec, wheel_cache=wheel_cache, progress=progress, requirements=requirements)
+        project = _build_project_wheel(scratch / "project", progress=progress, name=spec.name)
+        return {"wheels": wheelhouse, "project": project, "requirements.txt": requirements}
+    if spec.payload is Payload.DEBS:
+        debs = fill_debs(spec, client=client, base_reference=base_reference, cache=wheel_cache / "debs",
+                         refresh=refresh, progress=progress)
+        return {"debs": debs}
+    return {}
+
+
+def _project_files(root: Path) -> list[Path]:
+    files: list[Path] = []
+    for name in PROJECT_SOURCES:
+        top = root / name
+        if top.is_file() or top.is_symlink():
+            files.append(top)
+            continue
+        for path in top.rglob("*"):
+            if "__pycache__" in path.parts or path.suffix == ".pyc":
+                continue
+            if path.is_file() or path.is_symlink():
+                files.append(path)
+    return sorted(files)
+
+
+def _build_project_wheel(destination: Path, *, progress: ProgressCallback, name: str) -> Path:
+    """Build this checkout's wheel from a copy of exactly the hashed sources (and the README its metadata
+    names), so nothing else in the working tree, and no build folder, is involved."""
+    source = destination.parent / "project-source"
+    for path in [*_project_files(REPO_ROOT), REPO_ROOT / "README.md"]:
+        target = source / path.relative_to(REPO_ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            target.symlink_to(os.readlink(path))
+        else:
+            shutil.copy2(path, target)
+    destination.mkdir(parents=True, exist_ok=True)
+    _run_streaming(
+        [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--no-deps", "--quiet",
+         "--wheel-dir", str(destination), str(source)],
+        step=f"{name}: building the {PROJECT_DISTRIBUTION} wheel",
+        progress=progress,
+        fraction_of=None,
+    )
+    if not any(destination.glob("*.whl")):
+        raise ImageBuildError(f"{name}: pip built no wheel of {PROJECT_DISTRIBUTION}")
+    return destination
+
+
+def _listed(path: Path) -> list[str]:
+    """The non-comment, non-empty lines of a list file."""
+    if not path.is_file():
+        raise ImageBuildError(f"{path} is missing")
+    return [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()
+            if line.split("#", 1)[0].strip()]
+
+
+def _base_dpkg_status(client: Any, reference: str) -> bytes:
+    """The base image's dpkg database (`/var/lib/dpkg/status`), read from a container that never starts."""
+    try:
+        container = client.containers.create(reference, command=["true"], network_disabled=True)
+    except (docker.errors.DockerException, OSError) as error:
+        raise ImageBuildError(f"cannot read the package list of {reference!r}: {error}") from error
+    try:
+        stream, _ = container.get_archive("/var/lib/dpkg/status")
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as archive:
+            member = archive.extractfile("status")
+            if member is None:
+                raise ImageBuildError(f"{reference!r} has no /var/lib/dpkg/status")
+            return member.read()
+    except (docker.errors.DockerException, OSError, tarfile.TarError, KeyError) as error:
+        raise ImageBuildError(f"cannot read the package list of {reference!r}: {error}") from error
+    finally:
+        container.remove(force=True)
 
 
 def _docker_client() -> Any:
@@ -319,7 +667,10 @@ def _ensure_pulled(client: Any, reference: str, progress: ProgressCallback) -> s
         ) from error
 
 
-def _download_wheels(spec: ImageSpec, destination: Path, *, machine: str, progress: ProgressCallback) -> None:
+def _download_wheels(
+    spec: ImageSpec, destination: Path, *, machine: str, progress: ProgressCallback, requirements: Path | None = None
+) -> None:
+    requirements = requirements or spec.requirements
     command = [
         sys.executable, "-m", "pip", "download",
         "--disable-pip-version-check",
@@ -330,9 +681,9 @@ def _download_wheels(spec: ImageSpec, destination: Path, *, machine: str, progre
         "--abi", f"cp{TARGET_PYTHON_VERSION.replace('.', '')}",
         *(argument for name in wheel_platforms(machine) for argument in ("--platform", name)),
         "--dest", str(destination),
-        "-r", str(spec.requirements),
+        "-r", str(requirements),
     ]  # fmt: skip
-    pinned = [line for line in spec.requirements.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    pinned = [line for line in requirements.read_text().splitlines() if line.strip() and not line.startswith("#")]
     _run_streaming(
         command,
         step=f"{spec.name}: downloading wheels",
@@ -454,12 +805,12 @@ def _import_rootfs(client: Any, archive: Path, *, inputs: str) -> str:
         raise ImageBuildError(f"importing the base root file system into Docker failed: {error}") from error
 
 
-def _build_job_image(
+def _build_image(
     client: Any,
     spec: ImageSpec,
     *,
-    base_reference: str,
-    wheelhouse: Path,
+    build_args: dict[str, str],
+    extras: dict[str, Path],
     inputs: str,
     nocache: bool,
     progress: ProgressCallback,
@@ -470,14 +821,14 @@ def _build_job_image(
     tail: deque[str] = deque(maxlen=30)
     fraction = 0.0
     with tempfile.TemporaryFile() as context:
-        _write_build_context(context, spec.directory, wheelhouse)
+        _write_build_context(context, spec.directory, extras)
         context.seek(0)
         try:
             chunks: Iterator[dict[str, Any]] = client.api.build(
                 fileobj=context,
                 custom_context=True,
                 tag=spec.tag,
-                buildargs={"BASE_IMAGE": base_reference},
+                buildargs=build_args,
                 labels={INPUTS_LABEL: inputs},
                 nocache=nocache,
                 pull=False,
@@ -507,14 +858,20 @@ def _build_job_image(
     return image_id
 
 
-def _write_build_context(context: IO[bytes], directory: Path, wheelhouse: Path) -> None:
-    """Write the image folder plus `wheels/` (the wheelhouse) as an uncompressed tar build context."""
+def _write_build_context(context: IO[bytes], directory: Path, extras: dict[str, Path]) -> None:
+    """Write the image folder plus each extra (a fetched folder such as `wheels/`, or a file) as an
+    uncompressed tar build context. A fetched folder's hidden files (its stamp) stay out."""
     with tarfile.open(fileobj=context, mode="w") as tar:
         for path in _context_files(directory):
             tar.add(path, arcname=path.relative_to(directory).as_posix(), recursive=False)
-        tar.addfile(_folder_entry("wheels"))
-        for wheel in sorted(wheelhouse.glob("*.whl")):
-            tar.add(wheel, arcname=f"wheels/{wheel.name}", recursive=False)
+        for name, source in extras.items():
+            if source.is_file():
+                tar.add(source, arcname=name, recursive=False)
+                continue
+            tar.addfile(_folder_entry(name))
+            for path in sorted(source.iterdir()):
+                if path.is_file() and not path.name.startswith("."):
+                    tar.add(path, arcname=f"{name}/{path.name}", recursive=False)
 
 
 def _context_files(directory: Path) -> Iterable[Path]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +27,7 @@ dataset_app = typer.Typer(help="Register datasets and their versions.", no_args_
 contract_app = typer.Typer(help="Data-use contracts.", no_args_is_help=True)
 policy_app = typer.Typer(help="Egress and review policies.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
-images_app = typer.Typer(help="Job and notebook images.", no_args_is_help=True)
+images_app = typer.Typer(help="Job, notebook and deployment images.", no_args_is_help=True)
 job_app = typer.Typer(help="Submit and follow jobs; download released outputs.", no_args_is_help=True)
 review_app = typer.Typer(help="Review job outputs (stewards).", no_args_is_help=True)
 notebook_app = typer.Typer(help="Remote Jupyter notebooks whose kernels run in the sandbox.", no_args_is_help=True)
@@ -106,26 +108,119 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> None:
     from sandbox.logs import configure_logging
 
     configure_logging(settings.log_level, json=settings.log_json)
+    # Notebook URLs name where the service listens, unless a public URL says otherwise.
+    settings = settings.model_copy(update={"host": host or settings.host, "port": port or settings.port})
     _call(init_instance, settings)
     instance = Instance(settings)
     application = _call(create_app, instance)
-    worker = None
+    embedded: EmbeddedWorker | None = None
     if settings.embedded_worker:
-        from sandbox.worker import docker_worker
+        from sandbox.worker_socket import serve_worker_socket
 
-        try:
-            worker = docker_worker(instance)
-        except Exception as exc:  # no engine here: the API still serves; queued jobs wait for a worker
-            console.print(f"[yellow]no job worker:[/] {exc}; jobs stay queued until `sandbox worker` runs")
-        else:
-            application.state.wake_worker = worker.wake
-            worker.start_thread(settings.worker_interval_s)
+        serve_worker_socket(instance)  # DP queries, mocks, uploads: answered beside the data, Docker or not
+        # Jobs and notebooks need the Docker engine, which may come up (or get its images) after the API:
+        # the worker connects in the background and keeps trying, and the API serves meanwhile.
+        embedded = EmbeddedWorker(instance, on_ready=lambda running: setattr(application.state, "wake_worker",
+                                                                           running.wake))
+        embedded.start()
     try:
         uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_config=None,
                     access_log=False, server_header=False)
     finally:
-        if worker is not None:
-            worker.stop()
+        if embedded is not None:
+            embedded.stop()
+
+
+WORKER_RETRY_S = 5.0
+
+
+def connect_worker(instance: Any, stopping: threading.Event, *, retry_s: float = WORKER_RETRY_S,
+                   on_wait: Any = None) -> Any:
+    """The Docker worker of `instance`, once the engine answers; None if `stopping` is set first.
+
+    `on_wait(error)` is called before the first wait and then once a minute, so a log says why.
+    """
+    from sandbox.logs import get_logger
+    from sandbox.worker import docker_worker
+
+    log = get_logger("sandbox.worker")
+    waited_since: float | None = None
+    told_at = 0.0
+    while not stopping.is_set():
+        try:
+            return docker_worker(instance)
+        except Exception as exc:  # no engine yet, or another worker holds the lock: try again later
+            now = time.monotonic()
+            if waited_since is None or now - told_at >= 60:
+                log.warning("worker_waiting_for_docker", error=str(exc), retry_s=retry_s,
+                            waited_s=round(now - (waited_since or now)))
+                if on_wait is not None:
+                    on_wait(exc)
+                told_at = now
+            waited_since = waited_since if waited_since is not None else now
+        stopping.wait(retry_s)
+    return None
+
+
+class EmbeddedWorker:
+    """The job worker inside `sandbox serve`, started from a thread so the API never waits on Docker.
+
+    It connects to the engine, retrying every `retry_s` seconds until it answers (`./run.sh demo` starts
+    dockerd and builds the images in the background), then runs the worker. Until every job image is in
+    the engine it also republishes the images every `retry_s`, so a build that ends later is usable at
+    once rather than at the worker's next regular refresh.
+    """
+
+    def __init__(self, instance: Any, *, on_ready: Any = None, retry_s: float = WORKER_RETRY_S) -> None:
+        self.instance = instance
+        self.retry_s = retry_s
+        self.on_ready = on_ready
+        self.worker: Any = None
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sandbox-worker-connect", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.worker is not None:
+            self.worker.stop()
+
+    def _run(self) -> None:
+        def tell(error: Exception) -> None:
+            console.print(f"[yellow]no job worker yet:[/] {error}; retrying every {self.retry_s:g}s "
+                          "(jobs and notebooks wait until the Docker engine answers)", highlight=False)
+
+        running = connect_worker(self.instance, self.stopping, retry_s=self.retry_s, on_wait=tell)
+        if running is None:
+            return
+        self.worker = running
+        if self.on_ready is not None:
+            self.on_ready(running)
+        running.start_thread(self.instance.settings.worker_interval_s)
+        if self.stopping.is_set():  # stopped while connecting
+            running.stop()
+            return
+        self._publish_images_when_built(running)
+
+    def _publish_images_when_built(self, running: Any) -> None:
+        from runners.images import IMAGES, ImageBuildError, image_digest
+
+        while not self.stopping.is_set():
+            try:
+                for name in IMAGES:
+                    image_digest(name)
+            except ImageBuildError:
+                self.stopping.wait(self.retry_s)
+                continue
+            try:
+                running.refresh_images()
+            except Exception:  # the worker's own tick publishes them too, a little later
+                self.stopping.wait(self.retry_s)
+                continue
+            running.wake()
+            return
 
 
 @app.command()
@@ -133,16 +228,23 @@ def worker(home: HomeOption = None) -> None:
     """Run the job worker alone (the only process that needs the Docker socket)."""
     from sandbox.instance import Instance, init_instance
     from sandbox.logs import configure_logging
-    from sandbox.worker import docker_worker
+    from sandbox.worker_socket import serve_worker_socket
 
     settings = _settings(home)
     configure_logging(settings.log_level, json=settings.log_json)
     _call(init_instance, settings)
-    running = docker_worker(Instance(settings))
+    instance = Instance(settings)
+    serve_worker_socket(instance)  # DP queries, mocks, uploads: answered beside the data, Docker or not
+    stopping = threading.Event()
+    running = None
     try:
-        running.run_forever(settings.worker_interval_s)
+        running = connect_worker(instance, stopping)  # waits for the engine, as long as it takes
+        if running is not None:
+            running.run_forever(settings.worker_interval_s)
     except KeyboardInterrupt:
-        running.stop()
+        stopping.set()
+        if running is not None:
+            running.stop()
 
 
 @token_app.command("issue")
@@ -247,13 +349,15 @@ def demo(home: HomeOption = None,
          host: Annotated[str | None, typer.Option(help="bind address")] = None,
          port: Annotated[int | None, typer.Option(help="port")] = None,
          no_serve: Annotated[bool, typer.Option("--no-serve", help="set up only; do not start the server")] = False,
+         tour: Annotated[bool, typer.Option("--tour/--no-tour", help="run the README's tour against the server: "
+                                            "a DP query and a job through to review")] = True,
          ) -> None:
-    """Init, register the synthetic carotid-stenting registry and a buyer contract, then serve."""
+    """Init, register the synthetic carotid-stenting registry and a buyer contract, then serve (and tour)."""
     from sandbox.demo_setup import set_up_demo
 
     settings = _settings(home)
     summary = _call(set_up_demo, settings)
-    url = f"http://{host or settings.host}:{port or settings.port}"
+    url = settings.public_url or f"http://{host or settings.host}:{port or settings.port}"
     out.print(f"[bold]Demo instance[/] at {settings.home_dir}")
     out.print(f"dataset [cyan]{summary['dataset']}[/] version {summary['version']} ({summary['rows']} procedures)")
     out.print(f"contract [cyan]{summary['contract']}[/] for org [cyan]{summary['buyer_org']}[/]")
@@ -269,7 +373,31 @@ def demo(home: HomeOption = None,
     out.print("  SANDBOX_TOKEN=$STEWARD_TOKEN sandbox contract list")
     out.print("  SANDBOX_TOKEN=$AUDITOR_TOKEN sandbox audit log")
     if not no_serve:
+        out.print("Jobs and notebooks run in Docker: the worker starts them once the engine answers and the job "
+                  "images are built (`sandbox images build jobs`, as root; `./run.sh demo` does both).")
+        if tour:
+            bind = host or settings.host
+            local = f"http://{'127.0.0.1' if bind in ('0.0.0.0', '::') else bind}:{port or settings.port}"  # noqa: S104
+            _start_tour(local, summary["tokens"], summary["contract"])
         _serve(settings, host, port)
+
+
+def _start_tour(url: str, tokens: dict[str, str], contract: str) -> None:
+    """The README's tour in a thread beside the server; a step that fails is reported, never fatal."""
+    import threading
+
+    from sandbox.demo_tour import run_tour
+
+    def say(line: str) -> None:
+        out.print(f"[bold magenta]tour[/] {line}", highlight=False, soft_wrap=True)
+
+    def tour() -> None:
+        try:
+            run_tour(url, tokens, contract, say)
+        except Exception as exc:  # the server keeps serving; the newcomer reads why the tour stopped
+            say(f"stopped: {exc}")
+
+    threading.Thread(target=tour, name="demo-tour", daemon=True).start()
 
 
 # Client commands (HTTP) -------------------------------------------------------------------------
@@ -429,13 +557,17 @@ def audit_log(limit: Annotated[int, typer.Option("--limit")] = 50, as_json: Json
 
 @images_app.command("build")
 def images_build(
-    names: Annotated[list[str] | None, typer.Argument(help="images to build (default: all)")] = None,
-    base_image: Annotated[str | None, typer.Option("--base-image", help="a public base, e.g. python:3.11-slim")] = None,
+    names: Annotated[list[str] | None, typer.Argument(
+        help="images or groups to build: analysis, service, worker, postgres; jobs, deployment (default: all)",
+    )] = None,
+    base_image: Annotated[str | None, typer.Option(
+        "--base-image", help="a public Debian bookworm base with Python 3.11, e.g. python:3.11-slim-bookworm",
+    )] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="build even if up to date")] = False,
     home: HomeOption = None,
 ) -> None:
-    """Build the job images offline: a debootstrap base and a host-filled wheelhouse."""
-    from sandbox import images
+    """Build the images offline from a debootstrap base: the job images, then the service, worker and postgres."""
+    from runners import images
 
     settings = _settings(home)
     with Progress(TextColumn("{task.description}"), BarColumn(), console=console) as progress:

@@ -19,7 +19,7 @@ from helpers import Tokens, auth, register_demo
 
 from runners.base import LABEL_INSTANCE
 from runners.docker import DockerRunner
-from sandbox.images import build_images
+from runners.images import build_images
 from sandbox.instance import Instance
 from sandbox.worker import Capacity, Worker
 

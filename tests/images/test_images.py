@@ -1,4 +1,5 @@
-"""The job images: what goes into their build, and what a job finds inside the analysis image."""
+"""The images: what goes into their build, what a job finds inside the analysis image, and the deployment's
+service, worker and postgres images."""
 
 from __future__ import annotations
 
@@ -16,17 +17,21 @@ import docker
 import docker.errors
 import pytest
 
-import sandbox.images as images
-from sandbox.images import (
+import runners.images as images
+from runners.images import (
+    DEPLOYMENT_IMAGES,
     IMAGES,
     ImageBuildError,
     ImageSpec,
     build_base_image,
     build_images,
     debian_mirror,
+    debian_sources,
     fill_wheelhouse,
     image_digest,
     inputs_hash,
+    project_requirements,
+    project_sources_hash,
     wheel_platforms,
     wheelhouse_key,
 )
@@ -189,7 +194,8 @@ def test_pip_download_failure_is_a_readable_error(tmp_path: Path) -> None:
 
 
 def test_unknown_image_name_is_a_readable_error(tmp_path: Path) -> None:
-    with pytest.raises(ImageBuildError, match="unknown image notebook-typo; known images: analysis"):
+    known = "analysis, service, worker, postgres, jobs, deployment"
+    with pytest.raises(ImageBuildError, match=f"unknown image notebook-typo; known images: {known}"):
         build_images(["notebook-typo"], base_image=None, wheel_cache=tmp_path, rebuild=False, progress=ProgressLog())
 
 
@@ -237,6 +243,95 @@ def test_debian_mirror_comes_from_apt_sources(tmp_path: Path, sources: dict[str,
     for name, text in sources.items():
         (tmp_path / name).write_text(text)
     assert debian_mirror(tmp_path) == expected
+
+
+def test_inputs_hash_without_extra_is_unchanged_so_job_images_are_not_rebuilt() -> None:
+    plain = inputs_hash(ANALYSIS_DIR, base_image_id="sha256:base")
+    assert inputs_hash(ANALYSIS_DIR, base_image_id="sha256:base", extra=b"") == plain
+    assert inputs_hash(ANALYSIS_DIR, base_image_id="sha256:base", extra=b"sources x") != plain
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        pytest.param(None, ["analysis", "service", "worker", "postgres"], id="all: job images first"),
+        pytest.param(["worker"], ["service", "worker"], id="the worker brings the service it is built from"),
+        pytest.param(["worker", "service"], ["service", "worker"], id="each once, parent first"),
+        pytest.param(["jobs"], ["analysis"], id="group jobs"),
+        pytest.param(["deployment"], ["service", "worker", "postgres"], id="group deployment"),
+    ],
+)
+def test_build_order(names: list[str] | None, expected: list[str]) -> None:
+    assert [spec.name for spec in images._specs_named(names)] == expected
+
+
+def test_deployment_images_are_never_offered_to_jobs() -> None:
+    assert set(IMAGES) == {"analysis"}, "the worker publishes every IMAGES entry to buyers by name"
+    assert not set(IMAGES) & set(DEPLOYMENT_IMAGES)
+
+
+def test_service_requirements_pin_what_is_installed() -> None:
+    import importlib.metadata
+
+    lines = [line for line in project_requirements().splitlines() if line and not line.startswith("#")]
+    names = {line.split("==")[0].split()[0] for line in lines}
+    assert "health-data-sandbox" not in names, "the project itself comes from its own wheel"
+    for direct in ("fastapi", "sqlalchemy", "psycopg-binary", "jupyter-server", "docker", "duckdb"):
+        assert direct in names, f"{direct} (a runtime dependency, maybe transitive) is not pinned"
+    assert f"fastapi=={importlib.metadata.version('fastapi')}" in lines
+    for line in lines:
+        assert "==" in line or "# " in line, f"neither pinned nor explained: {line!r}"
+    for dev_only in ("pytest", "ruff", "mypy"):
+        assert dev_only not in names, f"{dev_only} is a development tool, not a runtime dependency"
+
+
+def test_project_sources_hash_follows_the_package_sources(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    for folder in ("sandbox", "runners", "policies"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "sandbox" / "a.py").write_text("A = 1\n")
+    (tmp_path / "sandbox" / "__pycache__").mkdir()
+    before = project_sources_hash(tmp_path)
+    (tmp_path / "sandbox" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"compiled")
+    (tmp_path / "README.md").write_text("docs change often\n")
+    assert project_sources_hash(tmp_path) == before, "byte code or the README would rebuild the service image"
+    (tmp_path / "runners" / "b.py").write_text("B = 2\n")
+    assert project_sources_hash(tmp_path) != before, "a new module would not rebuild the service image"
+
+
+@pytest.mark.parametrize(
+    ("sources", "expected"),
+    [
+        pytest.param(
+            {
+                "sources.list.d/debian.sources": "Types: deb\nURIs: http://mirror.example/debian\n"
+                "Suites: bookworm bookworm-updates\nComponents: main\n\n"
+                "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n"
+            },
+            [("http://mirror.example/debian", "bookworm"), ("http://mirror.example/debian", "bookworm-updates"),
+             ("http://mirror.example/debian-security", "bookworm-security")],
+            id="deb822",
+        ),
+        pytest.param(
+            {"sources.list": "deb http://old.example/debian bookworm main\n"},
+            [("http://old.example/debian", "bookworm"), ("http://deb.debian.org/debian-security", "bookworm-security")],
+            id="one-line, no security source",
+        ),
+        pytest.param(
+            {"sources.list": "deb http://archive.ubuntu.com/ubuntu noble main\n"},
+            [("http://deb.debian.org/debian", "bookworm"), ("http://deb.debian.org/debian", "bookworm-updates"),
+             ("http://deb.debian.org/debian-security", "bookworm-security")],
+            id="not Debian bookworm",
+        ),
+    ],
+)
+def test_debian_sources_for_the_deployment_packages(
+    tmp_path: Path, sources: dict[str, str], expected: list[tuple[str, str]]
+) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    for name, text in sources.items():
+        (tmp_path / name).write_text(text)
+    assert debian_sources(tmp_path) == expected
 
 
 # --- the built analysis image, on a real Docker engine ---
@@ -351,3 +446,96 @@ def test_changed_dockerfile_rebuilds(
     finally:
         with contextlib.suppress(docker.errors.ImageNotFound):
             docker_client.images.remove(spec.tag)
+
+
+# --- the deployment's images (docker-compose.yml), on a real Docker engine ---
+
+
+@pytest.fixture(scope="session")
+def deployment_images(docker_client: Any, wheel_cache: Path) -> dict[str, str]:
+    """Build (or reuse) the service, worker and postgres images, as `sandbox images build deployment` would."""
+    return build_images(["deployment"], base_image=None, wheel_cache=wheel_cache, rebuild=False,
+                        progress=ProgressLog())
+
+
+@pytest.mark.docker
+def test_service_image_runs_the_api_unprivileged_on_a_read_only_root(
+    docker_client: Any, deployment_images: dict[str, str]
+) -> None:
+    image = deployment_images["service"]
+    script = "import os, sandbox.cli, runners.images; print(os.getuid(), os.path.exists('/wheels'), " \
+             "os.path.exists('/tmp/project'), os.environ['SANDBOX_HOME'])"
+    output = run_in(docker_client, image, ["python3", "-c", script], **HARDENED)
+    assert output.splitlines()[-1] == "10002 False False /var/lib/sandbox", output
+    config = docker_client.images.get(image).attrs["Config"]
+    assert not config["Entrypoint"], "an init in the image would not exist on a public base; compose adds one"
+    assert config["Cmd"][:2] == ["sandbox", "serve"]
+    assert config["Labels"]["org.sandbox.image"] == "service"
+    assert "Run the API server" in run_in(docker_client, image, ["sandbox", "--help"], **HARDENED)
+
+
+@pytest.mark.docker
+def test_worker_image_is_the_service_run_as_root_with_the_mount_tools(
+    docker_client: Any, deployment_images: dict[str, str]
+) -> None:
+    image = deployment_images["worker"]
+    parent = docker_client.images.get(image).attrs["Parent"] or ""
+    config = docker_client.images.get(image).attrs["Config"]
+    assert config["Cmd"] == ["sandbox", "worker"]
+    assert config["User"] in ("root", "0")
+    assert config["Labels"]["org.sandbox.image"] == "worker"
+    layers = docker_client.images.get(image).attrs["RootFS"]["Layers"]
+    service_layers = docker_client.images.get(deployment_images["service"]).attrs["RootFS"]["Layers"]
+    assert layers[: len(service_layers)] == service_layers, f"the worker is not built on the service image {parent}"
+    script = "import docker, jupyter_server, shutil; print([bool(shutil.which(t)) for t in ('mount', 'losetup', " \
+             "'mkfs.ext4', 'umount')])"
+    assert run_in(docker_client, image, ["python3", "-c", script]).splitlines()[-1] == "[True, True, True, True]"
+
+
+@pytest.mark.docker
+def test_postgres_image_creates_its_cluster_and_takes_password_logins(
+    docker_client: Any, deployment_images: dict[str, str]
+) -> None:
+    container = docker_client.containers.run(
+        deployment_images["postgres"], detach=True, network_mode="none", cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        environment={"POSTGRES_USER": "sandbox", "POSTGRES_PASSWORD": "s3cret", "POSTGRES_DB": "registry"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            ready = container.exec_run(["pg_isready", "--host=127.0.0.1", "--username=sandbox"])
+            if ready.exit_code == 0:
+                break
+            assert time.monotonic() < deadline, f"postgres did not start: {container.logs().decode()[-2000:]}"
+            time.sleep(0.5)
+        query = ["psql", "--host=127.0.0.1", "--username=sandbox", "--dbname=registry", "--tuples-only",
+                 "--no-align", "--command=SELECT current_user || ' ' || current_database() || ' ' || version()"]
+        good = container.exec_run(query, environment={"PGPASSWORD": "s3cret"})
+        assert good.exit_code == 0, good.output.decode()
+        assert good.output.decode().startswith("sandbox registry PostgreSQL 15."), good.output.decode()
+        bad = container.exec_run(query, environment={"PGPASSWORD": "wrong"})
+        assert bad.exit_code != 0 and b"password authentication failed" in bad.output, bad.output.decode()
+        whoami = container.exec_run(["sh", "-c", "id -un; ls /tmp"])
+        assert whoami.output.decode().split() == ["postgres"], f"runs as root or left files: {whoami.output!r}"
+    finally:
+        container.remove(force=True, v=True)
+
+
+@pytest.mark.docker
+def test_unchanged_deployment_images_are_not_rebuilt(
+    deployment_images: dict[str, str], analysis_image: BuiltImage, wheel_cache: Path
+) -> None:
+    progress = ProgressLog()
+    started = time.monotonic()
+    ids = build_images(None, base_image=None, wheel_cache=wheel_cache, rebuild=False, progress=progress)
+    seconds = time.monotonic() - started
+    assert ids == {"analysis": analysis_image.image_id, **deployment_images}, "an unchanged image got a new id"
+    assert progress.lines() == [
+        "base: up to date (sandbox-base:bookworm)",
+        "analysis: up to date (sandbox-analysis:latest)",
+        "service: up to date (sandbox-service:latest)",
+        "worker: up to date (sandbox-worker:latest)",
+        "postgres: up to date (sandbox-postgres:latest)",
+    ], f"something was rebuilt: {progress.lines()}"
+    assert seconds < 10, f"checking for changes took {seconds:.1f}s"

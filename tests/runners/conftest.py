@@ -14,7 +14,7 @@ import pytest
 from runner_support import JobFiles, assert_nothing_left
 
 from runners.docker import DockerRunner
-from sandbox.images import build_images
+from runners.images import build_images
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIRE_DOCKER = os.environ.get("SANDBOX_REQUIRE_DOCKER") == "1"
