@@ -2,7 +2,8 @@
 
 A tick is safe to repeat and to interrupt: everything it knows comes from the store and from
 the runner's `poll()`, never from memory, so a worker killed with SIGKILL and restarted picks
-every job up where it was.
+every job up where it was. With a kernel runner it also hosts the notebook servers of running
+sessions (`sandbox.notebooks.servers`), from the store in the same way.
 """
 
 from __future__ import annotations
@@ -24,22 +25,32 @@ from typing import Any
 
 from sqlalchemy import select
 
-from runners.base import Collected, CollectedFile, JobDefinition, JobRunner, Resources, RunState, RunStatus
+from runners.base import (
+    Collected,
+    CollectedFile,
+    JobDefinition,
+    JobRunner,
+    KernelRunner,
+    Resources,
+    RunState,
+    RunStatus,
+)
+from runners.images import IMAGES, ImageBuildError, image_digest
 from sandbox.audit import SystemActor
 from sandbox.catalog.service import get_dataset, get_version
 from sandbox.context import Context
 from sandbox.contracts import JobKind, Tier
 from sandbox.dp.mock_publication import mock_path
-from sandbox.dp.queries import job_principal, request_from_socket, run_query, settle_abandoned_reservations
+from sandbox.dp.queries import QueryRequest, settle_abandoned_reservations, socket_handler
 from sandbox.dp.socket_server import DpSocket
 from sandbox.egress import CheckResult, OutputFacts, Verdict, detect_kind
 from sandbox.egress.content import ContentContext, content_checks, ensure_fingerprints, sidecar
 from sandbox.egress.leaks import leak_verdict
-from sandbox.images import IMAGES, ImageBuildError, image_digest
 from sandbox.instance import Instance
 from sandbox.jobs.lifecycle import TERMINAL, JobState
 from sandbox.jobs.service import move, settle_review, usage_totals
 from sandbox.logs import get_logger
+from sandbox.notebooks.servers import NotebookServers
 from sandbox.policies import get_policy_version
 from sandbox.release.dp_answers import platform_answer, record_job_answer
 from sandbox.release.jobs import (
@@ -62,6 +73,9 @@ HEAD_BYTES = 64 * 1024
 IMAGE_REFRESH_S = 60.0
 STEP_THREADS = 8
 USAGE_EVERY_S = 1.0
+# Kernels no server owns, and what ended notebook sessions left, are looked for at start and this often.
+NOTEBOOK_SWEEP_S = 30.0
+NOTEBOOK_SWEEP = "notebook-sweep"  # the sweep's key among the steps in flight (job ids otherwise)
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,7 @@ def docker_worker(instance: Instance) -> Worker:
     """The worker for this instance on the local Docker engine (one per machine and instance)."""
     from runners.docker import DockerRunner
     from runners.docker_events import watch_job_containers
+    from runners.kernels import DockerKernelRunner
 
     settings = instance.settings
     lock = hold_worker_lock(settings.runner_dir)
@@ -138,15 +153,20 @@ def docker_worker(instance: Instance) -> Worker:
     except BaseException:
         os.close(lock)  # no engine: let a later `sandbox worker` take the lock
         raise
-    worker = Worker(instance, runner, Capacity(cpus=settings.worker_cpus, memory_mb=settings.worker_memory_mb))
+    worker = Worker(instance, runner, Capacity(cpus=settings.worker_cpus, memory_mb=settings.worker_memory_mb),
+                    kernels=DockerKernelRunner(instance_id=instance.instance_id, client=runner.client))
     watch_job_containers(instance.instance_id, worker.wake, worker.stopping)
     return worker
 
 
 class Worker:
-    def __init__(self, instance: Instance, runner: JobRunner, capacity: Capacity | None = None) -> None:
+    def __init__(self, instance: Instance, runner: JobRunner, capacity: Capacity | None = None, *,
+                 kernels: KernelRunner | None = None) -> None:
         self.instance = instance
         self.runner = runner
+        # Notebook servers run where kernels can: with no kernel runner, this worker hosts none.
+        self.notebooks = NotebookServers(instance, kernels) if kernels is not None else None
+        self._notebooks_swept_at = -NOTEBOOK_SWEEP_S
         self.capacity = capacity or Capacity()
         self.stopping = threading.Event()
         self._wake = threading.Event()
@@ -183,6 +203,9 @@ class Worker:
         self.stopping.set()
         self._wake.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.notebooks is not None:
+            # The sessions stay running in the store: the next worker starts their servers again.
+            self.notebooks.stop_all()
 
     def start_thread(self, interval_s: float = 0.5) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, args=(interval_s,), name="sandbox-worker", daemon=True)
@@ -190,13 +213,14 @@ class Worker:
         return thread
 
     def tick(self, *, wait: bool = True) -> None:
-        """One pass: admit queued work, then follow running jobs. Runner steps run in a pool so
-        eight jobs starting together do not queue behind one another; `wait` lets a caller (a
-        test, a one-shot command) wait for this pass's steps to end."""
+        """One pass: admit queued work, follow running jobs, then host notebook servers. Runner steps run
+        in a pool so eight jobs starting together do not queue behind one another; `wait` lets a caller
+        (a test, a one-shot command) wait for this pass's steps to end."""
         if time.monotonic() - self._images_seen_at > IMAGE_REFRESH_S:
             self.refresh_images()
         futures = self.admit()
         futures += self.reconcile()
+        futures += self.host_notebooks()
         if wait:
             for future in futures:
                 future.result()
@@ -242,6 +266,24 @@ class Worker:
                     ctx.record("image.update", "image", name, image_id=image_id, previous=record.image_id)
                     record.image_id, record.seen_at = image_id, datetime.now(UTC)
         self._images_seen_at = time.monotonic()
+
+    # Notebook servers ---------------------------------------------------------------------------------
+
+    def host_notebooks(self) -> list[Future[None]]:
+        """Start a server for each running session that has none here, stop those of ended sessions, and,
+        at start and every NOTEBOOK_SWEEP_S, remove kernels no live server owns and ended sessions' leftovers."""
+        notebooks = self.notebooks
+        if notebooks is None:
+            return []
+        sweep = time.monotonic() - self._notebooks_swept_at >= NOTEBOOK_SWEEP_S
+        plan = notebooks.plan(busy=self._busy_jobs(), leftovers=sweep)
+        futures = [self._in_background(job_id, partial(notebooks.start, job_id)) for job_id in plan.start]
+        futures += [self._in_background(job_id, partial(notebooks.stop, job_id)) for job_id in plan.stop]
+        if sweep:
+            self._notebooks_swept_at = time.monotonic()
+            futures.append(self._in_background(NOTEBOOK_SWEEP, partial(notebooks.remove_orphan_kernels,
+                                                                       self._busy_jobs)))
+        return [f for f in futures if f is not None]
 
     # Reconciliation -------------------------------------------------------------------------------
 
@@ -421,19 +463,18 @@ class Worker:
     def _open_dp_socket(self, job: Job) -> Path:
         """Serve DP queries for `job` on its own socket, under the job's contract and the same ledger."""
         path = dp_socket_path(self.instance, job.id)
-        job_id, org, contract, dataset = job.id, job.buyer_org, job.contract_id, job.dataset
+        job_id = job.id
         record = platform_dir(self.instance.settings.artifacts_dir, job_id)
         with self.instance.read_session() as session:
-            card = get_dataset(session, dataset).card
+            card = get_dataset(session, job.dataset).card
 
-        def handle(body: dict[str, Any]) -> dict[str, Any]:
-            request = request_from_socket(body, contract=contract, dataset=dataset)
-            answer = run_query(self.instance, job_principal(job_id, org), request, via=f"job:{job_id}")
+        def keep_record(request: QueryRequest, answer: dict[str, Any]) -> None:
             # The platform keeps its own record of what it answered: that record, not a file the job
             # writes, is what leaves as the job's DP results.
             record_job_answer(record, platform_answer(request.sql, answer, card))
-            return answer
 
+        handle = socket_handler(self.instance, job_id=job_id, org=job.buyer_org, contract=job.contract_id,
+                                dataset=job.dataset, via=f"job:{job_id}", on_answer=keep_record)
         with self._dp_lock:
             existing = self._dp_sockets.pop(job_id, None)
             if existing is not None:
@@ -502,6 +543,8 @@ class Worker:
             if contract is None or contract.revoked_at is not None or contract.valid_until < datetime.now(UTC):
                 move(ctx, job, JobState.CANCELLED, reason="the contract was revoked or expired before the job ran")
                 return False
+            if not job.image_id and not self._pin_image(ctx, job):
+                return False
             allows_queries = JobKind.QUERY.value in contract.kinds
             dp_socket = self._open_dp_socket(job) if allows_queries else None
             definition = job_definition(self.instance, job, dp_socket=dp_socket)
@@ -520,6 +563,17 @@ class Worker:
             job = ctx.session.get(Job, job_id, with_for_update=True)
             if job is not None and job.state == JobState.QUEUED.value:
                 move(ctx, job, JobState.RUNNING)
+        return True
+
+
+    @staticmethod
+    def _pin_image(ctx: Context, job: Job) -> bool:
+        """A job admitted before its image was published runs on the first image the workers publish."""
+        record = ctx.session.get(ImageRecord, job.image)
+        if record is None:
+            return False
+        job.image_id, job.reason = record.image_id, ""
+        ctx.record("job.image.pin", "job", job.id, image=job.image, image_id=record.image_id)
         return True
 
 

@@ -129,7 +129,8 @@ def _store_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
         dataset=spec.dataset, dataset_version=version.version, kind=spec.kind, tier=contract.tier,
         policy=f"{policy.name}@{policy.version}", image=spec.image, image_id=image_id, command=spec.command,
         resources=spec.resources.model_dump(), code_sha256=bundle.sha256, code_bytes=bundle.summary.expanded_bytes,
-        state=(JobState.PENDING_APPROVAL if needs_approval else JobState.QUEUED).value, reason="",
+        state=(JobState.PENDING_APPROVAL if needs_approval else JobState.QUEUED).value,
+        reason="" if image_id else f"waiting for the workers to publish image {spec.image!r}",
         usage={}, created_at=now, updated_at=now,
     )
     ctx.session.add(job)
