@@ -378,18 +378,7 @@ class DockerRunner:
         return self.state_dir / job_id
 
     def _container(self, job_id: str) -> Any:
-        """The job's container if it exists and belongs to this instance; None if there is none."""
-        name = container_name(job_id)
-        try:
-            container = self.client.containers.get(name)
-        except docker.errors.NotFound:
-            return None
-        except (docker.errors.DockerException, OSError) as error:
-            raise RunnerError(f"job {job_id}: inspecting container {name} failed: {_explain(error)}") from error
-        labels: dict[str, str] = container.labels or {}
-        if labels.get(LABEL_MANAGED) != "1" or labels.get(LABEL_INSTANCE) != self.instance_id:
-            raise RunnerError(f"job {job_id}: a container named {name} exists but this instance does not own it")
-        return container
+        return owned_container(self.client, container_name(job_id), instance_id=self.instance_id, what=f"job {job_id}")
 
     def _kill(self, job_id: str, container: Any) -> None:
         try:
@@ -581,3 +570,20 @@ def _failures(what: str) -> Iterator[None]:
         raise
     except (docker.errors.DockerException, OSError) as error:
         raise RunnerError(f"{what} failed: {_explain(error)}") from error
+
+
+def owned_container(client: Any, name: str, *, instance_id: str, what: str) -> Any:
+    """The container `name` if it exists and belongs to this instance; None if there is none.
+
+    A container of that name that another instance (or nobody) labelled is an error, never adopted.
+    """
+    try:
+        container = client.containers.get(name)
+    except docker.errors.NotFound:
+        return None
+    except (docker.errors.DockerException, OSError) as error:
+        raise RunnerError(f"{what}: inspecting container {name} failed: {_explain(error)}") from error
+    labels: dict[str, str] = container.labels or {}
+    if labels.get(LABEL_MANAGED) != "1" or labels.get(LABEL_INSTANCE) != instance_id:
+        raise RunnerError(f"{what}: a container named {name} exists but this instance does not own it")
+    return container

@@ -15,6 +15,7 @@ Every image is rebuilt only when the hash of its inputs, kept in a label, no lon
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import io
@@ -260,16 +261,9 @@ def fill_wheelhouse(
     wheel_cache.mkdir(parents=True, exist_ok=True)
     # Download into a fresh folder and swap it in whole, so a failed or changed download never
     # leaves stale wheels for pip to pick from.
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=wheel_cache))
-    try:
+    with _replacing(wheelhouse) as staging:
         _download_wheels(spec, staging, machine=machine, progress=progress, requirements=requirements)
         (staging / WHEELHOUSE_STAMP).write_text(key + "\n")
-        if wheelhouse.exists():
-            shutil.rmtree(wheelhouse)
-        staging.rename(wheelhouse)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     progress(f"{spec.name}: wheelhouse ready", 1.0)
     return wheelhouse
 
@@ -385,8 +379,7 @@ def fill_debs(
     cache = cache.resolve()  # apt reads relative paths against its own folders
     cache.mkdir(parents=True, exist_ok=True)
     apt_root = cache / ".apt"
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=cache))
-    try:
+    with _replacing(cache / spec.name) as staging:
         (staging / "partial").mkdir()
         for sub in ("state/lists/partial", "cache/archives/partial", "parts"):
             (apt_root / sub).mkdir(parents=True, exist_ok=True)
@@ -420,12 +413,6 @@ def fill_debs(
         if not any(staging.glob("*.deb")):
             raise ImageBuildError(f"{spec.name}: apt downloaded no package for {', '.join(packages)}")
         (staging / DEBS_STAMP).write_text(key + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     progress(f"{spec.name}: Debian packages ready", 1.0)
     return folder
 
@@ -883,3 +870,19 @@ def _folder_entry(name: str) -> tarfile.TarInfo:
     info.type = tarfile.DIRTYPE
     info.mode = 0o755
     return info
+
+
+@contextlib.contextmanager
+def _replacing(folder: Path) -> Iterator[Path]:
+    """A fresh folder beside `folder` that replaces it whole if the block succeeds and is removed if not,
+    so a failed or changed download never leaves stale files for a build to pick from."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        yield staging
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

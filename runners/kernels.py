@@ -31,7 +31,14 @@ from runners.base import (
     RunState,
 )
 from runners.cgroup_usage import read_cgroup_usage
-from runners.docker import LABEL_TIMEOUT, _explain, _stats_usage, _timestamp, container_options
+from runners.docker import (
+    LABEL_TIMEOUT,
+    _explain,
+    _stats_usage,
+    _timestamp,
+    container_options,
+    owned_container,
+)
 from runners.errors import RunnerError
 
 KERNEL_PREFIX = "sandbox-kernel-"
@@ -153,18 +160,8 @@ class DockerKernelRunner:
         return statuses
 
     def _container(self, key: str) -> Any:
-        """The kernel's container if it exists and belongs to this instance; None if there is none."""
-        name = kernel_container_name(key)
-        try:
-            container = self.client.containers.get(name)
-        except docker.errors.NotFound:
-            return None
-        except (docker.errors.DockerException, OSError) as error:
-            raise RunnerError(f"kernel {key}: inspecting container {name} failed: {_explain(error)}") from error
-        labels: dict[str, str] = container.labels or {}
-        if labels.get(LABEL_MANAGED) != "1" or labels.get(LABEL_INSTANCE) != self.instance_id:
-            raise RunnerError(f"kernel {key}: a container named {name} exists but this instance does not own it")
-        return container
+        return owned_container(self.client, kernel_container_name(key), instance_id=self.instance_id,
+                               what=f"kernel {key}")
 
 
 def _cpu_seconds(container: Any) -> float:
