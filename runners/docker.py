@@ -405,13 +405,7 @@ class DockerRunner:
             self._save_status(job_id, persisted)
 
     def _status_from(self, state: dict[str, Any], persisted: _PersistedStatus, output_full: bool) -> RunStatus:
-        status = state["Status"]
-        if status == "created":
-            run_state = RunState.PREPARED
-        elif status in _RUNNING_STATES:
-            run_state = RunState.RUNNING
-        else:  # exited, dead, removing
-            run_state = RunState.EXITED
+        run_state = run_state_of(state["Status"])
         exited = run_state is RunState.EXITED
         return RunStatus(
             state=run_state,
@@ -587,3 +581,12 @@ def owned_container(client: Any, name: str, *, instance_id: str, what: str) -> A
     if labels.get(LABEL_MANAGED) != "1" or labels.get(LABEL_INSTANCE) != instance_id:
         raise RunnerError(f"{what}: a container named {name} exists but this instance does not own it")
     return container
+
+
+def run_state_of(status: str) -> RunState:
+    """A container's engine status as the runner's state."""
+    if status == "created":
+        return RunState.PREPARED
+    if status in _RUNNING_STATES:
+        return RunState.RUNNING
+    return RunState.EXITED  # exited, dead, removing

@@ -32,12 +32,14 @@ from runners.base import (
 )
 from runners.cgroup_usage import read_cgroup_usage
 from runners.docker import (
+    _RUNNING_STATES,
     LABEL_TIMEOUT,
     _explain,
     _stats_usage,
     _timestamp,
     container_options,
     owned_container,
+    run_state_of,
 )
 from runners.errors import RunnerError
 
@@ -45,7 +47,6 @@ KERNEL_PREFIX = "sandbox-kernel-"
 IPC_DIR = "/run/kernel"  # inside the container: the connection file and the kernel's IPC sockets
 
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_RUNNING_STATES = frozenset({"running", "paused", "restarting"})
 
 
 def kernel_container_name(key: str) -> str:
@@ -173,13 +174,7 @@ def _cpu_seconds(container: Any) -> float:
 
 def _status(key: str, labels: dict[str, str], state: dict[str, Any], *, timed_out: bool = False,
             cpu_seconds: float = 0.0) -> KernelStatus:
-    status = str(state.get("Status") or "")
-    if status == "created":
-        run_state = RunState.PREPARED
-    elif status in _RUNNING_STATES:
-        run_state = RunState.RUNNING
-    else:  # exited, dead, removing
-        run_state = RunState.EXITED
+    run_state = run_state_of(str(state.get("Status") or ""))
     exited = run_state is RunState.EXITED
     return KernelStatus(
         key=key, notebook=str(labels.get(LABEL_NOTEBOOK, "")), contract=str(labels.get(LABEL_CONTRACT, "")),

@@ -78,16 +78,7 @@ def test_a_service_killed_outright_takes_its_kernels_with_it(server: Server, tmp
     import httpx
     from cli.server import free_port, stop, wait_healthy
 
-    steward = server.token("steward", "xuanwu", "dr-li")
-    researcher = server.token("buyer", "uni-lab", "bob")
-    card = tmp_path / "card.yaml"
-    card.write_text(yaml.safe_dump({k: v for k, v in CARD.items() if k != "name"}))
-    server.cli("dataset", "create", "carotid-stenting", "--card", str(card), token=steward)
-    server.cli("dataset", "add-version", "carotid-stenting", str(write_registry(tmp_path / "r.parquet",
-                                                                                 procedures=300)), token=steward)
-    contract = json.loads(server.cli(
-        "contract", "create", "--buyer-org", "uni-lab", "--dataset", "carotid-stenting", "--tier", "trusted",
-        "--kinds", "notebook", "--epsilon", "1", "--valid-until", "2099-12-31", "--json", token=steward).stdout)["id"]
+    researcher, contract = _trusted_notebook_contract(server, tmp_path)
     session = json.loads(server.cli("notebook", "start", "--contract", contract, "--dataset", "carotid-stenting",
                                     "--json", token=researcher).stdout)
     kernel = JupyterKernel(session["url"], session["token"])
@@ -136,16 +127,7 @@ def test_the_api_alone_proxies_to_a_separate_worker_that_may_die_and_come_back(s
     import httpx
     from cli.server import free_port, stop, wait_healthy
 
-    steward = server.token("steward", "xuanwu", "dr-li")
-    researcher = server.token("buyer", "uni-lab", "bob")
-    card = tmp_path / "card.yaml"
-    card.write_text(yaml.safe_dump({k: v for k, v in CARD.items() if k != "name"}))
-    server.cli("dataset", "create", "carotid-stenting", "--card", str(card), token=steward)
-    server.cli("dataset", "add-version", "carotid-stenting", str(write_registry(tmp_path / "r.parquet",
-                                                                                 procedures=300)), token=steward)
-    contract = json.loads(server.cli(
-        "contract", "create", "--buyer-org", "uni-lab", "--dataset", "carotid-stenting", "--tier", "trusted",
-        "--kinds", "notebook", "--epsilon", "1", "--valid-until", "2099-12-31", "--json", token=steward).stdout)["id"]
+    researcher, contract = _trusted_notebook_contract(server, tmp_path)
     stop(server.process)  # its embedded worker published the images; from here on the API has no worker inside
 
     env = {**server.env, "SANDBOX_EMBEDDED_WORKER": "false"}
@@ -195,3 +177,18 @@ def test_the_api_alone_proxies_to_a_separate_worker_that_may_die_and_come_back(s
             if process.poll() is None:
                 stop(process)
         worker_log.close()
+
+
+def _trusted_notebook_contract(server: Server, tmp_path: Path) -> tuple[str, str]:
+    """The registry on the server and a trusted notebook contract for uni-lab: (researcher's token, contract)."""
+    steward = server.token("steward", "xuanwu", "dr-li")
+    researcher = server.token("buyer", "uni-lab", "bob")
+    card = tmp_path / "card.yaml"
+    card.write_text(yaml.safe_dump({k: v for k, v in CARD.items() if k != "name"}))
+    server.cli("dataset", "create", "carotid-stenting", "--card", str(card), token=steward)
+    server.cli("dataset", "add-version", "carotid-stenting", str(write_registry(tmp_path / "r.parquet",
+                                                                                 procedures=300)), token=steward)
+    contract: str = json.loads(server.cli(
+        "contract", "create", "--buyer-org", "uni-lab", "--dataset", "carotid-stenting", "--tier", "trusted",
+        "--kinds", "notebook", "--epsilon", "1", "--valid-until", "2099-12-31", "--json", token=steward).stdout)["id"]
+    return researcher, contract
