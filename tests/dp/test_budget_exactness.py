@@ -202,16 +202,24 @@ def held_by_a_dead_process(instance: Instance, contract: str, units: int) -> str
         return held.id
 
 
-def test_a_starting_service_gives_back_what_a_killed_process_reserved(
+def test_a_starting_worker_service_gives_back_what_a_killed_process_reserved(
         api: TestClient, instance: Instance, settings: Settings, world: dict[str, str]) -> None:
+    """Reservations are the worker's: its local service settles a dead holder's before it answers. The API
+    process does not (in another container it could not tell a live worker's reservation from a dead one's)."""
     from sandbox.api.app import create_app
+    from sandbox.worker_socket import serve_worker_socket
 
     contract = make_contract(api, world["steward"], epsilon=1.0)
     held_by_a_dead_process(instance, contract, 300_000)
     restarted = Instance(settings)
     try:
-        with TestClient(create_app(restarted)):  # start-up runs, before any query or budget reading
+        with TestClient(create_app(restarted)):
+            assert ledger_row(instance, contract).epsilon_reserved_units == 300_000
+        served = serve_worker_socket(restarted)
+        try:
             assert ledger_row(instance, contract).epsilon_reserved_units == 0
+        finally:
+            served.close()
     finally:
         restarted.close()
 
