@@ -330,23 +330,7 @@ def debian_sources(apt_dir: Path = Path("/etc/apt")) -> list[tuple[str, str]]:
     """The (URI, suite) pairs to fetch bookworm packages from: the host's where it has bookworm sources,
     else Debian's own mirrors."""
     suites = (BASE_SUITE, f"{BASE_SUITE}-updates", f"{BASE_SUITE}-security")
-    found: dict[str, str] = {}
-    for path in sorted((apt_dir / "sources.list.d").glob("*.sources")):
-        for stanza in path.read_text().split("\n\n"):
-            fields = _deb822_fields(stanza)
-            if "deb" not in fields.get("types", "").split() or not fields.get("uris"):
-                continue
-            for suite in fields.get("suites", "").split():
-                if suite in suites:
-                    found.setdefault(suite, fields["uris"].split()[0])
-    lists = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list"))]
-    for path in lists:
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
-            if len(words) >= 3 and words[0] == "deb" and words[2] in suites:
-                found.setdefault(words[2], words[1])
+    found = _host_sources(apt_dir, suites)
     if BASE_SUITE not in found:
         found = {BASE_SUITE: FALLBACK_DEBIAN_MIRROR, f"{BASE_SUITE}-updates": FALLBACK_DEBIAN_MIRROR}
     found.setdefault(f"{BASE_SUITE}-security", FALLBACK_SECURITY_MIRROR)
@@ -470,22 +454,29 @@ def build_base_image(
 
 def debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     """Return the host's Debian archive URI from its apt sources, or deb.debian.org if none is found."""
-    sources = sorted((apt_dir / "sources.list.d").glob("*.sources"))
-    for path in sources:
+    return _host_sources(apt_dir, (BASE_SUITE,)).get(BASE_SUITE, FALLBACK_DEBIAN_MIRROR)
+
+
+def _host_sources(apt_dir: Path, suites: tuple[str, ...]) -> dict[str, str]:
+    """The first URI the host's apt sources (deb822 `.sources` first, then `.list` lines) give each of `suites`."""
+    found: dict[str, str] = {}
+    for path in sorted((apt_dir / "sources.list.d").glob("*.sources")):
         for stanza in path.read_text().split("\n\n"):
             fields = _deb822_fields(stanza)
-            suites = fields.get("suites", "").split()
-            if "deb" in fields.get("types", "").split() and BASE_SUITE in suites:
-                return fields.get("uris", "").split()[0]
+            if "deb" not in fields.get("types", "").split() or not fields.get("uris"):
+                continue
+            for suite in fields.get("suites", "").split():
+                if suite in suites:
+                    found.setdefault(suite, fields["uris"].split()[0])
     lists = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list"))]
     for path in lists:
         if not path.is_file():
             continue
         for line in path.read_text().splitlines():
             words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
-            if len(words) >= 3 and words[0] == "deb" and words[2] == BASE_SUITE:
-                return words[1]
-    return FALLBACK_DEBIAN_MIRROR
+            if len(words) >= 3 and words[0] == "deb" and words[2] in suites:
+                found.setdefault(words[2], words[1])
+    return found
 
 
 def _deb822_fields(stanza: str) -> dict[str, str]:
