@@ -107,8 +107,12 @@ def cap_remaining_units(cap: DatasetBudget) -> int | None:
 
 
 def reserve(session: Session, *, contract_id: str, dataset: str, cost: PrivacyCost,
-            query_key: str) -> BudgetReservation:
-    """Hold `cost` for one query, or raise BudgetExhausted and hold nothing."""
+            query_key: str, holder: str = HOLDER) -> BudgetReservation:
+    """Hold `cost` for one query, or raise BudgetExhausted and hold nothing.
+
+    A DP training run holds its epsilon for as long as the job lasts, across process restarts: its
+    holder is the job (`job_holder`), which `release_abandoned` leaves alone; the job settles it.
+    """
     ledger, cap = lock(session, contract_id, dataset)
     own = own_remaining_units(ledger)
     if cost.epsilon_units > own:
@@ -135,7 +139,7 @@ def reserve(session: Session, *, contract_id: str, dataset: str, cost: PrivacyCo
     reservation = BudgetReservation(id=uuid.uuid4().hex, ledger_id=ledger.id, epsilon=cost.epsilon,
                                     delta=cost.delta, epsilon_units=cost.epsilon_units,
                                     delta_units=cost.delta_units, state="reserved", query_key=query_key,
-                                    holder=HOLDER, created_at=datetime.now(UTC))
+                                    holder=holder, created_at=datetime.now(UTC))
     session.add(reservation)
     session.flush()
     return reservation
@@ -152,26 +156,58 @@ def settle(session: Session, reservation_id: str, *, spent: bool) -> BudgetLedge
     Committing a reservation that is no longer held (released at another process's startup) raises
     ReservationLost: the answer it paid for must then not leave.
     """
-    reservation = session.execute(select(BudgetReservation).where(
-        BudgetReservation.id == reservation_id).with_for_update()).scalar_one()
-    ledger_row = session.get(BudgetLedger, reservation.ledger_id)
-    assert ledger_row is not None
-    ledger, cap = lock(session, ledger_row.contract_id, ledger_row.dataset)
+    reservation, ledger, cap = _locked(session, reservation_id)
     if reservation.state != "reserved":
         if spent and reservation.state != "committed":
             raise ReservationLost("the budget held for this query was released before it finished; "
                                   "nothing was spent and no answer left; ask again")
         return ledger
+    return _close(session, reservation, ledger, cap, epsilon_units=reservation.epsilon_units if spent else 0,
+                  delta_units=reservation.delta_units if spent else 0, committed=spent)
+
+
+JOB_HOLDER_PREFIX = "job:"
+
+
+def job_holder(job_id: str) -> str:
+    """The holder of a reservation that belongs to a job, not to the process serving it."""
+    return f"{JOB_HOLDER_PREFIX}{job_id}"
+
+
+def settle_part(session: Session, reservation_id: str, *, epsilon_units: int, delta_units: int) -> BudgetLedger:
+    """Spend part of a reservation (at most all of it) and give back the rest: a training run that stopped
+    early, or whose accountant ended below what was held. A no-op once settled."""
+    reservation, ledger, cap = _locked(session, reservation_id)
+    if reservation.state != "reserved":
+        return ledger
+    epsilon_units = min(max(epsilon_units, 0), reservation.epsilon_units)
+    delta_units = min(max(delta_units, 0), reservation.delta_units)
+    return _close(session, reservation, ledger, cap, epsilon_units=epsilon_units, delta_units=delta_units,
+                  committed=bool(epsilon_units or delta_units))
+
+
+def _locked(session: Session, reservation_id: str) -> tuple[BudgetReservation, BudgetLedger, DatasetBudget]:
+    """The reservation, then its contract's ledger and its dataset's cap, locked in the ledger's order."""
+    reservation = session.execute(select(BudgetReservation).where(
+        BudgetReservation.id == reservation_id).with_for_update()).scalar_one()
+    ledger_row = session.get(BudgetLedger, reservation.ledger_id)
+    assert ledger_row is not None
+    ledger, cap = lock(session, ledger_row.contract_id, ledger_row.dataset)
+    return reservation, ledger, cap
+
+
+def _close(session: Session, reservation: BudgetReservation, ledger: BudgetLedger, cap: DatasetBudget, *,
+           epsilon_units: int, delta_units: int, committed: bool) -> BudgetLedger:
+    """Release what `reservation` held and spend the given part of it."""
     ledger.epsilon_reserved_units -= reservation.epsilon_units
     ledger.delta_reserved_units -= reservation.delta_units
     cap.epsilon_reserved_units -= reservation.epsilon_units
-    if spent:
-        ledger.epsilon_spent_units += reservation.epsilon_units
-        ledger.delta_spent_units += reservation.delta_units
-        cap.epsilon_spent_units += reservation.epsilon_units
+    ledger.epsilon_spent_units += epsilon_units
+    ledger.delta_spent_units += delta_units
+    cap.epsilon_spent_units += epsilon_units
     _mirror_ledger(ledger)
     _mirror_cap(cap)
-    reservation.state = "committed" if spent else "released"
+    reservation.state = "committed" if committed else "released"
     session.flush()
     return ledger
 
@@ -184,7 +220,8 @@ def release_abandoned(session: Session, *, holder: str = HOLDER) -> int:
     settle then raises ReservationLost, so its answer never leaves unpaid.
     """
     ids = list(session.execute(select(BudgetReservation.id).where(
-        BudgetReservation.state == "reserved", BudgetReservation.holder != holder)).scalars())
+        BudgetReservation.state == "reserved", BudgetReservation.holder != holder,
+        BudgetReservation.holder.not_like(f"{JOB_HOLDER_PREFIX}%"))).scalars())
     for reservation_id in ids:
         settle(session, reservation_id, spent=False)
     return len(ids)
