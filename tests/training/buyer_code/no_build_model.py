@@ -1,0 +1,5 @@
+"""A bundle whose model file forgot build_model."""
+
+import torch
+
+MODEL = torch.nn.Linear(4, 2)

@@ -1,0 +1,80 @@
+"""A stand-in for the worker's side of a dp_training container: `POST /training/data` (served once, then
+409, as the worker does) and `POST /training/progress`, over HTTP on a Unix socket, from a thread."""
+
+from __future__ import annotations
+
+import io
+import json
+import socketserver
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def npz_bytes(x: np.ndarray, y: np.ndarray, unit: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, X=x, y=y, unit=unit)
+    return buffer.getvalue()
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    stub: WorkerStub
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_POST(self) -> None:  # the name http.server dispatches to
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        stub = self.server.stub
+        if self.path == "/training/data":
+            with stub.lock:
+                stub.data_requests += 1
+                first = stub.data_requests == 1
+            if first:
+                self._send(200, stub.data, "application/octet-stream")
+            else:
+                self._send(409, json.dumps({"title": "Conflict", "detail": "already served"}).encode(),
+                           "application/json")
+        elif self.path == "/training/progress":
+            stub.progress.append(json.loads(body))
+            self._send(200, b"{}", "application/json")
+        else:
+            self._send(404, b"{}", "application/json")
+
+    def _send(self, status: int, payload: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:  # the stdlib names it `format`
+        return
+
+
+class WorkerStub:
+    """Serves `data` (npz bytes) once at a short socket path; records progress posts."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.data_requests = 0
+        self.progress: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.folder = Path(tempfile.mkdtemp(prefix="dpsock-", dir="/tmp"))  # Unix socket paths are short
+        self.path = self.folder / "dp.sock"
+        self._server = _Server(str(self.path), _Handler)
+        self._server.stub = self
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self.path.unlink(missing_ok=True)
+        self.folder.rmdir()
