@@ -17,7 +17,7 @@ from typing import Protocol
 
 # The job images this platform builds (`runners/images.py`); a worker publishes each by name once its
 # engine has it. Named here, without the Docker SDK, so the API can tell "not built yet" from "no such image".
-JOB_IMAGES: tuple[str, ...] = ("analysis",)
+JOB_IMAGES: tuple[str, ...] = ("analysis", "training")
 
 # Labels on everything a runner creates, so reconciliation can find (and remove) what it owns.
 LABEL_MANAGED = "org.sandbox.managed"

@@ -7,7 +7,8 @@ time anyway), and their Debian packages from .deb files the host's apt downloads
 image by its local id, so a rebuilt image never changes under a job that was already admitted.
 
 Two kinds of image are built here:
-- job images (`IMAGES`): what buyers' code runs in; the worker publishes them to the API by name;
+- job images (`IMAGES`): what buyers' code runs in (`analysis`, and `training` built on it); the worker
+  publishes them to the API by name;
 - deployment images (`DEPLOYMENT_IMAGES`): the service itself (`service`, the API), the `worker`
   (the same package, run as `sandbox worker`) and `postgres`, which `docker-compose.yml` starts.
 Every image is rebuilt only when the hash of its inputs, kept in a label, no longer matches.
@@ -29,7 +30,7 @@ import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -40,6 +41,7 @@ import docker.errors
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from runners.base import JOB_IMAGES
@@ -68,6 +70,14 @@ TARGET_GLIBC_MINOR = 36
 WHEELHOUSE_STAMP = ".requirements.sha256"
 DEBS_STAMP = ".packages.sha256"
 
+# The torch builds the training image can get, chosen on the building host by SANDBOX_TORCH_VARIANT and
+# passed on as its TORCH_VARIANT build argument; each has `requirements-<variant>.txt` in the image's
+# folder. The flag says whether that file is resolved with its dependencies: a CUDA torch depends on
+# NVIDIA libraries that only its own metadata pins; the CPU build needs nothing beyond requirements.txt.
+TORCH_VARIANT_ENV = "SANDBOX_TORCH_VARIANT"
+DEFAULT_TORCH_VARIANT = "cpu"
+TORCH_VARIANTS: dict[str, bool] = {"cpu": False, "cu128": True}
+
 # The service's own distribution, and what of this checkout goes into its wheel.
 PROJECT_DISTRIBUTION = "health-data-sandbox"
 PROJECT_SOURCES = ("pyproject.toml", "sandbox", "runners", "policies")
@@ -88,6 +98,9 @@ class Payload(StrEnum):
     WHEELHOUSE = "wheelhouse"  # wheels/ for the folder's pinned requirements.txt
     PROJECT = "project"  # this checkout's wheel (project/), its pinned dependencies (requirements.txt, wheels/)
     DEBS = "debs"  # debs/: the folder's packages.txt and what they need beyond the base image
+    # wheels/ for the folder's requirements.txt (exactly its pins, `--no-deps`) and for the torch build's
+    # requirements-<variant>.txt
+    TORCH = "torch"
 
 
 @dataclass(frozen=True)
@@ -112,10 +125,23 @@ class ImageSpec:
     def packages(self) -> Path:
         return self.directory / "packages.txt"
 
+    def variant_requirements(self, variant: str) -> Path:
+        return self.directory / f"requirements-{variant}.txt"
 
-IMAGES: dict[str, ImageSpec] = {
-    name: ImageSpec(name=name, directory=IMAGES_DIR / name, tag=f"sandbox-{name}:latest") for name in JOB_IMAGES
+
+# How a job image differs from the default (its own wheelhouse, built from the base): its payload and parent.
+_JOB_IMAGE_RECIPES: dict[str, tuple[Payload, str | None]] = {
+    "training": (Payload.TORCH, "analysis"),
 }
+
+
+def _job_image(name: str) -> ImageSpec:
+    payload, parent = _JOB_IMAGE_RECIPES.get(name, (Payload.WHEELHOUSE, None))
+    return ImageSpec(name=name, directory=IMAGES_DIR / name, tag=f"sandbox-{name}:latest", payload=payload,
+                     parent=parent)
+
+
+IMAGES: dict[str, ImageSpec] = {name: _job_image(name) for name in JOB_IMAGES}
 """Job images: buyers' code runs in them, and the worker publishes them to the API by name."""
 
 DEPLOYMENT_IMAGES: dict[str, ImageSpec] = {
@@ -154,9 +180,10 @@ def build_images(
     """Build the named images (all if None: job images first) and their base; return each name's local id.
 
     A name may also be a group (`jobs`, `deployment`); an image built from another (the worker from the
-    service) brings that one along. An image whose tag exists and whose inputs (its folder, what the
-    host fetched for it, its base image's id) are unchanged is kept unless `rebuild` is set.
-    `base_image` None means the local debootstrapped base.
+    service, training from analysis) brings that one along. An image whose tag exists and whose inputs
+    (its folder, what the host fetched for it, its base image's id) are unchanged is kept unless `rebuild`
+    is set. `base_image` None means the local debootstrapped base. The training image's torch build comes
+    from SANDBOX_TORCH_VARIANT (`torch_variant()`).
     """
     specs = _specs_named(names)
     client = _docker_client()
@@ -172,7 +199,10 @@ def build_images(
             build_args, from_id = {"BASE_IMAGE": base_reference}, base_id
         else:
             build_args, from_id = {"PARENT_IMAGE": all_images()[spec.parent].tag}, image_ids[spec.parent]
-        extra = _payload_key(spec)
+        variant = torch_variant() if spec.payload is Payload.TORCH else None
+        if variant is not None:
+            build_args["TORCH_VARIANT"] = variant
+        extra = _payload_key(spec, variant)
         expected_hash = inputs_hash(spec.directory, base_image_id=from_id, extra=extra)
         existing_id = _image_id_with_label(client, spec.tag, INPUTS_LABEL, expected_hash)
         if existing_id is not None and not rebuild:
@@ -182,7 +212,7 @@ def build_images(
         with tempfile.TemporaryDirectory(prefix=f"sandbox-{spec.name}-") as scratch:
             extras = _fetch_payload(
                 spec, client=client, base_reference=base_reference, wheel_cache=wheel_cache,
-                scratch=Path(scratch), refresh=rebuild, progress=progress,
+                scratch=Path(scratch), refresh=rebuild, progress=progress, variant=variant,
             )
             image_ids[spec.name] = _build_image(
                 client,
@@ -215,7 +245,7 @@ def inputs_hash(directory: Path, *, base_image_id: str, extra: bytes = b"") -> s
     (what else goes into its build context, such as the service's own sources and pinned dependencies)."""
     digest = hashlib.sha256()
     digest.update(f"base {base_image_id}\n".encode())
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for path in (p for p in _context_files(directory) if p.is_file()):
         relative = path.relative_to(directory).as_posix()
         digest.update(f"file {relative} {path.stat().st_size}\n".encode())
         digest.update(path.read_bytes())
@@ -265,6 +295,68 @@ def fill_wheelhouse(
         _download_wheels(spec, staging, machine=machine, progress=progress, requirements=requirements)
         (staging / WHEELHOUSE_STAMP).write_text(key + "\n")
     progress(f"{spec.name}: wheelhouse ready", 1.0)
+    return wheelhouse
+
+
+def torch_variant(environment: Mapping[str, str] | None = None) -> str:
+    """The torch build the training image gets: `SANDBOX_TORCH_VARIANT` (from `environment`, else this
+    process's), `cpu` where it is unset or empty."""
+    environment = os.environ if environment is None else environment
+    variant = environment.get(TORCH_VARIANT_ENV, "").strip() or DEFAULT_TORCH_VARIANT
+    if variant not in TORCH_VARIANTS:
+        raise ImageBuildError(
+            f"{TORCH_VARIANT_ENV}={variant!r} is not a torch build the training image knows; "
+            f"use one of: {', '.join(TORCH_VARIANTS)}"
+        )
+    return variant
+
+
+def fill_torch_wheelhouse(spec: ImageSpec, *, variant: str, wheel_cache: Path, progress: ProgressCallback) -> Path:
+    """Download the wheels for `spec`'s requirements.txt and its `variant`'s requirements-<variant>.txt into
+    `wheel_cache/<name>-<variant>`, unless already there; return that folder.
+
+    requirements.txt lists every distribution the image adds beyond its parent's, so exactly those are
+    fetched (`--no-deps`); a pure-Python one with only a source release gets its wheel built here. A
+    variant resolved with its dependencies (`TORCH_VARIANTS`) is held to the parent's and requirements.txt's
+    pins, so only what its torch build itself pins is new.
+    """
+    resolved = TORCH_VARIANTS[variant]
+    variant_requirements = spec.variant_requirements(variant)
+    for path in (spec.requirements, variant_requirements):
+        if not path.is_file():
+            raise ImageBuildError(f"{spec.name}: {path} is missing (torch variant {variant!r})")
+    constraints_from = [spec.requirements]
+    if spec.parent is not None and all_images()[spec.parent].requirements.is_file():
+        constraints_from.insert(0, all_images()[spec.parent].requirements)
+    constraints = _merged_pins(constraints_from) if resolved else ""
+    machine = platform.machine()
+    key = wheelhouse_key(
+        b"".join([spec.requirements.read_bytes(), f"\0variant {variant}\0".encode(),
+                  variant_requirements.read_bytes(), b"\0constraints\0", constraints.encode()]),
+        machine,
+    )
+    wheelhouse = wheel_cache / f"{spec.name}-{variant}"
+    stamp = wheelhouse / WHEELHOUSE_STAMP
+    if stamp.is_file() and stamp.read_text().strip() == key:
+        progress(f"{spec.name}: wheelhouse up to date ({variant})", 1.0)
+        return wheelhouse
+
+    wheel_cache.mkdir(parents=True, exist_ok=True)
+    with _replacing(wheelhouse) as staging:
+        _download_wheels(spec, staging, machine=machine, progress=progress, requirements=spec.requirements,
+                         exact=True)
+        if resolved:
+            # Hidden, so it stays out of the build context like the stamp.
+            constraints_file = staging / ".constraints.txt"
+            constraints_file.write_text(constraints)
+            _download_wheels(spec, staging, machine=machine, progress=progress, requirements=variant_requirements,
+                             constraints=constraints_file)
+        else:
+            _download_wheels(spec, staging, machine=machine, progress=progress, requirements=variant_requirements,
+                             exact=True)
+        _build_pure_wheels(staging, name=spec.name, progress=progress)
+        (staging / WHEELHOUSE_STAMP).write_text(key + "\n")
+    progress(f"{spec.name}: wheelhouse ready ({variant})", 1.0)
     return wheelhouse
 
 
@@ -507,10 +599,12 @@ def _specs_named(names: list[str] | None) -> list[ImageSpec]:
     return [known[name] for name in ordered]
 
 
-def _payload_key(spec: ImageSpec) -> bytes:
+def _payload_key(spec: ImageSpec, variant: str | None = None) -> bytes:
     """What, beyond its folder, decides an image's content; cheap, so checking for changes stays fast."""
     if spec.payload is Payload.PROJECT:
         return f"sources {project_sources_hash()}\n{project_requirements()}".encode()
+    if spec.payload is Payload.TORCH:
+        return f"torch variant {variant}\n".encode()
     return b""
 
 
@@ -523,10 +617,15 @@ def _fetch_payload(
     scratch: Path,
     refresh: bool,
     progress: ProgressCallback,
+    variant: str | None = None,
 ) -> dict[str, Path]:
     """Fetch what `spec` needs beside its folder; return each build-context folder (or file) it adds."""
     if spec.payload is Payload.WHEELHOUSE:
         return {"wheels": fill_wheelhouse(spec, wheel_cache=wheel_cache, progress=progress)}
+    if spec.payload is Payload.TORCH:
+        wheels = fill_torch_wheelhouse(spec, variant=variant or torch_variant(), wheel_cache=wheel_cache,
+                                       progress=progress)
+        return {"wheels": wheels}
     if spec.payload is Payload.PROJECT:
         requirements = scratch / "requirements.txt"
         requirements.write_text(project_requirements())
@@ -646,14 +745,30 @@ def _ensure_pulled(client: Any, reference: str, progress: ProgressCallback) -> s
 
 
 def _download_wheels(
-    spec: ImageSpec, destination: Path, *, machine: str, progress: ProgressCallback, requirements: Path | None = None
+    spec: ImageSpec,
+    destination: Path,
+    *,
+    machine: str,
+    progress: ProgressCallback,
+    requirements: Path | None = None,
+    exact: bool = False,
+    constraints: Path | None = None,
 ) -> None:
+    """`pip download` the wheels of `requirements` for the image's target into `destination`.
+
+    `exact`: the file lists every distribution, so no dependency is fetched (`--no-deps`), and a release
+    with no wheel at all comes as its source, for `_build_pure_wheels`. `constraints` holds what is
+    resolved to given pins.
+    """
     requirements = requirements or spec.requirements
+    # pip takes a source release for a foreign target only without dependency resolution; wheels come first.
+    binaries = ["--no-deps", "--prefer-binary"] if exact else ["--only-binary=:all:"]
     command = [
         sys.executable, "-m", "pip", "download",
         "--disable-pip-version-check",
         "--progress-bar", "off",
-        "--only-binary=:all:",
+        *binaries,
+        *(["--constraint", str(constraints)] if constraints is not None else []),
         "--implementation", "cp",
         "--python-version", TARGET_PYTHON_VERSION,
         "--abi", f"cp{TARGET_PYTHON_VERSION.replace('.', '')}",
@@ -668,6 +783,39 @@ def _download_wheels(
         progress=progress,
         fraction_of=(re.compile(r"^Collecting "), len(pinned)),
     )
+
+
+def _build_pure_wheels(folder: Path, *, name: str, progress: ProgressCallback) -> None:
+    """Build a wheel from each source release in `folder` (one with no wheel on the index) and drop the
+    source; refuse any that is not pure Python, since it was built for this host, not for the image."""
+    sources = sorted(path for path in folder.iterdir() if path.name.endswith((".tar.gz", ".zip", ".tar.bz2")))
+    for source in sources:
+        before = set(folder.glob("*.whl"))
+        _run_streaming(
+            [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--no-deps", "--quiet",
+             "--wheel-dir", str(folder), str(source)],
+            step=f"{name}: building a wheel of {source.name}",
+            progress=progress,
+            fraction_of=None,
+        )
+        built = sorted(set(folder.glob("*.whl")) - before)
+        if len(built) != 1 or not built[0].name.endswith("-none-any.whl"):
+            raise ImageBuildError(
+                f"{name}: {source.name} has no wheel for CPython {TARGET_PYTHON_VERSION} on glibc "
+                f"2.{TARGET_GLIBC_MINOR}, and its source does not build to one pure-Python wheel "
+                f"({', '.join(path.name for path in built) or 'none'}); pin a release that has such a wheel"
+            )
+        source.unlink()
+
+
+def _merged_pins(files: list[Path]) -> str:
+    """The pinned requirement lines of `files`, one per distribution, a later file's replacing an earlier's."""
+    pins: dict[str, str] = {}
+    for path in files:
+        for line in _listed(path):
+            if not line.startswith("-"):
+                pins[canonicalize_name(Requirement(line).name)] = line
+    return "".join(f"{line}\n" for line in pins.values())
 
 
 def _run_streaming(
@@ -852,8 +1000,12 @@ def _write_build_context(context: IO[bytes], directory: Path, extras: dict[str, 
                     tar.add(path, arcname=f"{name}/{path.name}", recursive=False)
 
 
-def _context_files(directory: Path) -> Iterable[Path]:
-    return sorted(p for p in directory.rglob("*") if "__pycache__" not in p.parts)
+# What a tool leaves in an image's folder on a developer's machine: never part of the image or its hash.
+_LOCAL_CACHES = frozenset({"__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"})
+
+
+def _context_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if not _LOCAL_CACHES & set(p.relative_to(directory).parts))
 
 
 def _folder_entry(name: str) -> tarfile.TarInfo:

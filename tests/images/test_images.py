@@ -1,12 +1,14 @@
-"""The images: what goes into their build, what a job finds inside the analysis image, and the deployment's
-service, worker and postgres images."""
+"""The images: what goes into their build, what a job finds inside the analysis and training images, and the
+deployment's service, worker and postgres images."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 import shutil
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +18,9 @@ from typing import Any
 import docker
 import docker.errors
 import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import runners.images as images
 from runners.images import (
@@ -194,7 +199,7 @@ def test_pip_download_failure_is_a_readable_error(tmp_path: Path) -> None:
 
 
 def test_unknown_image_name_is_a_readable_error(tmp_path: Path) -> None:
-    known = "analysis, service, worker, postgres, jobs, deployment"
+    known = "analysis, training, service, worker, postgres, jobs, deployment"
     with pytest.raises(ImageBuildError, match=f"unknown image notebook-typo; known images: {known}"):
         build_images(["notebook-typo"], base_image=None, wheel_cache=tmp_path, rebuild=False, progress=ProgressLog())
 
@@ -254,10 +259,11 @@ def test_inputs_hash_without_extra_is_unchanged_so_job_images_are_not_rebuilt() 
 @pytest.mark.parametrize(
     ("names", "expected"),
     [
-        pytest.param(None, ["analysis", "service", "worker", "postgres"], id="all: job images first"),
+        pytest.param(None, ["analysis", "training", "service", "worker", "postgres"], id="all: job images first"),
         pytest.param(["worker"], ["service", "worker"], id="the worker brings the service it is built from"),
         pytest.param(["worker", "service"], ["service", "worker"], id="each once, parent first"),
-        pytest.param(["jobs"], ["analysis"], id="group jobs"),
+        pytest.param(["jobs"], ["analysis", "training"], id="group jobs"),
+        pytest.param(["training"], ["analysis", "training"], id="training brings the analysis image it is built on"),
         pytest.param(["deployment"], ["service", "worker", "postgres"], id="group deployment"),
     ],
 )
@@ -266,7 +272,7 @@ def test_build_order(names: list[str] | None, expected: list[str]) -> None:
 
 
 def test_deployment_images_are_never_offered_to_jobs() -> None:
-    assert set(IMAGES) == {"analysis"}, "the worker publishes every IMAGES entry to buyers by name"
+    assert set(IMAGES) == {"analysis", "training"}, "the worker publishes every IMAGES entry to buyers by name"
     assert not set(IMAGES) & set(DEPLOYMENT_IMAGES)
 
 
@@ -448,6 +454,378 @@ def test_changed_dockerfile_rebuilds(
             docker_client.images.remove(spec.tag)
 
 
+# --- the training image: analysis plus torch, opacus, safetensors, onnx, skops and sacroml ---
+
+TRAINING = IMAGES["training"]
+# The one `pip check` line the CPU build accepts: sacroml requires the distribution `xgboost`, and the image has
+# xgboost's CPU-only build of the same release, `xgboost-cpu` (see images/training/Dockerfile).
+ACCEPTED_PIP_CHECK = "sacroml 2.0.1 requires xgboost, which is not installed."
+
+
+def pins(path: Path) -> dict[str, str]:
+    """A requirements file's `name==version` lines by canonical name (options such as an index left out)."""
+    found: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            name, version = line.split("==")
+            found[canonicalize_name(name)] = version
+    return found
+
+
+def copy_training_folder(destination: Path) -> Path:
+    """The training image's folder with a small `sandbox_trainer` of its own (the real one is work in progress)."""
+    shutil.copytree(TRAINING.directory, destination, ignore=shutil.ignore_patterns("sandbox_trainer", "__pycache__"))
+    (destination / "sandbox_trainer").mkdir()
+    (destination / "sandbox_trainer" / "__init__.py").write_text("")
+    (destination / "sandbox_trainer" / "run.py").write_text("print('training')\n")
+    return destination
+
+
+def test_training_is_a_job_image_built_on_the_analysis_image() -> None:
+    assert TRAINING.parent == "analysis", "the training image would not reuse the analysis venv and its layers"
+    assert TRAINING.payload is images.Payload.TORCH
+    assert TRAINING.tag == "sandbox-training:latest"
+
+
+@pytest.mark.parametrize("file_name", ["requirements.txt", "requirements-cpu.txt", "requirements-cu128.txt"])
+def test_training_requirements_are_pinned_exactly(file_name: str) -> None:
+    lines = [line.split("#", 1)[0].strip() for line in (TRAINING.directory / file_name).read_text().splitlines()]
+    unpinned = [line for line in lines if line and not line.startswith("-") and "==" not in line]
+    assert not unpinned, f"unpinned requirements make the wheelhouse drift: {unpinned}"
+    options = [line for line in lines if line.startswith("-")]
+    if file_name == "requirements-cu128.txt":
+        assert options == ["--extra-index-url https://download.pytorch.org/whl/cu128"]
+    else:
+        assert not options, f"{file_name} names an index, so the CPU build would need the network: {options}"
+
+
+def test_training_pins_change_only_pandas_of_the_analysis_image() -> None:
+    analysis = pins(IMAGES["analysis"].requirements)
+    added = {**pins(TRAINING.requirements), **pins(TRAINING.variant_requirements("cpu"))}
+    assert set(added) & set(analysis) == {"pandas"}, "the training image replaces an analysis package silently"
+    assert added["pandas"] == "2.3.3" and added["torch"] == "2.13.0+cpu" and added["sacroml"] == "2.0.1"
+    assert "nvidia-nccl-cu12" not in added and "xgboost" not in added, "the CPU image would carry CUDA libraries"
+
+
+def test_training_pins_satisfy_every_dependency_of_what_they_pin() -> None:
+    """`pip check` before building: each pinned distribution's requirements (as the development venv has them,
+    for the same version) are met by the training and analysis pins together."""
+    analysis = pins(IMAGES["analysis"].requirements)
+    added = {**pins(TRAINING.requirements), **pins(TRAINING.variant_requirements("cpu"))}
+    venv = {**analysis, **added}
+    environment = {key: str(value) for key, value in default_environment().items()} | {"extra": ""}
+    checked, problems = 0, []
+    for name, version in added.items():
+        try:
+            distribution = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # xgboost-cpu: the development venv has xgboost; the build's `pip check` covers it
+        if distribution.version != version:
+            continue
+        checked += 1
+        for line in distribution.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is not None and not requirement.marker.evaluate(environment):
+                continue
+            wanted = canonicalize_name(requirement.name)
+            if (name, wanted) == ("sacroml", "xgboost"):
+                assert venv.get("xgboost-cpu") == "3.2.0", "sacroml's xgboost is neither installed nor replaced"
+            elif wanted not in venv:
+                problems.append(f"{name} {version} requires {requirement}, which is not pinned")
+            elif not requirement.specifier.contains(venv[wanted], prereleases=True):
+                problems.append(f"{name} {version} requires {requirement}, but {wanted}=={venv[wanted]} is pinned")
+    assert checked >= 25, f"only {checked} pins could be checked against the development venv"
+    assert not problems, "\n".join(problems)
+
+
+def test_torch_variant_comes_from_the_environment() -> None:
+    assert images.torch_variant({}) == "cpu"
+    assert images.torch_variant({"SANDBOX_TORCH_VARIANT": " "}) == "cpu"
+    assert images.torch_variant({"SANDBOX_TORCH_VARIANT": "cu128"}) == "cu128"
+    with pytest.raises(ImageBuildError, match=r"SANDBOX_TORCH_VARIANT='rocm' is not a torch build .*: cpu, cu128"):
+        images.torch_variant({"SANDBOX_TORCH_VARIANT": "rocm"})
+    for variant in images.TORCH_VARIANTS:
+        assert TRAINING.variant_requirements(variant).is_file(), f"torch variant {variant} has no requirements"
+
+
+def test_the_torch_variant_is_an_input_of_the_training_image() -> None:
+    cpu = inputs_hash(TRAINING.directory, base_image_id="sha256:analysis", extra=images._payload_key(TRAINING, "cpu"))
+    cuda = inputs_hash(TRAINING.directory, base_image_id="sha256:analysis",
+                       extra=images._payload_key(TRAINING, "cu128"))
+    assert cpu != cuda, "switching SANDBOX_TORCH_VARIANT would keep the image built for the other torch"
+
+
+def test_sandbox_trainer_is_an_input_and_goes_into_the_context_without_byte_code(tmp_path: Path) -> None:
+    folder = copy_training_folder(tmp_path / "training")
+    before = inputs_hash(folder, base_image_id="sha256:analysis")
+    cache = folder / "sandbox_trainer" / "__pycache__"
+    cache.mkdir()
+    (cache / "run.cpython-311.pyc").write_bytes(b"compiled on the host")
+    assert inputs_hash(folder, base_image_id="sha256:analysis") == before, "host byte code would rebuild the image"
+    (folder / "sandbox_trainer" / "run.py").write_text("print('changed')\n")
+    assert inputs_hash(folder, base_image_id="sha256:analysis") != before, "a trainer change would not rebuild"
+
+    context = tmp_path / "context.tar"
+    with context.open("wb") as stream:
+        images._write_build_context(stream, folder, {})
+    with tarfile.open(context) as archive:
+        names = set(archive.getnames())
+    assert {"Dockerfile", "requirements.txt", "sandbox_trainer/__init__.py", "sandbox_trainer/run.py"} <= names
+    assert not [name for name in names if "__pycache__" in name], f"host byte code reached the image: {names}"
+
+
+@pytest.mark.parametrize("variant", ["cpu", "cu128"])
+def test_torch_wheelhouse_takes_exact_pins_and_resolves_only_a_cuda_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def record(spec: ImageSpec, destination: Path, **options: Any) -> None:
+        constraints = options.get("constraints")
+        calls.append({"requirements": options["requirements"].name, "exact": options.get("exact", False),
+                      "constraints": pins(constraints) if constraints is not None else None})
+
+    monkeypatch.setattr(images, "_download_wheels", record)
+    monkeypatch.setattr(images, "_build_pure_wheels", lambda *args, **kwargs: None)
+    progress = ProgressLog()
+    wheelhouse = images.fill_torch_wheelhouse(TRAINING, variant=variant, wheel_cache=tmp_path, progress=progress)
+    assert wheelhouse == tmp_path / f"training-{variant}", "the variants would share (and clobber) one wheelhouse"
+    assert calls[0] == {"requirements": "requirements.txt", "exact": True, "constraints": None}
+    if variant == "cpu":
+        assert calls[1] == {"requirements": "requirements-cpu.txt", "exact": True, "constraints": None}
+    else:
+        assert calls[1]["requirements"] == "requirements-cu128.txt" and not calls[1]["exact"]
+        constraints = calls[1]["constraints"]
+        assert constraints["pandas"] == "2.3.3", "the training pins must win over the analysis image's"
+        assert constraints["numpy"] == pins(IMAGES["analysis"].requirements)["numpy"]
+        assert constraints["opacus"] == "1.6.0"
+    assert len(calls) == 2
+
+    images.fill_torch_wheelhouse(TRAINING, variant=variant, wheel_cache=tmp_path, progress=progress)
+    assert len(calls) == 2, "an up-to-date wheelhouse was downloaded again"
+    assert progress.lines()[-1] == f"training: wheelhouse up to date ({variant})"
+
+
+@pytest.fixture(scope="session")
+def training_image(docker_client: Any, wheel_cache: Path) -> BuiltImage:
+    """Build (or reuse) the training image, and the analysis image it is built on, as
+    `sandbox images build training` would (with SANDBOX_TORCH_VARIANT unset: the CPU build)."""
+    if os.environ.get(images.TORCH_VARIANT_ENV, "cpu") != "cpu":
+        pytest.skip(f"these tests check the CPU build; {images.TORCH_VARIANT_ENV} asks for another")
+    progress = ProgressLog()
+    started = time.monotonic()
+    ids = build_images(["training"], base_image=None, wheel_cache=wheel_cache, rebuild=False, progress=progress)
+    return BuiltImage(image_id=ids["training"], seconds=time.monotonic() - started, progress=progress)
+
+
+TRAINING_SCRIPT = """
+import torch, opacus, safetensors, onnx, skops, sacroml
+from sacroml.attacks import worst_case_attack, likelihood_attack, structural_attack
+import sklearn, xgboost
+from opacus import PrivacyEngine
+from safetensors.torch import load_file, save_file
+
+torch.manual_seed(0)
+features = torch.randn(64, 4)
+labels = (features[:, 0] > 0).long()
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+losses = []
+for _ in range(2):
+    optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(features), labels)
+    loss.backward()
+    optimizer.step()
+    losses.append(loss.item())
+with torch.no_grad():
+    losses.append(torch.nn.functional.cross_entropy(model(features), labels).item())
+save_file(model.state_dict(), "/tmp/model.safetensors")
+same = all(torch.equal(value, model.state_dict()[key]) for key, value in load_file("/tmp/model.safetensors").items())
+
+engine = PrivacyEngine(accountant="rdp")
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, labels), batch_size=16)
+dp_model = torch.nn.Linear(4, 2)
+dp_model, dp_optimizer, dp_loader = engine.make_private(
+    module=dp_model, optimizer=torch.optim.SGD(dp_model.parameters(), lr=0.1), data_loader=loader,
+    noise_multiplier=1.0, max_grad_norm=1.0,
+)
+for step, (x, y) in enumerate(dp_loader):
+    dp_optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(dp_model(x), y).backward()
+    dp_optimizer.step()
+    if step == 1:
+        break
+
+booster = xgboost.XGBClassifier(n_estimators=2, max_depth=2).fit(features.numpy(), labels.numpy())
+print(torch.__version__)
+print(losses[2] < losses[0], same, booster.predict_proba(features.numpy()).shape, repr(engine.get_epsilon(1e-5)))
+"""
+
+
+@pytest.mark.docker
+def test_training_stack_imports_and_trains_in_a_hardened_container(
+    docker_client: Any, training_image: BuiltImage
+) -> None:
+    from opacus.accountants import RDPAccountant  # type: ignore[import-untyped]
+
+    output = run_in(docker_client, training_image.image_id, ["python3", "-c", TRAINING_SCRIPT], user="10001",
+                    **HARDENED)
+    lines = output.splitlines()
+    assert lines[-2] == "2.13.0+cpu", f"not the CPU torch 2.13.0: {output}"
+    checks, epsilon = lines[-1].rsplit(" ", 1)
+    assert checks == "True True (64, 2)", f"training, safetensors or xgboost misbehaved: {output}"
+    # Two DP-SGD steps at sample rate 16/64: the image's opacus must account as the host's does.
+    expected = RDPAccountant()
+    expected.history = [(1.0, 0.25, 2)]
+    assert float(epsilon) == pytest.approx(expected.get_epsilon(1e-5), rel=1e-9)
+    assert "error" not in output.lower(), output
+
+
+@pytest.mark.docker
+def test_training_venv_is_consistent_and_carries_no_cuda(docker_client: Any, training_image: BuiltImage) -> None:
+    script = "\n".join(
+        [
+            "import collections, importlib.metadata as metadata",
+            "names = collections.Counter(d.metadata['Name'].lower() for d in metadata.distributions())",
+            "print(sorted(name for name, count in names.items() if count > 1))",
+            "print(sorted(name for name in names if name.startswith(('nvidia', 'triton'))))",
+            "print(metadata.version('pandas'), metadata.version('setuptools'), metadata.version('xgboost-cpu'))",
+        ]
+    )
+    lines = run_in(docker_client, training_image.image_id, ["python3", "-c", script], **HARDENED).splitlines()
+    assert lines[-3] == "[]", f"a replaced distribution is installed twice: {lines[-3]}"
+    assert lines[-2] == "[]", f"CUDA libraries in the CPU image: {lines[-2]}"
+    assert lines[-1] == "2.3.3 84.2.1 3.2.0"
+    check = run_in(docker_client, training_image.image_id, ["sh", "-c", "python3 -m pip check; echo rc=$?"],
+                   **HARDENED)
+    assert check.splitlines() == [ACCEPTED_PIP_CHECK, "rc=1"], f"pip check found more than the accepted line: {check}"
+
+
+PYC_CHECK = """
+import importlib.util, os, sys
+site = "/opt/venv/lib/python3.11/site-packages"
+checked, unusable = 0, []
+for package in sys.argv[1:]:
+    for root, _, files in os.walk(os.path.join(site, package)):
+        for name in (name for name in files if name.endswith(".py")):
+            path = os.path.join(root, name)
+            source = open(path, "rb").read()
+            try:
+                compile(source, path, "exec", dont_inherit=True)
+            except SyntaxError:
+                continue  # for a newer Python (torch's py312_intrinsics.py); never imported here
+            checked += 1
+            cached = importlib.util.cache_from_source(path)
+            if not os.path.exists(cached):
+                unusable.append(path)
+                continue
+            header = open(cached, "rb").read(16)
+            stat = os.stat(path)
+            if int.from_bytes(header[4:8], "little") == 0 and (
+                int.from_bytes(header[8:12], "little") != int(stat.st_mtime) & 0xFFFFFFFF
+                or int.from_bytes(header[12:16], "little") != stat.st_size & 0xFFFFFFFF
+            ):
+                unusable.append(path)
+print(checked, len(unusable), unusable[:5])
+"""
+
+
+@pytest.mark.docker
+def test_training_byte_code_is_compiled_for_a_read_only_root(docker_client: Any, training_image: BuiltImage) -> None:
+    # `python -I` (the trainer's command) ignores PYTHONDONTWRITEBYTECODE and the root is read-only: byte code
+    # that is missing or stale for its source would be compiled again, in memory, on every start.
+    packages = ["torch", "opacus", "sacroml", "acro", "onnx", "skops", "safetensors", "pandas", "xgboost",
+                "sandbox_trainer"]
+    output = run_in(docker_client, training_image.image_id, ["python3", "-c", PYC_CHECK, *packages], **HARDENED)
+    checked, unusable, examples = output.splitlines()[-1].split(" ", 2)
+    assert int(checked) > 2000, f"too few modules found: {output}"
+    assert unusable == "0", f"{unusable} modules without usable byte code, e.g. {examples}"
+
+
+@pytest.mark.docker
+def test_training_image_config_layers_and_leftovers(docker_client: Any, training_image: BuiltImage) -> None:
+    image = docker_client.images.get(training_image.image_id)
+    analysis = docker_client.images.get(IMAGES["analysis"].tag)
+    config = image.attrs["Config"]
+    environment = dict(item.split("=", 1) for item in config["Env"])
+    assert config["User"] == "10001"
+    assert config["WorkingDir"] == "/code"
+    assert environment["PATH"].startswith("/opt/venv/bin:")
+    assert environment["HOME"] == "/tmp"
+    assert environment["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert config["Labels"]["org.sandbox.image"] == "training"
+    assert config["Labels"]["org.sandbox.image.version"]
+    assert config["Labels"]["org.sandbox.image.torch-variant"] == "cpu"
+    assert len(config["Labels"][images.INPUTS_LABEL]) == 64
+
+    layers, parent_layers = image.attrs["RootFS"]["Layers"], analysis.attrs["RootFS"]["Layers"]
+    assert layers[: len(parent_layers)] == parent_layers, "the training image is not built on the analysis image"
+    added = image.attrs["Size"] - analysis.attrs["Size"]
+    # torch and the rest are about 0.85 GB; the analysis venv copied again would add 1.2 GB more.
+    assert added < 1_100_000_000, f"the training image adds {added / 1e9:.2f} GB to the analysis image"
+
+    script = "\n".join(
+        [
+            "import os, sandbox_trainer",
+            "print([path for path in ('/wheels', '/build', '/tmp/removed') if os.path.exists(path)])",
+            "print(os.path.dirname(sandbox_trainer.__file__), os.access(sandbox_trainer.__file__, os.W_OK))",
+            "print(*(f'{p}={os.listdir(p)}' for p in ('/data', '/code', '/output', '/run/sandbox')))",
+        ]
+    )
+    # Not read-only here, so the file permissions themselves must keep the trainer out of the job's reach.
+    lines = run_in(docker_client, training_image.image_id, ["python3", "-c", script]).splitlines()
+    assert lines[0] == "[]", f"build leftovers in the final image: {lines[0]}"
+    assert lines[1] == "/opt/venv/lib/python3.11/site-packages/sandbox_trainer False", lines[1]
+    assert lines[2] == "/data=[] /code=[] /output=[] /run/sandbox=[]", f"job folders are not empty: {lines[2]}"
+
+
+@pytest.mark.docker
+def test_unchanged_training_image_is_not_rebuilt(training_image: BuiltImage, wheel_cache: Path) -> None:
+    progress = ProgressLog()
+    ids = build_images(["training"], base_image=None, wheel_cache=wheel_cache, rebuild=False, progress=progress)
+    assert ids["training"] == training_image.image_id, "an unchanged image got a new id"
+    assert progress.lines() == [
+        "base: up to date (sandbox-base:bookworm)",
+        "analysis: up to date (sandbox-analysis:latest)",
+        "training: up to date (sandbox-training:latest)",
+    ], f"something was rebuilt: {progress.lines()}"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_changed_sandbox_trainer_rebuilds_only_its_own_layers(
+    docker_client: Any, training_image: BuiltImage, wheel_cache: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Same name (so the same wheelhouse) and the real trainer, plus one module; its own tag, so the real image
+    # is left alone.
+    folder = tmp_path / "training"
+    shutil.copytree(TRAINING.directory, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "sandbox_trainer" / "probe_module.py").write_text("ANSWER = 42\n")
+    spec = ImageSpec(name="training", directory=folder, tag="sandbox-training-test:latest",
+                     payload=images.Payload.TORCH, parent="analysis")
+    monkeypatch.setitem(IMAGES, "training", spec)
+    monkeypatch.delenv(images.TORCH_VARIANT_ENV, raising=False)
+    try:
+        progress = ProgressLog()
+        built = build_images(["training"], base_image=None, wheel_cache=wheel_cache, rebuild=False,
+                             progress=progress)
+        assert built["training"] != training_image.image_id
+        output = run_in(docker_client, built["training"],
+                        ["python3", "-I", "-c", "from sandbox_trainer.probe_module import ANSWER; print(ANSWER)"],
+                        **HARDENED)
+        assert output.splitlines()[-1] == "42", output
+        layers = docker_client.images.get(built["training"]).attrs["RootFS"]["Layers"]
+        real = docker_client.images.get(training_image.image_id).attrs["RootFS"]["Layers"]
+        # Everything up to the trainer's own COPY and compile came from the build cache: no pip install again.
+        assert layers[:-2] == real[:-2] and layers[-2:] != real[-2:]
+        assert any(line.startswith("training: Step ") for line in progress.lines())
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(spec.tag)
+
+
 # --- the deployment's images (docker-compose.yml), on a real Docker engine ---
 
 
@@ -524,16 +902,19 @@ def test_postgres_image_creates_its_cluster_and_takes_password_logins(
 
 @pytest.mark.docker
 def test_unchanged_deployment_images_are_not_rebuilt(
-    deployment_images: dict[str, str], analysis_image: BuiltImage, wheel_cache: Path
+    deployment_images: dict[str, str], analysis_image: BuiltImage, training_image: BuiltImage, wheel_cache: Path
 ) -> None:
     progress = ProgressLog()
     started = time.monotonic()
     ids = build_images(None, base_image=None, wheel_cache=wheel_cache, rebuild=False, progress=progress)
     seconds = time.monotonic() - started
-    assert ids == {"analysis": analysis_image.image_id, **deployment_images}, "an unchanged image got a new id"
+    assert ids == {"analysis": analysis_image.image_id, "training": training_image.image_id, **deployment_images}, (
+        "an unchanged image got a new id"
+    )
     assert progress.lines() == [
         "base: up to date (sandbox-base:bookworm)",
         "analysis: up to date (sandbox-analysis:latest)",
+        "training: up to date (sandbox-training:latest)",
         "service: up to date (sandbox-service:latest)",
         "worker: up to date (sandbox-worker:latest)",
         "postgres: up to date (sandbox-postgres:latest)",
