@@ -18,8 +18,9 @@ import json
 import os
 import re
 import stat
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +44,7 @@ from runners.base import (
 )
 from runners.cgroup_usage import Usage, read_cgroup_usage
 from runners.errors import JobNotPreparedError, RunnerError
+from runners.gpus import DEVICE_ID, GpuDetection, GpuInfo, detect_gpus
 from runners.output_copy import copy_output_tree
 from runners.output_quota import MIB, ensure_mounted, image_path, is_mounted, mount_path, remove, space_left
 
@@ -51,6 +53,10 @@ __all__ = ["CONTAINER_PREFIX", "DockerRunner", "JobNotPreparedError", "RunnerErr
 CONTAINER_PREFIX = "sandbox-job-"
 LABEL_TIMEOUT = "org.sandbox.timeout-s"
 LABEL_LOG_BYTES = "org.sandbox.log-bytes"
+# The GPUs (device ids, comma-separated) a container was given: read back to know which GPUs are taken.
+LABEL_GPUS = "org.sandbox.gpus"
+# Driver libraries a GPU job gets: CUDA and nvidia-smi, not graphics, video or display.
+GPU_DRIVER_CAPABILITIES = "compute,utility"
 
 SANDBOX_USER = (10001, 10001)
 OPEN_FILES_LIMIT = 1024
@@ -75,6 +81,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 _IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 _NEVER = "0001-01-01T00:00:00Z"
 _RUNNING_STATES = frozenset({"running", "paused", "restarting"})
+# A container holds its GPUs from creation until it exits (a prepared one will start on them).
+_HOLDS_GPUS = _RUNNING_STATES | {"created"}
 
 
 @dataclass
@@ -105,10 +113,13 @@ def bounded_log(data: bytes, limit: int) -> bytes:
     return data if len(data) <= limit else data[:limit] + truncation_marker(limit)
 
 
-def container_options(job: JobDefinition, *, instance_id: str, output_dir: Path) -> dict[str, Any]:
+def container_options(job: JobDefinition, *, instance_id: str, output_dir: Path,
+                      gpu_ids: Sequence[str] | None = None) -> dict[str, Any]:
     """The `containers.create` arguments for `job`: the whole hardening baseline in one place.
 
     Pure apart from resolving host paths, which must exist. `output_dir` is the mounted quota file system.
+    `gpu_ids` are the GPUs the runner gives the job (none for a CPU job) when it hands out this host's
+    GPUs itself; None leaves the choice to the engine, which gives a job of N GPUs its first N.
     """
     validate_job(job)
     resources = job.resources
@@ -137,6 +148,13 @@ def container_options(job: JobDefinition, *, instance_id: str, output_dir: Path)
         if socket.name != "dp.sock" or any(entry.name != "dp.sock" for entry in socket.parent.iterdir()):
             raise RunnerError(f"job {job.id}: the DP socket must be the only entry, dp.sock, of its own folder")
         mounts.append(docker.types.Mount(target=DP_SOCKET_DIR, source=str(socket.parent), type="bind", read_only=True))
+    gpu_environment: dict[str, str] = {}
+    if resources.gpus > 0:
+        gpu_environment["NVIDIA_DRIVER_CAPABILITIES"] = GPU_DRIVER_CAPABILITIES
+    elif gpu_ids is not None:
+        # On a GPU host whose default runtime is NVIDIA's, an image's own `ENV NVIDIA_VISIBLE_DEVICES=all`
+        # (every CUDA base image has it) would open every GPU to a job the scheduler gave none.
+        gpu_environment["NVIDIA_VISIBLE_DEVICES"] = "void"
     options: dict[str, Any] = {
         "image": job.image,
         "command": list(job.command),
@@ -145,7 +163,7 @@ def container_options(job: JobDefinition, *, instance_id: str, output_dir: Path)
         "user": f"{SANDBOX_USER[0]}:{SANDBOX_USER[1]}",
         "working_dir": "/code",
         # Only what the job definition gives: the service's own environment holds secrets.
-        "environment": {**job.env, "HOME": CONTAINER_TMP},
+        "environment": {**job.env, "HOME": CONTAINER_TMP, **gpu_environment},
         "labels": {
             LABEL_MANAGED: "1",
             LABEL_JOB: job.id,
@@ -186,8 +204,16 @@ def container_options(job: JobDefinition, *, instance_id: str, output_dir: Path)
         "auto_remove": False,
         "restart_policy": {"Name": "no"},
     }
-    if resources.gpus > 0:
+    if resources.gpus > 0 and gpu_ids is None:
         options["device_requests"] = [docker.types.DeviceRequest(count=resources.gpus, capabilities=[["gpu"]])]
+    elif resources.gpus > 0 and gpu_ids is not None:
+        if len(gpu_ids) != resources.gpus or not all(DEVICE_ID.fullmatch(device) for device in gpu_ids):
+            raise RunnerError(f"job {job.id}: asks for {resources.gpus} GPU(s) but was given {list(gpu_ids)!r}")
+        # By id, not count: Docker turns a count of N into "GPUs 0..N-1", so two one-GPU jobs would share GPU 0.
+        options["device_requests"] = [docker.types.DeviceRequest(device_ids=list(gpu_ids), capabilities=[["gpu"]])]
+        options["labels"][LABEL_GPUS] = ",".join(gpu_ids)
+    elif gpu_ids:
+        raise RunnerError(f"job {job.id}: asks for no GPU but was given {list(gpu_ids)!r}")
     return options
 
 
@@ -204,6 +230,10 @@ def validate_job(job: JobDefinition) -> None:
     for key, value in job.env.items():
         if not _ENV_NAME.fullmatch(key) or "\0" in value:
             raise RunnerError(f"job {job.id}: environment variable {key!r} is not allowed")
+        if key.upper().startswith("NVIDIA_"):
+            # The NVIDIA runtime reads these to decide which devices and driver files a container gets.
+            raise RunnerError(f"job {job.id}: environment variable {key!r} is not allowed: the platform "
+                              "decides which GPUs a job sees")
     _validate_resources(job.id, job.resources)
 
 
@@ -222,6 +252,7 @@ class DockerRunner:
         instance_id: str,
         client: docker.DockerClient | None = None,
         stop_grace_s: int = 2,
+        gpus: Sequence[GpuInfo] = (),
     ) -> None:
         if not instance_id:
             raise RunnerError("instance_id must not be empty")
@@ -232,6 +263,16 @@ class DockerRunner:
             with _failures("connecting to the Docker engine"):
                 client = docker.from_env()
         self.client: Any = client
+        # The GPUs this runner hands out, each to one job at a time; with none, the engine picks (see
+        # container_options), which only the scheduler's refusal of GPU jobs keeps from mattering.
+        self.gpus: tuple[GpuInfo, ...] = tuple(gpus)
+        self._gpu_lock = threading.Lock()
+
+    def use_host_gpus(self) -> GpuDetection:
+        """Detect this machine's NVIDIA GPUs (`runners.gpus`) and hand them out to jobs from now on."""
+        detection = detect_gpus(self.client)
+        self.gpus = detection.gpus
+        return detection
 
     # --- the JobRunner steps ---
 
@@ -244,7 +285,17 @@ class DockerRunner:
             output_dir = ensure_mounted(job_dir, size_mb=job.resources.output_mb, owner=SANDBOX_USER)
         if self._container(job.id) is not None:
             return
-        options = container_options(job, instance_id=self.instance_id, output_dir=output_dir)
+        if not self.gpus:
+            self._create(job, container_options(job, instance_id=self.instance_id, output_dir=output_dir))
+            return
+        # Choosing free GPUs and creating the container that takes them is one step: two jobs prepared
+        # at once must not both pick the same free GPU.
+        with self._gpu_lock:
+            gpu_ids = self._free_gpus(job) if job.resources.gpus > 0 else []
+            self._create(job, container_options(job, instance_id=self.instance_id, output_dir=output_dir,
+                                                gpu_ids=gpu_ids))
+
+    def _create(self, job: JobDefinition, options: dict[str, Any]) -> None:
         try:
             self.client.containers.create(**options)
         except docker.errors.ImageNotFound as error:
@@ -376,6 +427,23 @@ class DockerRunner:
 
     def _job_dir(self, job_id: str) -> Path:
         return self.state_dir / job_id
+
+    def _free_gpus(self, job: JobDefinition) -> list[str]:
+        """Device ids of `job.resources.gpus` of this runner's GPUs that no live sandbox container holds.
+
+        Read from the engine (every instance's containers: the GPUs are the machine's), never from memory,
+        so a restarted worker knows which GPUs its running jobs have.
+        """
+        filters = {"label": [f"{LABEL_MANAGED}=1", LABEL_GPUS]}
+        with _failures(f"job {job.id}: listing the containers that hold GPUs"):
+            containers = self.client.api.containers(all=True, filters=filters)
+        held = {device for c in containers if c.get("State") in _HOLDS_GPUS
+                for device in str((c.get("Labels") or {}).get(LABEL_GPUS, "")).split(",") if device}
+        free = [gpu.device_id for gpu in self.gpus if gpu.device_id not in held]
+        if len(free) < job.resources.gpus:
+            raise RunnerError(f"job {job.id}: needs {job.resources.gpus} GPU(s) but only {len(free)} of this "
+                              f"machine's {len(self.gpus)} are free")
+        return free[: job.resources.gpus]
 
     def _container(self, job_id: str) -> Any:
         return owned_container(self.client, container_name(job_id), instance_id=self.instance_id, what=f"job {job_id}")

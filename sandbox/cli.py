@@ -558,7 +558,8 @@ def audit_log(limit: Annotated[int, typer.Option("--limit")] = 50, as_json: Json
 @images_app.command("build")
 def images_build(
     names: Annotated[list[str] | None, typer.Argument(
-        help="images or groups to build: analysis, service, worker, postgres; jobs, deployment (default: all)",
+        help="images or groups to build: analysis, training, service, worker, postgres; jobs, deployment "
+             "(default: all)",
     )] = None,
     base_image: Annotated[str | None, typer.Option(
         "--base-image", help="a public Debian bookworm base with Python 3.11, e.g. python:3.11-slim-bookworm",
@@ -595,11 +596,16 @@ def job_submit(
     dataset: Annotated[str, typer.Option("--dataset", help="NAME or NAME@VERSION")],
     code: Annotated[Path, typer.Option("--code", help="folder with your code", exists=True, file_okay=False)],
     image: Annotated[str, typer.Option("--image")] = "analysis",
-    kind: Annotated[str, typer.Option("--kind", help="analysis or training")] = "analysis",
+    kind: Annotated[str, typer.Option("--kind", help="analysis or training (for dp_training: sandbox train)")] = \
+        "analysis",
     cpus: Annotated[float, typer.Option("--cpus")] = 1.0,
     memory_mb: Annotated[int, typer.Option("--memory-mb")] = 1024,
     timeout_s: Annotated[int, typer.Option("--timeout-s")] = 600,
     gpus: Annotated[int, typer.Option("--gpus")] = 0,
+    label: Annotated[str | None, typer.Option(
+        "--label", help="training jobs: the column the model predicts (for the membership-inference gate)")] = None,
+    features: Annotated[str | None, typer.Option(
+        "--features", help="training jobs: the model's input columns, comma-separated")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow the job until it settles")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -611,9 +617,13 @@ def job_submit(
     name, _, version = dataset.partition("@")
     if version and not version.isdigit():
         _fail("--dataset takes NAME or NAME@VERSION")
-    spec = {"contract": contract, "dataset": name, "version": int(version) if version else None, "kind": kind,
-            "image": image, "command": command,
-            "resources": {"cpus": cpus, "memory_mb": memory_mb, "timeout_s": timeout_s, "gpus": gpus}}
+    spec: dict[str, Any] = {
+        "contract": contract, "dataset": name, "version": int(version) if version else None, "kind": kind,
+        "image": image, "command": command,
+        "resources": {"cpus": cpus, "memory_mb": memory_mb, "timeout_s": timeout_s, "gpus": gpus}}
+    if label or features:
+        spec["training"] = {"label": label or "", "features": [c.strip() for c in (features or "").split(",")
+                                                               if c.strip()]}
     try:
         packed = pack_code(code)
     except ReleaseError as exc:
@@ -632,6 +642,72 @@ def job_submit(
         _print_job(job)
     # Waiting for review is where a healthy job stops; only a job that went wrong exits non-zero.
     raise typer.Exit(0 if job["state"] in ("done", "in_review") else 1)
+
+
+@app.command("train")
+def train(
+    contract: Annotated[str, typer.Option("--contract")],
+    dataset: Annotated[str, typer.Option("--dataset", help="NAME or NAME@VERSION")],
+    model: Annotated[Path, typer.Option("--model", help="a Python file with build_model(n_features, n_outputs)",
+                                        exists=True, dir_okay=False)],
+    label: Annotated[str, typer.Option("--label", help="the column to predict")],
+    features: Annotated[str, typer.Option("--features", help="input columns, comma-separated")],
+    epsilon: Annotated[float, typer.Option("--epsilon", help="the run's privacy budget, held from the contract")],
+    epochs: Annotated[int, typer.Option("--epochs")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="expected patients per step")] = 256,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 0.05,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="each patient's gradient clip")] = 1.0,
+    delta: Annotated[float | None, typer.Option("--delta")] = None,
+    cpus: Annotated[float, typer.Option("--cpus")] = 1.0,
+    memory_mb: Annotated[int, typer.Option("--memory-mb")] = 2048,
+    timeout_s: Annotated[int, typer.Option("--timeout-s")] = 1800,
+    gpus: Annotated[int, typer.Option("--gpus")] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the run: steps and epsilon spent")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a model with DP-SGD run by the platform; the weights leave with a signed record of the epsilon."""
+    name, _, version = dataset.partition("@")
+    if version and not version.isdigit():
+        _fail("--dataset takes NAME or NAME@VERSION")
+    columns = [c.strip() for c in features.split(",") if c.strip()]
+    with _client() as client:
+        created = _call(client.train, contract=contract, dataset=name, version=int(version) if version else None,
+                        model=model, label=label, features=columns, epsilon=epsilon, epochs=epochs,
+                        batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
+                        delta=delta, resources={"cpus": cpus, "memory_mb": memory_mb, "timeout_s": timeout_s,
+                                                "gpus": gpus})
+        if not wait:
+            _emit(created, True) if as_json else out.print(f"job {created['id']} {created['state']}")
+            return
+        job = _follow_training(client, created["id"])
+    if as_json:
+        _emit(job, True)
+        raise typer.Exit(0 if job["state"] in ("done", "in_review") else 1)
+    _print_job(job)
+    training = job.get("training") or {}
+    if training.get("epsilon_charged") is not None:
+        out.print(f"epsilon charged: {training['epsilon_charged']:g} of {training.get('epsilon'):g} held")
+    released = [o["path"] for o in job["outputs"] if o["status"] == "released" and o["path"].startswith("model/")]
+    if released:
+        out.print(f"download: sandbox job download {job['id']} --to DIR   ({', '.join(released)})")
+    raise typer.Exit(0 if job["state"] in ("done", "in_review") else 1)
+
+
+def _follow_training(client: SandboxClient, job_id: str) -> Any:
+    """Follow a training run: its state, then the trainer's steps and the epsilon counted so far."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+                  TextColumn("epsilon {task.fields[epsilon]:.3f}"), console=console, transient=True) as progress:
+        task = progress.add_task(f"{job_id}: submitted", total=1, epsilon=0.0)
+        job = _call(client.job, job_id)
+        while True:
+            state = job["state"]
+            step = (job.get("training") or {}).get("progress") or {}
+            progress.update(task, description=f"{job_id}: {state}", total=max(int(step.get("steps", 1)), 1),
+                            completed=int(step.get("step", 0)), epsilon=float(step.get("epsilon", 0.0)))
+            if state in TERMINAL_STATES or state == "in_review":
+                return job
+            # While it runs, look every second for progress; otherwise wait for the state to change.
+            job = _call(client.job, job_id, wait_s=1 if state == "running" else 20, since=state)
 
 
 def _follow(client: SandboxClient, job_id: str) -> Any:

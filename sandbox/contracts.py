@@ -33,6 +33,7 @@ class Tier(StrEnum):
 class JobKind(StrEnum):
     ANALYSIS = "analysis"
     TRAINING = "training"
+    DP_TRAINING = "dp_training"
     NOTEBOOK = "notebook"
     QUERY = "query"
 

@@ -34,6 +34,8 @@ log = get_logger("sandbox.local_http")
 MAX_REQUEST_BYTES = 64 * 1024
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+# A handler that may also answer raw bytes (application/octet-stream): a training run's rows, say.
+BytesHandler = Callable[[dict[str, Any]], "dict[str, Any] | bytes"]
 
 
 def worker_socket(socket_root: Path, instance_id: str) -> Path:
@@ -77,7 +79,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # The listen backlog: socketserver's default of 5 refuses a burst of concurrent callers outright
     # (connect() on a full Unix socket backlog fails at once with EAGAIN).
     request_queue_size = 256
-    routes: Mapping[str, Handler]
+    routes: Mapping[str, BytesHandler]
     max_request_bytes: int
     peer_name: str
 
@@ -98,14 +100,18 @@ class _Handler(BaseHTTPRequestHandler):
                                "detail": "send one JSON object with a Content-Length, not chunked"})
             return
         length, limit = int(declared), self.server.max_request_bytes
-        if length <= 0 or length > limit:
-            self._answer(413, {"title": "Payload too large", "detail": f"send 1 to {limit} bytes"})
+        if length < 0 or length > limit:
+            self._answer(413, {"title": "Payload too large", "detail": f"send 0 to {limit} bytes"})
             return
         try:
-            body = json.loads(self.rfile.read(length), parse_constant=_refuse_constant)
+            body = json.loads(self.rfile.read(length), parse_constant=_refuse_constant) if length else {}
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
-            self._answer(200, handle(body))
+            answer = handle(body)
+            if isinstance(answer, bytes):
+                self._send(200, answer, "application/octet-stream")
+            else:
+                self._answer(200, answer)
         except SandboxError as exc:
             recorded = {RECORDED_FIELD: True} if was_recorded(exc) else {}
             self._answer(exc.status, {"title": exc.title, "slug": exc.slug, "detail": exc.detail, **exc.extra,
@@ -120,9 +126,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, status: int, body: dict[str, Any]) -> None:
         # A refusal carries its status in the body too, as problem+json does; an answer is sent as it is
         # (it may have a `status` of its own, an output's release state, say).
-        data = json.dumps(body if status == 200 else {"status": status, **body}).encode()
+        self._send(status, json.dumps(body if status == 200 else {"status": status, **body}).encode(),
+                   "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -145,7 +154,7 @@ class LocalHttpServer:
     a job's DP socket is 0o666 because the job's uid must connect, and its folder holds nothing else.
     """
 
-    def __init__(self, path: Path, routes: Mapping[str, Handler], *, mode: int = 0o600,
+    def __init__(self, path: Path, routes: Mapping[str, BytesHandler], *, mode: int = 0o600,
                  folder_mode: int = 0o700, max_request_bytes: int = MAX_REQUEST_BYTES,
                  peer_name: str = "local") -> None:
         self.path = path

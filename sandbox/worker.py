@@ -8,10 +8,12 @@ sessions (`sandbox.notebooks.servers`), from the store in the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -66,7 +68,10 @@ from sandbox.release.review import sign_manifest
 from sandbox.release.routing import LOG_PATHS, name_problem, route_outputs
 from sandbox.release.status import Origin
 from sandbox.release.tables import earlier_releases, platform_dir
-from sandbox.store.models import Contract, ImageRecord, Job, JobOutput
+from sandbox.store.models import Contract, ImageRecord, Job, JobOutput, WorkerRecord
+from sandbox.training import runs as training_runs
+from sandbox.training.gate import job_of
+from sandbox.training.record import RECORD_FILE, WEIGHTS_FILE
 
 log = get_logger("sandbox.worker")
 HEAD_BYTES = 64 * 1024
@@ -84,6 +89,8 @@ class Capacity:
 
     cpus: float = 2.0
     memory_mb: int = 8192
+    gpus: int = 0
+    gpu_names: tuple[str, ...] = ()
 
 
 def dp_socket_path(instance: Instance, job_id: str) -> Path:
@@ -96,10 +103,15 @@ def job_definition(instance: Instance, job: Job, *, dp_socket: Path | None = Non
     if job.tier == Tier.DP_ONLY.value:
         # dp_only code never sees a real row: /data holds the version's DP mock under the same name.
         data = mock_path(instance.settings.artifacts_dir, job.dataset, job.dataset_version)
+    elif job.kind == JobKind.TRAINING.value:
+        # Free-form training sees its training rows only; the held-out rows are the gate's.
+        data = training_runs.train_split(instance.settings.artifacts_dir, job.id)[0]
+    # A dp_training container holds no rows until the buyer's code is gone: the trainer asks the socket.
+    data_files = {} if job.kind == JobKind.DP_TRAINING.value else {f"{job.dataset}.parquet": data}
     resources = job.resources
     return JobDefinition(
         id=job.id, org=job.buyer_org, image=job.image_id, command=list(job.command),
-        code_dir=directory / "code", data_files={f"{job.dataset}.parquet": data},
+        code_dir=directory / "code", data_files=data_files, env=training_runs.container_env(job),
         resources=Resources(cpus=float(resources["cpus"]), memory_mb=int(resources["memory_mb"]),
                             timeout_s=int(resources["timeout_s"]), gpus=int(resources.get("gpus", 0))),
         dp_socket=dp_socket,
@@ -153,7 +165,12 @@ def docker_worker(instance: Instance) -> Worker:
     except BaseException:
         os.close(lock)  # no engine: let a later `sandbox worker` take the lock
         raise
-    worker = Worker(instance, runner, Capacity(cpus=settings.worker_cpus, memory_mb=settings.worker_memory_mb),
+    gpus = runner.use_host_gpus()
+    if gpus.problem:
+        log.warning("gpus_unavailable", problem=gpus.problem)
+    capacity = Capacity(cpus=settings.worker_cpus, memory_mb=settings.worker_memory_mb, gpus=len(gpus.gpus),
+                        gpu_names=tuple(gpu.name for gpu in gpus.gpus))
+    worker = Worker(instance, runner, capacity,
                     kernels=DockerKernelRunner(instance_id=instance.instance_id, client=runner.client))
     watch_job_containers(instance.instance_id, worker.wake, worker.stopping)
     return worker
@@ -177,6 +194,8 @@ class Worker:
         self._dp_sockets: dict[str, DpSocket] = {}
         self._dp_lock = threading.Lock()
         self._images_seen_at = -IMAGE_REFRESH_S
+        # One worker per machine and instance (hold_worker_lock): the machine's name names the worker.
+        self.name = socket.gethostname()[:200] or "worker"
 
     def context(self) -> Any:
         return self.instance.context(SystemActor(sub="worker"))
@@ -217,6 +236,7 @@ class Worker:
         in a pool so eight jobs starting together do not queue behind one another; `wait` lets a caller
         (a test, a one-shot command) wait for this pass's steps to end."""
         if time.monotonic() - self._images_seen_at > IMAGE_REFRESH_S:
+            self.publish_worker()
             self.refresh_images()
         futures = self.admit()
         futures += self.reconcile()
@@ -267,6 +287,22 @@ class Worker:
                     record.image_id, record.seen_at = image_id, datetime.now(UTC)
         self._images_seen_at = time.monotonic()
 
+    def publish_worker(self) -> None:
+        """Publish this worker and what its machine gives jobs; `seen_at` says it is alive."""
+        capacity = self.capacity
+        now = datetime.now(UTC)
+        with self.context() as ctx:
+            record = ctx.session.get(WorkerRecord, self.name, with_for_update=True)
+            if record is None:
+                record = WorkerRecord(id=self.name, host=socket.gethostname()[:255], seen_at=now)
+                ctx.session.add(record)
+            published = (record.gpus, list(record.gpu_names or []), record.cpus, record.memory_mb)
+            record.gpus, record.gpu_names = capacity.gpus, list(capacity.gpu_names)
+            record.cpus, record.memory_mb, record.seen_at = capacity.cpus, capacity.memory_mb, now
+            if published != (capacity.gpus, list(capacity.gpu_names), capacity.cpus, capacity.memory_mb):
+                ctx.record("worker.publish", "worker", self.name, gpus=capacity.gpus,
+                           gpu_names=list(capacity.gpu_names), cpus=capacity.cpus, memory_mb=capacity.memory_mb)
+
     # Notebook servers ---------------------------------------------------------------------------------
 
     def host_notebooks(self) -> list[Future[None]]:
@@ -296,6 +332,8 @@ class Worker:
                 select(Job).where(Job.id.in_(managed) | Job.state.in_([JobState.RUNNING.value]))
                 .where(Job.kind != JobKind.NOTEBOOK.value)).scalars()}
         futures = []
+        # A job's gate container runs inside that job's finishing step.
+        managed = {m for m in managed if job_of(m) == m or job_of(m) not in busy}
         for job_id in managed - busy:
             state = jobs.get(job_id)
             if state is None or JobState(state) in TERMINAL or state == JobState.IN_REVIEW.value:
@@ -306,7 +344,29 @@ class Worker:
         for job_id, state in jobs.items():
             if state == JobState.RUNNING.value and job_id not in busy:
                 futures.append(self._follow(job_id))
+        self._settle_ended_training(busy)
         return [f for f in futures if f is not None]
+
+    def _settle_ended_training(self, busy: set[str]) -> None:
+        """Settle the budget a DP training job still holds once it can no longer run: cancelled, rejected,
+        failed, or finished without its outcome. All of it if the rows reached its container, else nothing."""
+        with self.instance.read_session() as session:
+            holding = training_runs.unsettled_jobs(session)
+            if not holding:
+                return
+            ended = [job.id for job in session.execute(select(Job).where(Job.id.in_(holding))).scalars()
+                     if job.id not in busy and job.state not in (JobState.PENDING_APPROVAL.value,
+                                                                 JobState.QUEUED.value, JobState.RUNNING.value)]
+        artifacts = self.instance.settings.artifacts_dir
+        for job_id in ended:
+            with self.context() as ctx:
+                job = ctx.session.get(Job, job_id, with_for_update=True)
+                if job is not None:
+                    served = training_runs.rows_served(artifacts, job_id)
+                    training_runs.settle_job_budget(
+                        ctx, job, spent_epsilon=None, whole=served,
+                        why=f"the job ended {job.state} " + ("after its rows reached the container" if served
+                                                             else "before its rows left the worker"))
 
     def _remove(self, job_id: str, *, known: bool) -> None:
         self.runner.terminate(job_id)
@@ -354,29 +414,71 @@ class Worker:
             job = ctx.session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.RUNNING.value:
                 return
-            job.usage = {**job.usage, **_usage(status)}
+            gpus = int(job.resources.get("gpus", 0))
+            job.usage = {**job.usage, **_usage(status, gpus=gpus)}
             contract = ctx.session.get(Contract, job.contract_id)
-            quota_s = float((contract.quotas if contract else {}).get("cpu_hours", 0)) * 3600
-            if usage_totals(ctx, job.contract_id)["cpu_seconds"] > quota_s:
+            quotas = contract.quotas if contract else {}
+            quota_s = float(quotas.get("cpu_hours", 0)) * 3600
+            totals = usage_totals(ctx, job.contract_id)
+            if totals["cpu_seconds"] > quota_s:
                 move(ctx, job, JobState.CANCELLED, reason="quota: the contract's CPU-hours are used up")
+            elif gpus and totals["gpu_seconds"] > float(quotas.get("gpu_hours", 0)) * 3600:
+                move(ctx, job, JobState.CANCELLED, reason="quota: the contract's GPU-hours are used up")
 
     def _finish(self, job_id: str, status: RunStatus) -> None:
         self._usage_recorded.pop(job_id, None)
         self._close_dp_socket(job_id)
         destination = self.instance.settings.artifacts_dir / "jobs" / job_id / "outputs"
         collected = self.runner.collect(job_id, destination)
-        # The content checks read whole files and may build the version's fingerprints: outside any
-        # transaction, so a slow scan never holds the store's locks.
+        # The trainer's weights and record, the gate over a free-form job's models, and the content checks
+        # read whole files or run containers: outside any transaction, so they never hold the store's locks.
+        outcome, collected = self._training_outcome(job_id, collected, status)
         checked = self._content_checks(job_id, collected)
+        checked = self._gate(job_id, collected, checked)
         with self.context() as ctx:
             job = ctx.session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.RUNNING.value:
                 return
+            if outcome is not None:
+                policy_name, _, policy_version = job.policy.partition("@")
+                training_runs.store_dp_run(ctx, job, outcome,
+                                           policy=get_policy_version(ctx.session, policy_name,
+                                                                     int(policy_version)).body,
+                                           artifacts=self.instance.settings.artifacts_dir)
             job.exit_code = status.exit_code
-            job.usage = {**job.usage, **_usage(status)}
+            job.usage = {**job.usage, **_usage(status, gpus=int(job.resources.get("gpus", 0)))}
             move(ctx, job, JobState.CHECKING, reason=_reason(status))
             self._check_outputs(ctx, job, collected, checked)
         self.runner.cleanup(job_id)
+
+    def _training_outcome(self, job_id: str, collected: Collected,
+                          status: RunStatus) -> tuple[training_runs.RunOutcome | None, Collected]:
+        """A dp_training run's verified model and record, and the rest of what its container wrote (which
+        leaves as nothing but logs: the trainer wipes /output before the rows arrive)."""
+        with self.instance.read_session() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.kind != JobKind.DP_TRAINING.value or job.state != JobState.RUNNING.value:
+                return None, collected
+        outcome = training_runs.finish_dp_run(self.instance, job_id, collected, status.exit_code)
+        rest = [f for f in collected.files
+                if f.path not in (RECORD_FILE, WEIGHTS_FILE)]
+        return outcome, dataclasses.replace(collected, files=rest)
+
+    def _gate(self, job_id: str, collected: Collected, checked: Checked) -> Checked:
+        """The membership-inference gate's checks beside the content checks of a free-form job's models."""
+        with self.instance.read_session() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.state != JobState.RUNNING.value:
+                return checked
+            policy_name, _, policy_version = job.policy.partition("@")
+            policy = get_policy_version(session, policy_name, int(policy_version)).body
+        found = training_runs.gate_results(self.instance, self.runner, job_id, buyer_files(collected), policy)
+        if not found:
+            return checked
+        content = dict(checked.content)
+        for path, checks in found.items():
+            content[path] = [*(content.get(path) or []), *checks]
+        return dataclasses.replace(checked, content=content)
 
     def _content_checks(self, job_id: str, collected: Collected) -> Checked:
         """Leak scan of every text-like output, logs and names included, and the verified tables the job asked for."""
@@ -432,6 +534,10 @@ class Worker:
             path = file.path if problem is None else withheld_name(file.path)
             if problem is not None:
                 content[path] = [*(content.pop(file.path, None) or []), problem]
+            if job.kind == JobKind.DP_TRAINING.value:
+                content[path] = [*(content.get(path) or []), CheckResult(
+                    "dp-training-output", Verdict.BLOCK, "a dp_training job releases only the model and record "
+                    "the platform's trainer wrote; nothing else of its container leaves")]
             facts.append(_facts(path, file, declared_kind=declared.get(file.path)))
             stored[path] = file
         for path, why in collected.refused.items():
@@ -460,8 +566,9 @@ class Worker:
 
     # DP sockets -----------------------------------------------------------------------------------
 
-    def _open_dp_socket(self, job: Job) -> Path:
-        """Serve DP queries for `job` on its own socket, under the job's contract and the same ledger."""
+    def _open_dp_socket(self, job: Job, *, queries: bool = True) -> Path:
+        """Serve DP queries for `job` on its own socket, under the job's contract and the same ledger;
+        a dp_training job's socket also hands its trainer the rows (once) and takes its progress."""
         path = dp_socket_path(self.instance, job.id)
         job_id = job.id
         record = platform_dir(self.instance.settings.artifacts_dir, job_id)
@@ -474,12 +581,14 @@ class Worker:
             record_job_answer(record, platform_answer(request.sql, answer, card))
 
         handle = socket_handler(self.instance, job_id=job_id, org=job.buyer_org, contract=job.contract_id,
-                                dataset=job.dataset, via=f"job:{job_id}", on_answer=keep_record)
+                                dataset=job.dataset, via=f"job:{job_id}", on_answer=keep_record) if queries else None
+        more = (training_runs.socket_routes(self.instance, job_id, self.context)
+                if job.kind == JobKind.DP_TRAINING.value else None)
         with self._dp_lock:
             existing = self._dp_sockets.pop(job_id, None)
             if existing is not None:
                 existing.close()
-            self._dp_sockets[job_id] = DpSocket(path, handle)
+            self._dp_sockets[job_id] = DpSocket(path, handle, more)
         return path
 
     def _reopen_dp_socket(self, job_id: str) -> None:
@@ -491,8 +600,9 @@ class Worker:
             return
         with self.instance.read_session() as session:
             job = session.get(Job, job_id)
-            if job is not None:
-                self._open_dp_socket(job)
+            contract = session.get(Contract, job.contract_id) if job is not None else None
+            if job is not None and contract is not None:
+                self._open_dp_socket(job, queries=JobKind.QUERY.value in contract.kinds)
 
     def _close_dp_socket(self, job_id: str) -> None:
         with self._dp_lock:
@@ -516,29 +626,39 @@ class Worker:
         holding = running + [j for j in queued if j.id in busy]
         cpus = sum(float(j.resources["cpus"]) for j in holding)
         memory = sum(int(j.resources["memory_mb"]) for j in holding)
+        gpus = sum(int(j.resources.get("gpus", 0)) for j in holding)
         per_contract: dict[str, int] = defaultdict(int)
         for job in holding:
             per_contract[job.contract_id] += 1
         futures = []
         for job in fair_order([j for j in queued if j.id not in busy], holding):
             need_cpus, need_memory = float(job.resources["cpus"]), int(job.resources["memory_mb"])
+            need_gpus = int(job.resources.get("gpus", 0))
             if per_contract[job.contract_id] >= caps.get(job.contract_id, 1):
                 continue
             if cpus + need_cpus > self.capacity.cpus or memory + need_memory > self.capacity.memory_mb:
+                continue
+            if gpus + need_gpus > self.capacity.gpus:
                 continue
             future = self._in_background(job.id, partial(self._launch, job.id))
             if future is not None:
                 futures.append(future)
                 cpus += need_cpus
                 memory += need_memory
+                gpus += need_gpus
                 per_contract[job.contract_id] += 1
         return futures
 
     def _launch(self, job_id: str) -> bool:
+        # A training job's files from the rows are written before the transaction: reading a version
+        # must not hold the job's lock.
+        prepared = training_runs.prepare_run(self.instance, job_id)
         with self.context() as ctx:
             job = ctx.session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.QUEUED.value:
                 return False
+            if prepared:
+                job.training = {**(job.training or {}), **prepared}
             contract = ctx.session.get(Contract, job.contract_id)
             if contract is None or contract.revoked_at is not None or contract.valid_until < datetime.now(UTC):
                 move(ctx, job, JobState.CANCELLED, reason="the contract was revoked or expired before the job ran")
@@ -546,7 +666,8 @@ class Worker:
             if not job.image_id and not self._pin_image(ctx, job):
                 return False
             allows_queries = JobKind.QUERY.value in contract.kinds
-            dp_socket = self._open_dp_socket(job) if allows_queries else None
+            needs_socket = allows_queries or job.kind == JobKind.DP_TRAINING.value
+            dp_socket = self._open_dp_socket(job, queries=allows_queries) if needs_socket else None
             definition = job_definition(self.instance, job, dp_socket=dp_socket)
         try:
             self.runner.prepare(definition)
@@ -577,12 +698,16 @@ class Worker:
         return True
 
 
-def _usage(status: RunStatus) -> dict[str, float]:
+def _usage(status: RunStatus, *, gpus: int = 0) -> dict[str, float]:
     wall = 0.0
     if status.started_at:
         wall = max((status.finished_at or time.time()) - status.started_at, 0.0)
-    return {"cpu_seconds": round(status.cpu_seconds, 3), "wall_seconds": round(wall, 3),
-            "peak_memory_bytes": float(status.peak_memory_bytes)}
+    usage = {"cpu_seconds": round(status.cpu_seconds, 3), "wall_seconds": round(wall, 3),
+             "peak_memory_bytes": float(status.peak_memory_bytes)}
+    if gpus:
+        # A GPU is held whole for the job's wall time, busy or not.
+        usage["gpu_seconds"] = round(gpus * wall, 3)
+    return usage
 
 
 def _reason(status: RunStatus) -> str:

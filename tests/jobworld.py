@@ -37,12 +37,22 @@ def docker_client() -> Any:
         pytest.skip(f"no Docker engine: {exc}")
 
 
-@pytest.fixture(scope="session")
-def analysis_image() -> str:
+def built_image(name: str) -> str:
+    """A job image's id, built (offline, from the cache when unchanged) if the engine lacks it."""
     docker_client()
     cache = Path(os.environ.get("SANDBOX_WHEEL_CACHE", REPO / ".cache" / "wheels"))
-    return build_images(["analysis"], base_image=None, wheel_cache=cache, rebuild=False,
-                        progress=lambda *_: None)["analysis"]
+    return build_images([name], base_image=None, wheel_cache=cache, rebuild=False, progress=lambda *_: None)[name]
+
+
+@pytest.fixture(scope="session")
+def analysis_image() -> str:
+    return built_image("analysis")
+
+
+@pytest.fixture(scope="session")
+def training_image() -> str:
+    """The training image (built from the analysis image, which comes along)."""
+    return built_image("training")
 
 
 def pack(files: dict[str, str] | dict[str, bytes]) -> bytes:
@@ -101,6 +111,16 @@ class JobWorld:
         label = f"{LABEL_INSTANCE}={self.instance.instance_id}"
         return docker_client().containers.list(all=True, filters={"label": label})
 
+    def tear_down(self) -> None:
+        """Remove what the runner made; fail if anything of the instance was left behind."""
+        for job_id in self.runner.managed_jobs():
+            self.runner.terminate(job_id)
+            self.runner.cleanup(job_id)
+        left = self.containers()
+        for container in left:
+            container.remove(force=True)
+        assert not left, f"containers left behind: {[c.name for c in left]}"
+
 
 @pytest.fixture
 def job_world(api: TestClient, instance: Instance, tokens: Tokens, tmp_path: Path,
@@ -118,12 +138,6 @@ def job_world(api: TestClient, instance: Instance, tokens: Tokens, tmp_path: Pat
     world = JobWorld(api=api, instance=instance, worker=worker, runner=runner, steward=steward,
                      buyer=tokens.buyer(org="acme"), contract=contract.json()["id"])
     yield world
-    for job_id in runner.managed_jobs():
-        runner.terminate(job_id)
-        runner.cleanup(job_id)
-    left = world.containers()
-    for container in left:
-        container.remove(force=True)
-    assert not left, f"containers left behind: {[c.name for c in left]}"
+    world.tear_down()
 
 

@@ -20,6 +20,7 @@ Layers, lowest first:
 - instance: one deployment (settings, store, keys, audit), handed to services that run their own transactions
 - dp: plans, prices and answers DP queries under a contract, spending its budget
 - release: what may leave: egress verdicts, DP answers, reviews
+- training: training runs' specs, rows, budgets, records and gate, above the release rules they feed
 - jobs: job lifecycle and scheduling, above what their outputs may release
 - worker_socket: the worker's answers to the API process, run beside the data
 - notebooks: sessions and the Jupyter server, built on jobs' containers and the release rules

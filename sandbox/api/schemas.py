@@ -55,8 +55,26 @@ class Decision(BaseModel):
 
 # Health.
 
+class HealthWorker(Shape):
+    """A worker as it last published itself (`sandbox.worker.Worker.publish_worker`)."""
+
+    id: str
+    host: str
+    live: bool = Field(description="seen within the last few minutes: GPU jobs are accepted only for live workers")
+    seen_at: Timestamp
+    cpus: Number
+    memory_mb: int
+    gpus: int
+    gpu_names: list[str]
+
+
+class HealthDetails(Shape):
+    workers: list[HealthWorker]
+
+
 class Health(Shape):
     status: Literal["ok"]
+    details: HealthDetails | None = Field(default=None, description="with a steward's or an admin's token only")
 
 
 # Catalog.
@@ -247,6 +265,28 @@ Usage = Annotated[dict[str, Any], Field(
                 "kernels (notebooks), ...; buyers see it coarsened (whole seconds, memory in 64 MiB steps)")]
 
 
+class TrainingProgress(StoredShape):
+    step: int
+    steps: int
+    epsilon: Number = Field(description="epsilon the accountant has counted so far")
+
+
+class TrainingView(StoredShape):
+    """A training job's spec, the encoding the platform fixed from the card, its budget and progress."""
+
+    spec: dict[str, Any] = Field(description="label, features, model, epochs, batch_size, learning_rate, "
+                                             "max_grad_norm, epsilon, delta as submitted")
+    plan: dict[str, Any] = Field(description="how rows become numbers: task, feature_names (the model's inputs in "
+                                             "order), each feature's bounds or categories, n_features, n_outputs")
+    epsilon: Number | None = None
+    delta: Number | None = None
+    max_rows_per_unit: int | None = None
+    epsilon_charged: Number | None = Field(default=None, description="settled on the contract's ledger at the end")
+    progress: TrainingProgress | None = None
+    split: dict[str, Any] | None = Field(default=None, description="free-form training: train_rows, holdout_rows, "
+                                                                   "holdout_fraction (by privacy unit)")
+
+
 class JobCreated(Shape):
     id: str
     state: JobState
@@ -275,6 +315,7 @@ class JobView(Shape):
     started_at: Timestamp | None
     finished_at: Timestamp | None
     outputs: list[OutputView]
+    training: TrainingView | None = Field(default=None, description="training and dp_training jobs only")
 
 
 class ReportedFile(Shape):

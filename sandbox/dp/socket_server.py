@@ -9,9 +9,10 @@ and the handler is `sandbox.dp.queries.socket_handler`: the same service, rules 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
-from sandbox.local_http import MAX_REQUEST_BYTES, Handler, LocalHttpServer
+from sandbox.local_http import MAX_REQUEST_BYTES, BytesHandler, Handler, LocalHttpServer
 
 __all__ = ["MAX_REQUEST_BYTES", "DpSocket"]
 
@@ -23,5 +24,9 @@ class DpSocket(LocalHttpServer):
     permission on the socket inode. Nothing else lives in the folder.
     """
 
-    def __init__(self, path: Path, handle_query: Handler) -> None:
-        super().__init__(path, {"/query": handle_query}, mode=0o666, folder_mode=0o755, peer_name="job")
+    def __init__(self, path: Path, handle_query: Handler | None,
+                 more: Mapping[str, BytesHandler] | None = None) -> None:
+        """`handle_query` None: the contract allows no queries, and the socket serves only `more`
+        (a dp_training job's rows and progress)."""
+        routes: dict[str, BytesHandler] = {"/query": handle_query} if handle_query is not None else {}
+        super().__init__(path, {**routes, **(more or {})}, mode=0o666, folder_mode=0o755, peer_name="job")

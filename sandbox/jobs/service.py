@@ -7,11 +7,11 @@ import os
 import re
 import shutil
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import Select, func, select
 
 from sandbox.auth.tokens import Principal, Role
@@ -25,7 +25,9 @@ from sandbox.jobs.lifecycle import TERMINAL, JobState, next_state
 from sandbox.policies import get_policy_version
 from sandbox.release import review
 from sandbox.release.status import OutputStatus
-from sandbox.store.models import Contract, DatasetVersion, Job, JobOutput, Policy
+from sandbox.store.models import Contract, DatasetVersion, Job, JobOutput, Policy, WorkerRecord
+from sandbox.training.budget import hold_training_budget
+from sandbox.training.spec import TRAINER_COMMAND, TRAINING_IMAGE, TrainingSpec, training_plan
 
 
 class ResourceRequest(BaseModel):
@@ -45,10 +47,38 @@ class JobSpec(BaseModel):
     contract: str = Field(min_length=1, max_length=40)
     dataset: str = Field(min_length=1, max_length=64)
     version: int | None = Field(default=None, ge=1)
-    kind: Literal["analysis", "training"] = "analysis"
-    image: str = Field(default="analysis", pattern=r"^[a-z][a-z0-9-]{0,39}$")
-    command: list[str] = Field(min_length=1, max_length=256)
+    kind: Literal["analysis", "training", "dp_training"] = "analysis"
+    image: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{0,39}$")
+    command: list[str] = Field(default_factory=list, max_length=256)
     resources: ResourceRequest = Field(default_factory=ResourceRequest)
+    training: TrainingSpec | None = None
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> JobSpec:
+        if self.kind == "dp_training":
+            if self.training is None or self.training.epsilon is None:
+                raise ValueError("a dp_training job needs `training` with at least label, features and epsilon")
+            if self.command:
+                raise ValueError("a dp_training job runs the platform's trainer: send `model.py` in the code "
+                                 "bundle and no command")
+            if self.image not in (None, TRAINING_IMAGE):
+                raise ValueError(f"a dp_training job runs in the {TRAINING_IMAGE!r} image")
+            self.image = TRAINING_IMAGE
+        else:
+            if not self.command:
+                raise ValueError("command: give the command to run")
+            if self.training is not None and (self.training.epsilon is not None or self.training.delta is not None):
+                raise ValueError("only dp_training spends epsilon; a free-form job's `training` names only "
+                                 "label and features (for the membership-inference gate)")
+            if self.training is not None and self.kind != "training":
+                raise ValueError("`training` belongs to training and dp_training jobs")
+            self.image = self.image or "analysis"
+        return self
+
+    @property
+    def image_name(self) -> str:
+        assert self.image is not None  # set by the validator
+        return self.image
 
 
 def resource_problems(resources: ResourceRequest, runtime: dict[str, Any]) -> list[str]:
@@ -57,7 +87,9 @@ def resource_problems(resources: ResourceRequest, runtime: dict[str, Any]) -> li
     for field_name, limit_name in (("cpus", "max_cpus"), ("memory_mb", "max_memory_mb"),
                                    ("timeout_s", "max_timeout_s"), ("gpus", "max_gpus")):
         value, limit = getattr(resources, field_name), runtime[limit_name]
-        if value > limit:
+        if field_name == "gpus" and value and not limit:
+            problems.append("resources.gpus: the policy allows no GPUs")
+        elif value > limit:
             problems.append(f"resources.{field_name} {value} is above the policy's limit of {limit}")
     return problems
 
@@ -82,6 +114,10 @@ def usage_totals(ctx: Context, contract_id: str) -> dict[str, float]:
     return totals
 
 
+# A worker republishes itself every minute (sandbox.worker.IMAGE_REFRESH_S); one silent this long is gone.
+LIVE_WORKER_S = 300.0
+
+
 def submit_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: str) -> Job:
     """Validate a submission against contract, tier, policy and quota, then store it.
 
@@ -91,16 +127,26 @@ def submit_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
     buyer = ctx.require_role(Role.BUYER)
     contract = require_usable(ctx, spec.contract, kind=JobKind(spec.kind), dataset=spec.dataset)
     version = get_version(ctx.session, spec.dataset, spec.version)
-    if contract.tier == Tier.DP_ONLY.value and find_mock(ctx.session, version) is None:
+    if (contract.tier == Tier.DP_ONLY.value and spec.kind != JobKind.DP_TRAINING.value
+            and find_mock(ctx.session, version) is None):
         raise Conflict(f"dp_only jobs run on the DP mock, and {spec.dataset}@{version.version} has none yet; "
                        "a steward publishes it")
     policy = get_policy_version(ctx.session, contract.policy_name, contract.policy_version)
     runtime = policy.body["runtime"]
     problems = resource_problems(spec.resources, runtime)
-    if spec.image not in runtime["allowed_images"]:
-        problems.append(f"image {spec.image!r} is not allowed by policy {policy.name}@{policy.version}")
+    if spec.image_name not in runtime["allowed_images"]:
+        problems.append(f"image {spec.image_name!r} is not allowed by policy {policy.name}@{policy.version}")
     if spec.resources.gpus and not contract.quotas.get("gpu_hours"):
         problems.append("the contract has no GPU hours")
+    if spec.resources.gpus:
+        # Refused now rather than queued forever: no worker that could run it is alive.
+        live_since = datetime.now(UTC) - timedelta(seconds=LIVE_WORKER_S)
+        most = ctx.session.execute(select(func.max(WorkerRecord.gpus))
+                                   .where(WorkerRecord.seen_at >= live_since)).scalar_one_or_none() or 0
+        if most < spec.resources.gpus:
+            problems.append(f"resources.gpus {spec.resources.gpus}: no live worker has that many GPUs "
+                            f"(the most any has is {most}), so the job could never run")
+    training = _training_fields(spec, version, contract) if spec.training is not None else None
     if problems:
         raise Invalid("the job spec exceeds what the contract and policy allow", problems)
     used = usage_totals(ctx, contract.id)
@@ -108,36 +154,74 @@ def submit_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
     if used["cpu_seconds"] >= quota_s:
         raise Forbidden(f"contract {contract.id} has used its {contract.quotas.get('cpu_hours')} CPU-hours",
                         object=contract.id)
+    if spec.resources.gpus and used["gpu_seconds"] >= float(contract.quotas.get("gpu_hours", 0)) * 3600:
+        raise Forbidden(f"contract {contract.id} has used its {contract.quotas.get('gpu_hours')} GPU-hours",
+                        object=contract.id)
     identifier = job_id()
     directory = jobs_dir(ctx, identifier)
     directory.parent.mkdir(parents=True, exist_ok=True)
     os.replace(bundle.folder, directory)
     try:
+        if training is not None and spec.kind == JobKind.DP_TRAINING.value:
+            if not (directory / "code" / str(training["spec"]["model"])).is_file():
+                raise Invalid(f"the code bundle has no {training['spec']['model']}, the module with build_model")
+            reservation = hold_training_budget(ctx.session, job_id=identifier, contract_id=contract.id,
+                                               dataset=spec.dataset, epsilon=float(training["epsilon"]),
+                                               delta=float(training["delta"]))
+            training["reservation"] = reservation.id
         return _store_job(ctx, spec=spec, bundle=bundle, image_id=image_id, identifier=identifier,
-                          contract=contract, version=version, policy=policy, buyer=buyer)
+                          contract=contract, version=version, policy=policy, buyer=buyer, training=training)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
 
 
+# DP-SGD needs a delta; without one in the spec, this much of the contract's delta is asked for.
+DEFAULT_TRAINING_DELTA = 1e-6
+
+
+def _training_fields(spec: JobSpec, version: DatasetVersion, contract: Contract) -> dict[str, Any]:
+    """What the platform keeps of a training spec: the spec, the encoding fixed from the card now, and for
+    dp_training the (epsilon, delta) to hold and each unit's row bound (as DP queries bound it)."""
+    assert spec.training is not None
+    card = version.dataset.card
+    plan = training_plan(card, spec.training)
+    fields: dict[str, Any] = {"spec": spec.training.model_dump(), "plan": plan.as_dict()}
+    if spec.kind == JobKind.DP_TRAINING.value:
+        if not contract.delta:
+            raise Invalid("DP-SGD needs a delta > 0, and this contract is pure DP (delta 0)",
+                          ["the contract's delta is 0; a steward grants a delta for dp_training"])
+        delta = spec.training.delta if spec.training.delta is not None else min(DEFAULT_TRAINING_DELTA,
+                                                                                  contract.delta)
+        settings = card.get("dp") or {}
+        rows = 1 if card.get("privacy_unit_rows") == "one" else \
+            int(settings.get("rows_per_unit", 1)) * int(settings.get("groups_per_unit", 1))
+        fields.update(epsilon=spec.training.epsilon, delta=delta, max_rows_per_unit=rows)
+    return fields
+
+
 def _store_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: str, identifier: str,
-               contract: Contract, version: DatasetVersion, policy: Policy, buyer: Principal) -> Job:
+               contract: Contract, version: DatasetVersion, policy: Policy, buyer: Principal,
+               training: dict[str, Any] | None = None) -> Job:
     needs_approval = bool(policy.body["review"].get("approve_jobs", False))
     now = datetime.now(UTC)
     job = Job(
         id=identifier, contract_id=contract.id, buyer_org=buyer.org, submitted_by=buyer.sub,
         dataset=spec.dataset, dataset_version=version.version, kind=spec.kind, tier=contract.tier,
-        policy=f"{policy.name}@{policy.version}", image=spec.image, image_id=image_id, command=spec.command,
+        policy=f"{policy.name}@{policy.version}", image=spec.image_name, image_id=image_id,
+        command=list(TRAINER_COMMAND) if spec.kind == JobKind.DP_TRAINING.value else spec.command,
+        training=training,
         resources=spec.resources.model_dump(), code_sha256=bundle.sha256, code_bytes=bundle.summary.expanded_bytes,
         state=(JobState.PENDING_APPROVAL if needs_approval else JobState.QUEUED).value,
-        reason="" if image_id else f"waiting for the workers to publish image {spec.image!r}",
+        reason="" if image_id else f"waiting for the workers to publish image {spec.image_name!r}",
         usage={}, created_at=now, updated_at=now,
     )
     ctx.session.add(job)
     ctx.session.flush()
     ctx.record("job.submit", "job", job.id, contract=contract.id, dataset=f"{spec.dataset}@{version.version}",
-               image=spec.image, image_id=image_id, command=spec.command, code_sha256=bundle.sha256,
-               state=job.state)
+               image=spec.image_name, image_id=image_id, command=job.command, code_sha256=bundle.sha256,
+               state=job.state, kind=spec.kind,
+               **({"training": {k: v for k, v in training.items() if k != "plan"}} if training else {}))
     return job
 
 
@@ -263,7 +347,14 @@ def job_view(job: Job, *, steward: bool) -> dict[str, Any]:
         "finished_at": (job.finished_at.isoformat() if job.finished_at else None) if steward else
         _whole_seconds(job.finished_at),
         "outputs": review.outputs_view(list(job.outputs), steward=steward),
+        **({"training": training_view(job.training)} if job.training else {}),
     }
+
+
+def training_view(training: dict[str, Any]) -> dict[str, Any]:
+    """A training job's spec, encoding, budget and progress as its buyer and the steward see them."""
+    return {key: training[key] for key in ("spec", "plan", "epsilon", "delta", "max_rows_per_unit",
+                                           "epsilon_charged", "progress", "split") if key in training}
 
 
 def released_file(ctx: Context, identifier: str, path: str) -> tuple[JobOutput, Path]:

@@ -94,8 +94,8 @@ def route_outputs(outputs: list[OutputFacts], *, policy: dict[str, Any], tier: s
             if total > max_total:
                 checks.append(CheckResult("total-size", Verdict.BLOCK,
                                           f"the job's outputs pass the policy's {egress['max_total_mb']} MB in all"))
-        checks.extend(_kind_rules(kind, facts, egress))
         found = (content or {}).get(facts.path)
+        checks.extend(_kind_rules(kind, facts, egress, tier=tier, found=found))
         if found is not None:
             checks.extend(found)
         checks.extend(_tier_rules(facts, found, tier, policy, checks, auto_release=auto_release))
@@ -104,8 +104,14 @@ def route_outputs(outputs: list[OutputFacts], *, policy: dict[str, Any], tier: s
     return quarantine_after_leaks(decisions)
 
 
-def _kind_rules(kind: OutputKind, facts: OutputFacts, egress: dict[str, Any]) -> list[CheckResult]:
+def _kind_rules(kind: OutputKind, facts: OutputFacts, egress: dict[str, Any], *, tier: str,
+                found: list[CheckResult] | None) -> list[CheckResult]:
     checks = []
+    if kind is OutputKind.MODEL and tier == "dp_only":
+        # The model the platform trains with DP-SGD leaves as the platform's own output, never through here.
+        checks.append(CheckResult("dp-only-model", Verdict.BLOCK,
+                                  "a dp_only contract releases only models the platform trained with DP "
+                                  "(kind dp_training); a model the job's own code trained never leaves"))
     if kind is OutputKind.MODEL:
         release = egress["models"]["release"]
         suffix = PurePosixPath(facts.path).suffix.lstrip(".").lower()
@@ -114,7 +120,8 @@ def _kind_rules(kind: OutputKind, facts: OutputFacts, egress: dict[str, Any]) ->
         checks.append(CheckResult("model-release", Verdict.BLOCK if release == "block" else Verdict.REVIEW,
                                   "models leave only after review" if release == "review" else
                                   "policy does not let models leave"))
-        checks.extend(model_risk_checks(facts))
+        if not any(c.rule == "membership-inference" for c in found or []):
+            checks.extend(model_risk_checks(facts))
     if kind is OutputKind.FIGURE:
         release = egress["figures"]["release"]
         checks.append(CheckResult("figure-release", Verdict.BLOCK if release == "block" else Verdict.REVIEW,

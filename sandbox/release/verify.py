@@ -40,17 +40,24 @@ def canonical(document: dict[str, Any]) -> bytes:
 
 def verify_manifest(signed: dict[str, Any], public_key_pem: bytes) -> dict[str, Any]:
     """The manifest, if its Ed25519 signature verifies under `public_key_pem`."""
+    return verify_signed(signed, public_key_pem, body="manifest", what="release manifest")
+
+
+def verify_signed(signed: dict[str, Any], public_key_pem: bytes, *, body: str, what: str) -> dict[str, Any]:
+    """`signed[body]`, if `signed["signature"]` (Ed25519 over its canonical JSON) verifies under the key.
+
+    The platform signs release manifests and training records this way."""
     key = serialization.load_pem_public_key(public_key_pem)
     if not isinstance(key, Ed25519PublicKey):
         raise ReleaseError("the signing key is not an Ed25519 key")
-    manifest, signature = signed.get("manifest"), signed.get("signature")
-    if not isinstance(manifest, dict) or not isinstance(signature, str):
-        raise ReleaseError("the release manifest is malformed")
+    document, signature = signed.get(body), signed.get("signature")
+    if not isinstance(document, dict) or not isinstance(signature, str):
+        raise ReleaseError(f"the {what} is malformed")
     try:
-        key.verify(bytes.fromhex(signature), canonical(manifest))
+        key.verify(bytes.fromhex(signature), canonical(document))
     except (InvalidSignature, ValueError) as exc:
-        raise ReleaseError("the release manifest's signature does not verify") from exc
-    return manifest
+        raise ReleaseError(f"the {what}'s signature does not verify") from exc
+    return document
 
 
 def key_fingerprint(public_key_pem: bytes) -> str:

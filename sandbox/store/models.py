@@ -192,6 +192,8 @@ class Job(Base):
     usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     manifest_signature: Mapped[str | None] = mapped_column(String(200), default=None)
+    # Training jobs: the spec, the encoding plan, the budget reservation and the trainer's progress.
+    training: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column()
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -236,6 +238,21 @@ class ImageRecord(Base):
 
     name: Mapped[str] = mapped_column(String(40), primary_key=True)
     image_id: Mapped[str] = mapped_column(String(80))
+    seen_at: Mapped[datetime] = mapped_column()
+
+
+class WorkerRecord(Base):
+    """A worker and what its machine gives jobs, published at its start and refreshed while it runs: the API
+    (which never talks to Docker) refuses a GPU job no live worker could run."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    gpus: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_names: Mapped[list[Any]] = mapped_column(default=list)
+    cpus: Mapped[float] = mapped_column(Float)
+    memory_mb: Mapped[int] = mapped_column(Integer)
     seen_at: Mapped[datetime] = mapped_column()
 
 

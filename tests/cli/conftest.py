@@ -37,6 +37,6 @@ def unmount_below(root: Path) -> None:
         subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
 
 
-from jobworld import analysis_image  # noqa: E402
+from jobworld import analysis_image, training_image  # noqa: E402
 
-__all__ = ["analysis_image", "server"]
+__all__ = ["analysis_image", "server", "training_image"]

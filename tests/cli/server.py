@@ -72,3 +72,16 @@ def stop(process: subprocess.Popen[str]) -> str:
         process.kill()
         _, err = process.communicate()
     return err or ""
+
+
+def register_registry(server: Server, steward: str, tmp_path: Path, procedures: int) -> None:
+    """The demo registry's card and one version, through `sandbox dataset create` and `add-version`."""
+    import yaml
+
+    from sandbox.demo import CARD, write_registry
+
+    card = tmp_path / "card.yaml"
+    card.write_text(yaml.safe_dump({k: v for k, v in CARD.items() if k != "name"}))
+    server.cli("dataset", "create", "carotid-stenting", "--card", str(card), token=steward)
+    server.cli("dataset", "add-version", "carotid-stenting",
+               str(write_registry(tmp_path / "r.parquet", procedures=procedures)), token=steward)

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from cli.server import Server
-
-from sandbox.demo import CARD, write_registry
+from cli.server import Server, register_registry
 
 pytestmark = pytest.mark.docker
 
@@ -25,11 +22,7 @@ print('analysed', len(df), 'procedures')
 def test_submit_wait_review_and_verified_download(server: Server, tmp_path: Path, analysis_image: str) -> None:
     steward = server.token("steward", "xuanwu", "dr-li")
     buyer = server.token("buyer", "acme-ai", "alice")
-    card = tmp_path / "card.yaml"
-    card.write_text(yaml.safe_dump({k: v for k, v in CARD.items() if k != "name"}))
-    server.cli("dataset", "create", "carotid-stenting", "--card", str(card), token=steward)
-    server.cli("dataset", "add-version", "carotid-stenting",
-               str(write_registry(tmp_path / "r.parquet", procedures=250)), token=steward)
+    register_registry(server, steward, tmp_path, procedures=250)
     contract = json.loads(server.cli(
         "contract", "create", "--buyer-org", "acme-ai", "--dataset", "carotid-stenting", "--tier", "aggregate",
         "--kinds", "analysis", "--epsilon", "1", "--valid-until", "2099-12-31", "--json", token=steward).stdout)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-from cli.server import Server
-
-from sandbox.demo import CARD, write_registry
+from cli.server import Server, register_registry
 
 GROUPED = 'SELECT symptomatic, COUNT(*) AS n, AVG(length_of_stay) AS stay FROM "carotid-stenting" GROUP BY symptomatic'
 
@@ -16,11 +13,7 @@ GROUPED = 'SELECT symptomatic, COUNT(*) AS n, AVG(length_of_stay) AS stay FROM "
 def test_grouped_queries_accuracy_budget_wall_and_cache(server: Server, tmp_path: Path) -> None:
     steward = server.token("steward", "xuanwu", "dr-li")
     researcher = server.token("buyer", "uni-lab", "bob")
-    card = tmp_path / "card.yaml"
-    card.write_text(yaml.safe_dump({k: v for k, v in CARD.items() if k != "name"}))
-    server.cli("dataset", "create", "carotid-stenting", "--card", str(card), token=steward)
-    server.cli("dataset", "add-version", "carotid-stenting",
-               str(write_registry(tmp_path / "r.parquet", procedures=2550)), token=steward)
+    register_registry(server, steward, tmp_path, procedures=2550)
     contract = json.loads(server.cli(
         "contract", "create", "--buyer-org", "uni-lab", "--dataset", "carotid-stenting", "--tier", "dp_only",
         "--kinds", "query", "--epsilon", "1", "--valid-until", "2099-12-31", "--policy", "dp-only", "--json",

@@ -51,11 +51,11 @@ async def submit_job(request: Request, instance: InstanceDep, buyer: Buyer) -> d
         spec = parse_spec(upload.fields["spec"])
         code = upload.files["code"]
         with instance.read_session() as session:
-            image = session.get(ImageRecord, spec.image)
+            image = session.get(ImageRecord, spec.image_name)
         # An image the policy allows but no worker has published yet (a demo still building it): the job
         # waits in the queue and is pinned to the first image a worker publishes under that name.
-        if image is None and spec.image not in JOB_IMAGES:
-            raise Invalid(f"image {spec.image!r} is not available on the workers: jobs run in {list(JOB_IMAGES)}")
+        if image is None and spec.image_name not in JOB_IMAGES:
+            raise Invalid(f"image {spec.image_name!r} is not available on the workers: jobs run in {list(JOB_IMAGES)}")
         image_id = image.image_id if image is not None else ""
         # Unpacked and checked before the transaction, so no writer waits on it; the transaction below
         # checks contract, policy and quotas and only moves the checked folder into place.
