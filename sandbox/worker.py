@@ -472,9 +472,14 @@ class Worker:
                 return checked
             policy_name, _, policy_version = job.policy.partition("@")
             policy = get_policy_version(session, policy_name, int(policy_version)).body
-        found = training_runs.gate_results(self.instance, self.runner, job_id, buyer_files(collected), policy)
+        found, report = training_runs.gate_results(self.instance, self.runner, job_id, buyer_files(collected),
+                                                   policy)
         if not found:
             return checked
+        with self.context() as ctx:  # the report, for the steward beside the files
+            job = ctx.session.get(Job, job_id, with_for_update=True)
+            if job is not None and job.state == JobState.RUNNING.value:
+                job.training = {**(job.training or {}), "gate": report}
         content = dict(checked.content)
         for path, checks in found.items():
             content[path] = [*(content.get(path) or []), *checks]

@@ -285,6 +285,8 @@ class TrainingView(StoredShape):
     progress: TrainingProgress | None = None
     split: dict[str, Any] | None = Field(default=None, description="free-form training: train_rows, holdout_rows, "
                                                                    "holdout_fraction (by privacy unit)")
+    gate: dict[str, Any] | None = Field(default=None, description="free-form training: the membership-inference "
+                                                                  "gate's report per model file (scores and counts)")
 
 
 class JobCreated(Shape):

@@ -261,4 +261,6 @@ def _membership_check(entry: GateEntry, limits: GateThresholds) -> CheckResult:
     if over:
         return CheckResult(MEMBERSHIP, Verdict.BLOCK, "membership inference succeeds: " + "; ".join(over))
     summary = ", ".join(f"{a.name} AUC {a.auc:.3f}, TPR {a.tpr_at_fpr:.3f} at FPR 0.01" for a in entry.attacks)
+    if entry.records:
+        summary += f"; per-record risk: {entry.high_risk} of {entry.records} training records at high risk"
     return CheckResult(MEMBERSHIP, Verdict.PASS, f"the attacks stay under the policy's thresholds ({summary})")

@@ -146,6 +146,9 @@ def submit_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
         if most < spec.resources.gpus:
             problems.append(f"resources.gpus {spec.resources.gpus}: no live worker has that many GPUs "
                             f"(the most any has is {most}), so the job could never run")
+    if spec.kind == JobKind.TRAINING.value and spec.training is None and contract.tier != Tier.DP_ONLY.value:
+        problems.append("a training job names its label and features (`training`: {label, features}, or "
+                        "--label/--features) so the membership-inference gate can attack the models it writes")
     training = _training_fields(spec, version, contract) if spec.training is not None else None
     if problems:
         raise Invalid("the job spec exceeds what the contract and policy allow", problems)
@@ -354,7 +357,7 @@ def job_view(job: Job, *, steward: bool) -> dict[str, Any]:
 def training_view(training: dict[str, Any]) -> dict[str, Any]:
     """A training job's spec, encoding, budget and progress as its buyer and the steward see them."""
     return {key: training[key] for key in ("spec", "plan", "epsilon", "delta", "max_rows_per_unit",
-                                           "epsilon_charged", "progress", "split") if key in training}
+                                           "epsilon_charged", "progress", "split", "gate") if key in training}
 
 
 def released_file(ctx: Context, identifier: str, path: str) -> tuple[JobOutput, Path]:

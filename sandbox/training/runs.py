@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from runners.base import Collected, CollectedFile, JobRunner
-from sandbox.catalog.service import get_dataset, get_version
+from sandbox.catalog.service import get_version
 from sandbox.context import Context
 from sandbox.egress.verdicts import CheckResult, Verdict
 from sandbox.errors import Conflict
@@ -270,8 +270,9 @@ def model_files(files: list[CollectedFile]) -> dict[str, CollectedFile]:
 
 
 def gate_results(instance: Instance, runner: JobRunner, job_id: str, files: list[CollectedFile],
-                 policy: dict[str, Any]) -> dict[str, list[CheckResult]]:
-    """The membership-inference gate's checks for each model file a free-form training job wrote.
+                 policy: dict[str, Any]) -> tuple[dict[str, list[CheckResult]], dict[str, Any]]:
+    """The membership-inference gate's checks for each model file a free-form training job wrote, and its
+    report (counts and scores only) for the steward.
 
     Fails closed: a gate that cannot run blocks the models it was to check.
     """
@@ -280,14 +281,13 @@ def gate_results(instance: Instance, runner: JobRunner, job_id: str, files: list
     with instance.read_session() as session:
         job = session.get(Job, job_id)
         if job is None or job.kind != FREE_FORM or job.tier == "dp_only" or not models:
-            return {}
+            return {}, {}
         image = session.get(ImageRecord, TRAINING_IMAGE)
-        card = get_dataset(session, job.dataset).card
         training, org = dict(job.training or {}), job.buyer_org
     train, holdout = train_split(artifacts, job_id)
     spec = training.get("spec") or {}
     plan = training.get("plan") or {}
-    features = list(spec.get("features") or _numeric_columns(card))
+    features = list(spec.get("features") or [])  # submission requires them; without, the gate fails closed
     thresholds = dict(policy["egress"]["models"].get("gate") or {})
     try:
         if image is None:
@@ -300,12 +300,8 @@ def gate_results(instance: Instance, runner: JobRunner, job_id: str, files: list
                            scratch=training_dir(artifacts, job_id) / "gate")
     except GateFailed as exc:
         blocked = [CheckResult("membership-inference", Verdict.BLOCK, f"the gate could not run: {exc}")]
-        return {path: blocked for path in models}
+        return {path: blocked for path in models}, {"error": str(exc)[:2000]}
     from sandbox.egress.models import gate_checks
 
-    return {path: gate_checks(entries.get(path) or {}, thresholds) for path in models}
+    return {path: gate_checks(entries.get(path) or {}, thresholds) for path in models}, entries
 
-
-def _numeric_columns(card: dict[str, Any]) -> list[str]:
-    return [name for name, spec in card["columns"].items()
-            if name != card["privacy_unit"] and (spec.get("bounds") or spec.get("type") == "boolean")]

@@ -241,3 +241,22 @@ def test_plain_names_stand(name: str) -> None:
     from sandbox.release.routing import name_problem
 
     assert name_problem(name) is None
+
+
+@pytest.mark.parametrize("name", ["default", "dp-only"])
+@pytest.mark.parametrize("path", ["model.safetensors", "net.onnx", "model.skops"])
+def test_a_dp_only_contract_never_releases_a_model_its_job_trained(name: str, path: str) -> None:
+    """Only the model the platform trained with DP leaves a dp_only contract; it is stored by the platform and
+    never routed here, so every model file a job wrote is blocked, whatever the policy says of models."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("schema.json", "{}")
+    content = {"model.safetensors": safetensors_bytes(), "net.onnx": b"\x08\x07" + b"\0" * 64,
+               "model.skops": buffer.getvalue()}[path]
+    decision = one(path, content, tier="dp_only", name=name)
+    assert decision.status == "blocked"
+    assert "dp-only-model" in [c.rule for c in decision.checks if c.verdict == "block"]
+    assert one(path, content, tier="aggregate").status != "released", "elsewhere a steward still decides"

@@ -147,6 +147,8 @@ def test_a_free_form_boosted_model_reaches_the_steward_with_the_gate_report(worl
     gate = [c for c in model["checks"] if c["rule"] == "membership-inference"]
     assert gate and gate[0]["verdict"] == "pass" and "AUC" in gate[0]["reason"], model["checks"]
     assert job["training"]["split"]["holdout_rows"] > 0
+    report = job["training"]["gate"]["model.skops"]
+    assert report["attacks"] and report["per_record_risk"]["n_records"] > 0
     assert world.api.get(f"/v1/jobs/{job_id}/outputs/model.skops", headers=auth(world.buyer)).status_code != 200
 
     queue = world.api.get("/v1/reviews", headers=auth(world.steward)).json()

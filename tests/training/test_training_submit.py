@@ -163,3 +163,12 @@ def test_free_form_training_names_no_epsilon(api: TestClient, world: dict[str, A
     response = api.post("/v1/jobs", headers=auth(world["buyer"]), data={"spec": json.dumps(spec)},
                         files={"code": ("code.tar.gz", pack({"fit.py": "print(1)"}), "application/gzip")})
     assert response.status_code == 422 and "only dp_training spends epsilon" in response.text
+
+
+def test_free_form_training_names_what_the_gate_attacks(api: TestClient, world: dict[str, Any]) -> None:
+    spec = {"contract": world["contract"](kinds=["training"], tier="aggregate"), "dataset": DATASET,
+            "kind": "training", "image": "training", "command": ["python", "fit.py"]}
+    response = api.post("/v1/jobs", headers=auth(world["buyer"]), data={"spec": json.dumps(spec)},
+                        files={"code": ("code.tar.gz", pack({"fit.py": "print(1)"}), "application/gzip")})
+    assert response.status_code == 422 and "membership-inference gate" in response.text
+
