@@ -216,3 +216,15 @@ def test_a_run_cancelled_before_it_starts_gives_its_epsilon_back(world: World) -
     shown = world.budget(contract)
     assert shown["epsilon_reserved"] == 0 and shown["epsilon_spent"] == 0
     assert world.job(job_id)["training"]["epsilon_charged"] == 0
+
+
+def test_a_dp_regression_on_a_bounded_number_trains_too(world: World) -> None:
+    contract = world.add_contract("aggregate", ["dp_training"])
+    job_id = world.submit_spec({"contract": contract, "kind": "dp_training", "training": {
+        "label": "length_of_stay", "features": ["age", "symptomatic", "stroke_death_30d"], "epochs": 1,
+        "batch_size": 200, "epsilon": 0.5}}, {"model.py": MLP})
+    job = world.run_until(job_id, {"done", "in_review", "failed"}, timeout=300)
+    assert job["training"]["plan"]["task"] == "regression" and job["training"]["plan"]["n_outputs"] == 1
+    outputs = outputs_of(job)
+    assert outputs["model/model.safetensors"]["status"] == "released", outputs
+    assert 0 < job["training"]["epsilon_charged"] <= 0.5
