@@ -85,3 +85,12 @@ def register_registry(server: Server, steward: str, tmp_path: Path, procedures: 
     server.cli("dataset", "create", "carotid-stenting", "--card", str(card), token=steward)
     server.cli("dataset", "add-version", "carotid-stenting",
                str(write_registry(tmp_path / "r.parquet", procedures=procedures)), token=steward)
+
+
+def start(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    """`sandbox serve` (API and embedded worker) on `port`, healthy."""
+    process = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "serve", "--port", str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_healthy(f"http://127.0.0.1:{port}", process)
+    return process
+

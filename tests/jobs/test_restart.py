@@ -13,7 +13,7 @@ from pathlib import Path
 import docker
 import httpx
 import pytest
-from cli.server import base_env, free_port, stop, wait_healthy
+from cli.server import base_env, free_port, start, stop
 from jobworld import pack
 
 from sandbox.demo import CARD, write_registry
@@ -26,13 +26,6 @@ time.sleep(4)
 pd.read_parquet('/data/carotid-stenting.parquet').groupby('sex').size().to_csv('/output/by_sex.csv')
 print('finished after the restart')
 """
-
-
-def start(env: dict[str, str], port: int) -> subprocess.Popen[str]:
-    process = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "serve", "--port", str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_healthy(f"http://127.0.0.1:{port}", process)
-    return process
 
 
 def test_sigkill_mid_job_then_restart_delivers_the_result(tmp_path: Path, database_url: str | None,
