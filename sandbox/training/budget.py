@@ -5,8 +5,10 @@ overspends. The reservation belongs to the job, not to a process: it survives re
 the worker, and only the job's end settles it. What is charged then:
 - the run finished and its record verifies: the epsilon the platform recomputes from the record's
   noise, sampling rate and steps (never more than was held);
-- the trainer may have read the rows but left no valid record (killed, failed, timed out): all of it;
-- the rows never reached the container (cancelled while queued, refused before the data): nothing.
+- the trainer may have trained on the rows but left no valid record (killed, failed, timed out, the rows
+  taken by the job's own code): all of it;
+- the rows never reached the container (cancelled while queued), or the trainer stopped before its first
+  step for reasons that do not depend on them (model refused on its graph, bad spec): nothing.
 """
 
 from __future__ import annotations

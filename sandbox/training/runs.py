@@ -171,6 +171,7 @@ class RunOutcome:
 TRAINER_EXITS = {1: "the model was refused or failed to build", 2: "the training spec or environment was bad",
                  3: "the rows had been taken before the trainer asked for them (by the job's own code)",
                  4: "the worker failed or sent malformed rows", 5: "training failed"}
+NOTHING_SPENT_EXITS = frozenset({1, 2, 4})
 
 
 def finish_dp_run(instance: Instance, job_id: str, collected: Collected, exit_code: int | None) -> RunOutcome:
@@ -187,7 +188,10 @@ def finish_dp_run(instance: Instance, job_id: str, collected: Collected, exit_co
     served = rows_served(artifacts, job_id)
     if exit_code != 0:
         why = TRAINER_EXITS.get(exit_code or -1, f"the trainer was stopped (exit code {exit_code})")
-        return RunOutcome([], None, whole=served, problem=f"no model: {why}")
+        # A refused model, a bad spec or a failed transfer ends before any step: what leaves (the logs) was
+        # written before the rows arrived or depends only on the model's graph, so nothing is charged.
+        return RunOutcome([], None, whole=served and exit_code not in NOTHING_SPENT_EXITS,
+                          problem=f"no model: {why}")
     found = {f.path: f for f in collected.files}
     record, weights = found.get(RECORD_FILE), found.get(WEIGHTS_FILE)
     if record is None or weights is None or "trainer" not in training:

@@ -228,3 +228,18 @@ def test_a_dp_regression_on_a_bounded_number_trains_too(world: World) -> None:
     outputs = outputs_of(job)
     assert outputs["model/model.safetensors"]["status"] == "released", outputs
     assert 0 < job["training"]["epsilon_charged"] <= 0.5
+
+
+def test_a_model_refused_on_its_graph_is_named_and_costs_nothing(world: World) -> None:
+    batch_norm = MLP.replace("torch.nn.ReLU()", "torch.nn.BatchNorm1d(32), torch.nn.ReLU()")
+    contract = world.add_contract("dp_only", ["dp_training"], policy="dp-only")
+    job_id = world.submit_spec({"contract": contract, "kind": "dp_training", "training": {
+        "label": "stroke_death_30d", "features": FEATURES, "epochs": 1, "epsilon": 0.5}}, {"model.py": batch_norm})
+    job = world.run_until(job_id, {"done", "in_review", "failed"}, timeout=300)
+    refused = outputs_of(job)["model/refused"]
+    assert refused["status"] == "blocked" and "refused" in refused["checks"][0]["reason"], refused
+    logs = world.api.get(f"/v1/reviews/{job_id}/files/logs/stdout.txt", headers=auth(world.steward)).text + \
+        world.api.get(f"/v1/reviews/{job_id}/files/logs/stderr.txt", headers=auth(world.steward)).text
+    assert "batch_norm" in logs or "batch norm" in logs.lower(), logs
+    shown = world.budget(contract)
+    assert shown["epsilon_reserved"] == 0 and shown["epsilon_spent"] == 0
