@@ -785,6 +785,9 @@ def _download_wheels(
     )
 
 
+REPRODUCIBLE_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip entry can carry
+
+
 def _build_pure_wheels(folder: Path, *, name: str, progress: ProgressCallback) -> None:
     """Build a wheel from each source release in `folder` (one with no wheel on the index) and drop the
     source; refuse any that is not pure Python, since it was built for this host, not for the image."""
@@ -797,6 +800,9 @@ def _build_pure_wheels(folder: Path, *, name: str, progress: ProgressCallback) -
             step=f"{name}: building a wheel of {source.name}",
             progress=progress,
             fraction_of=None,
+            # The same bytes on every build (zip timestamps), so a wheelhouse fetched again keeps the build
+            # cache of every layer that copies it.
+            env={**os.environ, "SOURCE_DATE_EPOCH": REPRODUCIBLE_EPOCH},
         )
         built = sorted(set(folder.glob("*.whl")) - before)
         if len(built) != 1 or not built[0].name.endswith("-none-any.whl"):
@@ -824,6 +830,7 @@ def _run_streaming(
     step: str,
     progress: ProgressCallback,
     fraction_of: tuple[re.Pattern[str], int] | None,
+    env: Mapping[str, str] | None = None,
 ) -> None:
     """Run `command`, report each output line under `step`, and raise with the output's tail on failure.
 
@@ -835,7 +842,7 @@ def _run_streaming(
     matched = 0
     try:
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env
         )
     except OSError as error:
         raise ImageBuildError(f"{step} could not start {command[0]}: {error}") from error
