@@ -78,6 +78,13 @@ class World(JobWorld):
 
 
 @pytest.fixture
+def database_url() -> None:
+    """SQLite only: these runs exercise containers and the trainer, which do not depend on the store. The
+    ledger's behaviour on PostgreSQL is tested in test_training_submit.py and test_training_restart.py."""
+    return None
+
+
+@pytest.fixture
 def world(api: TestClient, instance: Instance, tokens: Tokens, tmp_path: Path, training_image: str) -> Iterator[World]:
     steward = tokens.steward(org="hospital")
     register_demo(api, steward, tmp_path, procedures=1200)
