@@ -190,6 +190,14 @@ class SandboxClient:
     def usage(self) -> Any:
         return self.request("GET", "/v1/usage")
 
+    def invoices(self, period: str | None = None, *, csv: bool = False) -> Any:
+        """Invoices for a month (YYYY-MM, UTC; the current one if None): JSON, or CSV text with `csv`."""
+        params = {"period": period} if period else {}
+        if csv:
+            answer = self.request("GET", "/v1/invoices", params=params, headers={"Accept": "text/csv"})
+            return answer.decode() if isinstance(answer, bytes) else answer
+        return self.request("GET", "/v1/invoices", params=params)
+
     # Differential privacy
     def query(self, contract: str, dataset: str, sql: str, *, epsilon: float | None = None,
               rho: float | None = None, delta: float = 0.0) -> Any:

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from sandbox.auth.orgs import ORG_PATTERN
 from sandbox.auth.tokens import Principal, Role
+from sandbox.billing.prices import PriceList
 from sandbox.budgets.ledger import ensure_ledgers
 from sandbox.catalog.service import owned_dataset
 from sandbox.context import Context
@@ -63,6 +64,7 @@ class ContractRequest(BaseModel):
     delta: float = Field(default=0.0, ge=0, lt=1e-3)
     quotas: Quotas = Field(default_factory=Quotas)
     policy: str = Field(default="default", pattern=r"^[a-z][a-z0-9-]{0,62}(@[0-9]+)?$")
+    prices: PriceList | None = None
 
     @field_validator("valid_from", "valid_until", mode="before")
     @classmethod
@@ -129,6 +131,7 @@ def create_contract(ctx: Context, request: ContractRequest) -> Contract:
         owner_org=steward.org,
         created_by=steward.sub,
         created_at=now,
+        prices=request.prices.stored() if request.prices is not None else {},
     )
     ctx.session.add(contract)
     ctx.session.flush()
@@ -136,6 +139,7 @@ def create_contract(ctx: Context, request: ContractRequest) -> Contract:
     ctx.record(
         "contract.create", "contract", contract.id, buyer_org=contract.buyer_org, datasets=contract.datasets,
         tier=contract.tier, kinds=contract.kinds, epsilon=contract.epsilon, policy=f"{policy.name}@{policy.version}",
+        prices=contract.prices,
     )
     return contract
 
@@ -251,4 +255,5 @@ def contract_view(contract: Contract) -> dict[str, Any]:
         "owner_org": contract.owner_org,
         "created_by": contract.created_by,
         "created_at": contract.created_at.isoformat(),
+        "prices": contract.prices or {},
     }

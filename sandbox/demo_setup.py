@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
 
 from sandbox import contracts
 from sandbox.auth.tokens import Principal, Role
+from sandbox.billing.prices import PriceList
 from sandbox.catalog import service as catalog
 from sandbox.catalog.cards import DatasetCard
 from sandbox.config import Settings
@@ -19,6 +21,9 @@ from sandbox.store.models import Contract
 
 BUYER_ORG = "acme-ai"
 HOSPITAL_ORG = "xuanwu-hospital"
+# So the demo's invoice (`sandbox invoice`) has something on every line.
+DEMO_PRICES = PriceList(currency="EUR", flat_per_period=Decimal("500"), cpu_hour=Decimal("0.40"),
+                        gpu_hour=Decimal("2.50"), epsilon=Decimal("100"), released_gb=Decimal("10"))
 
 
 def set_up_demo(settings: Settings) -> dict[str, Any]:
@@ -52,6 +57,7 @@ def set_up_demo(settings: Settings) -> dict[str, Any]:
                 buyer_org=BUYER_ORG, datasets=[DATASET_NAME], tier=contracts.Tier.AGGREGATE,
                 kinds=list(contracts.JobKind), purpose="Demo: stroke-risk modelling after carotid stenting",
                 valid_until=(datetime.now(UTC) + timedelta(days=365)).date(), epsilon=5.0, delta=1e-6,
+                prices=DEMO_PRICES,
             ))
         summary = {"dataset": DATASET_NAME, "version": version.version, "rows": version.rows,
                    "contract": contract.id, "buyer_org": BUYER_ORG}

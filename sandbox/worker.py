@@ -66,7 +66,7 @@ from sandbox.release.jobs import (
 )
 from sandbox.release.review import sign_manifest
 from sandbox.release.routing import LOG_PATHS, name_problem, route_outputs
-from sandbox.release.status import Origin
+from sandbox.release.status import Origin, OutputStatus
 from sandbox.release.tables import earlier_releases, platform_dir
 from sandbox.store.models import Contract, ImageRecord, Job, JobOutput, WorkerRecord
 from sandbox.training import runs as training_runs
@@ -369,6 +369,13 @@ class Worker:
                                                              else "before its rows left the worker"))
 
     def _remove(self, job_id: str, *, known: bool) -> None:
+        if known:
+            with self.context() as ctx:
+                job = ctx.session.get(Job, job_id, with_for_update=True)
+                if job is not None and job.state == JobState.CANCELLED.value:
+                    # Cancelled while it ran: its usage stops at the last figure recorded, which nothing
+                    # audited yet (a second call, after a restart, records the same total: it adds nothing).
+                    _audit_usage(ctx, job)
         self.runner.terminate(job_id)
         self.runner.cleanup(job_id)
         self._close_dp_socket(job_id)
@@ -388,6 +395,7 @@ class Worker:
             with self.context() as ctx:
                 job = ctx.session.get(Job, job_id, with_for_update=True)
                 if job is not None and job.state == JobState.RUNNING.value:
+                    _audit_usage(ctx, job)
                     move(ctx, job, JobState.FAILED, reason="the job's container vanished")
             return None
         if status.state is RunState.PREPARED:
@@ -421,8 +429,10 @@ class Worker:
             quota_s = float(quotas.get("cpu_hours", 0)) * 3600
             totals = usage_totals(ctx, job.contract_id)
             if totals["cpu_seconds"] > quota_s:
+                _audit_usage(ctx, job)
                 move(ctx, job, JobState.CANCELLED, reason="quota: the contract's CPU-hours are used up")
             elif gpus and totals["gpu_seconds"] > float(quotas.get("gpu_hours", 0)) * 3600:
+                _audit_usage(ctx, job)
                 move(ctx, job, JobState.CANCELLED, reason="quota: the contract's GPU-hours are used up")
 
     def _finish(self, job_id: str, status: RunStatus) -> None:
@@ -447,6 +457,7 @@ class Worker:
                                            artifacts=self.instance.settings.artifacts_dir)
             job.exit_code = status.exit_code
             job.usage = {**job.usage, **_usage(status, gpus=int(job.resources.get("gpus", 0)))}
+            _audit_usage(ctx, job)
             move(ctx, job, JobState.CHECKING, reason=_reason(status))
             self._check_outputs(ctx, job, collected, checked)
         self.runner.cleanup(job_id)
@@ -564,7 +575,8 @@ class Worker:
         store_dp_answers(ctx.session, job, policy=policy, artifacts=artifacts)
         ctx.session.refresh(job)
         ctx.record("job.outputs.checked", "job", job.id,
-                   outputs={o.path: o.status for o in job.outputs})
+                   outputs={o.path: o.status for o in job.outputs},
+                   bytes_released=sum(o.size for o in job.outputs if o.status == OutputStatus.RELEASED.value))
         sign_manifest(job, self.instance.signing_key)
         move(ctx, job, JobState.IN_REVIEW)
         settle_review(ctx, job)
@@ -701,6 +713,16 @@ class Worker:
         job.image_id, job.reason = record.image_id, ""
         ctx.record("job.image.pin", "job", job.id, image=job.image, image_id=record.image_id)
         return True
+
+
+def _audit_usage(ctx: Context, job: Job) -> None:
+    """The job's CPU and GPU seconds so far on the audit chain, where invoices read them (`sandbox.billing`).
+
+    Recorded once its run ends (a running total, so recording it again adds nothing), not at each of the
+    worker's frequent usage writes, which would flood the chain.
+    """
+    ctx.record("job.usage", "job", job.id, **{key: job.usage[key] for key in ("cpu_seconds", "gpu_seconds")
+                                               if key in job.usage})
 
 
 def _usage(status: RunStatus, *, gpus: int = 0) -> dict[str, float]:

@@ -117,7 +117,8 @@ def record_decisions(ctx: Context, job: Job, *, steward: Principal, release: lis
                                         OutputStatus.RELEASED if released else OutputStatus.BLOCKED).value
             output.decided_by, output.decided_at, output.comment = steward.sub, now, comment
         ctx.record(f"job.output.{decision}", "job", job.id, path=path, sha256=output.sha256, comment=comment,
-                   approvals=len(approvals(ctx, output)), needed=needed, status=output.status)
+                   approvals=len(approvals(ctx, output)), needed=needed, status=output.status,
+                   **({"bytes_released": output.size} if released else {}))
 
 
 def release_report(ctx: Context, job: Job, *, steward: bool, needed: int, reason: str) -> dict[str, Any]:

@@ -115,6 +115,8 @@ class Contract(Base):
     revoked_by: Mapped[str | None] = mapped_column(String(200), default=None)
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column()
+    # The price list (sandbox.billing.prices.PriceList.stored): decimal strings; {} prices nothing.
+    prices: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class IssuedToken(Base):

@@ -67,6 +67,7 @@ ROLE_TABLE: dict[tuple[str, str], frozenset[Role]] = {
     ("GET", "/v1/reviews/{job_id}/files/{path}"): STEWARD,
     ("POST", "/v1/reviews/{job_id}/decisions"): STEWARD,
     ("GET", "/v1/usage"): JOB_READERS,
+    ("GET", "/v1/invoices"): JOB_READERS,
     ("GET", "/v1/signing-key"): ANY_ROLE,
     ("POST", "/v1/queries"): BUYER,
     ("GET", "/v1/budgets"): JOB_READERS,
