@@ -125,6 +125,13 @@ def issue_session_token(ctx: Context, job: Job, principal: Principal) -> str:
     return token
 
 
+def open_session(ctx: Context, *, contract_id: str, dataset: str, version: int | None = None) -> tuple[str, str]:
+    """Start or reuse the calling buyer's session (`start_session`) and issue it a new token: its id and token."""
+    buyer = ctx.require_role(Role.BUYER)
+    job, _ = start_session(ctx, contract_id=contract_id, dataset=dataset, version=version)
+    return job.id, issue_session_token(ctx, job, buyer)
+
+
 def session_access(ctx: Context, job_id_: str, *, token: str | None, principal: Principal | None) -> Job:
     """The running session that `token` (a session token) or `principal` (a service token) may use.
 
@@ -157,6 +164,14 @@ def session_access(ctx: Context, job_id_: str, *, token: str | None, principal: 
     if problems:
         raise Forbidden("; ".join(problems), object=job.id)
     return job
+
+
+def session_token_expiry(ctx: Context, token: str) -> datetime:
+    """When a session token (already checked by `session_access`) expires: a browser's cookie lasts no longer."""
+    record = ctx.session.get(NotebookToken, _hash(token))
+    if record is None:
+        raise Forbidden("no access to this notebook session")
+    return record.expires_at
 
 
 def get_session(ctx: Context, identifier: str) -> Job:

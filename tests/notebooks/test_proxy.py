@@ -218,3 +218,172 @@ def test_an_output_reaches_the_client_only_after_its_audit_event_committed(nb_wo
                     and message["content"]["execution_state"] == "idle"):
                 break
     assert json.dumps(cells)
+
+
+# -- JupyterLab in a browser: its routes, the session cookie, and the Origin rule --------------------------------------
+
+LAB_ROUTES = ["lab", "lab/tree/a b.ipynb", "lab/tree/notes/x..y.ipynb", "lab/workspaces/default",
+              "lab/workspaces/auto-x/tree/nb.ipynb", "lab/api/settings",
+              "lab/api/settings/@jupyterlab/codemirror-extension:plugin", "lab/api/translations/default",
+              "lab/api/workspaces/default", "lab/api/themes/@jupyterlab/theme-light-extension/index.css",
+              "lab/extensions/jupyterlab_pygments/static/remoteEntry.5cbb.js", "static/lab/main.efd3.js",
+              "static/favicons/favicon-busy-1.ico"]
+NOT_FOR_BROWSERS = ["api/terminals", "api/terminals/1", "terminals/websocket/1", "lab/api/extensions",
+                    "lab/api/extensions/x", "lab/api/build", "lab/api/plugins", "lab/api/listings/x.json",
+                    "lab/api/news", "lab/api/update", "lab/api/licenses", "api/shutdown", "api/events",
+                    "api/events/subscribe", "api/nbconvert", "nbconvert/html/a.ipynb", "api/config/notebook",
+                    "api/security/csp-report", "lab/workspaces/a/b", "lab/workspaces/a.b", "lab/apix", "lab/", "doc",
+                    "tree", "notebooks/a.ipynb", "static/style/x.css", "static/lab", "lab/extensions", "login",
+                    "logout"]
+LAB_CLIMBS = ["static/lab/../../api/config/notebook", "static/lab/%2e%2e/%2e%2e/api/shutdown",
+              "lab/tree/../../api/terminals", "lab/tree/..;/..;/api/shutdown", "lab/tree/%252e%252e/api/shutdown",
+              "lab/extensions/%2e%2e/%2e%2e/api/shutdown", "lab/extensions/x/..%2f..%2f..%2fapi/shutdown",
+              "lab/api/settings/..%5c..%5capi/shutdown", "lab/api/workspaces/%2e%2e/extensions",
+              "lab/workspaces/x/tree/../../../api/events/subscribe", "static/favicons/%00/../../api/shutdown",
+              "lab/tree//../api/shutdown"]
+
+
+@pytest.mark.parametrize("path", LAB_ROUTES)
+def test_jupyterlabs_routes_are_forwarded(path: str) -> None:
+    assert forwardable_path(path, f"/notebooks/j/{path.replace(' ', '%20')}".encode()) == path
+
+
+@pytest.mark.parametrize("path", NOT_FOR_BROWSERS)
+def test_routes_lab_does_not_get_are_refused(path: str) -> None:
+    with pytest.raises(NotFound):
+        forwardable_path(path, f"/notebooks/j/{path}".encode())
+
+
+@pytest.mark.parametrize("path", LAB_CLIMBS)
+def test_no_climb_out_of_labs_prefixes(path: str) -> None:
+    from urllib.parse import unquote
+
+    with pytest.raises(NotFound):
+        forwardable_path(unquote(path.replace("%2f", "/")), f"/notebooks/j/{path}".encode())
+
+
+def _connection(headers: dict[str, str], *, method: str = "POST", kind: str = "http", scheme: str = "http",
+                query: str = "") -> Any:
+    from starlette.requests import HTTPConnection
+
+    scope = {"type": kind, "method": method, "scheme": scheme, "path": "/notebooks/j/api/contents",
+             "query_string": query.encode(), "server": ("svc.example", 8000),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    return HTTPConnection(scope)
+
+
+def test_credentials_come_from_the_header_then_the_query_then_the_cookie() -> None:
+    from sandbox.api.routes.notebook_proxy import SESSION_COOKIE, _credentials
+
+    cookie = {"Cookie": f"other=1; {SESSION_COOKIE}=from-cookie"}
+    assert _credentials(_connection(cookie)).token == "from-cookie"
+    assert _credentials(_connection(cookie)).source == "cookie"
+    assert _credentials(_connection(cookie, query="token=from-query")).source == "query"
+    both = _credentials(_connection({**cookie, "Authorization": "token from-header"}, query="token=q"))
+    assert (both.token, both.source) == ("from-header", "header")
+    bearer = _credentials(_connection({**cookie, "Authorization": "Bearer a.b.c"}))
+    assert (bearer.jwt, bearer.token, bearer.source) == ("a.b.c", None, "bearer")
+    assert _credentials(_connection({"Cookie": "other=1"})).source == "none"
+    assert _credentials(_connection({"Cookie": f"{SESSION_COOKIE}="})).source == "none"
+
+
+def test_cookie_requests_that_change_things_and_cookie_websockets_need_the_services_origin() -> None:
+    from sandbox.api.routes.notebook_proxy import SESSION_COOKIE, _credentials, check_origin
+    from sandbox.errors import Forbidden
+
+    def check(headers: dict[str, str], public_url: str | None = None, **scope: Any) -> bool:
+        connection = _connection({"Host": "svc.example:8000", "Cookie": f"{SESSION_COOKIE}=t", **headers}, **scope)
+        try:
+            check_origin(connection, _credentials(connection), public_url)
+        except Forbidden:
+            return False
+        return True
+
+    assert check({"Origin": "http://svc.example:8000"})
+    assert check({"Origin": "HTTP://SVC.example:8000"}), "origins compare without case"
+    for origin in ("http://evil.example", "null", "https://svc.example:8000", "http://svc.example:8000.evil.example",
+                   "http://svc.example"):
+        assert not check({"Origin": origin}), origin
+    assert not check({}), "a cookie POST without an Origin"
+    for method in ("PUT", "PATCH", "DELETE"):
+        assert not check({"Origin": "http://evil.example"}, method=method)
+    assert check({"Origin": "http://evil.example"}, method="GET"), "reads are not checked (SameSite guards them)"
+    assert not check({"Origin": "http://evil.example"}, kind="websocket", method="GET")
+    assert not check({}, kind="websocket")
+    assert check({"Origin": "http://svc.example:8000"}, kind="websocket", scheme="ws")
+    assert check({"Origin": "https://svc.example:8000"}, kind="websocket", scheme="wss")
+    # Behind a TLS proxy the request is plain http on another host: the public URL names the origin.
+    assert check({"Origin": "https://notebooks.example"}, public_url="https://notebooks.example/")
+    assert not check({"Origin": "https://evil.example"}, public_url="https://notebooks.example/")
+    # A client that presents its credential itself needs no Origin.
+    token = {"Authorization": "token t", "Origin": "http://evil.example"}
+    assert check(token) and check(token, kind="websocket")
+    assert check({"Origin": "http://evil.example"}, query="token=t")
+
+
+def test_the_lab_page_config_carries_no_token_paths_or_builds() -> None:
+    from sandbox.notebooks.jupyter.server import DISABLED_LAB_PLUGINS, browser_page_config
+
+    given = {"token": "internal-secret", "serverRoot": "/home/x/notebooks/j/mnt", "appSettingsDir": "/venv/x",
+             "userSettingsDir": "/home/x", "labextensionsPath": ["/venv/share"], "buildAvailable": True,
+             "buildCheck": True, "disabledExtensions": ["some-plugin"], "baseUrl": "/notebooks/j/"}
+    shown = browser_page_config(None, dict(given))
+    assert "internal-secret" not in json.dumps(shown)
+    assert shown["token"] == "" and shown["serverRoot"] == "" and not shown["buildAvailable"]
+    assert not any(key.endswith("Dir") for key in shown) and "labextensionsPath" not in shown
+    assert shown["disabledExtensions"] == ["some-plugin", *DISABLED_LAB_PLUGINS]
+    assert shown["baseUrl"] == "/notebooks/j/"
+
+
+def test_the_lab_url_swaps_its_token_for_a_strict_cookie(nb_world: NotebookWorld) -> None:
+    from sandbox.api.routes.notebook_proxy import SESSION_COOKIE
+
+    session = nb_world.session("trusted")
+    path = f"/notebooks/{session['id']}/"
+    answer = httpx.get(f"{session['url']}lab/tree/a%20b.ipynb?reset&token={session['token']}")
+    assert answer.status_code == 303, answer.text
+    assert answer.headers["location"] == f"{path}lab/tree/a%20b.ipynb?reset=", answer.headers["location"]
+    cookie = answer.headers["set-cookie"]
+    assert cookie.startswith(f"{SESSION_COOKIE}={session['token']};"), cookie
+    flags = {part.strip().split("=")[0].lower(): part.strip() for part in cookie.split(";")[1:]}
+    assert "httponly" in flags and flags["samesite"].lower() == "samesite=strict", cookie
+    assert flags["path"] == f"Path={path}" and "secure" not in flags, cookie
+    assert 0 < int(flags["max-age"].split("=")[1]) <= 3600 * 24, cookie
+    assert session["token"] not in answer.text
+    # Only a page trades the token: an API request with `?token=` is answered as before, with no cookie.
+    api = httpx.get(f"{session['url']}api/status?token={session['token']}")
+    assert api.status_code == 200 and "set-cookie" not in api.headers
+    refused = httpx.get(f"{session['url']}lab?token=not-{session['token']}")
+    assert refused.status_code == 403 and "set-cookie" not in refused.headers
+    settings = nb_world.instance.settings
+    settings.public_url = "https://notebooks.example"
+    try:
+        secure = httpx.get(f"{session['url']}lab?token={session['token']}")
+        assert "secure" in secure.headers["set-cookie"].lower(), "a service served over TLS sets a Secure cookie"
+    finally:
+        settings.public_url = None
+    page = httpx.get(f"{session['url']}lab", cookies={SESSION_COOKIE: session["token"]})
+    assert page.status_code == 200 and "jupyter-config-data" in page.text, page.text[:200]
+
+
+def test_lab_climbs_never_reach_the_server(nb_world: NotebookWorld) -> None:
+    session = nb_world.session("trusted")
+    reached = []
+    for path in LAB_CLIMBS:
+        status, kind, body = _raw_get(session["url"], path, session["token"])
+        if status < 300 or not (kind.startswith("application/problem+json") or status == 400):
+            reached.append(f"{path} -> {status} {kind} {body[:80]}")
+    assert not reached, "the allow-list was bypassed:\n" + "\n".join(reached)
+    status, _, body = _raw_get(session["url"], "api/status", session["token"])
+    assert status == 200, body
+
+
+def test_jupyters_html_error_page_does_not_carry_the_servers_token(nb_world: NotebookWorld) -> None:
+    """Jupyter's HTML error page names the server's token (`page.html`): only its status reaches the client."""
+    session = nb_world.session("trusted")
+    internal = nb_world.server(session["id"]).spec.internal_token
+    for path in ("files/missing.py", "lab/tree/missing.ipynb", "lab/workspaces/x/tree/y"):
+        answer = httpx.get(f"{session['url']}{path}", headers={"Authorization": f"token {session['token']}"})
+        assert internal not in answer.text and internal not in str(answer.headers), f"{path} carried the token"
+    missing = httpx.get(f"{session['url']}files/missing.py", headers={"Authorization": f"token {session['token']}"})
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json", missing.text

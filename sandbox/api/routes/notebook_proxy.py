@@ -3,7 +3,16 @@
 Clients (JupyterLab, VS Code, jupyter_client) use `<service>/notebooks/<id>/` with the session token as
 Jupyter expects it (`Authorization: token ...` or `?token=`), or the service's own JWT as a bearer token.
 The proxy checks it on every request and every websocket, strips it, and talks to the server over its
-Unix socket with a token only the service knows. Only the Jupyter APIs a client needs are forwarded.
+Unix socket with a token only the service knows. Only the Jupyter APIs a client needs are forwarded, and
+JupyterLab's page with the routes it loads.
+
+A browser opens `<service>/notebooks/<id>/lab?token=<session token>`: the proxy checks the token, sets a
+cookie that carries it (HttpOnly, SameSite=Strict, this session's path, Secure over TLS, expiring with
+the token) and redirects to the URL without it. The cookie then stands for the token, checked as the
+token is on every request, but a request it authenticates that changes something (POST, PUT, PATCH,
+DELETE) or opens a kernel websocket must come from the service's own origin (`Origin`): another site's
+page cannot use the buyer's browser to run code or read outputs (cross-site request forgery, cross-site
+websocket hijacking).
 
 The worker runs the servers (`sandbox.notebooks.servers`). The proxy finds a session's server where the
 worker announced it (`sandbox.notebooks.endpoint`); while there is none, or it does not answer (a session
@@ -15,16 +24,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, TypeVar
-from urllib.parse import unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 import websockets
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import unix_connect
@@ -34,7 +47,7 @@ from sandbox.auth.tokens import Principal
 from sandbox.errors import Conflict, Forbidden, NotFound, SandboxError, Unauthorized
 from sandbox.instance import Instance
 from sandbox.notebooks.endpoint import ServerEndpoint, ServerFailure, read_server, server_dir
-from sandbox.notebooks.sessions import session_access
+from sandbox.notebooks.sessions import session_access, session_token_expiry
 from sandbox.security_log import SecurityLog, audit_refusal, mark_recorded, was_recorded
 
 router = APIRouter(tags=["notebooks"], include_in_schema=False)
@@ -43,8 +56,17 @@ router = APIRouter(tags=["notebooks"], include_in_schema=False)
 SERVER_WAIT_S = 30.0
 POLL_S = 0.2
 
-# What a Jupyter client needs; terminals, nbconvert, server shutdown, events and extensions are not forwarded.
-FORWARDED = re.compile(r"^(api/?|api/(status|me|kernelspecs|kernels|sessions|contents)(/.*)?|files/.+|kernelspecs/.+)$")
+# What a Jupyter client needs, and JupyterLab's page, static files, settings, themes, translations and
+# workspaces. Terminals, nbconvert, server shutdown, events, Lab's extension manager, builds and plugin
+# switches are not forwarded.
+FORWARDED = re.compile(
+    r"^(api/?|api/(status|me|kernelspecs|kernels|sessions|contents)(/.*)?|files/.+|kernelspecs/.+"
+    r"|lab(/workspaces/[A-Za-z0-9_-]+)?(/tree/.*)?|lab/api/(settings|translations|workspaces|themes)(/.*)?"
+    r"|lab/extensions/.+|static/(lab|favicons)/.+)$")
+# JupyterLab's page routes: where a browser arrives with `?token=` and leaves with a cookie.
+PAGE = re.compile(r"^lab(/workspaces/[A-Za-z0-9_-]+)?(/tree/.*)?$")
+SESSION_COOKIE = "sandbox-notebook"
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "content-length", "content-encoding", "authorization",
                         "cookie", "host", "set-cookie", "origin", "referer"})
@@ -100,23 +122,75 @@ def _path_problem(form: str) -> str | None:
     return None
 
 
-def _credentials(headers: Any, query: Any) -> tuple[str | None, str | None]:
-    """(session token, bearer JWT) from the request, whichever was given."""
-    header = headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
+class Source(StrEnum):
+    """Where a request's credential came from."""
+
+    HEADER = "header"  # Authorization: token <session token>
+    BEARER = "bearer"  # Authorization: Bearer <service JWT>
+    QUERY = "query"  # ?token=<session token>
+    COOKIE = "cookie"  # SESSION_COOKIE, set when a browser opened the lab URL
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a request presents: a session token or a service JWT (or nothing), and from where."""
+
+    token: str | None = None
+    jwt: str | None = None
+    source: Source = Source.NONE
+
+
+def _credentials(connection: HTTPConnection) -> Credentials:
+    """The request's credentials, the first of: `Authorization` (token or bearer), `?token=`, the cookie."""
+    scheme, _, value = connection.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "token" and value.strip():
-        return value.strip(), None
+        return Credentials(token=value.strip(), source=Source.HEADER)
     if scheme.lower() == "bearer" and value.strip():
-        return None, value.strip()
-    token = query.get("token")
-    return (token, None) if token else (None, None)
+        return Credentials(jwt=value.strip(), source=Source.BEARER)
+    token = connection.query_params.get("token")
+    if token:
+        return Credentials(token=token, source=Source.QUERY)
+    cookie = connection.cookies.get(SESSION_COOKIE)
+    if cookie:
+        return Credentials(token=cookie, source=Source.COOKIE)
+    return Credentials()
 
 
-def _authorise(instance: Instance, job_id: str, headers: Any, query: Any) -> Principal | None:
+def own_origins(connection: HTTPConnection, public_url: str | None) -> set[str]:
+    """The origins the service answers as: the request's own (scheme and Host) and the public URL's."""
+    scheme = "https" if connection.url.scheme in ("https", "wss") else "http"
+    origins = {f"{scheme}://{connection.headers.get('host', '')}".lower()}
+    if public_url:
+        parts = urlsplit(public_url)
+        origins.add(f"{parts.scheme}://{parts.netloc}".lower())
+    return origins
+
+
+def check_origin(connection: HTTPConnection, credentials: Credentials, public_url: str | None) -> None:
+    """Refuse (403) a cookie-authenticated request that changes something, or a cookie-authenticated websocket,
+    unless it comes from the service's own origin: the browser adds the cookie whoever made the request.
+
+    A client that presents its credential itself (a header, the query) shows that it holds it: no Origin needed.
+    """
+    if credentials.source is not Source.COOKIE:
+        return
+    websocket = connection.scope["type"] == "websocket"
+    if not websocket and connection.scope.get("method") not in UNSAFE_METHODS:
+        return
+    origin = connection.headers.get("origin", "").lower()
+    if origin not in own_origins(connection, public_url):
+        what = "a kernel websocket" if websocket else "a request that changes something"
+        raise Forbidden(f"{what} with the session cookie must come from the service's own origin, not "
+                        f"{origin[:80] or 'an unnamed one'}")
+
+
+def _authorise(instance: Instance, job_id: str, credentials: Credentials) -> Principal | None:
     """The verified service-token caller, if one was given; raises when access is refused."""
-    token, jwt = _credentials(headers, query)
+    token, jwt = credentials.token, credentials.jwt
     if token is None and jwt is None:
-        raise Unauthorized("a notebook session token (Authorization: token ...) or a bearer token is needed")
+        raise Unauthorized("a notebook session token (Authorization: token ..., or open the session's lab URL) "
+                           "or a bearer token is needed")
     principal: Principal | None = None
     if jwt is not None:
         principal = instance.verifier.verify(jwt)
@@ -153,9 +227,12 @@ class NotebookUnavailable(SandboxError):
     slug = "notebook-unavailable"
 
 
-async def _check_access(instance: Instance, job_id: str, connection: HTTPConnection) -> None:
+async def _check_access(instance: Instance, job_id: str, connection: HTTPConnection) -> Credentials:
+    """The request's credentials, once they open the session (and, for the cookie, come from our origin)."""
+    credentials = _credentials(connection)
     try:
-        await run_in_threadpool(_authorise, instance, job_id, connection.headers, connection.query_params)
+        check_origin(connection, credentials, instance.settings.public_url)
+        await run_in_threadpool(_authorise, instance, job_id, credentials)
     except (Unauthorized, Forbidden) as refusal:
         # Nobody identified (no token, a bad one, a session token that opens nothing): the rate-limited
         # security log with bounded fields, never the signed chain (review 11.11).
@@ -169,6 +246,24 @@ async def _check_access(instance: Instance, job_id: str, connection: HTTPConnect
     except Conflict:  # the session ended (stopped, cancelled): the worker takes its server down
         _wake_worker(connection)
         raise
+    return credentials
+
+
+def _session_cookie(instance: Instance, job_id: str, request: Request, token: str) -> RedirectResponse:
+    """303 to the page's URL without the token, setting the cookie that stands for it from then on."""
+    with _system_read(instance) as ctx:
+        expires = session_token_expiry(ctx, token)
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else quote(request.url.path)
+    query = httpx.QueryParams([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+    answer = RedirectResponse(f"{path}?{query}" if query else path, status_code=303)
+    public_url = instance.settings.public_url or ""
+    answer.set_cookie(SESSION_COOKIE, token, max_age=max(0, int((expires - datetime.now(UTC)).total_seconds())),
+                      path=f"/notebooks/{job_id}/", httponly=True, samesite="strict",
+                      secure=request.url.scheme == "https" or public_url.startswith("https://"))
+    answer.headers["cache-control"] = "no-store"
+    answer.headers["referrer-policy"] = "no-referrer"
+    return answer
 
 
 Answer = TypeVar("Answer")
@@ -208,23 +303,37 @@ async def _with_server(connection: HTTPConnection, job_id: str,
 async def forward(job_id: str, path: str, request: Request) -> Response:
     instance: Instance = request.app.state.instance
     path = forwardable_path(path, request.scope.get("raw_path"))
-    await _check_access(instance, job_id, request)
+    credentials = await _check_access(instance, job_id, request)
+    if request.method == "GET" and credentials.source is Source.QUERY and credentials.token and PAGE.match(path):
+        return await run_in_threadpool(_session_cookie, instance, job_id, request, credentials.token)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
     query = httpx.QueryParams([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
     body = await request.body()
 
-    async def send(server: ServerEndpoint) -> httpx.Response:
+    async def send(server: ServerEndpoint) -> tuple[httpx.Response, str]:
         transport = httpx.AsyncHTTPTransport(uds=server.socket)
         async with httpx.AsyncClient(transport=transport, timeout=120.0) as client:
-            return await client.request(request.method, f"http://localhost{server.base_url}{path}", params=query,
-                                        headers={**headers, "authorization": f"token {server.internal_token}"},
-                                        content=body)
+            answer = await client.request(request.method, f"http://localhost{server.base_url}{path}", params=query,
+                                          headers={**headers, "authorization": f"token {server.internal_token}"},
+                                          content=body)
+            return answer, server.internal_token
 
     try:
-        answer = await _with_server(request, job_id, send)
+        answer, internal_token = await _with_server(request, job_id, send)
     except httpx.TransportError as error:
         raise _Unavailable(f"the notebook server did not answer: {error}") from error
     kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
+    # The server's own token opens it to anyone who reaches its socket. JupyterLab would put it in its page
+    # (the server's config takes it out: `jupyter.server.browser_page_config`), and Jupyter's HTML error page
+    # names it (`page.html`, e.g. a 404 from `files/`): such an error goes on as its status alone.
+    secret = internal_token.encode()
+    if secret in answer.content or any(secret in f"{k}: {v}".encode() for k, v in kept.items()):
+        if answer.status_code < 400:
+            raise _Unavailable("the notebook server's answer carried its own token, so it was not relayed")
+        problem = {"type": "about:blank", "title": answer.reason_phrase or "Error", "status": answer.status_code,
+                   "detail": f"the notebook server answered {answer.status_code}"}
+        return Response(content=json.dumps(problem), status_code=answer.status_code,
+                        media_type="application/problem+json")
     return Response(content=answer.content, status_code=answer.status_code, headers=kept)
 
 
@@ -290,7 +399,7 @@ async def forward_websocket(websocket: WebSocket, job_id: str, path: str) -> Non
         while True:
             await asyncio.sleep(instance.settings.notebook_access_check_s)
             try:
-                await run_in_threadpool(_authorise, instance, job_id, websocket.headers, websocket.query_params)
+                await run_in_threadpool(_authorise, instance, job_id, _credentials(websocket))
             except SandboxError as error:
                 lapsed.append(error.detail[:120])
                 return

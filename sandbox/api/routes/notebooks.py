@@ -48,9 +48,7 @@ def _url(request: Request, instance: Instance, job_id: str) -> str:
 
 def _start(instance: Instance, buyer: Principal, body: NotebookRequest) -> tuple[str, str]:
     with instance.context(buyer) as ctx:
-        job, _ = sessions.start_session(ctx, contract_id=body.contract, dataset=body.dataset, version=body.version)
-        token = sessions.issue_session_token(ctx, job, buyer)
-        return job.id, token
+        return sessions.open_session(ctx, contract_id=body.contract, dataset=body.dataset, version=body.version)
 
 
 def _stop(instance: Instance, principal: Principal, identifier: str) -> str:
@@ -73,8 +71,11 @@ async def start_notebook(body: NotebookRequest, request: Request, instance: Inst
     """Start or reuse the buyer's Jupyter server for (contract, dataset): its URL and a new session token."""
     identifier, token = await run_in_threadpool(_start, instance, buyer, body)
     wake_worker(request)
-    return await run_in_threadpool(_view, instance, buyer, identifier, url=_url(request, instance, identifier),
-                                   token=token)
+    url = _url(request, instance, identifier)
+    view = await run_in_threadpool(_view, instance, buyer, identifier, url=url, token=token)
+    # A browser opens this once: the proxy swaps the token for a cookie and drops it from the address.
+    view["lab_url"] = f"{url}lab?token={token}"
+    return view
 
 
 @router.get("/notebooks", response_model=list[schemas.NotebookSession], response_model_exclude_unset=True)

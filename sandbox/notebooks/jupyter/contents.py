@@ -185,7 +185,7 @@ class WorkspaceContentsManager(FileContentsManager):
             format: str | None = None, require_hash: bool = False) -> dict[str, Any]:
         host = self._guard(path)
         if self._verified_only:
-            return self._verified_get(path, content=content, type=type, format=format)
+            return self._verified_get(path, content=content, type=type, format=format, require_hash=require_hash)
         if host.is_dir() or type == "directory":
             model: dict[str, Any] = super().get(path, content=content, type=type, format=format,
                                                 require_hash=require_hash)
@@ -206,7 +206,8 @@ class WorkspaceContentsManager(FileContentsManager):
         if content and format == "base64":
             raise web.HTTPError(403, "workspace files are served as text only")
 
-    def _verified_get(self, path: str, *, content: bool, type: str | None, format: str | None) -> dict[str, Any]:
+    def _verified_get(self, path: str, *, content: bool, type: str | None, format: str | None,
+                      require_hash: bool = False) -> dict[str, Any]:
         path = _clean(path)
         folders = self._visible_folders()
         if path in folders and (type in (None, "directory")) and super().dir_exists(path):
@@ -228,6 +229,8 @@ class WorkspaceContentsManager(FileContentsManager):
             raise web.HTTPError(404, f"no such file: {path}")
         self._check_served(path, content=content, format=format)
         model = super().get(path, content=False, type=type)
+        if require_hash:  # JupyterLab asks for it; the hash of the bytes shown, which the client saved itself
+            model.update(self._get_hash(data))
         if not content:
             return model
         try:

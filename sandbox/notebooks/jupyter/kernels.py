@@ -27,6 +27,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+from jupyter_server.services.sessions.sessionmanager import SessionManager
 from tornado import web
 from traitlets import Instance, default
 
@@ -117,6 +118,30 @@ class SandboxKernelManager(AsyncMappingKernelManager):
         model: dict[str, Any] = super().kernel_model(kernel_id)
         return {"id": model["id"], "name": KERNEL_NAME, "last_activity": model["last_activity"],
                 "execution_state": REST_EXECUTION_STATE, "connections": int(model.get("connections") or 0)}
+
+
+class SandboxSessionManager(SessionManager):
+    """Creates one session per path at a time, so two requests at once share one kernel.
+
+    JupyterLab opening a notebook may ask for its session twice at once; Jupyter's handler checks for a
+    session before creating one, so both requests started a kernel container, and the browser could stay
+    attached to the one that was then shut down, its cells never running.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._creating: dict[str, asyncio.Lock] = {}
+
+    async def create_session(self, path: str | None = None, name: Any = None, type: str | None = None,
+                             kernel_name: Any = None, kernel_id: str | None = None) -> dict[str, Any]:
+        lock = self._creating.setdefault(path or "", asyncio.Lock())
+        async with lock:
+            if path is not None and await self.session_exists(path=path):
+                existing: dict[str, Any] = await self.get_session(path=path)
+                return existing
+            created: dict[str, Any] = await super().create_session(path=path, name=name, type=type,
+                                                                   kernel_name=kernel_name, kernel_id=kernel_id)
+            return created
 
 
 class KernelFolders:

@@ -3,8 +3,10 @@
 A stock jupyter_server, configured so that it listens on a Unix socket only, knows one kernel (the
 sandbox container, run by the worker's kernel runner), filters every kernel message in its websocket
 bridge, serves notebooks and code from the workspace only, has no terminals, culls idle kernels and
-rate-limits output. `main()` builds the session's `Runtime` once and hands it to every part through
-the server's traitlets config.
+rate-limits output. It serves JupyterLab's page (the `jupyterlab` extension, the only one it loads) with
+no extension manager that installs, no build, no news or update checks, and no token in the page.
+`main()` builds the session's `Runtime` once and hands it to every part through the server's traitlets
+config.
 """
 
 from __future__ import annotations
@@ -42,8 +44,17 @@ def server_config(rt: Runtime) -> Config:
     app.kernel_websocket_connection_class = f"{PACKAGE}.bridge.FilteredKernelConnection"
     app.kernel_manager_class = f"{PACKAGE}.kernels.SandboxKernelManager"
     app.kernel_spec_manager_class = f"{PACKAGE}.kernels.SandboxKernelSpecManager"
+    app.session_manager_class = f"{PACKAGE}.kernels.SandboxSessionManager"
     app.contents_manager_class = f"{PACKAGE}.contents.WorkspaceContentsManager"
-    app.jpserver_extensions = {}
+    # JupyterLab's page and its settings, themes and workspaces APIs, and no other extension installed on
+    # the machine (`main` does not look for any): not jupyter-lsp, not a terminal or a collaboration server.
+    app.jpserver_extensions = {"jupyterlab": True}
+    app.tornado_settings = {"page_config_hook": browser_page_config}
+    lab: Any = config.LabApp
+    lab.extension_manager = "readonly"  # lists what is installed; never runs pip for the browser
+    lab.news_url = None  # the page would fetch jupyterlab.github.io; the server has no network anyway
+    lab.check_for_updates_class = "jupyterlab.handlers.announcements.NeverCheckForUpdate"
+    lab.lock_all_plugins = True
     # The session's collaborators, passed to each part that needs them.
     for part in ("FilteredKernelConnection", "SandboxKernelManager", "SandboxKernelProvisioner",
                  "WorkspaceContentsManager"):
@@ -67,6 +78,28 @@ def server_config(rt: Runtime) -> Config:
     config.FileContentsManager.delete_to_trash = False
     config.FileContentsManager.always_delete_dir = True
     return config
+
+
+# Lab plugins whose server side is not forwarded (`notebook_proxy.FORWARDED`), turned off in the page so
+# that it does not ask for them.
+DISABLED_LAB_PLUGINS = ("@jupyterlab/extensionmanager-extension", "@jupyterlab/lsp-extension",
+                        "@jupyterlab/fileeditor-extension:language-server",
+                        "@jupyterlab/notebook-extension:language-server", "@jupyterlab/terminal-extension",
+                        "@jupyterlab/notebook-extension:export", "@jupyterlab/apputils-extension:announcements")
+
+
+def browser_page_config(handler: Any, page_config: dict[str, Any]) -> dict[str, Any]:
+    """JupyterLab's page config as the browser gets it: without the server's token, builds or server paths.
+
+    The browser authenticates to the service, never to this server: the token JupyterLab would embed is the
+    internal one the proxy presents upstream (`SessionSpec.internal_token`), and must not reach the page.
+    """
+    shown = {key: value for key, value in page_config.items()
+             if not (key.endswith("Dir") or key in ("labextensionsPath", "templatePaths", "staticPaths"))}
+    disabled = dict.fromkeys(shown.get("disabledExtensions") or [])
+    shown.update(token="", serverRoot="", buildAvailable=False, buildCheck=False, quitButton=False,
+                 disabledExtensions=[*disabled, *DISABLED_LAB_PLUGINS])
+    return shown
 
 
 def stop_with_parent(interval_s: float = 0.5) -> None:
