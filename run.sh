@@ -95,6 +95,8 @@ case "${1:-}" in
     ensure_postgres
     ensure_docker
     if ! command -v docker-compose >/dev/null 2>&1; then apt_install docker-compose; fi
+    # The console and JupyterLab tests drive Debian's chromium through Playwright.
+    if ! command -v chromium >/dev/null 2>&1; then apt_install chromium; fi
     log "building the job and deployment images (reused when up to date)"
     "$VENV/bin/sandbox" images build
     log "running the test suite on SQLite and PostgreSQL"

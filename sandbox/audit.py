@@ -14,12 +14,13 @@ from typing import Any
 import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import ColumnElement, String, and_, cast, exists, func, or_, select, union
 from sqlalchemy import event as orm_event
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sandbox.auth.tokens import Principal
-from sandbox.store.models import AuditEvent, AuditHead
+from sandbox.auth.tokens import Principal, Role
+from sandbox.errors import Forbidden
+from sandbox.store.models import AuditEvent, AuditHead, Contract, Dataset, Job
 
 GENESIS_HASH = "0" * 64
 log = structlog.get_logger(__name__)
@@ -290,3 +291,61 @@ def verify_chain(session: Session, public_key: Ed25519PublicKey,
             "events were deleted (or the database was restored from an older copy)",
         )
     return ChainReport(True, count)
+
+
+def verify_stored_chain(session: Session, public_key: Ed25519PublicKey, checkpoint_path: Path) -> ChainReport:
+    """The chain checked link by link and against the instance's own checkpoints (`GET /v1/audit/verify`)."""
+    checkpoints, _ = instance_checkpoints(checkpoint_path)
+    return verify_chain(session, public_key, checkpoints)
+
+
+def steward_events(org: str) -> ColumnElement[bool]:
+    """The events a steward of `org` reads: those of its own people, those about its own datasets,
+    contracts and the jobs under them (whoever acted, refusals included), and the service's own
+    instance, image and shipped-policy events. Another org's business stays theirs (review 11.10)."""
+    granted = select(Contract.id).where(Contract.owner_org == org)
+    own_objects = union(select(Dataset.name).where(Dataset.owner_org == org), granted,
+                        select(Job.id).where(Job.contract_id.in_(granted)))
+    # A prefix compare, not LIKE: '_' is a wildcard there and may appear in dataset names.
+    prefix = func.substr(AuditEvent.object_id, 1, func.length(Dataset.name) + 1)
+    own_version = exists(select(Dataset.id).where(Dataset.owner_org == org, prefix == Dataset.name + "@"))
+    return or_(
+        AuditEvent.org == org,
+        and_(AuditEvent.object_type.in_(["dataset", "contract", "job", "request"]),
+             AuditEvent.object_id.in_(own_objects)),
+        # Versions, and what is done to one (a DP query names the dataset at its version: "name@3").
+        and_(AuditEvent.object_type.in_(["dataset_version", "dataset"]), own_version),
+        and_(AuditEvent.org == "-", AuditEvent.object_type.in_(["instance", "image", "policy"])),
+    )
+
+
+def read_events(session: Session, principal: Principal, log: AuditLog, *, limit: int, before: int | None = None,
+                action: str | None = None, actor: str | None = None, object_id: str | None = None,
+                text: str | None = None, seqs: Iterable[int] = ()) -> list[dict[str, Any]]:
+    """The events `principal` may read (a steward its org's, `steward_events`), newest first, each filter
+    exact but `text` (case-insensitive, anywhere in actor, action, object or details); the read is audited."""
+    if principal.role not in (Role.STEWARD, Role.AUDITOR):
+        raise Forbidden(f"role {principal.role.value!r} may not read the audit log (needs steward, auditor)")
+    query = select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)
+    if principal.role is Role.STEWARD:
+        query = query.where(steward_events(principal.org))
+    if before is not None:
+        query = query.where(AuditEvent.seq < before)
+    if action:
+        query = query.where(AuditEvent.action == action)
+    if actor:
+        query = query.where(AuditEvent.actor == actor)
+    if object_id:
+        query = query.where(AuditEvent.object_id == object_id)
+    wanted = sorted(set(seqs))
+    if wanted:
+        query = query.where(AuditEvent.seq.in_(wanted))
+    if text:
+        needle = text.lower()
+        query = query.where(or_(*(func.lower(column).contains(needle, autoescape=True) for column in (
+            AuditEvent.actor, AuditEvent.action, AuditEvent.object_type, AuditEvent.object_id,
+            cast(AuditEvent.details, String)))))
+    events = [{**event_fields(event), "hash": event.hash} for event in session.execute(query).scalars()]
+    log.record(session, actor=principal, action="audit.read", object_type="audit", object_id="-",
+               details={"count": len(events)})
+    return events

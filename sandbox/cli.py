@@ -468,12 +468,22 @@ def contract_create(
     delta: Annotated[float, typer.Option("--delta")] = 0.0,
     policy: Annotated[str, typer.Option("--policy", help="name or name@version")] = "default",
     purpose: Annotated[str, typer.Option("--purpose")] = "research",
+    price: Annotated[list[str] | None, typer.Option(
+        "--price", metavar="KEY=VALUE",
+        help="repeat for each price: currency=EUR, flat_per_period=500, cpu_hour=0.40, gpu_hour=2.5, epsilon=100, "
+             "released_gb=10 (decimals, at most 6 places; an item left out is free)")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a data-use contract for a buyer org."""
-    body = {"buyer_org": buyer_org, "datasets": dataset, "tier": tier,
-            "kinds": [k.strip() for k in kinds.split(",") if k.strip()], "purpose": purpose,
-            "valid_until": valid_until, "epsilon": epsilon, "delta": delta, "policy": policy}
+    body: dict[str, Any] = {"buyer_org": buyer_org, "datasets": dataset, "tier": tier,
+                            "kinds": [k.strip() for k in kinds.split(",") if k.strip()], "purpose": purpose,
+                            "valid_until": valid_until, "epsilon": epsilon, "delta": delta, "policy": policy}
+    if price:
+        pairs = [p.partition("=") for p in price]
+        if any(not key.strip() or not sep for key, sep, _ in pairs):
+            _fail("--price takes KEY=VALUE, such as cpu_hour=0.40")
+        # Sent as strings: the service reads them as exact decimals.
+        body["prices"] = {key.strip(): value.strip() for key, _, value in pairs}
     with _client() as client:
         created = _call(client.create_contract, body)
     if as_json:
@@ -927,8 +937,9 @@ def notebook_start(
     out.print(f"notebook {answer['id']} ({answer['tier']}, {answer['dataset']}@{answer['version']})")
     out.print(f"url:   {answer['url']}")
     out.print(f"token: {answer['token']}")
-    out.print("Connect JupyterLab or VS Code to the URL with the token (an existing Jupyter server). "
-              "Files leave only through `sandbox notebook export`.", style="dim")
+    out.print(f"browser: {answer['url']}lab?token={answer['token']}")
+    out.print("Open the browser URL for JupyterLab, or connect JupyterLab or VS Code to the URL with the token (an "
+              "existing Jupyter server). Files leave only through `sandbox notebook export`.", style="dim")
 
 
 @notebook_app.command("stop")
@@ -979,6 +990,29 @@ def budget_command(as_json: JsonOption = False) -> None:
                       f"{r['epsilon_remaining']:g}", "none" if r["dataset_epsilon_cap"] is None
                       else f"{r['dataset_epsilon_cap']:g}")
     _emit(rows, as_json, table)
+
+
+@app.command("invoice")
+def invoice_command(
+    period: Annotated[str | None, typer.Option("--period", metavar="YYYY-MM",
+                                               help="the month (UTC); default the current one")] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="print CSV: one row per invoice line")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Invoices for a month: each contract's price list applied to its audited usage (amounts are exact)."""
+    with _client() as client:
+        if as_csv:
+            sys.stdout.write(_call(client.invoices, period, csv=True))
+            return
+        invoices = _call(client.invoices, period)
+    table = Table("contract", "period", "item", "quantity", "unit", "unit price", "amount", "events")
+    for invoice in invoices:
+        for line in invoice["lines"]:
+            table.add_row(invoice["contract"], invoice["period"], line["item"], line["quantity"], line["unit"],
+                          line["unit_price"], f"{line['amount']} {invoice['currency']}", str(len(line["events"])))
+        table.add_row(invoice["contract"], invoice["period"], "[bold]total[/]", "", "", "",
+                      f"[bold]{invoice['total']} {invoice['currency']}[/]", "", end_section=True)
+    _emit(invoices, as_json, table)
 
 
 @app.command()

@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -76,6 +76,16 @@ class Settings(BaseSettings):
     jwks_issuer: str | None = None
     jwks_audience: str | None = None
     jwks_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    # Console sign-in through the organisation's OpenID Connect provider (authorization code + PKCE). Offered
+    # when the authorize and token URLs, the client id and the jwks_* settings are set: the provider's
+    # id_token is verified as an IdP token above, so jwks_audience is usually the client id.
+    oidc_name: str = "single sign-on"  # the sign-in button reads "Sign in with <oidc_name>"
+    oidc_authorize_url: str | None = None
+    oidc_token_url: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: SecretStr | None = None
+    oidc_scopes: str = "openid"
+    oidc_redirect_url: str | None = None  # default: <public_url or the request's base>/console/oidc/callback
 
     # Request bodies: JSON calls are small; uploads stream to disk under their own cap.
     max_body_bytes: int = 1 * 1024 * 1024

@@ -16,7 +16,7 @@ Layers, lowest first:
 - context: one Context per service call (actor, session, audit record)
 - policies: typed policies resolved per org, read through a context
 - catalog: datasets, versions and cards; each dataset opens its budget cap
-- contracts: who may use which datasets, and how; a contract opens its budget ledgers
+- contracts, billing: who may use which datasets, how and at what price; a contract opens its budget ledgers
 - instance: one deployment (settings, store, keys, audit), handed to services that run their own transactions
 - dp: plans, prices and answers DP queries under a contract, spending its budget
 - release: what may leave: egress verdicts, DP answers, reviews

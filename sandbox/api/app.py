@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from sandbox import __version__
+from sandbox.api.console import install_console
 from sandbox.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from sandbox.api.problems import install_problem_handlers
 from sandbox.api.routes import (
@@ -15,6 +16,7 @@ from sandbox.api.routes import (
     contracts,
     datasets,
     health,
+    invoices,
     jobs,
     notebook_proxy,
     notebooks,
@@ -45,8 +47,10 @@ def create_app(instance: Instance) -> FastAPI:
 
     install_problem_handlers(app)
     for router in (health.router, datasets.router, contracts.router, policies.router, audit.router,
-                   tokens.router, jobs.router, queries.router, notebooks.router, notebook_proxy.router):
+                   tokens.router, jobs.router, queries.router, notebooks.router, notebook_proxy.router,
+                   invoices.router):
         app.include_router(router)
+    install_console(app)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(RequestContextMiddleware, registry=app.state.metrics)
     return app

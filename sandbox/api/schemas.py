@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from sandbox.auth.tokens import Role
+from sandbox.billing.prices import Item
 from sandbox.catalog.cards import ColumnType
 from sandbox.contracts import JobKind, Tier
 from sandbox.egress.verdicts import Verdict
@@ -142,6 +143,17 @@ class ContractQuotas(StoredShape):
     output_mb: Number | None = None
 
 
+class ContractPrices(StoredShape):
+    """A contract's price list (`sandbox.billing.prices.PriceList`): decimal strings, unpriced items absent."""
+
+    currency: str | None = None
+    flat_per_period: str | None = None
+    cpu_hour: str | None = None
+    gpu_hour: str | None = None
+    epsilon: str | None = None
+    released_gb: str | None = None
+
+
 class ContractView(Shape):
     id: str
     buyer_org: str
@@ -160,6 +172,7 @@ class ContractView(Shape):
     owner_org: str
     created_by: str
     created_at: Timestamp
+    prices: ContractPrices = Field(default_factory=ContractPrices, description="empty: nothing is priced")
 
 
 class PolicyView(Shape):
@@ -457,6 +470,8 @@ class NotebookSession(Shape):
     exports: list[NotebookExport]
     url: str | None = Field(default=None, description="the Jupyter server's URL, when the session is started")
     token: str | None = Field(default=None, description="a new session token, when the session is started")
+    lab_url: str | None = Field(default=None, description="JupyterLab in a browser, with the new session token "
+                                "(exchanged for a session cookie on first load), when the session is started")
 
 
 # Media types of the answers that are not JSON, for OpenAPI.
@@ -470,3 +485,29 @@ def file_answer(media_type: str, description: str) -> dict[int | str, dict[str, 
 def text_answer(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
     """The `responses=` entry of a route that answers with text."""
     return {200: {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}}
+
+
+# Invoices.
+
+DecimalString = Annotated[str, Field(pattern=r"^-?[0-9]+(\.[0-9]+)?$", description="an exact decimal, as a string")]
+
+
+class InvoiceLine(Shape):
+    item: Item
+    quantity: DecimalString
+    unit: str
+    unit_price: DecimalString
+    amount: DecimalString = Field(description="quantity x unit_price, rounded half-up to cents")
+    events: list[int] = Field(description="seqs of the audit events the quantity was read from")
+
+
+class Invoice(Shape):
+    """A contract's invoice for one month (UTC): its price list applied to its audited usage."""
+
+    contract: str
+    buyer_org: str
+    owner_org: str
+    period: str = Field(description="YYYY-MM")
+    currency: str
+    lines: list[InvoiceLine]
+    total: DecimalString

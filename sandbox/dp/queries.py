@@ -323,7 +323,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def budgets(instance: Instance, actor: Principal) -> list[dict[str, object]]:
-    """Every ledger the caller may see: a buyer its own org's contracts only, a steward all with cap totals.
+    """Every ledger the caller may see: a buyer its own org's contracts only, a steward those its own org
+    granted (never another holder's), with cap totals.
 
     Read from the store only (the API process serves it): it settles no reservation, since in the API
     process every reservation held is a live worker's.
@@ -333,6 +334,8 @@ def budgets(instance: Instance, actor: Principal) -> list[dict[str, object]]:
         query = select(BudgetLedger, Contract).join(Contract, Contract.id == BudgetLedger.contract_id)
         if ctx.is_buyer:
             query = query.where(Contract.buyer_org == actor.org)
+        else:
+            query = query.where(Contract.owner_org == actor.org)
         views = []
         for row, _contract in ctx.session.execute(query.order_by(BudgetLedger.id)).all():
             views.append(ledger.budget_view(row, ledger.dataset_budget(ctx.session, row.dataset),

@@ -25,7 +25,7 @@ from sandbox.jobs.lifecycle import TERMINAL, JobState, next_state
 from sandbox.policies import get_policy_version
 from sandbox.release import review
 from sandbox.release.status import OutputStatus
-from sandbox.store.models import Contract, DatasetVersion, Job, JobOutput, Policy, WorkerRecord
+from sandbox.store.models import AuditEvent, Contract, DatasetVersion, Job, JobOutput, Policy, WorkerRecord
 from sandbox.training.budget import hold_training_budget
 from sandbox.training.spec import TRAINER_COMMAND, TRAINING_IMAGE, TrainingSpec, training_plan
 
@@ -440,3 +440,17 @@ def usage_report(ctx: Context) -> list[dict[str, Any]]:
                        "gpu_hours": round(totals["gpu_seconds"] / 3600, 6),
                        "bytes_released": int(totals["bytes_released"])})
     return report
+
+
+def last_approved_job(ctx: Context, job: Job) -> Job | None:
+    """The same buyer org's latest earlier job that a steward approved (visible to the caller), for a code diff."""
+    earlier = list(ctx.session.execute(visible_jobs(ctx, select(Job).where(
+        Job.buyer_org == job.buyer_org, Job.created_at < job.created_at, Job.id != job.id,
+    ).order_by(Job.created_at.desc()).limit(200))).scalars())
+    if not earlier:
+        return None
+    approvals = ctx.session.execute(select(AuditEvent.object_id, AuditEvent.details).where(
+        AuditEvent.action == f"job.{JobState.QUEUED.value}", AuditEvent.object_type == "job",
+        AuditEvent.object_id.in_([j.id for j in earlier])))
+    approved = {object_id for object_id, details in approvals if (details or {}).get("approved_by")}
+    return next((j for j in earlier if j.id in approved), None)

@@ -102,7 +102,8 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 
 class Failures:
-    """Every request that answered 5xx, or a 4xx that is not problem+json, listed at the end."""
+    """Every request that answered 5xx, or a 4xx that is not problem+json (an HTML page for the console), listed
+    at the end."""
 
     def __init__(self) -> None:
         self.found: list[str] = []
@@ -114,8 +115,14 @@ class Failures:
         kind = response.headers.get("content-type", "")
         if status >= 500:
             self.found.append(f"{what} -> {status}: {response.text[:160]}")
-        elif status >= 400 and not kind.startswith("application/problem+json") and not what.startswith("WS"):
+        elif status >= 400 and not kind.startswith(self.error_type(what)) and not what.startswith("WS"):
             self.found.append(f"{what} -> {status} as {kind or 'no content type'}")
+
+    @staticmethod
+    def error_type(what: str) -> str:
+        """The console's pages answer errors as HTML pages; everything else as problem+json."""
+        path = what.split(" ", 2)[1] if " " in what else ""
+        return "text/html" if path.startswith("/console/") else "application/problem+json"
 
     def assert_none(self) -> None:
         assert self.requests > 0

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +96,38 @@ def start(env: dict[str, str], port: int) -> subprocess.Popen[str]:
     wait_healthy(f"http://127.0.0.1:{port}", process)
     return process
 
+
+
+@contextmanager
+def serving(home: Path, database_url: str | None = None, *, log: Path | None = None) -> Iterator[Server]:
+    """`sandbox init`, then `sandbox serve` (API and embedded worker) on a free loopback port until the block ends.
+
+    With `log`, the server writes there: a server that outlives a test would fill a pipe nobody reads.
+    What the server left mounted under its home (notebook workspaces) is taken down after it stops.
+    """
+    env = base_env(home, database_url)
+    subprocess.run([sys.executable, "-m", "sandbox.cli", "init"], env=env, check=True, capture_output=True)
+    port = free_port()
+    command = [sys.executable, "-m", "sandbox.cli", "serve", "--port", str(port)]
+    if log is None:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    else:
+        with open(log, "w") as sink:
+            process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield Server(url=url, home=home, env=env, process=process)
+    finally:
+        stop(process)
+        unmount_below(home)
+
+
+def unmount_below(root: Path) -> None:
+    """Notebook workspaces stay mounted while their session runs, so that a restarted worker finds them;
+    a test's server is gone for good, so what it left mounted under its home is taken down here."""
+    prefix = f"{root}/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
