@@ -101,7 +101,7 @@ case "${1:-}" in
     "$VENV/bin/sandbox" images build
     log "running the test suite on SQLite and PostgreSQL"
     export SANDBOX_REQUIRE_POSTGRES=1 SANDBOX_REQUIRE_DOCKER=1
-    exec "$VENV/bin/pytest" "$@"
+    exec "$VENV/bin/pytest" --durations=25 "$@"
     ;;
   *)
     echo "usage: ./run.sh demo [--port N] | ./run.sh test [pytest args]" >&2

@@ -35,8 +35,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     setattr(item, f"report_{report.when}", report)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """One Chromium per test module: Playwright's sync API keeps an event loop running on the main thread
+    while it is open, and a later module's `asyncio.run` would fail inside it."""
     with playwright_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=chromium_path(), headless=True,
                                               args=["--no-sandbox", "--disable-dev-shm-usage"])

@@ -7,12 +7,21 @@ import selectors
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import pytest
 from cli.server import base_env, free_port, stop
 
+from sandbox.auth.tokens import Principal, Role
+from sandbox.billing.invoices import invoices
 from sandbox.config import Settings
+from sandbox.demo_setup import HOSPITAL_ORG
+from sandbox.dp.queries import budgets
 from sandbox.instance import Instance
+from sandbox.jobs import service
 from sandbox.store.models import Job
 
 
@@ -56,7 +65,35 @@ def test_the_demo_runs_a_job_to_review_by_itself(tmp_path: Path, analysis_image:
             job = session.get(Job, job_id)
             assert job is not None and job.state == "in_review" and job.image_id
             statuses = {output.path: output.status for output in job.outputs}
+        invoice, usage, spent = demo_invoice(instance, job)
     finally:
         instance.close()
     assert statuses["by_protection.csv"] == "in_review"
     assert any(path.startswith("tables/") and status == "released" for path, status in statuses.items())
+
+    # The demo contract's invoice is its metered usage, priced: the epsilon its ledger spent, its jobs' CPU
+    # (billed per started second) and the bytes released, each line traced to audit events.
+    lines = {line["item"]: line for line in invoice["lines"]}
+    assert Decimal(lines["epsilon"]["quantity"]) == pytest.approx(Decimal(str(spent)), abs=Decimal("1e-6"))
+    assert Decimal(lines["epsilon"]["amount"]) == (Decimal(str(spent)) * 100).quantize(Decimal("0.01"))
+    assert lines["epsilon"]["events"], "the epsilon line names no audit event"
+    cpu = Decimal(lines["cpu_hours"]["quantity"])
+    assert Decimal(str(usage["cpu_hours"])) - Decimal("1e-6") <= cpu <= Decimal(str(usage["cpu_hours"])) + \
+        Decimal(1) / 3600 + Decimal("1e-6")
+    assert Decimal(lines["released_gb"]["quantity"]) == pytest.approx(
+        Decimal(usage["bytes_released"]) / 10**9, abs=Decimal("1e-6"))
+    assert (lines["flat_fee"]["quantity"], lines["flat_fee"]["amount"]) == ("1.000000", "500.00")
+    assert Decimal(invoice["total"]) == sum(Decimal(line["amount"]) for line in invoice["lines"])
+
+
+def demo_invoice(instance: Instance, job: Job) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """The demo contract's invoice for the job's month, its usage report and the epsilon its ledgers spent,
+    as the hospital's steward sees them."""
+    steward = Principal(sub="auditing-steward", org=HOSPITAL_ORG, role=Role.STEWARD, jti="demo-check",
+                        issuer="test", expires_at=datetime.now(UTC) + timedelta(hours=1))
+    with instance.read_context(steward) as ctx:
+        [invoice] = [i for i in invoices(ctx, period=job.created_at.strftime("%Y-%m"))
+                     if i["contract"] == job.contract_id]
+        usage = next(u for u in service.usage_report(ctx) if u["contract"] == job.contract_id)
+    spent = sum(float(str(b["epsilon_spent"])) for b in budgets(instance, steward) if b["contract"] == job.contract_id)
+    return invoice, usage, spent

@@ -21,8 +21,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("contracts") as batch:
-        batch.add_column(sa.Column("prices", sa.JSON(), nullable=False, server_default=sa.text("'{}'")))
+    # A plain ADD COLUMN, not a batch: on SQLite a batch copies the table and drops the old one, which other
+    # tables' foreign keys to contracts refuse once rows exist.
+    op.add_column("contracts", sa.Column("prices", sa.JSON(), nullable=False, server_default=sa.text("'{}'")))
 
 
 def downgrade() -> None:
