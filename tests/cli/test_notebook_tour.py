@@ -19,6 +19,9 @@ from sandbox.demo import CARD, write_registry
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
+# The store is not what this tour tests (the API and worker tests run on both stores): SQLite only, to keep
+# the suite's time.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_start_connect_explore_export_and_stop(server: Server, tmp_path: Path, analysis_image: str) -> None:
     steward = server.token("steward", "xuanwu", "dr-li")
     reviewer = server.token("steward", "xuanwu", "dr-wang")
@@ -67,6 +70,9 @@ def df_ids(registry: Path) -> list[str]:
     return [str(v) for v in pq.read_table(registry, columns=["patient_id"]).column(0).to_pylist()]
 
 
+# The store is not what this tour tests (the API and worker tests run on both stores): SQLite only, to keep
+# the suite's time.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_service_killed_outright_takes_its_kernels_with_it(server: Server, tmp_path: Path,
                                                             analysis_image: str) -> None:
     import signal

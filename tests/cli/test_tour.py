@@ -91,8 +91,10 @@ def test_server_logs_are_json_with_request_ids(server: Server) -> None:
 def test_demo_command_brings_up_a_working_service(tmp_path: Path, database_url: str | None) -> None:
     env = base_env(tmp_path / "demo-home", database_url)
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "demo", "--port", str(port)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # No tour: its job would race the server's stop and could leave a container behind (the tour is
+    # tests/cli/test_demo.py's).
+    process = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "demo", "--port", str(port), "--no-tour"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, process, timeout=120)

@@ -21,6 +21,9 @@ def build_model(n_features, n_outputs):
 """
 
 
+# The store is not what this tour tests (the API and worker tests run on both stores): SQLite only, to keep
+# the suite's time.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_train_wait_and_download_the_signed_weights(server: Server, tmp_path: Path, training_image: str) -> None:
     steward = server.token("steward", "xuanwu", "dr-li")
     buyer = server.token("buyer", "acme-ai", "alice")
