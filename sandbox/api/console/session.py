@@ -18,12 +18,12 @@ import hmac
 import secrets
 from datetime import UTC, datetime
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 from fastapi import Depends, Request
 from fastapi.responses import Response
 
+from sandbox.api.origins import origin_of, over_tls, own_origins
 from sandbox.api.problems import PRINCIPAL_STATE
 from sandbox.auth.tokens import Principal, Role
 from sandbox.errors import Forbidden, SandboxError, Unauthorized
@@ -50,8 +50,7 @@ def _instance(request: Request) -> Instance:
 
 def secure_cookies(request: Request) -> bool:
     """Secure cookies over TLS: the request's own scheme, or the instance's public URL behind a proxy."""
-    public_url = _instance(request).settings.public_url or ""
-    return request.url.scheme == "https" or public_url.startswith("https://")
+    return over_tls(request, _instance(request).settings.public_url)
 
 
 def _console_key(instance: Instance) -> bytes:
@@ -101,17 +100,11 @@ def require_role(principal: Principal, *roles: Role) -> None:
 def check_origin(request: Request) -> None:
     """Refuse a state-changing request that the browser says came from another site."""
     source = request.headers.get("origin") or request.headers.get("referer")
-    if not source or source == "null":
-        if source == "null":
-            raise Forbidden("a form posted from an opaque origin is refused")
+    if not source:
         return  # browsers send Origin on every POST; a client without it carries no ambient cookie risk
-    parts = urlsplit(source)
-    own = {f"{request.url.scheme}://{request.url.netloc}"}
-    public_url = _instance(request).settings.public_url
-    if public_url:
-        public = urlsplit(public_url)
-        own.add(f"{public.scheme}://{public.netloc}")
-    if f"{parts.scheme}://{parts.netloc}" not in own:
+    if source == "null":
+        raise Forbidden("a form posted from an opaque origin is refused")
+    if origin_of(source) not in own_origins(request, _instance(request).settings.public_url):
         raise Forbidden("a form posted from another site is refused (cross-site request forgery)")
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 import httpx
 import websockets
@@ -42,6 +42,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import unix_connect
 
+from sandbox.api.origins import over_tls, own_origins
 from sandbox.audit import SystemActor
 from sandbox.auth.tokens import Principal
 from sandbox.errors import Conflict, Forbidden, NotFound, SandboxError, Unauthorized
@@ -157,16 +158,6 @@ def _credentials(connection: HTTPConnection) -> Credentials:
     return Credentials()
 
 
-def own_origins(connection: HTTPConnection, public_url: str | None) -> set[str]:
-    """The origins the service answers as: the request's own (scheme and Host) and the public URL's."""
-    scheme = "https" if connection.url.scheme in ("https", "wss") else "http"
-    origins = {f"{scheme}://{connection.headers.get('host', '')}".lower()}
-    if public_url:
-        parts = urlsplit(public_url)
-        origins.add(f"{parts.scheme}://{parts.netloc}".lower())
-    return origins
-
-
 def check_origin(connection: HTTPConnection, credentials: Credentials, public_url: str | None) -> None:
     """Refuse (403) a cookie-authenticated request that changes something, or a cookie-authenticated websocket,
     unless it comes from the service's own origin: the browser adds the cookie whoever made the request.
@@ -257,10 +248,9 @@ def _session_cookie(instance: Instance, job_id: str, request: Request, token: st
     path = raw.decode("latin-1") if raw else quote(request.url.path)
     query = httpx.QueryParams([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
     answer = RedirectResponse(f"{path}?{query}" if query else path, status_code=303)
-    public_url = instance.settings.public_url or ""
     answer.set_cookie(SESSION_COOKIE, token, max_age=max(0, int((expires - datetime.now(UTC)).total_seconds())),
                       path=f"/notebooks/{job_id}/", httponly=True, samesite="strict",
-                      secure=request.url.scheme == "https" or public_url.startswith("https://"))
+                      secure=over_tls(request, instance.settings.public_url))
     answer.headers["cache-control"] = "no-store"
     answer.headers["referrer-policy"] = "no-referrer"
     return answer
