@@ -3,9 +3,10 @@ without typing another command."""
 
 from __future__ import annotations
 
-import selectors
+import queue
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -26,17 +27,33 @@ from sandbox.store.models import Job
 
 
 def _read_until(process: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
+    """Lines the process prints up to the one holding `marker`. A thread reads them: a selector on the
+    pipe would miss lines that one read already pulled into the text buffer (two lines printed together)."""
     assert process.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
+    lines: queue.Queue[str | None] = queue.Queue()
+    stdout = process.stdout
+
+    def pump() -> None:
+        try:
+            for line in stdout:
+                lines.put(line)
+        except (ValueError, OSError):  # the pipe closed under it when the test stopped the process
+            pass
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
     seen: list[str] = []
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        if selector.select(timeout=1.0):
-            line = process.stdout.readline()
-            seen.append(line)
-            if marker in line:
-                return "".join(seen)
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
     raise AssertionError(f"no {marker!r} within {timeout_s} s; the demo printed:\n{''.join(seen)}")
 
 
