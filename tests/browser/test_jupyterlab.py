@@ -56,6 +56,27 @@ def session(world: NotebookWorld) -> dict[str, Any]:
     return world.session("aggregate")
 
 
+@pytest.fixture(autouse=True)
+def clean_lab(session: dict[str, Any]) -> None:
+    """Each test starts with no kernel and a fresh Lab workspace. The tests share one session, whose policy
+    allows two kernels: a workspace Lab restores reopens the last test's notebooks, and kernels a test left
+    (or Lab had not yet shut down) would count against the limit of the next one."""
+    token = {"Authorization": f"token {session['token']}"}
+    with httpx.Client(base_url=session["url"], headers=token, timeout=60) as client:
+        spaces = client.get("lab/api/workspaces")
+        if spaces.status_code == 200:
+            for space in spaces.json().get("workspaces", {}).get("ids", []):
+                client.delete(f"lab/api/workspaces/{space}")
+        for running in client.get("api/sessions").json():
+            client.delete(f"api/sessions/{running['id']}")
+        for kernel in client.get("api/kernels").json():
+            client.delete(f"api/kernels/{kernel['id']}")
+        deadline = time.monotonic() + 60
+        while client.get("api/kernels").json() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not client.get("api/kernels").json(), "kernels outlived their deletion"
+
+
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
