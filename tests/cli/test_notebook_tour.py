@@ -121,6 +121,9 @@ def test_a_service_killed_outright_takes_its_kernels_with_it(server: Server, tmp
     assert not client.containers.list(all=True, filters=label), "a stopped service leaves no kernel behind"
 
 
+# An API alone beside a worker process is the production layout, which runs on PostgreSQL (and elects its
+# scheduler there): that store only, to keep the suite's time.
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_the_api_alone_proxies_to_a_separate_worker_that_may_die_and_come_back(server: Server, tmp_path: Path,
                                                                              analysis_image: str) -> None:
     """As docker-compose runs it: `sandbox serve` without its embedded worker, and `sandbox worker` apart."""

@@ -10,12 +10,16 @@ from pathlib import Path
 import httpx
 import pyarrow.csv
 import pyarrow.parquet
+import pytest
 import yaml
 from cli.server import Server, base_env, free_port, stop, wait_healthy
 
 from sandbox.demo import CARD, write_registry
 
 
+# The store is not this tour's subject (the API, worker and budget tests run on both stores): SQLite only,
+# to keep the suite's time.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_tour_register_contract_and_audit(server: Server, tmp_path: Path) -> None:
     steward = server.token("steward", "xuanwu", "dr-li")
     second_steward = server.token("steward", "xuanwu", "dr-zhang")
@@ -76,6 +80,9 @@ def test_tour_register_contract_and_audit(server: Server, tmp_path: Path) -> Non
     assert forbidden.returncode == 1 and "403" in forbidden.stderr
 
 
+# The store is not this tour's subject (the API, worker and budget tests run on both stores): SQLite only,
+# to keep the suite's time.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_server_logs_are_json_with_request_ids(server: Server) -> None:
     buyer = server.token("buyer", "acme-ai", "alice")
     response = httpx.get(f"{server.url}/v1/datasets", headers={"Authorization": f"Bearer {buyer}",
@@ -88,6 +95,8 @@ def test_server_logs_are_json_with_request_ids(server: Server) -> None:
     assert matching[0]["route"] == "/v1/datasets"
 
 
+# The demo runs on its embedded SQLite store.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_demo_command_brings_up_a_working_service(tmp_path: Path, database_url: str | None) -> None:
     env = base_env(tmp_path / "demo-home", database_url)
     port = free_port()

@@ -19,6 +19,8 @@ print('finished after the restart')
 """
 
 
+# A leader killed mid-job on PostgreSQL, and its successor adopting the job, is tests/scale/test_leader.py's.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_sigkill_mid_job_then_restart_delivers_the_result(tmp_path: Path, database_url: str | None,
                                                           analysis_image: str) -> None:
     with killed_mid_job(tmp_path, database_url, procedures=200,

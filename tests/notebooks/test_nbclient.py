@@ -14,6 +14,9 @@ from nbworld import DATASET, NotebookWorld, show_spec
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
+# The Jupyter protocol is not the store's subject (test_notebooks.py runs on both): SQLite only.
+SQLITE_WORLD = pytest.mark.parametrize("nb_world", ["sqlite"], indirect=True, scope="module")
+
 
 def run_notebook(session: dict[str, Any], cells: list[str], monkeypatch: pytest.MonkeyPatch) -> nbformat.NotebookNode:
     from jupyter_server.gateway import managers
@@ -44,6 +47,7 @@ def run_notebook(session: dict[str, Any], cells: list[str], monkeypatch: pytest.
     return notebook
 
 
+@SQLITE_WORLD
 def test_nbclient_explores_the_mock_and_runs_a_dp_query(nb_world: NotebookWorld,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     session = nb_world.session("dp_only")
@@ -63,6 +67,7 @@ def test_nbclient_explores_the_mock_and_runs_a_dp_query(nb_world: NotebookWorld,
     assert exported.status_code == 201 and exported.json()["status"] in ("in_review", "withheld"), exported.text
 
 
+@SQLITE_WORLD
 def test_nbclient_on_real_rows_gets_aggregates_but_no_rows(nb_world: NotebookWorld,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     session = nb_world.session("aggregate")

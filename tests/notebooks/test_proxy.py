@@ -28,6 +28,9 @@ from sandbox.auth.tokens import Role
 from sandbox.errors import NotFound
 from sandbox.store.models import AuditEvent
 
+# The proxy is about HTTP and sockets, not the store (test_notebooks.py runs on both): SQLite only.
+SQLITE_WORLD = pytest.mark.parametrize("nb_world", ["sqlite"], indirect=True, scope="module")
+
 # Each climbs from an allowed prefix to `api/config/notebook`, which the proxy does not forward but the
 # Jupyter server answers (200): reaching it means the allow-list was bypassed.
 CLIMBS = [
@@ -88,6 +91,7 @@ def _raw_get(url: str, path: str, token: str) -> tuple[int, str, str]:
         connection.close()
 
 
+@SQLITE_WORLD
 def test_the_climb_target_is_real_and_unforwarded(nb_world: NotebookWorld) -> None:
     """The control: the Jupyter server answers the target, and the proxy refuses it asked plainly."""
     session = nb_world.session("trusted")
@@ -107,6 +111,7 @@ def assert_climbs_refused(session: dict[str, Any], paths: list[str]) -> None:
     assert not reached, "the allow-list was bypassed:\n" + "\n".join(reached)
 
 
+@SQLITE_WORLD
 def test_encoded_climbs_never_reach_the_server(nb_world: NotebookWorld) -> None:
     assert_climbs_refused(nb_world.session("trusted"), CLIMBS)
 
@@ -149,6 +154,7 @@ def quick_checks(nb_world: NotebookWorld) -> Iterator[None]:
     settings.notebook_access_check_s = before
 
 
+@SQLITE_WORLD
 def test_a_revoked_jwt_closes_its_open_kernel_socket(nb_world: NotebookWorld, quick_checks: None) -> None:
     issued = nb_world.instance.issue_token(sub="revoked-later", org="acme", role=Role.BUYER, ttl_s=3600)
     with _bearer_kernel_socket(nb_world.session("trusted"), issued.token) as socket:
@@ -159,6 +165,7 @@ def test_a_revoked_jwt_closes_its_open_kernel_socket(nb_world: NotebookWorld, qu
         assert closed.rcvd is not None and closed.rcvd.code == 1008, closed
 
 
+@SQLITE_WORLD
 def test_an_expired_jwt_closes_its_open_kernel_socket(nb_world: NotebookWorld, quick_checks: None) -> None:
     instance = nb_world.instance
     leeway = instance.settings.token_leeway_s
@@ -175,6 +182,7 @@ def test_an_expired_jwt_closes_its_open_kernel_socket(nb_world: NotebookWorld, q
         instance.__dict__.pop("verifier", None)
 
 
+@SQLITE_WORLD
 def test_a_revoked_contract_closes_its_sessions_sockets(nb_world: NotebookWorld, quick_checks: None) -> None:
     created = nb_world.http.post("/v1/contracts", headers=auth(nb_world.steward), json={
         "buyer_org": "acme", "datasets": [DATASET], "tier": "trusted", "kinds": ["notebook"],
@@ -196,6 +204,7 @@ def test_a_revoked_contract_closes_its_sessions_sockets(nb_world: NotebookWorld,
     assert closed is not None, "a kernel socket stayed open after its contract was revoked"
 
 
+@SQLITE_WORLD
 def test_an_output_reaches_the_client_only_after_its_audit_event_committed(nb_world: NotebookWorld) -> None:
     """Audit before release: the moment the client holds an output, its record is in the database, so a
     server killed right after relaying cannot have lost it."""
@@ -339,6 +348,7 @@ def test_the_lab_page_config_carries_no_token_paths_or_builds() -> None:
     assert shown["baseUrl"] == "/notebooks/j/"
 
 
+@SQLITE_WORLD
 def test_the_lab_url_swaps_its_token_for_a_strict_cookie(nb_world: NotebookWorld) -> None:
     from sandbox.api.routes.notebook_proxy import SESSION_COOKIE
 
@@ -370,6 +380,7 @@ def test_the_lab_url_swaps_its_token_for_a_strict_cookie(nb_world: NotebookWorld
     assert page.status_code == 200 and "jupyter-config-data" in page.text, page.text[:200]
 
 
+@SQLITE_WORLD
 def test_lab_climbs_never_reach_the_server(nb_world: NotebookWorld) -> None:
     session = nb_world.session("trusted")
     assert_climbs_refused(session, LAB_CLIMBS)
@@ -377,6 +388,7 @@ def test_lab_climbs_never_reach_the_server(nb_world: NotebookWorld) -> None:
     assert status == 200, body
 
 
+@SQLITE_WORLD
 def test_jupyters_html_error_page_does_not_carry_the_servers_token(nb_world: NotebookWorld) -> None:
     """Jupyter's HTML error page names the server's token (`page.html`): only its status reaches the client."""
     session = nb_world.session("trusted")

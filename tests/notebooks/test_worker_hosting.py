@@ -31,6 +31,9 @@ from sandbox.store.models import ImageRecord
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
+# Worker hosting is about processes, not the store (test_notebooks.py runs on both): SQLite only.
+SQLITE_WORLD = pytest.mark.parametrize("nb_world", ["sqlite"], indirect=True, scope="module")
+
 
 def _containers(label: str) -> list[str]:
     return [c.name for c in docker_client().containers.list(all=True, filters={"label": label})]
@@ -45,6 +48,7 @@ def _eventually(check: Any, seconds: float = 60) -> bool:
     return True
 
 
+@SQLITE_WORLD
 def test_without_a_worker_the_proxy_answers_503_and_the_session_waits_for_one(nb_world: NotebookWorld) -> None:
     nb_world.stop_worker()
     nb_world.app.state.notebook_server_wait_s = 2.0
@@ -69,6 +73,7 @@ def test_without_a_worker_the_proxy_answers_503_and_the_session_waits_for_one(nb
     assert "2" in kernel.execute("print(1 + 1)").stdout
 
 
+@SQLITE_WORLD
 def test_a_server_that_cannot_start_is_reported_and_tried_again(nb_world: NotebookWorld,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     if nb_world.worker is None:
@@ -107,6 +112,7 @@ def _orphan_kernel(world: NotebookWorld, tmp_path: Path) -> str:
     return "org.sandbox.notebook=j-orphan"
 
 
+@SQLITE_WORLD
 def test_a_killed_worker_is_replaced_its_servers_come_back_and_orphan_kernels_go(
         nb_world: NotebookWorld, tmp_path: Path) -> None:
     if nb_world.worker is None:

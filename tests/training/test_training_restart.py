@@ -23,6 +23,8 @@ def build_model(n_features, n_outputs):
 """
 
 
+# A leader killed mid-job on PostgreSQL is tests/scale/test_leader.py's; here the trainer's restart: SQLite only.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_sigkill_mid_run_then_restart_releases_the_model_and_charges_once(
         tmp_path: Path, database_url: str | None, training_image: str) -> None:
     with killed_mid_job(tmp_path, database_url, procedures=400,
