@@ -95,6 +95,12 @@ case "${1:-}" in
     ensure_postgres
     ensure_docker
     if ! command -v docker-compose >/dev/null 2>&1; then apt_install docker-compose; fi
+    # The swarm lab (runners/swarm_lab.py): a registry the nodes pull from, netns and veths, nsenter/unshare.
+    apt_install docker-registry iproute2 util-linux
+    # The package starts its own registry on every address's port 5000, which the lab's must bind.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
+      as_root systemctl disable --now docker-registry
+    fi
     # The console and JupyterLab tests drive Debian's chromium through Playwright.
     if ! command -v chromium >/dev/null 2>&1; then apt_install chromium; fi
     log "building the job and deployment images (reused when up to date)"
