@@ -55,6 +55,8 @@ class JobDefinition:
     resources: Resources = field(default_factory=Resources)
     dp_socket: Path | None = None  # host socket `<folder>/dp.sock`; the folder is mounted at /run/sandbox
     env: dict[str, str] = field(default_factory=dict)
+    # "<dataset>.v<N>": the dataset version /data comes from, for runners that place jobs near their data.
+    data_version: str | None = None
 
 
 class RunState(StrEnum):
@@ -75,6 +77,11 @@ class RunStatus:
     finished_at: float | None = None
     cpu_seconds: float = 0.0
     peak_memory_bytes: int = 0
+    # Why the run was lost to the platform (its node went down, the orchestrator ended its task): the job
+    # did not fail by itself, and nothing of it can be collected. None on one machine.
+    lost: str | None = None
+    # cpu_seconds is wall time x the CPUs reserved, not a measurement (no engine of the job's node to ask).
+    usage_estimated: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import tempfile
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
@@ -96,6 +96,20 @@ class Settings(BaseSettings):
     worker_interval_s: float = 0.5
     worker_cpus: float = 2.0
     worker_memory_mb: int = 8192
+    # Where jobs run: this machine's Docker engine, or a Docker swarm (runners/swarm.py, docs/scaling.md).
+    runner: Literal["docker", "swarm"] = "docker"
+    swarm_manager_url: str | None = None  # a manager's engine, e.g. tcp://10.0.0.1:2376 or unix:///...sock
+    swarm_registry: str | None = None  # host:port of the registry the nodes pull job images from
+    swarm_node_engines: dict[str, str] = Field(default_factory=dict)  # node label org.sandbox.node -> engine URL
+    # "shared": dataset versions are on a shared read-only volume every node mounts; "replicated": only
+    # nodes labelled org.sandbox.data.<dataset>.v<N>=1 hold a version.
+    swarm_data: Literal["shared", "replicated"] = "shared"
+    # On PostgreSQL several processes may run a worker; one, elected on an advisory lock, schedules
+    # (`sandbox.leader`). A standby tries for the lock this often; the leader confirms it holds the lock
+    # this often, and steps down when a check goes unanswered for the lease.
+    leader_retry_s: float = Field(default=1.0, gt=0)
+    leader_check_s: float = Field(default=0.5, gt=0)
+    leader_lease_s: float = Field(default=10.0, gt=0)
 
     # Fair use per buyer org and token (review 11.14): beyond these, 429 with Retry-After.
     max_waiting_jobs_per_org: int = Field(default=50, ge=1)  # pending approval or queued

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,9 +52,10 @@ from sandbox.instance import Instance
 from sandbox.jobs.lifecycle import TERMINAL, JobState
 from sandbox.jobs.service import move, settle_review, usage_totals
 from sandbox.logs import get_logger
+from sandbox.notebooks.kernel_runners import kernel_runner, swarm_engines
 from sandbox.notebooks.servers import NotebookServers
 from sandbox.policies import get_policy_version
-from sandbox.release.dp_answers import platform_answer, record_job_answer
+from sandbox.release.dp_answers import job_answers, platform_answer, record_job_answer
 from sandbox.release.jobs import (
     Checked,
     buyer_files,
@@ -114,7 +115,7 @@ def job_definition(instance: Instance, job: Job, *, dp_socket: Path | None = Non
         code_dir=directory / "code", data_files=data_files, env=training_runs.container_env(job),
         resources=Resources(cpus=float(resources["cpus"]), memory_mb=int(resources["memory_mb"]),
                             timeout_s=int(resources["timeout_s"]), gpus=int(resources.get("gpus", 0))),
-        dp_socket=dp_socket,
+        dp_socket=dp_socket, data_version=f"{job.dataset}.v{job.dataset_version}",
     )
 
 
@@ -172,15 +173,56 @@ def docker_worker(instance: Instance) -> Worker:
                         gpu_names=tuple(gpu.name for gpu in gpus.gpus))
     worker = Worker(instance, runner, capacity,
                     kernels=DockerKernelRunner(instance_id=instance.instance_id, client=runner.client))
+    worker.held.append(partial(os.close, lock))
     watch_job_containers(instance.instance_id, worker.wake, worker.stopping)
     return worker
 
 
+def swarm_worker(instance: Instance) -> Worker:
+    """The worker for this instance on a Docker swarm (settings.swarm_*): jobs run as services on its nodes.
+
+    Job images are built on this machine's engine and pushed by the manager's engine to the registry the
+    nodes pull from. The runner's state folder and the artifacts must be on a file system every node
+    shares at the same path (`runners.swarm`); capacity is what the swarm's Ready nodes hold.
+    """
+    from runners.swarm import SwarmRunner
+
+    settings = instance.settings
+    lock = hold_worker_lock(settings.runner_dir)
+    try:
+        swarm = swarm_engines(settings)
+        runner = SwarmRunner(swarm.manager, state_dir=settings.runner_dir, instance_id=instance.instance_id,
+                             images=swarm.images, node_engines=swarm.node_engines, data_mode=settings.swarm_data)
+        kernels = kernel_runner(settings, instance.instance_id, swarm=swarm)
+
+        def capacity() -> Capacity:
+            swarm = runner.capacity()
+            return Capacity(cpus=swarm.cpus, memory_mb=swarm.memory_mb, gpus=swarm.gpus,
+                            gpu_names=tuple(f"swarm GPU {index + 1}" for index in range(swarm.gpus)))
+
+        worker = Worker(instance, runner, capacity(), kernels=kernels, capacity_source=capacity)
+        worker.held.append(partial(os.close, lock))
+        return worker
+    except BaseException:
+        os.close(lock)  # no swarm: let a later `sandbox worker` take the lock
+        raise
+
+
+def make_worker(instance: Instance) -> Worker:
+    """The worker settings.runner names: this machine's Docker engine, or a Docker swarm."""
+    if instance.settings.runner == "swarm":
+        return swarm_worker(instance)
+    return docker_worker(instance)
+
+
 class Worker:
     def __init__(self, instance: Instance, runner: JobRunner, capacity: Capacity | None = None, *,
-                 kernels: KernelRunner | None = None) -> None:
+                 kernels: KernelRunner | None = None,
+                 capacity_source: Callable[[], Capacity] | None = None) -> None:
         self.instance = instance
         self.runner = runner
+        # Re-read when the worker republishes itself: a swarm's capacity changes as nodes come and go.
+        self.capacity_source = capacity_source
         # Notebook servers run where kernels can: with no kernel runner, this worker hosts none.
         self.notebooks = NotebookServers(instance, kernels) if kernels is not None else None
         self._notebooks_swept_at = -NOTEBOOK_SWEEP_S
@@ -196,6 +238,9 @@ class Worker:
         self._images_seen_at = -IMAGE_REFRESH_S
         # One worker per machine and instance (hold_worker_lock): the machine's name names the worker.
         self.name = socket.gethostname()[:200] or "worker"
+        # What the worker holds while it runs (the runner folder's lock), let go of when it stops: a process
+        # that steps down as the scheduler's leader (`sandbox.leader`) lives on, and its successor needs them.
+        self.held: list[Callable[[], None]] = []
 
     def context(self) -> Any:
         return self.instance.context(SystemActor(sub="worker"))
@@ -218,13 +263,16 @@ class Worker:
         """Tick now rather than at the next interval (a job was submitted, or a container ended)."""
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = False) -> None:
+        """Stop ticking and let go of what the worker holds; with `wait`, once the steps in flight have ended."""
         self.stopping.set()
         self._wake.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=wait, cancel_futures=True)
         if self.notebooks is not None:
             # The sessions stay running in the store: the next worker starts their servers again.
             self.notebooks.stop_all()
+        while self.held:
+            self.held.pop()()
 
     def start_thread(self, interval_s: float = 0.5) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, args=(interval_s,), name="sandbox-worker", daemon=True)
@@ -236,6 +284,11 @@ class Worker:
         in a pool so eight jobs starting together do not queue behind one another; `wait` lets a caller
         (a test, a one-shot command) wait for this pass's steps to end."""
         if time.monotonic() - self._images_seen_at > IMAGE_REFRESH_S:
+            if self.capacity_source is not None:
+                try:
+                    self.capacity = self.capacity_source()
+                except Exception as exc:  # keep the last known capacity
+                    log.warning("capacity_unavailable", error=str(exc))
             self.publish_worker()
             self.refresh_images()
         futures = self.admit()
@@ -398,6 +451,8 @@ class Worker:
                     _audit_usage(ctx, job)
                     move(ctx, job, JobState.FAILED, reason="the job's container vanished")
             return None
+        if status.lost is not None:
+            return self._in_background(job_id, partial(self._lost, job_id, status))
         if status.state is RunState.PREPARED:
             with self.instance.read_session() as session:
                 job = session.get(Job, job_id)
@@ -423,7 +478,7 @@ class Worker:
             if job is None or job.state != JobState.RUNNING.value:
                 return
             gpus = int(job.resources.get("gpus", 0))
-            job.usage = {**job.usage, **_usage(status, gpus=gpus)}
+            job.usage = {**job.usage, **_usage(status, gpus=gpus, earlier=job.usage)}
             contract = ctx.session.get(Contract, job.contract_id)
             quotas = contract.quotas if contract else {}
             quota_s = float(quotas.get("cpu_hours", 0)) * 3600
@@ -456,11 +511,52 @@ class Worker:
                                                                      int(policy_version)).body,
                                            artifacts=self.instance.settings.artifacts_dir)
             job.exit_code = status.exit_code
-            job.usage = {**job.usage, **_usage(status, gpus=int(job.resources.get("gpus", 0)))}
+            job.usage = {**job.usage, **_usage(status, gpus=int(job.resources.get("gpus", 0)), earlier=job.usage)}
             _audit_usage(ctx, job)
             move(ctx, job, JobState.CHECKING, reason=_reason(status))
             self._check_outputs(ctx, job, collected, checked)
         self.runner.cleanup(job_id)
+
+    def _lost(self, job_id: str, status: RunStatus) -> None:
+        """The platform lost the job's run (its node went down): fail the job, or queue it again once where its
+        policy allows (`runtime.on_node_loss: rerun_once`) and the lost run spent no privacy budget.
+
+        The lost run's usage is audited once, and a rerun's running totals continue from it, so nothing is
+        charged twice. A lost run that got DP answers or its training rows is never rerun: a second run would
+        spend the budget again (the answers were charged; the rows are handed out once). A DP training job's
+        reservation stays held across a rerun and is settled once, when the job ends.
+        """
+        self._usage_recorded.pop(job_id, None)
+        self._close_dp_socket(job_id)  # first: no answer may be recorded for the lost run after the check below
+        artifacts = self.instance.settings.artifacts_dir
+        spent = bool(job_answers(platform_dir(artifacts, job_id))) or training_runs.rows_served(artifacts, job_id)
+        # Removed before the store moves the job: a job queued again must find nothing of its lost run.
+        self.runner.terminate(job_id)
+        self.runner.cleanup(job_id)
+        with self.context() as ctx:
+            job = ctx.session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.RUNNING.value:
+                return
+            usage = {**job.usage, **_usage(status, gpus=int(job.resources.get("gpus", 0)), earlier=job.usage)}
+            lost_runs = int(float(usage.get("lost_runs", 0))) + 1
+            policy_name, _, policy_version = job.policy.partition("@")
+            policy = get_policy_version(ctx.session, policy_name, int(policy_version)).body
+            allowed = policy["runtime"].get("on_node_loss", "fail") == "rerun_once"
+            rerun = allowed and lost_runs == 1 and not spent
+            job.usage = {**usage, "lost_runs": float(lost_runs)}
+            if rerun:
+                # What a rerun's totals start from (`_usage`): the lost run stays charged, and only once.
+                job.usage = {**job.usage, **{f"lost_{key}": usage[key]
+                                             for key in ("cpu_seconds", "gpu_seconds", "wall_seconds") if key in usage}}
+            _audit_usage(ctx, job)
+            ctx.record("job.run.lost", "job", job.id, reason=status.lost, run=lost_runs, rerun=rerun,
+                       spent_budget=spent)
+            if rerun:
+                move(ctx, job, JobState.QUEUED, reason=f"queued again: its run was lost ({status.lost})")
+                return
+            why = ("" if not allowed else "; not run again: " + (
+                "the run had spent privacy budget" if spent else "it was rerun once already"))
+            move(ctx, job, JobState.FAILED, reason=f"{status.lost}{why}")
 
     def _training_outcome(self, job_id: str, collected: Collected,
                           status: RunStatus) -> tuple[training_runs.RunOutcome | None, Collected]:
@@ -725,15 +821,21 @@ def _audit_usage(ctx: Context, job: Job) -> None:
                                                if key in job.usage})
 
 
-def _usage(status: RunStatus, *, gpus: int = 0) -> dict[str, float]:
+def _usage(status: RunStatus, *, gpus: int = 0, earlier: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The job's usage so far: this run's, plus what its lost runs used (`lost_*`, kept in `earlier`)."""
+    before = earlier or {}
     wall = 0.0
     if status.started_at:
         wall = max((status.finished_at or time.time()) - status.started_at, 0.0)
-    usage = {"cpu_seconds": round(status.cpu_seconds, 3), "wall_seconds": round(wall, 3),
+    usage = {"cpu_seconds": round(float(before.get("lost_cpu_seconds", 0.0)) + status.cpu_seconds, 3),
+             "wall_seconds": round(float(before.get("lost_wall_seconds", 0.0)) + wall, 3),
              "peak_memory_bytes": float(status.peak_memory_bytes)}
     if gpus:
         # A GPU is held whole for the job's wall time, busy or not.
-        usage["gpu_seconds"] = round(gpus * wall, 3)
+        usage["gpu_seconds"] = round(float(before.get("lost_gpu_seconds", 0.0)) + gpus * wall, 3)
+    if status.usage_estimated:
+        # No engine measured it: wall time x the CPUs reserved (runners.swarm without the node's engine).
+        usage["cpu_seconds_estimated"] = 1.0
     return usage
 
 

@@ -27,7 +27,8 @@ S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.PENDING_APPROVAL: frozenset({S.QUEUED, S.REJECTED, S.CANCELLED}),
     S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
-    S.RUNNING: frozenset({S.CHECKING, S.FAILED, S.CANCELLED}),
+    # Back to queued only when the platform lost the run (its node went down) and the policy allows a rerun.
+    S.RUNNING: frozenset({S.QUEUED, S.CHECKING, S.FAILED, S.CANCELLED}),
     S.CHECKING: frozenset({S.IN_REVIEW, S.DONE, S.FAILED, S.CANCELLED}),
     S.IN_REVIEW: frozenset({S.DONE, S.FAILED, S.CANCELLED}),
     S.DONE: frozenset(),

@@ -12,7 +12,7 @@ from sandbox.jobs.lifecycle import TERMINAL, TRANSITIONS, JobState, next_state
 LEGAL = {
     ("pending_approval", "queued"), ("pending_approval", "rejected"), ("pending_approval", "cancelled"),
     ("queued", "running"), ("queued", "failed"), ("queued", "cancelled"),
-    ("running", "checking"), ("running", "failed"), ("running", "cancelled"),
+    ("running", "checking"), ("running", "failed"), ("running", "cancelled"), ("running", "queued"),
     ("checking", "in_review"), ("checking", "done"), ("checking", "failed"), ("checking", "cancelled"),
     ("in_review", "done"), ("in_review", "failed"), ("in_review", "cancelled"),
 }

@@ -19,11 +19,11 @@ from typing import Any
 
 from traitlets.config import Config
 
-from runners.kernels import DockerKernelRunner
 from sandbox.config import Settings
 from sandbox.instance import Instance
 from sandbox.notebooks.jupyter.kernels import register_provisioner
 from sandbox.notebooks.jupyter.runtime import Runtime
+from sandbox.notebooks.kernel_runners import kernel_runner
 from sandbox.notebooks.spec import SessionSpec
 
 PACKAGE = "sandbox.notebooks.jupyter"
@@ -134,7 +134,7 @@ def main() -> None:
     stop_with_parent()
     spec = SessionSpec.from_environment()
     instance = Instance(Settings(**spec.settings))
-    rt = Runtime(spec, instance=instance, kernels=DockerKernelRunner(instance_id=instance.instance_id))
+    rt = Runtime(spec, instance=instance, kernels=kernel_runner(instance.settings, instance.instance_id))
     warm_up(rt)
     register_provisioner()
     app = ServerApp(config=server_config(rt))
