@@ -113,16 +113,28 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> None:
     _call(init_instance, settings)
     instance = Instance(settings)
     application = _call(create_app, instance)
-    embedded: EmbeddedWorker | None = None
+    embedded: EmbeddedWorker | ElectedWorker | None = None
     if settings.embedded_worker:
+        from sandbox.leader import elects_leader
         from sandbox.worker_socket import serve_worker_socket
 
-        serve_worker_socket(instance)  # DP queries, mocks, uploads: answered beside the data, Docker or not
-        # Jobs and notebooks need the Docker engine, which may come up (or get its images) after the API:
-        # the worker connects in the background and keeps trying, and the API serves meanwhile.
-        embedded = EmbeddedWorker(instance, on_ready=lambda running: setattr(application.state, "wake_worker",
-                                                                           running.wake))
+        def ready(running: Any) -> None:
+            application.state.wake_worker = running.wake
+
+        if elects_leader(settings):
+            # Several processes may share this store: the worker runs only while this one leads.
+            embedded = ElectedWorker(instance, on_ready=ready,
+                                     on_stop=lambda: setattr(application.state, "wake_worker", None))
+        else:
+            serve_worker_socket(instance)  # DP queries, mocks, uploads: answered beside the data, Docker or not
+            # Jobs and notebooks need the Docker engine, which may come up (or get its images) after the API:
+            # the worker connects in the background and keeps trying, and the API serves meanwhile.
+            embedded = EmbeddedWorker(instance, on_ready=ready)
         embedded.start()
+        if isinstance(embedded, ElectedWorker):
+            # As on SQLite, a process that leads serves the worker socket before its API answers (a request
+            # right after /healthz turns 200 finds it); a standby's leader serves it already.
+            embedded.election.settled.wait(ELECTION_WAIT_S)
     try:
         uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_config=None,
                     access_log=False, server_header=False)
@@ -132,23 +144,24 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> None:
 
 
 WORKER_RETRY_S = 5.0
+ELECTION_WAIT_S = 15.0  # at most this long before the API answers, while the first election round settles
 
 
 def connect_worker(instance: Any, stopping: threading.Event, *, retry_s: float = WORKER_RETRY_S,
                    on_wait: Any = None) -> Any:
-    """The Docker worker of `instance`, once the engine answers; None if `stopping` is set first.
+    """The worker of `instance` (Docker or swarm), once the engine answers; None if `stopping` is set first.
 
     `on_wait(error)` is called before the first wait and then once a minute, so a log says why.
     """
     from sandbox.logs import get_logger
-    from sandbox.worker import docker_worker
+    from sandbox.worker import make_worker
 
     log = get_logger("sandbox.worker")
     waited_since: float | None = None
     told_at = 0.0
     while not stopping.is_set():
         try:
-            return docker_worker(instance)
+            return make_worker(instance)
         except Exception as exc:  # no engine yet, or another worker holds the lock: try again later
             now = time.monotonic()
             if waited_since is None or now - told_at >= 60:
@@ -178,14 +191,20 @@ class EmbeddedWorker:
         self.worker: Any = None
         self.stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sandbox-worker-connect", daemon=True)
+        self._ticking: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = False, timeout_s: float = 120.0) -> None:
+        """Stop the worker; with `wait`, return once its steps and its tick have ended (a leader stepping down)."""
         self.stopping.set()
+        if wait:
+            self._thread.join(timeout_s)
         if self.worker is not None:
-            self.worker.stop()
+            self.worker.stop(wait=wait)
+            if wait and self._ticking is not None:
+                self._ticking.join(timeout_s)
 
     def _run(self) -> None:
         def tell(error: Exception) -> None:
@@ -198,7 +217,7 @@ class EmbeddedWorker:
         self.worker = running
         if self.on_ready is not None:
             self.on_ready(running)
-        running.start_thread(self.instance.settings.worker_interval_s)
+        self._ticking = running.start_thread(self.instance.settings.worker_interval_s)
         if self.stopping.is_set():  # stopped while connecting
             running.stop()
             return
@@ -223,10 +242,56 @@ class EmbeddedWorker:
             return
 
 
+class ElectedWorker:
+    """The worker of a process that shares a PostgreSQL store with others: it runs only while this process leads.
+
+    The election (`sandbox.leader`) calls `_lead` once this process wins: it serves the worker socket (DP queries,
+    mocks, uploads, exports) and starts an `EmbeddedWorker`. A process that steps down closes the socket first,
+    then stops its worker and waits for the worker's steps to end, which lets go of the runner folder's lock, and
+    only then stands again: its successor on this machine takes that lock once nothing of this one still runs.
+    """
+
+    def __init__(self, instance: Any, *, on_ready: Any = None, on_stop: Any = None) -> None:
+        from sandbox.leader import Election
+
+        self.instance = instance
+        self.on_ready = on_ready
+        self.on_stop = on_stop
+        self.embedded: EmbeddedWorker | None = None
+        self.socket: Any = None
+        self.election = Election(instance, on_elected=self._lead, on_deposed=self._stand_down)
+
+    def start(self) -> None:
+        self.election.start()
+
+    def stop(self) -> None:
+        self.election.stop()
+
+    def _lead(self) -> None:
+        from sandbox.worker_socket import serve_worker_socket
+
+        self.socket = serve_worker_socket(self.instance)
+        # A predecessor on this machine may still be letting go of the runner lock: try again each second.
+        self.embedded = EmbeddedWorker(self.instance, on_ready=self.on_ready,
+                                       retry_s=self.instance.settings.leader_retry_s)
+        self.embedded.start()
+
+    def _stand_down(self, reason: str) -> None:
+        if self.on_stop is not None:
+            self.on_stop()
+        socket, self.socket = self.socket, None
+        if socket is not None:
+            socket.close()
+        embedded, self.embedded = self.embedded, None
+        if embedded is not None:
+            embedded.stop(wait=True)
+
+
 @app.command()
 def worker(home: HomeOption = None) -> None:
     """Run the job worker alone (the only process that needs the Docker socket)."""
     from sandbox.instance import Instance, init_instance
+    from sandbox.leader import elects_leader
     from sandbox.logs import configure_logging
     from sandbox.worker_socket import serve_worker_socket
 
@@ -234,6 +299,15 @@ def worker(home: HomeOption = None) -> None:
     configure_logging(settings.log_level, json=settings.log_json)
     _call(init_instance, settings)
     instance = Instance(settings)
+    if elects_leader(settings):
+        # Several workers (and `sandbox serve`s) may share this store: this one works only while it leads.
+        elected = ElectedWorker(instance)
+        elected.start()
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            elected.stop()
+        return
     serve_worker_socket(instance)  # DP queries, mocks, uploads: answered beside the data, Docker or not
     stopping = threading.Event()
     running = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from sandbox.context import Context
 from sandbox.errors import Forbidden, Invalid, NotFound
 from sandbox.policies import sync_shipped_policies
 from sandbox.store import models
-from sandbox.store.database import make_engine, make_sessionmaker, migrate
+from sandbox.store.database import make_engine, make_sessionmaker, migrate, serialise_transaction
 
 CONFIG_TEMPLATE = """\
 # Instance settings. Every key can also be set as SANDBOX_<KEY> in the environment, which wins.
@@ -51,13 +52,21 @@ def init_instance(settings: Settings) -> InitReport:
     for directory in (home, settings.artifacts_dir, settings.tmp_dir):
         directory.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
-    config_path = home / CONFIG_FILE
-    if not config_path.exists():
-        config_path.write_text(CONFIG_TEMPLATE)
-    created_key = ensure_signing_key(settings.signing_key_path, settings.verify_key_path)
+    # Several processes sharing this home may start at once: one creates the keys, the others find them.
+    descriptor = os.open(home / "init.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        config_path = home / CONFIG_FILE
+        if not config_path.exists():
+            config_path.write_text(CONFIG_TEMPLATE)
+        created_key = ensure_signing_key(settings.signing_key_path, settings.verify_key_path)
+    finally:
+        os.close(descriptor)
     instance = Instance(settings)
     migrate(instance.engine)
     with instance.system_context() as ctx:
+        # ... and one writes the chain's first head and the shipped policies (homes on other machines too).
+        serialise_transaction(ctx.session, "bootstrap")
         instance.audit.ensure_head(ctx.session)
         added = sync_shipped_policies(ctx)
         if created_key:

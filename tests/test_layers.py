@@ -24,6 +24,7 @@ Layers, lowest first:
 - jobs: job lifecycle and scheduling, above what their outputs may release
 - worker_socket: the worker's answers to the API process, run beside the data
 - notebooks: sessions and the Jupyter server, built on jobs' containers and the release rules
+- leader: which of the processes sharing a PostgreSQL store schedules, elected on an advisory lock and audited
 - worker, api, demo_setup, demo_tour: the processes (and the demo's setup and tour), which compose everything below
 - cli: the command line, which starts the API and the worker
 """

@@ -69,8 +69,17 @@ class HealthWorker(Shape):
     gpu_names: list[str]
 
 
+class HealthScheduler(Shape):
+    """Which process schedules, among those sharing a PostgreSQL store (`sandbox.leader`)."""
+
+    leader: str | None = Field(description="host:pid of the process whose worker dispatches; none between leaders")
+    standbys: list[str] = Field(description="host:pid of each process standing by to take over")
+
+
 class HealthDetails(Shape):
     workers: list[HealthWorker]
+    scheduler: HealthScheduler | None = Field(default=None, description="on PostgreSQL only, where several "
+                                                                       "processes stand for leadership")
 
 
 class Health(Shape):

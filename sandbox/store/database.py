@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -76,5 +77,16 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the newest migration (idempotent)."""
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
+        # Several processes starting at once on one PostgreSQL store: one migrates, the others then find the head.
+        serialise_transaction(connection, "migrate")
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def serialise_transaction(connection: Connection | Session, name: str) -> None:
+    """Make every other transaction that names `name` wait for this one to end (PostgreSQL's transaction-level
+    advisory lock); SQLite's writers are serialised already (BEGIN IMMEDIATE)."""
+    bind = connection.get_bind() if isinstance(connection, Session) else connection
+    if bind.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"sandbox-store:{name}".encode()).digest()[:8], "big", signed=True)
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})

@@ -14,6 +14,7 @@ from sandbox.api import schemas
 from sandbox.api.deps import InstanceDep, MetricsReader, get_principal
 from sandbox.auth.tokens import Role
 from sandbox.jobs.service import LIVE_WORKER_S
+from sandbox.leader import elects_leader, scheduler_view
 from sandbox.store.models import WorkerRecord
 
 router = APIRouter()
@@ -33,11 +34,15 @@ def healthz(request: Request, instance: InstanceDep) -> dict[str, Any]:
     live_since = datetime.now(UTC) - timedelta(seconds=LIVE_WORKER_S)
     with instance.read_session() as session:
         workers = session.execute(select(WorkerRecord).order_by(WorkerRecord.id)).scalars().all()
-    return {"status": "ok", "details": {"workers": [
+    details: dict[str, Any] = {"workers": [
         {"id": worker.id, "host": worker.host, "live": worker.seen_at >= live_since,
          "seen_at": worker.seen_at.isoformat(), "cpus": worker.cpus, "memory_mb": worker.memory_mb,
          "gpus": worker.gpus, "gpu_names": [str(name) for name in worker.gpu_names or []]}
-        for worker in workers]}}
+        for worker in workers]}
+    if elects_leader(instance.settings):
+        view = scheduler_view(instance.engine, instance.instance_id)
+        details["scheduler"] = {"leader": view.leader, "standbys": view.standbys}
+    return {"status": "ok", "details": details}
 
 
 @router.get("/metrics", response_class=Response,
