@@ -36,6 +36,8 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
     return result
 
 
+# Revocation on PostgreSQL is the API tests'; this is the CLI's: SQLite only, to keep the suite's time.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_issued_token_verifies_and_revocation_reaches_the_api(tmp_path: Path, database_url: str | None) -> None:
     home = tmp_path / "home"
     ok(sandbox_cli(home, "init", database_url=database_url))

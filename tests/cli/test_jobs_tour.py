@@ -19,6 +19,9 @@ print('analysed', len(df), 'procedures')
 """
 
 
+# Jobs on PostgreSQL run through the API and worker tests and tests/scale/test_leader.py; this is the CLI's
+# tour: SQLite only, to keep the suite's time.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_submit_wait_review_and_verified_download(server: Server, tmp_path: Path, analysis_image: str) -> None:
     steward = server.token("steward", "xuanwu", "dr-li")
     buyer = server.token("buyer", "acme-ai", "alice")
