@@ -217,6 +217,18 @@ def container_options(job: JobDefinition, *, instance_id: str, output_dir: Path,
     return options
 
 
+def copy_job_outputs(job_id: str, job_dir: Path, destination: Path) -> tuple[list[CollectedFile], dict[str, str]]:
+    """The regular files of a job's /output file system (`job_dir`'s quota) copied to `destination/files/`,
+    and what was refused; any runner whose tasks write to that file system collects this way."""
+    image = image_path(job_dir)
+    if not image.is_file():
+        raise JobNotPreparedError(f"job {job_id}: no output file system to collect from")
+    with _failures(f"job {job_id}: collecting outputs into {destination}"):
+        output_dir = ensure_mounted(job_dir, size_mb=0, owner=SANDBOX_USER, create=False)
+        # The copy may not exceed the quota even if the job left sparse files: the quota is the file's size.
+        return copy_output_tree(output_dir, destination / "files", max_total_bytes=image.stat().st_size)
+
+
 def validate_job(job: JobDefinition) -> None:
     """Refuse a job definition whose ids or names could escape a path, a label or the container."""
     validate_job_id(job.id)
@@ -362,15 +374,9 @@ class DockerRunner:
         container = self._container(job_id)
         if container is not None and container.attrs["State"]["Status"] in _RUNNING_STATES:
             raise RunnerError(f"job {job_id} is still running; collect after it exits")
-        job_dir = self._job_dir(job_id)
-        image = image_path(job_dir)
-        if not image.is_file():
-            raise JobNotPreparedError(f"job {job_id}: no output file system to collect from")
         destination = Path(os.path.abspath(destination))
-        with _failures(f"job {job_id}: collecting outputs into {destination}"):
-            output_dir = ensure_mounted(job_dir, size_mb=0, owner=SANDBOX_USER, create=False)
-            # The copy may not exceed the quota even if the job left sparse files: the quota is the file's size.
-            files, refused = copy_output_tree(output_dir, destination / "files", max_total_bytes=image.stat().st_size)
+        files, refused = copy_job_outputs(job_id, self._job_dir(job_id), destination)
+        with _failures(f"job {job_id}: collecting its logs into {destination}"):
             stdout, stderr = self._collect_logs(job_id, container, destination / "logs")
         return Collected(files=files, refused=refused, stdout=stdout, stderr=stderr)
 
@@ -449,16 +455,7 @@ class DockerRunner:
         return owned_container(self.client, container_name(job_id), instance_id=self.instance_id, what=f"job {job_id}")
 
     def _kill(self, job_id: str, container: Any) -> None:
-        try:
-            container.kill()
-            container.wait(timeout=30)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as error:
-            if error.status_code != 409:  # 409: it is not running any more
-                raise RunnerError(f"job {job_id}: killing the container failed: {_explain(error)}") from error
-        except (docker.errors.DockerException, OSError) as error:
-            raise RunnerError(f"job {job_id}: killing the container failed: {_explain(error)}") from error
+        kill_container(container, f"job {job_id}: killing the container")
 
     def _sample_usage(self, job_id: str, container: Any, persisted: _PersistedStatus) -> None:
         usage = read_cgroup_usage(int(container.attrs["State"].get("Pid") or 0), str(container.id))
@@ -630,6 +627,20 @@ def _failures(what: str) -> Iterator[None]:
         yield
     except RunnerError:
         raise
+    except (docker.errors.DockerException, OSError) as error:
+        raise RunnerError(f"{what} failed: {_explain(error)}") from error
+
+
+def kill_container(container: Any, what: str) -> None:
+    """SIGKILL `container` and wait for it to exit; one already gone or stopped is fine. `what` names the step."""
+    try:
+        container.kill()
+        container.wait(timeout=30)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as error:
+        if error.status_code != 409:  # 409: it is not running any more
+            raise RunnerError(f"{what} failed: {_explain(error)}") from error
     except (docker.errors.DockerException, OSError) as error:
         raise RunnerError(f"{what} failed: {_explain(error)}") from error
 

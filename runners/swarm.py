@@ -85,11 +85,12 @@ from runners.docker import (
     _write_atomically,
     bounded_log,
     container_options,
+    copy_job_outputs,
+    kill_container,
     validate_job,
     validate_job_id,
 )
 from runners.errors import JobNotPreparedError, RunnerError
-from runners.output_copy import copy_output_tree
 from runners.output_quota import MIB, ensure_mounted, image_path, is_mounted, mount_path, remove, space_left
 
 __all__ = ["GENERIC_GPU", "LABEL_NODE", "DataMode", "ImageReferences", "SwarmCapacity", "SwarmRunner",
@@ -592,14 +593,9 @@ class SwarmRunner:
         task = _latest_task(service) if service is not None else None
         if task is not None and (task["Status"]["State"] in _BEFORE_RUNNING or task["Status"]["State"] == "running"):
             raise RunnerError(f"job {job_id} is still running; collect after it exits")
-        job_dir = self._job_dir(job_id)
-        image = image_path(job_dir)
-        if not image.is_file():
-            raise JobNotPreparedError(f"job {job_id}: no output file system to collect from")
         destination = Path(os.path.abspath(destination))
-        with _failures(f"job {job_id}: collecting outputs into {destination}"):
-            output_dir = ensure_mounted(job_dir, size_mb=0, owner=SANDBOX_USER, create=False)
-            files, refused = copy_output_tree(output_dir, destination / "files", max_total_bytes=image.stat().st_size)
+        files, refused = copy_job_outputs(job_id, self._job_dir(job_id), destination)
+        with _failures(f"job {job_id}: collecting its logs into {destination}"):
             stdout, stderr = self._collect_logs(job_id, service, destination / "logs")
         return Collected(files=files, refused=refused, stdout=stdout, stderr=stderr)
 
@@ -848,16 +844,7 @@ class SwarmRunner:
         """Kill the task's container through its node's engine; without one, keep the logs and remove the service."""
         container = self._task_container(task)
         if container is not None:
-            try:
-                container.kill()
-                container.wait(timeout=30)
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as error:
-                if error.status_code != 409:  # 409: it is not running any more
-                    raise RunnerError(f"job {job_id}: killing its task failed: {_explain(error)}") from error
-            except (docker.errors.DockerException, OSError) as error:
-                raise RunnerError(f"job {job_id}: killing its task failed: {_explain(error)}") from error
+            kill_container(container, f"job {job_id}: killing its task")
             if self._wait_task_ends(service):
                 return
         running = task is not None and task["Status"]["State"] == "running"

@@ -62,7 +62,7 @@ from runners.base import (
     KernelStatus,
     RunState,
 )
-from runners.docker import LABEL_TIMEOUT, _explain, _timestamp
+from runners.docker import LABEL_TIMEOUT, _explain, _timestamp, kill_container
 from runners.errors import RunnerError
 from runners.kernels import _cpu_seconds, kernel_container_name, kernel_options
 from runners.swarm import LABEL_NODE, create_service, service_arguments
@@ -297,15 +297,12 @@ class SwarmKernelRunner:
             return False
         try:
             container = engine.containers.get(_container_id(task))
-            container.kill()
-            container.wait(timeout=30)
         except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as error:
-            if error.status_code != 409:  # 409: it is not running any more
-                raise RunnerError(f"kernel {key}: killing its container failed: {_explain(error)}") from error
+            container = None
         except (docker.errors.DockerException, OSError) as error:
-            raise RunnerError(f"kernel {key}: killing its container failed: {_explain(error)}") from error
+            raise RunnerError(f"kernel {key}: finding its container failed: {_explain(error)}") from error
+        if container is not None:
+            kill_container(container, f"kernel {key}: killing its container")
         # The node reports the exit to the manager a moment later.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
