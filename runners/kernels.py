@@ -68,6 +68,16 @@ def kernel_options(kernel: KernelDefinition, *, instance_id: str) -> dict[str, A
     return options
 
 
+def kernel_labels(instance_id: str, *, notebook: str | None = None, contract: str | None = None) -> list[str]:
+    """The label filter for this instance's kernels, of one session or one contract if given."""
+    labels = [f"{LABEL_MANAGED}=1", f"{LABEL_INSTANCE}={instance_id}", LABEL_KERNEL]
+    if notebook:
+        labels.append(f"{LABEL_NOTEBOOK}={notebook}")
+    if contract:
+        labels.append(f"{LABEL_CONTRACT}={contract}")
+    return labels
+
+
 class DockerKernelRunner:
     """Kernels as containers of the local Docker engine; implements `runners.base.KernelRunner`."""
 
@@ -143,11 +153,7 @@ class DockerKernelRunner:
         return last
 
     def kernels(self, *, notebook: str | None = None, contract: str | None = None) -> list[KernelStatus]:
-        labels = [f"{LABEL_MANAGED}=1", f"{LABEL_INSTANCE}={self.instance_id}", LABEL_KERNEL]
-        if notebook:
-            labels.append(f"{LABEL_NOTEBOOK}={notebook}")
-        if contract:
-            labels.append(f"{LABEL_CONTRACT}={contract}")
+        labels = kernel_labels(self.instance_id, notebook=notebook, contract=contract)
         try:
             # The low-level list carries labels already; the high-level one inspects every container.
             found = self.client.api.containers(all=True, filters={"label": labels})

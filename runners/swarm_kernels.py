@@ -44,7 +44,7 @@ import contextlib
 import secrets
 import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -62,9 +62,9 @@ from runners.base import (
     KernelStatus,
     RunState,
 )
-from runners.docker import LABEL_TIMEOUT, _explain, _timestamp, kill_container
+from runners.docker import LABEL_TIMEOUT, _explain, _failures, _timestamp, kill_container
 from runners.errors import RunnerError
-from runners.kernels import _cpu_seconds, kernel_container_name, kernel_options
+from runners.kernels import _cpu_seconds, kernel_container_name, kernel_labels, kernel_options
 from runners.swarm import LABEL_NODE, create_service, service_arguments
 
 # Task states (swarmkit's TaskState) as the runner's states; a task in none of these is prepared.
@@ -186,11 +186,7 @@ class SwarmKernelRunner:
 
     def kernels(self, *, notebook: str | None = None, contract: str | None = None) -> list[KernelStatus]:
         """This instance's kernels (services, ended ones too), and as UNKNOWN any network left without one."""
-        labels = [f"{LABEL_MANAGED}=1", f"{LABEL_INSTANCE}={self.instance_id}", LABEL_KERNEL]
-        if notebook:
-            labels.append(f"{LABEL_NOTEBOOK}={notebook}")
-        if contract:
-            labels.append(f"{LABEL_CONTRACT}={contract}")
+        labels = kernel_labels(self.instance_id, notebook=notebook, contract=contract)
         with _failures("listing this instance's kernels"):
             services = self.manager.api.services(filters={"label": labels})
             # Tasks match their service's labels: one call for all of them.
@@ -466,14 +462,3 @@ def _unknown(key: str, labels: Mapping[str, str] | None = None) -> KernelStatus:
 
 def _with(status: KernelStatus, **changes: Any) -> KernelStatus:
     return replace(status, **changes)
-
-
-@contextlib.contextmanager
-def _failures(what: str) -> Iterator[None]:
-    """Turn any Docker or OS failure inside the block into a RunnerError saying what was being done."""
-    try:
-        yield
-    except RunnerError:
-        raise
-    except (docker.errors.DockerException, OSError) as error:
-        raise RunnerError(f"{what} failed: {_explain(error)}") from error

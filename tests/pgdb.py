@@ -21,12 +21,12 @@ def admin_engine() -> Engine:
 
 
 @contextmanager
-def cloned_database(template: str) -> Iterator[str]:
-    """A fresh PostgreSQL database cloned from the migrated template, dropped afterwards."""
+def cloned_database(template: str | None) -> Iterator[str]:
+    """A fresh PostgreSQL database cloned from the migrated template (empty without one), dropped afterwards."""
     name = f"sbx_test_{uuid.uuid4().hex[:12]}"
     admin = admin_engine()
     with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
     try:
         yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     finally:

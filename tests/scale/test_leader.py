@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -25,9 +24,8 @@ import httpx
 import pytest
 from cli.server import base_env, free_port, unmount_below, wait_healthy
 from jobworld import analysis_image, pack
-from pgdb import POSTGRES_URL, admin_engine, cloned_database
+from pgdb import admin_engine, cloned_database
 from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
 
 from sandbox.config import Settings
 from sandbox.demo import CARD, write_registry
@@ -142,21 +140,6 @@ class Cluster:
             engine.dispose()
 
 
-@contextmanager
-def empty_database() -> Iterator[str]:
-    """A new, empty PostgreSQL database (no template: the three processes migrate it at once)."""
-    name = f"sbx_leader_{uuid.uuid4().hex[:10]}"
-    admin = admin_engine()
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def start_serve(env: dict[str, str], log: Path) -> Serve:
     port = free_port()
     with open(log, "w") as sink:  # a pipe nobody reads would fill
@@ -215,7 +198,8 @@ def three_serves(tmp_path: Path, database_url: str) -> Iterator[Cluster]:
 @pytest.mark.docker
 @pytest.mark.slow
 def test_one_leader_schedules_and_a_killed_leader_is_replaced(tmp_path: Path, analysis_image: str) -> None:
-    with empty_database() as database_url, three_serves(tmp_path, database_url) as cluster:
+    # An empty database, no template: the three processes migrate it at once.
+    with cloned_database(None) as database_url, three_serves(tmp_path, database_url) as cluster:
         # Three processes initialised one home and one empty database at once: one key, one genesis.
         assert len(cluster.audit("instance.init")) == 1, "more than one process initialised the instance"
 
