@@ -7,7 +7,9 @@ import re
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sandbox.catalog.fhir import FhirMapping
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{1,62}$"
 COLUMN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
@@ -59,6 +61,41 @@ class DpSettings(BaseModel):
     groups_per_unit: int = Field(default=1, ge=1, le=1000)
 
 
+UseKind = Literal["analysis", "training", "dp_training", "notebook", "query"]
+USE_KINDS: tuple[UseKind, ...] = ("analysis", "training", "dp_training", "notebook", "query")
+
+
+class LicenceTerms(BaseModel):
+    """The terms under which the publishing org licenses the data; contracts may grant no more."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="", max_length=500)
+    url: str = Field(default="", max_length=1000)
+    permitted_uses: list[UseKind] = Field(default_factory=lambda: list(USE_KINDS))
+    training_allowed: bool = True
+    attribution: str = Field(default="", max_length=2000)
+    # How long a buyer may keep a model derived from the data; None: no limit stated.
+    derived_model_retention_days: int | None = Field(default=None, ge=0, le=36_500)
+
+    def allows(self, kind: str) -> bool:
+        """Whether a contract may grant `kind` of use under these terms."""
+        if kind in ("training", "dp_training") and not self.training_allowed:
+            return False
+        return kind in self.permitted_uses
+
+
+class Generalisation(BaseModel):
+    """How the platform coarsens a quasi-identifier at ingest, before anything is stored: numbers
+    to the lower edge of a band (`band: 10` stores 63 as 60), dates and timestamps to the first day
+    of their month or year."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    band: float | None = Field(default=None, gt=0)
+    to: Literal["month", "year"] | None = None
+
+
 class DatasetCard(BaseModel):
     """What a steward declares about a dataset; everything but bounds and categories is public."""
 
@@ -69,13 +106,33 @@ class DatasetCard(BaseModel):
     description: str = Field(default="", max_length=20_000)
     provenance: str = Field(default="", max_length=5000)
     deidentification: str = Field(default="", max_length=5000)
-    licence: str = Field(default="", max_length=500)
+    # A plain string is the licence's name, with every use permitted (the cards written before terms).
+    licence: LicenceTerms = Field(default_factory=LicenceTerms)
     update_cadence: str = Field(default="", max_length=100)
     privacy_unit: str = Field(pattern=COLUMN_PATTERN)
     privacy_unit_rows: Literal["one", "many"] = "many"
     columns: dict[str, ColumnSpec] = Field(min_length=1, max_length=2000)
     marginal_pairs: list[tuple[str, str]] = Field(default_factory=list, max_length=200)
     dp: DpSettings | None = None
+    # Registration (issue 16): columns whose combination could single a patient out, and the sensitive
+    # columns whose diversity within each such combination is measured.
+    quasi_identifiers: list[str] = Field(default_factory=list, max_length=20)
+    sensitive_columns: list[str] = Field(default_factory=list, max_length=50)
+    # File columns read under another name: an export's own headers (Chinese ones, say) to the card's
+    # column names, which are ASCII. Applied first, so every other field names columns as the card does.
+    rename: dict[str, str] = Field(default_factory=dict, max_length=2000)
+    # Columns an export carries that are discarded on reading, before any check or storage.
+    drop_columns: list[str] = Field(default_factory=list, max_length=2000)
+    generalise: dict[str, Generalisation] = Field(default_factory=dict, max_length=50)
+    # The policy whose `registration` section decides on each version's de-identification report.
+    registration_policy: str = Field(default="default", max_length=100)
+    # How FHIR R4 NDJSON is flattened to this table (sandbox.catalog.fhir); None for tabular files.
+    fhir_mapping: FhirMapping | None = None
+
+    @field_validator("licence", mode="before")
+    @classmethod
+    def _licence_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
 
 def card_errors(card: DatasetCard) -> list[str]:
@@ -123,6 +180,45 @@ def card_errors(card: DatasetCard) -> list[str]:
                 errors.append(f"marginal_pairs: {column!r} is not a declared column")
         if first == second:
             errors.append(f"marginal_pairs: ({first!r}, {second!r}) pairs a column with itself")
+    errors.extend(_registration_errors(card))
+    return errors
+
+
+def _registration_errors(card: DatasetCard) -> list[str]:
+    errors = []
+    for field in ("quasi_identifiers", "sensitive_columns"):
+        for column in getattr(card, field):
+            if column not in card.columns:
+                errors.append(f"{field}: {column!r} is not a declared column")
+            elif column == card.privacy_unit:
+                errors.append(f"{field}: {column!r} is the privacy unit, which identifies nobody outside the platform")
+    for column in set(card.quasi_identifiers) & set(card.sensitive_columns):
+        errors.append(f"column {column!r} is both a quasi-identifier and a sensitive column")
+    targets = list(card.rename.values())
+    for source, target in card.rename.items():
+        if not source or len(source) > 200:
+            errors.append(f"rename: {source!r} must be a file column name of 1 to 200 characters")
+        if target not in card.columns and target not in card.drop_columns:
+            errors.append(f"rename: {source!r} -> {target!r}, which is neither a declared nor a dropped column")
+        if targets.count(target) > 1:
+            errors.append(f"rename: several file columns are renamed to {target!r}")
+        if source in card.columns and source != target:
+            errors.append(f"rename: {source!r} is also a declared column")
+    for column in card.drop_columns:
+        if column in card.columns:
+            errors.append(f"drop_columns: {column!r} is also declared as a column")
+    for column, rule in card.generalise.items():
+        spec = card.columns.get(column)
+        if spec is None:
+            errors.append(f"generalise: {column!r} is not a declared column")
+        elif (rule.band is None) == (rule.to is None):
+            errors.append(f"generalise: {column!r} takes one of band (numbers) or to (dates)")
+        elif rule.band is not None and spec.type not in NUMERIC:
+            errors.append(f"generalise: {column!r} is {spec.type.value}; band applies to integer and float columns")
+        elif rule.band is not None and spec.type is ColumnType.INTEGER and rule.band != int(rule.band):
+            errors.append(f"generalise: {column!r} is an integer column; its band must be a whole number")
+        elif rule.to is not None and spec.type not in (ColumnType.DATE, ColumnType.TIMESTAMP):
+            errors.append(f"generalise: {column!r} is {spec.type.value}; to: month|year applies to dates")
     return errors
 
 
