@@ -496,16 +496,170 @@ def dataset_create(name: str, card: Annotated[Path, typer.Option("--card", help=
 @dataset_app.command("add-version")
 def dataset_add_version(name: str, file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
                         as_json: JsonOption = False) -> None:
-    """Upload a .parquet or .csv file as the dataset's next version."""
+    """Upload a file (CSV, Excel, Parquet, SPSS, Stata, SAS or FHIR NDJSON) as the dataset's next version.
+
+    Every version is checked before use. A blocked one is kept in quarantine and this command exits 3,
+    naming what its de-identification report found: fix it with `sandbox dataset remediate`, or let it
+    through with `sandbox dataset override` where the policy allows.
+    """
     size = file.stat().st_size
     with _client() as client, Progress(TextColumn("uploading {task.description}"), BarColumn(), DownloadColumn(),
                                        TransferSpeedColumn(), console=console, transient=True) as progress:
         task = progress.add_task(file.name, total=size)
         created = _call(client.add_version, name, file, lambda n: progress.advance(task, n))
+    _show_version(name, created, as_json)
+
+
+def _show_version(name: str, created: dict[str, Any], as_json: bool) -> None:
+    """A registered version; exit 3 when its checks blocked it, after saying why."""
+    blocked = created.get("status") == "blocked"
     if as_json:
         _emit(created, True)
     else:
-        out.print(f"{name} version {created['version']}: {created['rows']} rows, sha256 {created['sha256'][:16]}…")
+        deid = created.get("deid") or {}
+        k = f", k={deid['k']}" if deid.get("k") is not None else ""
+        out.print(f"{name} version {created['version']}: {created.get('status', 'active')}, {created['rows']} rows"
+                  f"{k}, sha256 {created['sha256'][:16]}…")
+        if blocked:
+            with _client() as client:
+                _print_report(_call(client.deid_report, name, created["version"]))
+    if blocked:
+        raise typer.Exit(3)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    for reason in report.get("reasons", []):
+        fix = "override or remediate" if reason.get("overridable") else "remediate (no override)"
+        console.print(f"[red]blocked[/]: {reason['detail']} [{fix}]")
+    if report.get("identifiers"):
+        table = Table("column", "kind", "rows", "examples (masked)", title="direct identifiers")
+        for found in report["identifiers"]:
+            table.add_row(found["column"], found["kind"], str(found["count"]), ", ".join(found.get("examples", [])))
+        out.print(table)
+    anonymity = report.get("k_anonymity") or {}
+    if anonymity.get("quasi_identifiers"):
+        out.print(f"k-anonymity over {', '.join(anonymity['quasi_identifiers'])}: k={anonymity.get('k')}, "
+                  f"{anonymity.get('rare_classes', 0)} rare combination(s)")
+        for column, diversity in (anonymity.get("l_diversity") or {}).items():
+            out.print(f"l-diversity of {column}: l={diversity}")
+        suggestions = anonymity.get("suggestions") or []
+        if suggestions:
+            table = Table("suggestion", "k after", title="generalisations (accept with --accept ID)")
+            for suggestion in suggestions:
+                table.add_row(suggestion["id"], str(suggestion["k"]))
+            out.print(table)
+    if report.get("override"):
+        override = report["override"]
+        out.print(f"overridden by {override['by']} at {override['at']}: {override['reason']}")
+
+
+@dataset_app.command("draft")
+def dataset_draft(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the export to draft a card from")],
+    name: Annotated[str, typer.Option("--name", help="the dataset's name")],
+    dictionary: Annotated[Path | None, typer.Option("--dictionary", exists=True, dir_okay=False,
+                                                     help="data dictionary (CSV or Excel)")] = None,
+    fhir_mapping: Annotated[Path | None, typer.Option("--fhir-mapping", exists=True, dir_okay=False,
+                                                       help="YAML/JSON mapping for FHIR NDJSON")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="write the card YAML here")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Draft a card from a file: types, bounds and categories proposed from the data, for you alone to
+    review. Nothing is stored or shown to anyone until you create the dataset with the card."""
+    mapping = yaml.safe_load(fhir_mapping.read_text()) if fhir_mapping else None
+    with _client() as client:
+        drafted = _call(client.draft_card, file, name=name, dictionary=dictionary, fhir_mapping=mapping)
+    if as_json:
+        _emit(drafted, True)
+        return
+    card = dict(drafted["card"])
+    if drafted.get("fhir_mapping"):
+        card["fhir_mapping"] = drafted["fhir_mapping"]
+    text = yaml.safe_dump(card, sort_keys=False, allow_unicode=True)
+    for note in drafted.get("notes", []):
+        console.print(f"note: {note}")
+    if out_file is not None:
+        out_file.write_text(text)
+        console.print(f"wrote the draft card to {out_file}: review it, then `sandbox dataset create {name} "
+                      f"--card {out_file}`")
+    else:
+        out.print(text, markup=False, highlight=False)
+
+
+@dataset_app.command("deid")
+def dataset_deid(name: str, version: int, as_json: JsonOption = False) -> None:
+    """A version's de-identification report (stewards of the owning org)."""
+    with _client() as client:
+        report = _call(client.deid_report, name, version)
+    if as_json:
+        _emit(report, True)
+        return
+    out.print(f"{name} version {version}: {report['status']}")
+    _print_report(report)
+
+
+@dataset_app.command("diff")
+def dataset_diff(name: str, version: int, as_json: JsonOption = False) -> None:
+    """What changed from the previous version: rows, schema, and each public column's distribution."""
+    with _client() as client:
+        diff = _call(client.version_diff, name, version)
+    if as_json:
+        _emit(diff, True)
+        return
+    rows, schema = diff.get("rows", {}), diff.get("schema", {})
+    out.print(f"{name} version {version} against version {diff.get('from_version')}: {rows.get('before')} -> "
+              f"{rows.get('after')} rows; added {rows.get('added')}, removed {rows.get('removed')}, "
+              f"changed {rows.get('changed') if rows.get('changed') is not None else 'n/a'}")
+    for key in ("added", "removed"):
+        if schema.get(key):
+            out.print(f"columns {key}: {', '.join(schema[key])}")
+    for change in schema.get("retyped", []):
+        out.print(f"column {change['column']}: {change['before']} -> {change['after']}")
+    table = Table("column", "shift", "shifted", title="distribution shift of public columns")
+    for column, shift in (diff.get("columns") or {}).items():
+        measure = {k: shift[k] for k in ("ks", "psi", "tvd") if shift.get(k) is not None}
+        table.add_row(column, ", ".join(f"{k}={v:.3f}" for k, v in measure.items()), "yes" if shift.get("shifted")
+                      else "no")
+    out.print(table)
+
+
+@dataset_app.command("remediate")
+def dataset_remediate(
+    name: str, version: int,
+    drop: Annotated[str, typer.Option("--drop", help="columns to drop at reading, comma-separated")] = "",
+    generalise: Annotated[list[str] | None, typer.Option(
+        "--generalise", help="COLUMN=band:WIDTH or COLUMN=month|year (repeatable)")] = None,
+    accept: Annotated[list[str] | None, typer.Option("--accept", help="a suggestion id from the report")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fix a blocked version: the card changes for it and every later version, and the fixed data is
+    checked again as a new version. Exits 3 when the new version is still blocked."""
+    rules: dict[str, dict[str, Any]] = {}
+    for item in generalise or []:
+        column, _, rule = item.partition("=")
+        if rule.startswith("band:"):
+            try:
+                rules[column] = {"band": float(rule.removeprefix("band:"))}
+            except ValueError:
+                _fail(f"--generalise {item!r}: the band must be a number")
+        elif rule in ("month", "year"):
+            rules[column] = {"to": rule}
+        else:
+            _fail(f"--generalise {item!r}: use COLUMN=band:WIDTH or COLUMN=month|year")
+    body = {"drop": [c.strip() for c in drop.split(",") if c.strip()], "generalise": rules, "accept": accept or []}
+    with _client() as client:
+        created = _call(client.remediate_version, name, version, body)
+    _show_version(name, created, as_json)
+
+
+@dataset_app.command("override")
+def dataset_override(name: str, version: int,
+                     reason: Annotated[str, typer.Option("--reason", help="why the findings are acceptable")],
+                     as_json: JsonOption = False) -> None:
+    """Let a blocked version through on your signed word, where the policy allows an override."""
+    with _client() as client:
+        overridden = _call(client.override_version, name, version, reason)
+    _show_version(name, overridden, as_json)
 
 
 @dataset_app.command("list")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import IO, Any
 
@@ -88,6 +89,30 @@ class SandboxClient:
         with path.open("rb") as handle:
             body: Any = _ProgressReader(handle, on_progress) if on_progress else handle
             return self.request("POST", f"/v1/datasets/{name}/versions", files={"file": (path.name, body)})
+
+    def draft_card(self, path: Path, *, name: str, dictionary: Path | None = None,
+                   fhir_mapping: dict[str, Any] | None = None) -> Any:
+        """A card drafted from `path` (and a data dictionary), returned to this steward; nothing is stored."""
+        import json
+
+        with path.open("rb") as handle, (dictionary.open("rb") if dictionary else nullcontext()) as extra:
+            files: dict[str, Any] = {"file": (path.name, handle)}
+            if dictionary is not None:
+                files["dictionary"] = (dictionary.name, extra)
+            data = {"name": name, **({"fhir_mapping": json.dumps(fhir_mapping)} if fhir_mapping else {})}
+            return self.request("POST", "/v1/datasets/drafts", files=files, data=data)
+
+    def deid_report(self, name: str, version: int) -> Any:
+        return self.request("GET", f"/v1/datasets/{name}/versions/{version}/deid")
+
+    def version_diff(self, name: str, version: int) -> Any:
+        return self.request("GET", f"/v1/datasets/{name}/versions/{version}/diff")
+
+    def remediate_version(self, name: str, version: int, remediation: dict[str, Any]) -> Any:
+        return self.request("POST", f"/v1/datasets/{name}/versions/{version}/remediate", json=remediation)
+
+    def override_version(self, name: str, version: int, reason: str) -> Any:
+        return self.request("POST", f"/v1/datasets/{name}/versions/{version}/override", json={"reason": reason})
 
     # Contracts
     def create_contract(self, body: dict[str, Any]) -> Any:
@@ -226,3 +251,4 @@ class SandboxClient:
 
     def whoami(self) -> Any:
         return self.request("GET", "/v1/whoami")
+

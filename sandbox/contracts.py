@@ -16,7 +16,8 @@ from sandbox.auth.orgs import ORG_PATTERN
 from sandbox.auth.tokens import Principal, Role
 from sandbox.billing.prices import PriceList
 from sandbox.budgets.ledger import ensure_ledgers
-from sandbox.catalog.service import owned_dataset
+from sandbox.catalog.cards import LicenceTerms
+from sandbox.catalog.service import card_of, get_dataset, owned_dataset
 from sandbox.context import Context
 from sandbox.errors import Conflict, ContractNotUsable, Forbidden, Invalid, NotFound
 from sandbox.policies import resolve_policy
@@ -107,10 +108,12 @@ def create_contract(ctx: Context, request: ContractRequest) -> Contract:
         raise Forbidden("a steward may not grant a contract to their own organisation", object="contract")
     for name in request.datasets:
         try:
-            owned_dataset(ctx.session, name, steward)
+            dataset = owned_dataset(ctx.session, name, steward)
         except NotFound:
             # Another org's dataset reads as a missing one: a steward grants only their own org's data.
             errors.append(f"dataset {name!r} does not exist")
+            continue
+        errors.extend(licence_problems(card_of(dataset).licence, dataset=name, kinds=request.kinds))
     if errors:
         raise Invalid("the contract is invalid", errors)
     policy = resolve_policy(ctx.session, request.policy, org=steward.org)
@@ -226,11 +229,31 @@ def usability_problems(contract: Contract, use: Use, now: datetime | None = None
     return problems
 
 
+def licence_problems(licence: LicenceTerms, *, dataset: str, kinds: list[JobKind]) -> list[str]:
+    """The kinds of use that `dataset`'s licence forbids, one reason each; empty when it allows all. Pure."""
+    named = f"licence {licence.name!r}" if licence.name else "its licence"
+    problems = []
+    for kind in kinds:
+        if licence.allows(kind.value):
+            continue
+        if kind in (JobKind.TRAINING, JobKind.DP_TRAINING) and not licence.training_allowed:
+            problems.append(f"dataset {dataset!r}: {named} does not allow training (training_allowed is false), "
+                            f"so no contract may grant {kind.value}")
+        else:
+            problems.append(f"dataset {dataset!r}: {named} does not permit {kind.value} "
+                            f"(permits {', '.join(licence.permitted_uses) or 'nothing'})")
+    return problems
+
+
 def require_usable(ctx: Context, contract_id: str, *, kind: JobKind, dataset: str) -> Contract:
     """The contract, if the calling buyer may use it for `kind` on `dataset` right now."""
     buyer = ctx.require_role(Role.BUYER)
     contract = get_contract(ctx, contract_id)
     problems = usability_problems(contract, Use(kind=kind, dataset=dataset, org=buyer.org))
+    if dataset in contract.datasets:
+        # The licence as the dataset's card states it now: terms made stricter stop existing contracts too.
+        problems.extend(licence_problems(card_of(get_dataset(ctx.session, dataset)).licence, dataset=dataset,
+                                         kinds=[kind]))
     if problems:
         raise ContractNotUsable("; ".join(problems))
     return contract

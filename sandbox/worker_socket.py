@@ -2,8 +2,10 @@
 
 The API process holds no data. It checks a request against the store, then forwards whatever must read
 a dataset file to this service, which runs beside the data: DP queries, DP mock publication, a new
-version's ingestion and its warm-up. The service starts with `sandbox worker` and with the embedded worker
-of `sandbox serve`, before Docker and without it, so DP queries work while the engine is down.
+version's ingestion, checks (de-identification report, difference from the last version) and warm-up,
+remediations and overrides of blocked versions, and cards drafted from a file. The service starts with
+`sandbox worker` and with the embedded worker of `sandbox serve`, before Docker and without it, so DP
+queries work while the engine is down.
 
 The socket is 0600: only the service's own user (the API process) may connect, and the API passes the
 principal it verified. Other modules add routes with `@worker_route("/notebooks/...")` in a module named in
@@ -13,20 +15,24 @@ principal it verified. Other modules add routes with `@worker_route("/notebooks/
 from __future__ import annotations
 
 import importlib
+import shutil
 import threading
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sandbox.auth.tokens import Principal, Role
-from sandbox.catalog import service
+from sandbox.catalog import registration, service
+from sandbox.catalog.cards import DatasetCard
 from sandbox.dp import mock_publication, queries
 from sandbox.egress.content import ensure_fingerprints
-from sandbox.errors import Invalid
+from sandbox.errors import Conflict, Forbidden, Invalid
 from sandbox.instance import Instance
 from sandbox.local_http import Handler, LocalHttpServer, WorkerUnavailable, call, worker_socket
 from sandbox.logs import get_logger
+from sandbox.policies import resolve_policy
 
 log = get_logger("sandbox.worker_socket")
 
@@ -133,25 +139,122 @@ def dp_mock(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
 @worker_route("/datasets/versions")
 def dataset_version(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
     """`{principal, dataset, upload, filename, upload_sha256, size_bytes}`: validate the upload the API
-    staged, store it as the dataset's next version, and warm it up in the background; -> the version's view."""
+    staged, check it (de-identification report, difference from the last version), store it as the
+    dataset's next version, active or blocked, and warm an active one up in the background; -> its view."""
     steward, name = principal_of(body), str(body.get("dataset"))
     upload = _staged_upload(instance, body.get("upload"))
     with instance.read_session() as session:
         card = service.card_of(service.owned_dataset(session, name, steward))
-    staged, ingested, sha256 = service.prepare_version(instance.settings.tmp_dir, card, upload,
-                                                       str(body.get("filename", "")))
+    return _register(instance, steward, name, card, upload, str(body.get("filename", "")),
+                     upload_sha256=str(body.get("upload_sha256")), size_bytes=int(body.get("size_bytes", 0)))
+
+
+def _register(instance: Instance, steward: Principal, name: str, card: DatasetCard, upload: Path, filename: str,
+              *, upload_sha256: str, size_bytes: int, remediates: int | None = None,
+              remediation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read, check and store one version; with `remediates`, it replaces that blocked version and the
+    remediated `card` becomes the dataset's card in the same transaction."""
+    staged, ingested, sha256 = service.prepare_version(instance.settings.tmp_dir, card, upload, filename)
+    discard: Path | None = None
     try:
+        with instance.read_session() as session:
+            dataset = service.get_dataset(session, name)
+            policy = resolve_policy(session, card.registration_policy, org=dataset.owner_org)
+            rules = registration.RegistrationRules.from_policy(f"{policy.name}@{policy.version}", policy.body)
+            previous = dataset.versions[-1] if dataset.versions else None
+            previous_path = instance.settings.artifacts_dir / previous.path if previous else None
+        report = registration.assess(staged, card, rules)
+        diff = None
+        if previous is not None and previous_path is not None:
+            from sandbox.catalog.diff import version_diff
+            diff = {"from_version": previous.version, **version_diff(previous_path, staged, card)}
         with instance.context(steward) as ctx:
+            provenance: dict[str, Any] = {"filename": Path(filename).name[:200]}
+            if remediates is not None:
+                replaced = service.blocked_version(ctx.session, name, remediates, steward)
+                service.update_card(ctx, replaced.dataset, card, why=f"remediation of version {remediates}")
+                provenance.update(derived_from=remediates, remediation=remediation or {})
             version = service.add_version(ctx, name=name, staged=staged, ingested=ingested, sha256=sha256,
-                                          upload_sha256=str(body.get("upload_sha256")),
-                                          size_bytes=int(body.get("size_bytes", 0)))
+                                          upload_sha256=upload_sha256, size_bytes=size_bytes, report=report,
+                                          diff=diff, provenance=provenance)
+            if remediates is not None:
+                discard = service.supersede(ctx, replaced, by=version.version)
             view = service.version_view(version, steward=True)
     finally:
         staged.unlink(missing_ok=True)
-    # The leak scan's fingerprints and the DP ranked copy: built now, not on the first job or query.
-    threading.Thread(target=_warm_up_quietly, args=(instance, name, view["version"]), daemon=True,
-                     name="version-warm-up").start()
+    if discard is not None:
+        # The replaced version's quarantined rows are not kept once a version has replaced them.
+        discard.unlink(missing_ok=True)
+    if view["status"] == service.ACTIVE:
+        _warm_up_later(instance, name, view["version"])
     return view
+
+
+@worker_route("/datasets/remediate")
+def dataset_remediate(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
+    """`{principal, dataset, version, drop, generalise, accept}`: a blocked version's fix, as a new version
+    read again from its quarantined copy under the remediated card; -> the new version's view."""
+    steward, name = principal_of(body), str(body.get("dataset"))
+    number = body.get("version")
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise Invalid("version must be an integer")
+    request = registration.Remediation.model_validate(body.get("remediation") or {})
+    with instance.read_session() as session:
+        dataset = service.owned_dataset(session, name, steward)
+        blocked = service.steward_version(dataset, number)
+        if blocked.status != service.BLOCKED:
+            raise Conflict(f"{name} version {number} is {blocked.status}, not blocked")
+        card = registration.remediated_card(service.card_of(dataset), blocked.deid or {}, drop=request.drop,
+                                            generalise=request.generalise, accept=request.accept)
+        quarantined = instance.settings.artifacts_dir / blocked.path
+        upload_sha256 = str(blocked.schema.get("upload_sha256"))
+    return _register(instance, steward, name, card, quarantined, quarantined.name, upload_sha256=upload_sha256,
+                     size_bytes=quarantined.stat().st_size, remediates=number,
+                     remediation=request.model_dump(mode="json", exclude_defaults=True))
+
+
+@worker_route("/datasets/override")
+def dataset_override(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
+    """`{principal, dataset, version, reason}`: a steward's signed override of a blocked version."""
+    steward, name = principal_of(body), str(body.get("dataset"))
+    number = body.get("version")
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise Invalid("version must be an integer")
+    with instance.context(steward) as ctx:
+        version = service.override_version(ctx, name=name, number=number, reason=str(body.get("reason") or ""))
+        view = service.version_view(version, steward=True)
+    _warm_up_later(instance, name, number)
+    return view
+
+
+@worker_route("/datasets/drafts")
+def dataset_draft(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
+    """`{principal, name, upload, filename, dictionary?, dictionary_filename?, fhir_mapping?}`: a card drafted
+    from a file, for the steward alone; nothing is stored."""
+    from sandbox.catalog.drafting import draft_card
+
+    principal = principal_of(body)
+    if principal.role is not Role.STEWARD:
+        raise Forbidden("only stewards draft cards")
+    upload = _staged_upload(instance, body.get("upload"))
+    dictionary = _staged_upload(instance, body["dictionary"]) if body.get("dictionary") else None
+    mapping = body.get("fhir_mapping")
+    if mapping is not None and not isinstance(mapping, dict):
+        raise Invalid("fhir_mapping must be a JSON object")
+    workdir = instance.settings.tmp_dir / f"draft-{uuid.uuid4().hex}"
+    workdir.mkdir(parents=True)
+    try:
+        return draft_card(upload, str(body.get("filename", "")), name=str(body.get("name") or "dataset"),
+                          dictionary=dictionary, dictionary_filename=str(body.get("dictionary_filename", "")),
+                          fhir_mapping=mapping, workdir=workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _warm_up_later(instance: Instance, name: str, version: int) -> None:
+    # The leak scan's fingerprints and the DP ranked copy: built now, not on the first job or query.
+    threading.Thread(target=_warm_up_quietly, args=(instance, name, version), daemon=True,
+                     name="version-warm-up").start()
 
 
 def _staged_upload(instance: Instance, named: object) -> Path:

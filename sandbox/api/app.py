@@ -20,6 +20,7 @@ from sandbox.api.routes import (
     jobs,
     notebook_proxy,
     notebooks,
+    orgs,
     policies,
     queries,
     tokens,
@@ -50,6 +51,7 @@ def create_app(instance: Instance) -> FastAPI:
                    tokens.router, jobs.router, queries.router, notebooks.router, notebook_proxy.router,
                    invoices.router):
         app.include_router(router)
+    app.include_router(orgs.router)
     install_console(app)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(RequestContextMiddleware, registry=app.state.metrics)

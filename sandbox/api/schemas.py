@@ -121,6 +121,14 @@ class DatasetVersionView(Shape):
     size_bytes: int | None = Field(default=None, description="stewards of the owning org only")
     source_format: str | None = Field(default=None, description="stewards of the owning org only")
     upload_sha256: str | None = Field(default=None, description="stewards of the owning org only")
+    signature: dict[str, Any] | None = Field(
+        default=None, description="the owner org's Ed25519 signature over the version's statement (its licence, "
+                                  "report digest and a salted commitment to the data)")
+    deid: dict[str, Any] | None = Field(default=None, description="the de-identification report's summary: k, "
+                                                                  "quasi-identifiers, flagged columns, override")
+    status: Literal["active", "blocked", "superseded"] | None = Field(
+        default=None, description="stewards of the owning org only; buyers see active versions alone")
+    provenance: dict[str, Any] | None = Field(default=None, description="stewards of the owning org only")
 
 
 class DatasetView(Shape):
@@ -139,6 +147,8 @@ class DatasetView(Shape):
     # both bounds and categories, so it is read as a PublicColumn. Each answers in its own key order.
     columns: dict[str, CardColumn | PublicColumn]
     marginal_pairs: list[list[str]]
+    quasi_identifiers: list[str] = []
+    deid: dict[str, Any] | None = None
     versions: list[DatasetVersionView]
     created_at: Timestamp
 
@@ -520,3 +530,55 @@ class Invoice(Shape):
     currency: str
     lines: list[InvoiceLine]
     total: DecimalString
+
+
+# Registration (issue 16).
+
+class IdentifierFound(Shape):
+    column: str
+    kind: str = Field(description="person_name, national_id, phone, email, address, medical_record_number or "
+                                  "date_of_birth")
+    count: int = Field(description="rows of the column holding at least one")
+    examples: list[str] = Field(description="up to three hits, masked")
+
+
+class BlockReason(Shape):
+    check: Literal["identifiers", "k_anonymity", "l_diversity"]
+    overridable: bool
+    detail: str
+
+
+class DeidReportView(Shape):
+    """A version's de-identification report, kept with the version; owning org's stewards only."""
+
+    dataset: str
+    version: int
+    status: Literal["active", "blocked", "superseded"]
+    blocked: bool
+    reasons: list[BlockReason]
+    identifiers: list[IdentifierFound]
+    flagged_columns: list[str]
+    k_anonymity: dict[str, Any] = Field(description="quasi_identifiers, k, min_k, rare, rare_classes, rare_units, "
+                                                    "l_diversity, suggestions, notes")
+    policy: str
+    rules: dict[str, Any]
+    checked_at: Timestamp
+    override: dict[str, Any] | None = None
+
+
+class VersionDiffView(StoredShape):
+    """What changed from the previous usable version: rows, schema and each public column's distribution."""
+
+    dataset: str
+    version: int
+    from_version: int
+    rows: dict[str, Any]
+    columns: dict[str, Any]
+
+
+class CardDraftView(Shape):
+    """A card proposed from a file, for the steward who sent it; nothing is stored."""
+
+    card: dict[str, Any]
+    fhir_mapping: dict[str, Any] | None = None
+    notes: list[str]

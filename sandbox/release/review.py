@@ -10,13 +10,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, object_session
 
 from sandbox.auth.tokens import Principal
+from sandbox.catalog.cards import DatasetCard
 from sandbox.context import Context
 from sandbox.errors import Conflict, Invalid
 from sandbox.release.status import Origin, OutputStatus, next_status
 from sandbox.release.verify import canonical
-from sandbox.store.models import Contract, Job, JobOutput, OutputReview
+from sandbox.store.models import Contract, Dataset, DatasetVersion, Job, JobOutput, OutputReview
 
 WITHHELD = "withheld"  # what a buyer sees of an output it did not get
 
@@ -61,14 +63,38 @@ def outputs_view(outputs: list[JobOutput], *, steward: bool) -> list[dict[str, A
     return views if steward else sorted(views, key=lambda v: v["status"] == WITHHELD)
 
 
+def manifest_data(session: Session, job: Job) -> dict[str, Any]:
+    """The data a job's outputs came from: the exact version, the publishing org's signature over it,
+    and the licence terms it was published under (as signed; the card's while a version is unsigned)."""
+    row = session.execute(
+        select(Dataset, DatasetVersion).join(DatasetVersion, DatasetVersion.dataset_id == Dataset.id)
+        .where(Dataset.name == job.dataset, DatasetVersion.version == job.dataset_version)).one_or_none()
+    if row is None:
+        raise Invalid(f"job {job.id} names {job.dataset}@{job.dataset_version}, which does not exist")
+    dataset, version = row
+    signed = version.signature
+    if signed is not None:
+        licence = signed["statement"]["licence"]
+        signature: dict[str, Any] | None = {key: signed[key] for key in ("key_id", "statement_sha256", "signature")}
+    else:
+        licence, signature = DatasetCard.model_validate(dataset.card).licence.model_dump(mode="json"), None
+    return {"dataset": dataset.name, "version": version.version, "org": dataset.owner_org, "signature": signature,
+            "licence": {key: licence.get(key) for key in
+                        ("name", "attribution", "derived_model_retention_days", "training_allowed")}}
+
+
 def sign_manifest(job: Job, signer: Any) -> None:
-    """(Re)write the job's release manifest over its released files, sign it (Ed25519), and
-    count the released bytes for usage."""
+    """(Re)write the job's release manifest over its released files and the data they came from, sign it
+    (Ed25519), and count the released bytes for usage."""
+    session = object_session(job)
+    if session is None:
+        raise ValueError(f"job {job.id} is not attached to a session; its data cannot be named")
     files = [{"path": o.path, "sha256": o.sha256, "size": o.size, "origin": o.origin,
               **({"spec": o.spec} if o.spec is not None else {})}
              for o in job.outputs if o.status == OutputStatus.RELEASED.value]
     manifest = {"job": job.id, "dataset": f"{job.dataset}@{job.dataset_version}", "code_sha256": job.code_sha256,
-                "image_id": job.image_id, "files": files, "signed_at": datetime.now(UTC).isoformat()}
+                "image_id": job.image_id, "files": files, "data": manifest_data(session, job),
+                "signed_at": datetime.now(UTC).isoformat()}
     job.manifest = manifest
     job.manifest_signature = signer.sign(canonical(manifest)).hex()
     job.usage = {**job.usage, "bytes_released": sum(f["size"] for f in files)}

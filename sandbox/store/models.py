@@ -50,8 +50,15 @@ class Dataset(Base):
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column()
 
-    versions: Mapped[list[DatasetVersion]] = relationship(
+    # Every version a steward registered, blocked ones included; only stewards of the owner org see them.
+    all_versions: Mapped[list[DatasetVersion]] = relationship(
         back_populates="dataset", order_by="DatasetVersion.version", lazy="selectin"
+    )
+    # The versions that may be used: those whose registration checks passed or were overridden. Jobs,
+    # queries, notebooks and the buyers' catalog read only these (a blocked version is in quarantine).
+    versions: Mapped[list[DatasetVersion]] = relationship(
+        primaryjoin="and_(Dataset.id == DatasetVersion.dataset_id, DatasetVersion.status == 'active')",
+        order_by="DatasetVersion.version", lazy="selectin", viewonly=True,
     )
 
 
@@ -70,8 +77,14 @@ class DatasetVersion(Base):
     source_format: Mapped[str] = mapped_column(String(16))
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column()
+    # active | blocked (in quarantine, awaiting remediation or a signed override) | superseded
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    deid: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    diff: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    signature: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    provenance: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
-    dataset: Mapped[Dataset] = relationship(back_populates="versions")
+    dataset: Mapped[Dataset] = relationship(back_populates="all_versions")
 
 
 class Policy(Base):

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox.api import schemas
 from sandbox.api.deps import AnyRole, InstanceDep, Steward
 from sandbox.api.uploads import receive_multipart
-from sandbox.auth.tokens import Role
+from sandbox.auth.tokens import Principal, Role
 from sandbox.catalog import service
 from sandbox.catalog.cards import DatasetCard
-from sandbox.errors import Invalid
+from sandbox.catalog.registration import Remediation
+from sandbox.errors import Invalid, NotFound
 from sandbox.worker_socket import LONG_TIMEOUT_S, ask_worker, principal_body, require_worker
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -68,3 +71,93 @@ async def add_version(name: str, request: Request, instance: InstanceDep, stewar
             timeout_s=LONG_TIMEOUT_S, what="registering a version")
     finally:
         upload.discard()
+
+
+@router.post("/drafts", response_model=schemas.CardDraftView,
+             summary="Draft a card from a file (the steward's eyes only; nothing is stored)")
+async def draft_card(request: Request, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    """Multipart `file` (any registrable format), optional `dictionary` (CSV or Excel data dictionary), and
+    fields `name` and `fhir_mapping` (JSON, for FHIR NDJSON). The proposed types, bounds and categories come
+    from the data: they are returned to this steward alone and become metadata only in a card they create."""
+    settings = instance.settings
+    require_worker(instance, what="drafting a card")
+    upload = await receive_multipart(request, file_fields={"file", "dictionary"}, staging_dir=settings.tmp_dir,
+                                     max_file_bytes=settings.max_upload_bytes)
+    try:
+        if "file" not in upload.files:
+            raise Invalid("the upload needs a part named 'file'")
+        mapping = None
+        if upload.fields.get("fhir_mapping"):
+            try:
+                mapping = json.loads(upload.fields["fhir_mapping"])
+            except ValueError as exc:
+                raise Invalid(f"fhir_mapping is not JSON: {exc}") from exc
+        dictionary = upload.files.get("dictionary")
+        body: dict[str, Any] = {
+            "principal": principal_body(steward), "name": upload.fields.get("name", ""),
+            "upload": str(upload.files["file"].path), "filename": upload.files["file"].filename,
+            "fhir_mapping": mapping}
+        if dictionary is not None:
+            body.update(dictionary=str(dictionary.path), dictionary_filename=dictionary.filename)
+        return await run_in_threadpool(ask_worker, instance, "/datasets/drafts", body, timeout_s=LONG_TIMEOUT_S,
+                                       what="drafting a card")
+    finally:
+        upload.discard()
+
+
+def _owned_version(instance: Any, name: str, number: int, steward: Principal) -> Any:
+    with instance.read_session() as session:
+        return service.steward_version(service.owned_dataset(session, name, steward), number)
+
+
+@router.get("/{name}/versions/{number}/deid", response_model=schemas.DeidReportView,
+            summary="A version's de-identification report (owning org's stewards)")
+def deid_report(name: str, number: int, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    version = _owned_version(instance, name, number, steward)
+    if version.deid is None:
+        raise NotFound(f"{name} version {number} was registered before de-identification reports")
+    return {"dataset": name, "version": number, "status": version.status, **version.deid}
+
+
+@router.get("/{name}/versions/{number}/diff", response_model=schemas.VersionDiffView,
+            summary="What changed since the previous version (stewards only)")
+def version_diff(name: str, number: int, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    version = _owned_version(instance, name, number, steward)
+    if version.diff is None:
+        raise NotFound(f"{name} version {number} has no previous version to compare with")
+    return {"dataset": name, "version": number, **version.diff}
+
+
+@router.post("/{name}/versions/{number}/remediate", status_code=201, response_model=schemas.DatasetVersionView,
+             response_model_exclude_unset=True)
+async def remediate_version(name: str, number: int, remediation: Remediation, instance: InstanceDep,
+                            steward: Steward) -> dict[str, Any]:
+    """Fix a blocked version: drop columns, generalise quasi-identifiers, or accept the report's suggestions.
+    The card changes for this and every later version, and the fixed data is checked again as a new version."""
+    with instance.read_session() as session:
+        service.owned_dataset(session, name, steward)
+    require_worker(instance, what="remediating a version")
+    return await run_in_threadpool(
+        ask_worker, instance, "/datasets/remediate",
+        {"principal": principal_body(steward), "dataset": name, "version": number,
+         "remediation": remediation.model_dump(mode="json")}, timeout_s=LONG_TIMEOUT_S, what="remediating a version")
+
+
+class OverrideRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=10, max_length=5000)
+
+
+@router.post("/{name}/versions/{number}/override", response_model=schemas.DatasetVersionView,
+             response_model_exclude_unset=True)
+async def override_version(name: str, number: int, override: OverrideRequest, instance: InstanceDep,
+                           steward: Steward) -> dict[str, Any]:
+    """Let a blocked version through on this steward's signed word, where the policy allows an override."""
+    with instance.read_session() as session:
+        service.owned_dataset(session, name, steward)
+    require_worker(instance, what="overriding a version's block")
+    return await run_in_threadpool(
+        ask_worker, instance, "/datasets/override",
+        {"principal": principal_body(steward), "dataset": name, "version": number, "reason": override.reason},
+        timeout_s=LONG_TIMEOUT_S, what="overriding a version's block")
