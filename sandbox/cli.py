@@ -683,6 +683,14 @@ def dataset_show(name: str, as_json: JsonOption = False) -> None:
         domain = spec.get("categories") or spec.get("bounds") or ""
         table.add_row(column, spec["type"], "yes" if spec.get("public") else "no", str(domain))
     _emit(dataset, as_json, table)
+    if not as_json:
+        licence, deid = dataset.get("licence") or {}, dataset.get("deid") or {}
+        if isinstance(licence, dict) and licence.get("name"):
+            out.print(f"licence: {licence['name']}; uses: {', '.join(licence.get('permitted_uses', []))}; "
+                      f"training {'allowed' if licence.get('training_allowed') else 'not allowed'}"
+                      + (f"; attribution: {licence['attribution']}" if licence.get("attribution") else ""))
+        if deid.get("k") is not None:
+            out.print(f"k-anonymity: k={deid['k']} over {', '.join(deid.get('quasi_identifiers', []))}")
 
 
 @contract_app.command("create")

@@ -208,9 +208,12 @@ def dataset_remediate(instance: Instance, body: dict[str, Any]) -> dict[str, Any
                                             generalise=request.generalise, accept=request.accept)
         quarantined = instance.settings.artifacts_dir / blocked.path
         upload_sha256 = str(blocked.schema.get("upload_sha256"))
-    return _register(instance, steward, name, card, quarantined, quarantined.name, upload_sha256=upload_sha256,
-                     size_bytes=quarantined.stat().st_size, remediates=number,
-                     remediation=request.model_dump(mode="json", exclude_defaults=True))
+    try:
+        return _register(instance, steward, name, card, quarantined, quarantined.name, upload_sha256=upload_sha256,
+                         size_bytes=quarantined.stat().st_size, remediates=number,
+                         remediation=request.model_dump(mode="json", exclude_defaults=True))
+    except FileNotFoundError as exc:  # another remediation replaced it (and removed its rows) meanwhile
+        raise Conflict(f"{name} version {number} was remediated or overridden meanwhile") from exc
 
 
 @worker_route("/datasets/override")

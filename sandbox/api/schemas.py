@@ -540,6 +540,8 @@ class IdentifierFound(Shape):
                                   "date_of_birth")
     count: int = Field(description="rows of the column holding at least one")
     examples: list[str] = Field(description="up to three hits, masked")
+    estimated: bool | None = Field(default=None, description="true when the count is scaled from a sample of "
+                                                             "over 20,000 distinct candidates")
 
 
 class BlockReason(Shape):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -52,3 +54,9 @@ def key_id(key: Ed25519PublicKey) -> str:
     """A short, stable id for the key (the `kid` header of tokens it signs)."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def canonical(document: dict[str, Any]) -> bytes:
+    """The bytes the service signs and hashes: JSON with sorted keys and no spaces (release manifests,
+    training records, dataset version statements and de-identification reports)."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()

@@ -2,7 +2,7 @@
 numbers and dates of birth, per column, with masked examples.
 
 Each column is read by DuckDB first: one pass counts the rows that RE2 prefilters flag as candidates for each
-kind, and only the distinct candidate values (at most CANDIDATE_LIMIT per column) reach Python, where the
+kind, and only the distinct candidate values (at most CANDIDATE_LIMIT per column and kind) reach Python, where the
 presidio recognizers of `sandbox.catalog.recognizers` confirm them (checksums, dictionaries, context). Where a
 column has more distinct candidates than that, a fixed hash-ordered sample is confirmed and the counts are
 scaled from it. The findings go to the steward who owns the data: examples are masked, never a whole value.
@@ -56,6 +56,9 @@ class IdentifierFinding:
     kind: IdentifierKind
     count: int
     examples: tuple[str, ...]
+    # True when the kind had more distinct candidates than CANDIDATE_LIMIT: the count is scaled from a sample
+    # (the column is flagged all the same).
+    estimated: bool = False
 
 
 # Column names that say what a column holds. They lower the content threshold, never replace it.
@@ -170,9 +173,24 @@ def _scan_rules(connection: duckdb.DuckDBPyConnection, source: str, column: str,
     bare_rules = [rule for rule in rules if rule.bare]
     bare_distinct = {id(rule): int(first[len(kinds) + i] or 0) for i, rule in enumerate(bare_rules)}
     distinct_values = max(distinct_values, 1)
-    live = [rule for rule in rules if tallies[rule.kind].candidate_rows]
-    if not live:
-        return []
+    findings = []
+    for kind in kinds:
+        # Each kind confirms its own candidates up to the limit: a column full of name-like notes must not
+        # crowd out the one identity number beside them.
+        live = [rule for rule in rules if rule.kind is kind and tallies[kind].candidate_rows]
+        if live:
+            found = _confirm(connection, source, column, kind, live, tallies[kind], bare_distinct, distinct_values,
+                             value_sql=value_sql, weight=weight)
+            if found is not None:
+                findings.append(found)
+    return findings
+
+
+def _confirm(connection: duckdb.DuckDBPyConnection, source: str, column: str, kind: IdentifierKind,
+             live: list[Rule], tally: _Tally, bare_distinct: dict[int, int], distinct_values: int, *,
+             value_sql: str, weight: str) -> IdentifierFinding | None:
+    """Confirm one kind's distinct candidates in Python (all of them up to CANDIDATE_LIMIT, else a sample)."""
+    quoted = _quote(column)
     any_candidate = " OR ".join(f"({rule.sql})" for rule in live)
     flags = ", ".join(f"({rule.sql}) AS flag_{i}" for i, rule in enumerate(live))
     # The values holding most rows first (a note template repeated 100,000 times is one Python call), then a
@@ -186,16 +204,16 @@ def _scan_rules(connection: duckdb.DuckDBPyConnection, source: str, column: str,
     candidates = candidates[:CANDIDATE_LIMIT]
     last_stratum = candidates[-1][1] if truncated else 0
     # Confirm each candidate once per rule it was flagged for; bare rules wait for their column-level share.
+    bare_rules = [rule for rule in live if rule.bare]
     bare_hits: dict[int, list[tuple[str, int, list[str]]]] = {id(rule): [] for rule in bare_rules}
     bare_sampled: dict[int, int] = {id(rule): 0 for rule in bare_rules}
-    hit_rows: dict[IdentifierKind, dict[str, int]] = {kind: {} for kind in kinds}
-    above_rows: dict[IdentifierKind, int] = dict.fromkeys(kinds, 0)  # candidate rows in fully fetched strata
+    hit_rows: dict[str, int] = {}
+    above_rows = 0  # candidate rows in fully fetched strata
     for value, rows, *flagged in candidates:
-        for kind in {rule.kind for rule, flag in zip(live, flagged, strict=True) if flag}:
-            if rows > last_stratum:
-                above_rows[kind] += rows
-            else:
-                tallies[kind].sampled_candidate_rows += rows
+        if rows > last_stratum:
+            above_rows += rows
+        else:
+            tally.sampled_candidate_rows += rows
         for rule, flag in zip(live, flagged, strict=True):
             if not flag:
                 continue
@@ -205,28 +223,24 @@ def _scan_rules(connection: duckdb.DuckDBPyConnection, source: str, column: str,
                 if hits:
                     bare_hits[id(rule)].append((value, rows, hits))
             elif hits:
-                _record(rule.kind, tallies[rule.kind], hit_rows[rule.kind], value, rows, hits)
+                _record(kind, tally, hit_rows, value, rows, hits)
     for rule in bare_rules:
         confirmed = bare_hits[id(rule)]
         sampled = max(bare_sampled[id(rule)], 1)
         estimated_names = len(confirmed) * max(bare_distinct[id(rule)], sampled) / sampled
-        if confirmed and estimated_names / distinct_values >= rule.share:
+        if confirmed and estimated_names / max(distinct_values, 1) >= rule.share:
             for value, rows, hits in confirmed:
-                _record(rule.kind, tallies[rule.kind], hit_rows[rule.kind], value, rows, hits)
-    findings = []
-    for kind in kinds:
-        tally = tallies[kind]
-        if not hit_rows[kind]:
-            continue
-        count = float(sum(hit_rows[kind].values()))
-        if truncated:
-            # Exact above the last stratum; within and below it, the sampled stratum's hit rate.
-            exact = sum(rows for value, rows in hit_rows[kind].items() if rows > last_stratum)
-            sampled_hits = count - exact
-            rest = tally.candidate_rows - above_rows[kind]
-            count = exact + sampled_hits * rest / max(tally.sampled_candidate_rows, 1)
-        findings.append(IdentifierFinding(column=column, kind=kind, count=round(count), examples=tuple(tally.examples)))
-    return findings
+                _record(kind, tally, hit_rows, value, rows, hits)
+    if not hit_rows:
+        return None
+    count = float(sum(hit_rows.values()))
+    if truncated:
+        # Exact above the last stratum; within and below it, the sampled stratum's hit rate.
+        exact = sum(rows for rows in hit_rows.values() if rows > last_stratum)
+        rest = tally.candidate_rows - above_rows
+        count = exact + (count - exact) * rest / max(tally.sampled_candidate_rows, 1)
+    return IdentifierFinding(column=column, kind=kind, count=round(count), examples=tuple(tally.examples),
+                             estimated=truncated)
 
 
 def _record(kind: IdentifierKind, tally: _Tally, rows_by_value: dict[str, int], value: str, rows: int,
@@ -424,4 +438,4 @@ def _literal(text: str) -> str:
 def finding_json(finding: IdentifierFinding) -> dict[str, Any]:
     """A finding as the report stores it."""
     return {"column": finding.column, "kind": finding.kind.value, "count": finding.count,
-            "examples": list(finding.examples)}
+            "examples": list(finding.examples), **({"estimated": True} if finding.estimated else {})}

@@ -13,7 +13,6 @@ reading, quasi-identifiers generalised at ingest. Every later weekly version get
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sandbox.auth.keys import canonical
 from sandbox.catalog.cards import DatasetCard, Generalisation, card_errors
 from sandbox.errors import Conflict, Invalid
 
@@ -47,12 +47,11 @@ class RegistrationRules:
 
 def assess(parquet: Path, card: DatasetCard, rules: RegistrationRules, *, threads: int = 2) -> dict[str, Any]:
     """The de-identification report of a stored (typed) version: what was found, and whether it blocks."""
-    from sandbox.catalog.deid import scan_identifiers
+    from sandbox.catalog.deid import finding_json, scan_identifiers
     from sandbox.catalog.kanon import k_anonymity
 
     findings = scan_identifiers(parquet, card, threads=threads)
-    identifiers = [{"column": f.column, "kind": f.kind, "count": f.count, "examples": list(f.examples)}
-                   for f in findings]
+    identifiers = [finding_json(f) for f in findings]
     anonymity = k_anonymity(parquet, card, min_k=rules.min_k, threads=threads)
     reasons = []
     flagged = sorted({f.column for f in findings})
@@ -85,7 +84,7 @@ def assess(parquet: Path, card: DatasetCard, rules: RegistrationRules, *, thread
 
 
 def report_sha256(report: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(report, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(canonical(report)).hexdigest()
 
 
 def summary(report: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -240,7 +240,9 @@ def override_version(ctx: Context, *, name: str, number: int, reason: str) -> Da
     version.deid = {**report, "override": override}
     version.status = ACTIVE
     version.path = str(final.relative_to(ctx.settings.artifacts_dir))
-    os.replace(quarantined, final)
+    if quarantined.exists() or not final.exists():
+        # (A crash between this move and the commit leaves the file moved and the row blocked: go on.)
+        os.replace(quarantined, final)
     os.chmod(final, 0o444)
     ctx.session.flush()
     sign(ctx, version.dataset, version)

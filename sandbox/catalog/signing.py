@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import os
 import re
 import secrets
@@ -43,7 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sandbox.auth.keys import key_id, load_private_key
+from sandbox.auth.keys import canonical, key_id, load_private_key
 from sandbox.auth.orgs import is_org_name
 from sandbox.catalog.cards import LicenceTerms
 from sandbox.errors import Invalid, NotFound
@@ -153,11 +152,6 @@ def _public_pem(key: Ed25519PublicKey) -> bytes:
 
 
 # Statements ---------------------------------------------------------------------------------------
-
-def canonical(document: dict[str, Any]) -> bytes:
-    """The bytes that are signed: JSON with sorted keys and no spaces, as release manifests are."""
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
-
 
 def new_nonce() -> bytes:
     """A fresh commitment nonce; keep it where only the owning org's stewards read it."""

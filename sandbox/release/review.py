@@ -12,12 +12,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
+from sandbox.auth.keys import canonical
 from sandbox.auth.tokens import Principal
 from sandbox.catalog.cards import DatasetCard
 from sandbox.context import Context
 from sandbox.errors import Conflict, Invalid
 from sandbox.release.status import Origin, OutputStatus, next_status
-from sandbox.release.verify import canonical
 from sandbox.store.models import Contract, Dataset, DatasetVersion, Job, JobOutput, OutputReview
 
 WITHHELD = "withheld"  # what a buyer sees of an output it did not get

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from sandbox.auth.keys import canonical
 
 SKIP_DIRS = {".git", "__pycache__", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
 
@@ -32,10 +33,6 @@ def pack_code(folder: Path) -> bytes:
                 continue
             tar.add(path, arcname=relative.as_posix(), recursive=False)
     return buffer.getvalue()
-
-
-def canonical(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
 
 def verify_manifest(signed: dict[str, Any], public_key_pem: bytes) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def signed_record(run: VerifiedRun, *, job: dict[str, Any], epsilon_charged: flo
     body = {**{name: run.record[name] for name in keep if name in run.record},
             **job, "epsilon": round(run.epsilon, 6), "epsilon_charged": epsilon_charged, "accountant": "rdp",
             "signed_at": datetime.now(UTC).isoformat()}
-    from sandbox.release.verify import canonical  # the one canonical form signed manifests use
+    from sandbox.auth.keys import canonical  # the one canonical form signed manifests use
 
     return json.dumps({"record": body, "signature": signer.sign(canonical(body)).hex(), "key_id": key_id},
                       indent=2, sort_keys=True).encode() + b"\n"

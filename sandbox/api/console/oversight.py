@@ -26,10 +26,11 @@ from sandbox.auth.tokens import Principal, Role
 from sandbox.billing import invoices as billing
 from sandbox.billing import meters
 from sandbox.billing.prices import parse_period
+from sandbox.catalog import registration, signing
 from sandbox.catalog import service as catalog
 from sandbox.context import Context
 from sandbox.dp import queries
-from sandbox.errors import Invalid
+from sandbox.errors import Invalid, NotFound
 from sandbox.instance import Instance
 from sandbox.jobs import service as jobs
 from sandbox.store.models import AuditEvent, Dataset, Job
@@ -85,6 +86,63 @@ def _dataset(instance: Instance, principal: Principal, name: str) -> tuple[dict[
         found = catalog.get_dataset(session, name)
         steward = catalog.steward_view_for(principal, found)
         return catalog.dataset_view(found, steward=steward), steward
+
+
+@router.get("/datasets/{name}/versions/{number}", response_class=HTMLResponse)
+async def dataset_version(request: Request, name: str, number: int, principal: ConsoleUser) -> Response:
+    """One version's de-identification report, difference, signature and provenance, for the owning org's
+    stewards as `GET /v1/datasets/{name}/versions/{number}/deid` and `.../diff` give them; refused as they are."""
+    require_role(principal, Role.STEWARD)
+    page = await run_in_threadpool(_dataset_version, _instance(request), principal, name, number)
+    return render(request, "oversight_version.html", principal=principal, **page)
+
+
+def _dataset_version(instance: Instance, principal: Principal, name: str, number: int) -> dict[str, Any]:
+    with instance.read_session() as session:
+        # Another org's steward, like a missing name or number, gets 'not found' (`owned_dataset`).
+        dataset = catalog.owned_dataset(session, name, principal)
+        version = catalog.steward_version(dataset, number)
+        signature: dict[str, Any] | None = None
+        nonce = version.provenance.get("nonce")
+        if version.signature is not None:
+            signature = signing.buyer_view(version.signature)
+            if isinstance(nonce, str):  # the owner's stewards open the commitment to the stored data
+                signature = signing.steward_view(
+                    version.signature, nonce=bytes.fromhex(nonce), sha256=version.sha256,
+                    upload_sha256=str(version.schema.get("upload_sha256")), rows=version.rows,
+                    deid_sha256=registration.report_sha256(version.deid) if version.deid else None)
+            try:
+                signing.verify_with_org_key(instance.settings.keys_dir, version.signature)
+                signature["verified"] = True
+            except (signing.SignatureMismatch, NotFound):
+                signature["verified"] = False
+        report = version.deid
+        return {
+            "dataset": {"name": dataset.name, "title": dataset.title},
+            "dataset_version": catalog.version_view(version, steward=True),
+            "report": report,
+            "suggestions": [{**s, "rules": describe_generalisation(s.get("generalise") or {})}
+                            for s in ((report or {}).get("k_anonymity") or {}).get("suggestions", [])],
+            "diff": version.diff,
+            "signature": signature,
+            # The nonce opens the signature's commitment: it is checked above, not shown.
+            "provenance": {key: describe_generalisation(value) if key == "generalised" and isinstance(value, dict)
+                           else value for key, value in version.provenance.items() if key != "nonce"},
+        }
+
+
+def describe_generalisation(rules: dict[str, Any]) -> list[str]:
+    """`{"age": {"band": 5}}` as `age in bands of 5`, one phrase per column. Pure."""
+    phrases = []
+    for column, rule in sorted(rules.items()):
+        if rule.get("band") is not None:
+            band = float(rule["band"])
+            phrases.append(f"{column} in bands of {int(band) if band.is_integer() else band}")
+        elif rule.get("to") is not None:
+            phrases.append(f"{column} to its {rule['to']}")
+        else:
+            phrases.append(f"{column} as stored")
+    return phrases
 
 
 # --- contracts -----------------------------------------------------------------------------------------
