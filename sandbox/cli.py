@@ -70,6 +70,14 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         _fail(exc.detail, getattr(exc, "errors", None))
 
 
+def _yaml_file(path: Path) -> Any:
+    """A YAML (or JSON) file's document, or a clear error naming the file and the place it breaks."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        _fail(f"{path} is not valid YAML: {' '.join(str(exc).split())[:300]}")
+
+
 def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
     if as_json or table is None:
         out.print_json(json.dumps(data, default=str))
@@ -481,7 +489,7 @@ def dataset_create(name: str, card: Annotated[Path, typer.Option("--card", help=
                                                                   dir_okay=False)],
                    as_json: JsonOption = False) -> None:
     """Register a dataset from its card (privacy metadata included)."""
-    body = yaml.safe_load(card.read_text()) or {}
+    body = _yaml_file(card) or {}
     if not isinstance(body, dict):
         _fail(f"{card} must hold a YAML mapping")
     body["name"] = name
@@ -518,8 +526,8 @@ def _show_version(name: str, created: dict[str, Any], as_json: bool) -> None:
     else:
         deid = created.get("deid") or {}
         k = f", k={deid['k']}" if deid.get("k") is not None else ""
-        out.print(f"{name} version {created['version']}: {created.get('status', 'active')}, {created['rows']} rows"
-                  f"{k}, sha256 {created['sha256'][:16]}…")
+        out.print(f"{name} version {created['version']}: {created['rows']} rows, sha256 {created['sha256'][:16]}…"
+                  f"{k}, {created.get('status', 'active')}")
         if blocked:
             with _client() as client:
                 _print_report(_call(client.deid_report, name, created["version"]))
@@ -544,10 +552,11 @@ def _print_report(report: dict[str, Any]) -> None:
             out.print(f"l-diversity of {column}: l={diversity}")
         suggestions = anonymity.get("suggestions") or []
         if suggestions:
-            table = Table("suggestion", "k after", title="generalisations (accept with --accept ID)")
+            table = Table("suggestion", "k after", title="generalisations")
             for suggestion in suggestions:
                 table.add_row(suggestion["id"], str(suggestion["k"]))
             out.print(table)
+            out.print("accept one with `sandbox dataset remediate NAME VERSION --accept SUGGESTION`")
     if report.get("override"):
         override = report["override"]
         out.print(f"overridden by {override['by']} at {override['at']}: {override['reason']}")
@@ -566,7 +575,7 @@ def dataset_draft(
 ) -> None:
     """Draft a card from a file: types, bounds and categories proposed from the data, for you alone to
     review. Nothing is stored or shown to anyone until you create the dataset with the card."""
-    mapping = yaml.safe_load(fhir_mapping.read_text()) if fhir_mapping else None
+    mapping = _yaml_file(fhir_mapping) if fhir_mapping else None
     with _client() as client:
         drafted = _call(client.draft_card, file, name=name, dictionary=dictionary, fhir_mapping=mapping)
     if as_json:
@@ -764,7 +773,7 @@ def policy_list(as_json: JsonOption = False) -> None:
 def policy_propose(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
     """Propose a new version of a policy from a YAML file; another steward must approve it."""
     with _client() as client:
-        created = _call(client.propose_policy, yaml.safe_load(file.read_text()))
+        created = _call(client.propose_policy, _yaml_file(file))
     out.print(f"proposed {created['ref']} (pending approval by another steward)")
 
 

@@ -14,11 +14,12 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox import duck
+from sandbox.catalog import identifier_patterns
 from sandbox.catalog.cards import DatasetCard
 
 if TYPE_CHECKING:
@@ -331,19 +332,8 @@ class _Detectors:
     """The recognizers and their SQL prefilters. Building them imports presidio (seconds), hence once."""
 
     def __init__(self) -> None:
-        from sandbox.catalog import recognizers as r  # presidio imports spaCy: only when a scan runs
-
+        r = identifier_patterns  # the prefilters need no presidio: a scan with no candidate never imports it
         self.r = r
-        self.international_phone = r.international_phone_recognizer()
-        self.by_kind: dict[IdentifierKind, list[EntityRecognizer]] = {
-            IdentifierKind.PERSON_NAME: [r.ChineseNameRecognizer(), r.LatinNameRecognizer()],
-            IdentifierKind.NATIONAL_ID: [r.PrcResidentIdRecognizer()],
-            IdentifierKind.PHONE: [r.PrcPhoneRecognizer(), self.international_phone],
-            IdentifierKind.EMAIL: [r.OfflineEmailRecognizer()],
-            IdentifierKind.ADDRESS: [r.AddressRecognizer()],
-            IdentifierKind.MEDICAL_RECORD_NUMBER: [r.MedicalRecordNumberRecognizer()],
-            IdentifierKind.DATE_OF_BIRTH: [r.DateOfBirthRecognizer()],
-        }
         surname, first, last = r.surname_alternation(), r.first_name_alternation(), r.surname_latin_alternation()
         latin_word = r.LATIN_WORD
         # RE2 prefilters: looser than the recognizers (no lookaround in RE2), never stricter.
@@ -370,12 +360,31 @@ class _Detectors:
         self.bare_date = rf"\s*{r.DATE}\s*"
         self.bare_record_number = rf"\s*{r.MRN_ID}\s*"
 
-    def finder(self, kind: IdentifierKind) -> Callable[[str], list[str]]:
-        recognizers = self.by_kind[kind]
+    @cached_property
+    def by_kind(self) -> dict[IdentifierKind, list[EntityRecognizer]]:
+        """The presidio recognizers, built (and presidio imported, with spaCy: seconds) on the first candidate."""
+        from sandbox.catalog import recognizers as r
 
+        return {
+            IdentifierKind.PERSON_NAME: [r.ChineseNameRecognizer(), r.LatinNameRecognizer()],
+            IdentifierKind.NATIONAL_ID: [r.PrcResidentIdRecognizer()],
+            IdentifierKind.PHONE: [r.PrcPhoneRecognizer(), self.international_phone],
+            IdentifierKind.EMAIL: [r.OfflineEmailRecognizer()],
+            IdentifierKind.ADDRESS: [r.AddressRecognizer()],
+            IdentifierKind.MEDICAL_RECORD_NUMBER: [r.MedicalRecordNumberRecognizer()],
+            IdentifierKind.DATE_OF_BIRTH: [r.DateOfBirthRecognizer()],
+        }
+
+    @cached_property
+    def international_phone(self) -> EntityRecognizer:
+        from sandbox.catalog import recognizers as r
+
+        return r.international_phone_recognizer()
+
+    def finder(self, kind: IdentifierKind) -> Callable[[str], list[str]]:
         def find(value: str) -> list[str]:
             hits = []
-            for recognizer in recognizers:
+            for recognizer in self.by_kind[kind]:
                 if recognizer is self.international_phone and not INTERNATIONAL_PHONE_SHAPE.search(value):
                     continue  # phonenumbers costs about a millisecond a call: only where a number could be one
                 # No NLP artifacts: these recognizers read the text alone (presidio types the argument as required).

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from sandbox.catalog import recognizers
+from sandbox.catalog import identifier_patterns as recognizers
 
 GIVEN_CHARACTERS = ("伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰红建国文海燕萍辉鹏飞宇浩婷雪琳晶欣佳怡思子晨"
                     "梓涵轩博一诺雨泽睿嘉琪悦彤雅俊峰志豪")

@@ -197,6 +197,19 @@ def test_importing_the_scan_does_not_import_presidio() -> None:
     assert out.strip() == "[]", f"importing sandbox.catalog.deid imported {out.strip()}"
 
 
+def test_a_scan_that_finds_no_candidate_does_not_import_presidio(tmp_path: Path) -> None:
+    """Most versions hold no candidate at all: their registration must not pay presidio's import (seconds)."""
+    from sandbox.demo import write_registry
+
+    path = write_registry(tmp_path / "registry.parquet", procedures=300)
+    code = ("import sys; from pathlib import Path; from sandbox.catalog.deid import scan_identifiers; "
+            "from sandbox.catalog.cards import DatasetCard; from sandbox.demo import CARD; "
+            f"print(scan_identifiers(Path({str(path)!r}), DatasetCard.model_validate(CARD)), "
+            "sorted(m for m in ('presidio_analyzer', 'spacy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] []", out
+
+
 def test_counts_are_rows_not_hits(tmp_path: Path) -> None:
     table = pa.table({"note": ["电话 13812345678，手机 13912345678", "电话 13812345678", "no phone here"]})
     assert scan(table, tmp_path, "rows")[("note", "phone")].count == 2

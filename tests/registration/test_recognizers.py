@@ -10,6 +10,7 @@ import random
 import pytest
 from deid_corpus import invalid_id, valid_id
 
+from sandbox.catalog import identifier_patterns as patterns
 from sandbox.catalog import recognizers as r
 
 
@@ -23,28 +24,29 @@ def found(recognizer: object, text: str) -> list[str]:
 
 def test_check_digit_follows_iso_7064_mod_11_2() -> None:
     # The worked example of GB 11643-1999: 11010519491231002 has check character X.
-    assert r.prc_id_check_char("11010519491231002") == "X"
-    assert r.valid_prc_id("11010519491231002X")
-    assert r.valid_prc_id("11010519491231002x"), "a lower-case x is the same check character"
-    assert not r.valid_prc_id("110105194912310021"), "a wrong check digit passed"
+    assert patterns.prc_id_check_char("11010519491231002") == "X"
+    assert patterns.valid_prc_id("11010519491231002X")
+    assert patterns.valid_prc_id("11010519491231002x"), "a lower-case x is the same check character"
+    assert not patterns.valid_prc_id("110105194912310021"), "a wrong check digit passed"
 
 
 def test_every_wrong_check_digit_is_refused_and_the_right_one_kept() -> None:
     rng = random.Random(7)
     for _ in range(200):
         number = valid_id(rng)
-        assert r.valid_prc_id(number), f"a generated valid number {number} failed"
+        assert patterns.valid_prc_id(number), f"a generated valid number {number} failed"
         for wrong in "0123456789X":
             if wrong != number[-1]:
-                assert not r.valid_prc_id(number[:17] + wrong), f"{number[:17] + wrong} passed with a wrong check digit"
+                assert not patterns.valid_prc_id(number[:17] + wrong), \
+                    f"{number[:17] + wrong} passed with a wrong check digit"
 
 
 def test_birth_date_part_must_be_a_real_date() -> None:
     for first17 in ("11010519490230002", "11010519491331002", "11010519490000002", "11010521000101002"):
-        number = first17 + r.prc_id_check_char(first17)
-        assert not r.valid_prc_id(number), f"{number} has no real birth date but passed"
+        number = first17 + patterns.prc_id_check_char(first17)
+        assert not patterns.valid_prc_id(number), f"{number} has no real birth date but passed"
     leap = "11010520000229002"
-    assert r.valid_prc_id(leap + r.prc_id_check_char(leap)), "29 February 2000 is a real date"
+    assert patterns.valid_prc_id(leap + patterns.prc_id_check_char(leap)), "29 February 2000 is a real date"
 
 
 def test_id_recognizer_in_text() -> None:
@@ -105,10 +107,10 @@ def test_eponyms_and_clinical_phrases_are_not_names(text: str) -> None:
 
 def test_bare_names() -> None:
     for name in ("张伟", "欧阳娜娜", "John Smith", "Smith, John", "Mary J. Jones"):
-        assert r.is_bare_name(name), f"{name!r} is a name"
+        assert patterns.is_bare_name(name), f"{name!r} is a name"
     for value in ("高血压", "阴性", "白内障", "Parkinson disease", "Essential hypertension", "Smith", "John"):
-        assert not r.is_bare_name(value), f"{value!r} is not a name on its own"
-    assert r.is_bare_name("Smith", single_word=True), "a lone listed surname is a name in a name column"
+        assert not patterns.is_bare_name(value), f"{value!r} is not a name on its own"
+    assert patterns.is_bare_name("Smith", single_word=True), "a lone listed surname is a name in a name column"
 
 
 # --- phones, email, addresses, record numbers, dates of birth --------------------------------------------------

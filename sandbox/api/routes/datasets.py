@@ -105,32 +105,32 @@ async def draft_card(request: Request, instance: InstanceDep, steward: Steward) 
         upload.discard()
 
 
-def _owned_version(instance: Any, name: str, number: int, steward: Principal) -> Any:
+def _owned_version(instance: Any, name: str, version: int, steward: Principal) -> Any:
     with instance.read_session() as session:
-        return service.steward_version(service.owned_dataset(session, name, steward), number)
+        return service.steward_version(service.owned_dataset(session, name, steward), version)
 
 
-@router.get("/{name}/versions/{number}/deid", response_model=schemas.DeidReportView,
+@router.get("/{name}/versions/{version}/deid", response_model=schemas.DeidReportView,
             summary="A version's de-identification report (owning org's stewards)")
-def deid_report(name: str, number: int, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
-    version = _owned_version(instance, name, number, steward)
-    if version.deid is None:
-        raise NotFound(f"{name} version {number} was registered before de-identification reports")
-    return {"dataset": name, "version": number, "status": version.status, **version.deid}
+def deid_report(name: str, version: int, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    stored = _owned_version(instance, name, version, steward)
+    if stored.deid is None:
+        raise NotFound(f"{name} version {version} was registered before de-identification reports")
+    return {"dataset": name, "version": version, "status": stored.status, **stored.deid}
 
 
-@router.get("/{name}/versions/{number}/diff", response_model=schemas.VersionDiffView,
+@router.get("/{name}/versions/{version}/diff", response_model=schemas.VersionDiffView,
             summary="What changed since the previous version (stewards only)")
-def version_diff(name: str, number: int, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
-    version = _owned_version(instance, name, number, steward)
-    if version.diff is None:
-        raise NotFound(f"{name} version {number} has no previous version to compare with")
-    return {"dataset": name, "version": number, **version.diff}
+def version_diff(name: str, version: int, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
+    stored = _owned_version(instance, name, version, steward)
+    if stored.diff is None:
+        raise NotFound(f"{name} version {version} has no previous version to compare with")
+    return {"dataset": name, "version": version, **stored.diff}
 
 
-@router.post("/{name}/versions/{number}/remediate", status_code=201, response_model=schemas.DatasetVersionView,
+@router.post("/{name}/versions/{version}/remediate", status_code=201, response_model=schemas.DatasetVersionView,
              response_model_exclude_unset=True)
-async def remediate_version(name: str, number: int, remediation: Remediation, instance: InstanceDep,
+async def remediate_version(name: str, version: int, remediation: Remediation, instance: InstanceDep,
                             steward: Steward) -> dict[str, Any]:
     """Fix a blocked version: drop columns, generalise quasi-identifiers, or accept the report's suggestions.
     The card changes for this and every later version, and the fixed data is checked again as a new version."""
@@ -139,7 +139,7 @@ async def remediate_version(name: str, number: int, remediation: Remediation, in
     require_worker(instance, what="remediating a version")
     return await run_in_threadpool(
         ask_worker, instance, "/datasets/remediate",
-        {"principal": principal_body(steward), "dataset": name, "version": number,
+        {"principal": principal_body(steward), "dataset": name, "version": version,
          "remediation": remediation.model_dump(mode="json")}, timeout_s=LONG_TIMEOUT_S, what="remediating a version")
 
 
@@ -149,9 +149,9 @@ class OverrideRequest(BaseModel):
     reason: str = Field(min_length=10, max_length=5000)
 
 
-@router.post("/{name}/versions/{number}/override", response_model=schemas.DatasetVersionView,
+@router.post("/{name}/versions/{version}/override", response_model=schemas.DatasetVersionView,
              response_model_exclude_unset=True)
-async def override_version(name: str, number: int, override: OverrideRequest, instance: InstanceDep,
+async def override_version(name: str, version: int, override: OverrideRequest, instance: InstanceDep,
                            steward: Steward) -> dict[str, Any]:
     """Let a blocked version through on this steward's signed word, where the policy allows an override."""
     with instance.read_session() as session:
@@ -159,5 +159,5 @@ async def override_version(name: str, number: int, override: OverrideRequest, in
     require_worker(instance, what="overriding a version's block")
     return await run_in_threadpool(
         ask_worker, instance, "/datasets/override",
-        {"principal": principal_body(steward), "dataset": name, "version": number, "reason": override.reason},
+        {"principal": principal_body(steward), "dataset": name, "version": version, "reason": override.reason},
         timeout_s=LONG_TIMEOUT_S, what="overriding a version's block")
