@@ -39,6 +39,7 @@ from sandbox import duck
 from sandbox.catalog.cards import DatasetCard
 
 TEXT_COLUMNS = ("site", "sex", "diagnosis_cn", "diagnosis_en", "icd10", "drug", "notes_cn", "notes_en")
+RAW_PATTERN = "[1-9][0-9]{14}"
 SEED_EVERY = 500  # about one note in this many carries an identifier
 
 SURNAMES = [*"王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗", "欧阳", "司马"]
@@ -196,19 +197,20 @@ def main() -> None:
         print(f"table written in {time.perf_counter() - started:.1f} s: {size / 1e6:,.0f} MB Parquet, "
               f"{scanned / 1e6:,.0f} MB of text in {len(TEXT_COLUMNS)} text columns")
 
-        # The raw engine: DuckDB reading every text column once (the least any scan of them costs).
+        # The raw engine: DuckDB matching one RE2 pattern (the identity number's prefilter) over every text
+        # column once, the least any pattern scan of them costs.
         with duck.connect(threads=args.threads) as connection:
             started = time.perf_counter()
-            connection.execute(f"SELECT {', '.join(f'sum(strlen({c}))' for c in TEXT_COLUMNS)} "  # noqa: S608
+            connection.execute(f"SELECT {', '.join(f'count(*) FILTER (WHERE regexp_matches({c}, {RAW_PATTERN!r}))' for c in TEXT_COLUMNS)} "  # noqa: E501, S608
                                f"FROM read_parquet('{path}')").fetchall()
             raw_s = time.perf_counter() - started
         raw = scanned / 1e6 / raw_s / args.threads
-        print(f"raw DuckDB read of the text columns: {raw_s:.1f} s, {raw:.1f} MB/s per core")
+        print(f"raw DuckDB, one RE2 pattern over the text columns: {raw_s:.1f} s, {raw:.1f} MB/s per core")
 
         from sandbox.catalog import deid
 
         started = time.perf_counter()
-        deid._detectors()
+        deid._detectors().by_kind  # noqa: B018 (builds the recognizers, importing presidio)
         print(f"presidio import and recognizers built once per process: {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         findings = deid.scan_identifiers(path, card, threads=args.threads)
@@ -262,7 +264,8 @@ def main() -> None:
               f"{presidio_s:.1f} s: {theirs:.3f} MB/s per core ({hits:,} entities reported)")
         print(f"    whole table at that rate on {args.threads} cores: {scanned / 1e6 / theirs / args.threads:,.0f} s")
         print(f"\nper core: ours {ours:.2f} MB/s, presidio {theirs:.3f} MB/s: {ours / theirs:,.0f}x presidio; "
-              f"raw DuckDB read {raw:.1f} MB/s: ours is {ours / raw:.3f}x the raw engine's throughput")
+              f"one raw RE2 pattern {raw:.1f} MB/s: ours (7 kinds, every column) is {ours / raw:.2f}x "
+              "the raw engine's throughput")
 
 
 if __name__ == "__main__":
