@@ -26,6 +26,8 @@ from typing import Any
 from sandbox.auth.tokens import Principal, Role
 from sandbox.catalog import registration, service
 from sandbox.catalog.cards import DatasetCard
+from sandbox.catalog.diff import version_diff
+from sandbox.catalog.drafting import draft_card
 from sandbox.dp import mock_publication, queries
 from sandbox.egress.content import ensure_fingerprints
 from sandbox.errors import Conflict, Forbidden, Invalid
@@ -162,12 +164,11 @@ def _register(instance: Instance, steward: Principal, name: str, card: DatasetCa
             policy = resolve_policy(session, card.registration_policy, org=dataset.owner_org)
             rules = registration.RegistrationRules.from_policy(f"{policy.name}@{policy.version}", policy.body)
             previous = dataset.versions[-1] if dataset.versions else None
-            previous_path = instance.settings.artifacts_dir / previous.path if previous else None
         report = registration.assess(staged, card, rules)
         diff = None
-        if previous is not None and previous_path is not None:
-            from sandbox.catalog.diff import version_diff
-            diff = {"from_version": previous.version, **version_diff(previous_path, staged, card)}
+        if previous is not None:
+            diff = {"from_version": previous.version,
+                    **version_diff(instance.settings.artifacts_dir / previous.path, staged, card)}
         with instance.context(steward) as ctx:
             provenance: dict[str, Any] = {"filename": Path(filename).name[:200]}
             if remediates is not None:
@@ -194,17 +195,11 @@ def _register(instance: Instance, steward: Principal, name: str, card: DatasetCa
 def dataset_remediate(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
     """`{principal, dataset, version, drop, generalise, accept}`: a blocked version's fix, as a new version
     read again from its quarantined copy under the remediated card; -> the new version's view."""
-    steward, name = principal_of(body), str(body.get("dataset"))
-    number = body.get("version")
-    if not isinstance(number, int) or isinstance(number, bool):
-        raise Invalid("version must be an integer")
+    steward, name, number = principal_of(body), str(body.get("dataset")), _version_number(body)
     request = registration.Remediation.model_validate(body.get("remediation") or {})
     with instance.read_session() as session:
-        dataset = service.owned_dataset(session, name, steward)
-        blocked = service.steward_version(dataset, number)
-        if blocked.status != service.BLOCKED:
-            raise Conflict(f"{name} version {number} is {blocked.status}, not blocked")
-        card = registration.remediated_card(service.card_of(dataset), blocked.deid or {}, drop=request.drop,
+        blocked = service.blocked_version(session, name, number, steward, for_update=False)
+        card = registration.remediated_card(service.card_of(blocked.dataset), blocked.deid or {}, drop=request.drop,
                                             generalise=request.generalise, accept=request.accept)
         quarantined = instance.settings.artifacts_dir / blocked.path
         upload_sha256 = str(blocked.schema.get("upload_sha256"))
@@ -219,10 +214,7 @@ def dataset_remediate(instance: Instance, body: dict[str, Any]) -> dict[str, Any
 @worker_route("/datasets/override")
 def dataset_override(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
     """`{principal, dataset, version, reason}`: a steward's signed override of a blocked version."""
-    steward, name = principal_of(body), str(body.get("dataset"))
-    number = body.get("version")
-    if not isinstance(number, int) or isinstance(number, bool):
-        raise Invalid("version must be an integer")
+    steward, name, number = principal_of(body), str(body.get("dataset")), _version_number(body)
     with instance.context(steward) as ctx:
         version = service.override_version(ctx, name=name, number=number, reason=str(body.get("reason") or ""))
         view = service.version_view(version, steward=True)
@@ -234,8 +226,6 @@ def dataset_override(instance: Instance, body: dict[str, Any]) -> dict[str, Any]
 def dataset_draft(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
     """`{principal, name, upload, filename, dictionary?, dictionary_filename?, fhir_mapping?}`: a card drafted
     from a file, for the steward alone; nothing is stored."""
-    from sandbox.catalog.drafting import draft_card
-
     principal = principal_of(body)
     if principal.role is not Role.STEWARD:
         raise Forbidden("only stewards draft cards")
@@ -260,6 +250,14 @@ def _warm_up_later(instance: Instance, name: str, version: int) -> None:
                      name="version-warm-up").start()
 
 
+def _version_number(body: dict[str, Any]) -> int:
+    """The request's `version`, which must be an integer (a JSON true is no version)."""
+    version = body.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise Invalid("version must be an integer")
+    return version
+
+
 def _staged_upload(instance: Instance, named: object) -> Path:
     """The API's staged upload: a file it wrote in the instance's tmp folder, never a path elsewhere."""
     if not isinstance(named, str):
@@ -274,9 +272,7 @@ def _staged_upload(instance: Instance, named: object) -> Path:
 @worker_route("/datasets/warm-up")
 def dataset_warm_up(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
     """`{dataset, version}`: build what a version needs before its first use, now; -> when it is done."""
-    version = body.get("version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise Invalid("version must be an integer")
+    version = _version_number(body)
     warm_up(instance, str(body.get("dataset")), version)
     return {"dataset": body.get("dataset"), "version": version, "warm": True}
 

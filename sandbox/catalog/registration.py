@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox.auth.keys import canonical
 from sandbox.catalog.cards import DatasetCard, Generalisation, card_errors
+from sandbox.catalog.deid import finding_json, scan_identifiers
+from sandbox.catalog.kanon import k_anonymity
 from sandbox.errors import Conflict, Invalid
 
 Decision = Literal["block", "override"]
@@ -47,9 +49,6 @@ class RegistrationRules:
 
 def assess(parquet: Path, card: DatasetCard, rules: RegistrationRules, *, threads: int = 2) -> dict[str, Any]:
     """The de-identification report of a stored (typed) version: what was found, and whether it blocks."""
-    from sandbox.catalog.deid import finding_json, scan_identifiers
-    from sandbox.catalog.kanon import k_anonymity
-
     findings = scan_identifiers(parquet, card, threads=threads)
     identifiers = [finding_json(f) for f in findings]
     anonymity = k_anonymity(parquet, card, min_k=rules.min_k, threads=threads)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from sandbox.auth.orgs import owns
 from sandbox.auth.tokens import Principal, Role
 from sandbox.budgets.ledger import ensure_dataset_budget
-from sandbox.catalog import registration
+from sandbox.catalog import registration, signing
 from sandbox.catalog.cards import DatasetCard, card_errors, public_schema
 from sandbox.catalog.ingest import IngestedVersion, ingest_version
 from sandbox.context import Context
@@ -189,8 +189,6 @@ def version_path(artifacts_dir: Path, name: str, number: int, *, quarantine: boo
 
 def sign(ctx: Context, dataset: Dataset, version: DatasetVersion) -> None:
     """The owner org's signature over the version's statement (`sandbox.catalog.signing`)."""
-    from sandbox.catalog import signing
-
     card = card_of(dataset)
     statement = signing.version_statement(
         dataset=dataset.name, version=version.version, org=dataset.owner_org, sha256=version.sha256,
@@ -200,9 +198,11 @@ def sign(ctx: Context, dataset: Dataset, version: DatasetVersion) -> None:
     version.signature = signing.sign_version(ctx.settings.keys_dir, dataset.owner_org, statement)
 
 
-def blocked_version(session: Session, name: str, number: int, principal: Principal) -> DatasetVersion:
-    """A steward's blocked version, locked for the change; 409 when it is not blocked (any more)."""
-    dataset = owned_dataset(session, name, principal, for_update=True)
+def blocked_version(session: Session, name: str, number: int, principal: Principal, *,
+                    for_update: bool = True) -> DatasetVersion:
+    """A steward's blocked version, locked for the change unless `for_update` is False (a read-only look
+    before the work); 409 when it is not blocked (any more)."""
+    dataset = owned_dataset(session, name, principal, for_update=for_update)
     version = steward_version(dataset, number)
     if version.status != BLOCKED:
         raise Conflict(f"{name} version {number} is {version.status}, not blocked")
@@ -228,13 +228,10 @@ def override_version(ctx: Context, *, name: str, number: int, reason: str) -> Da
     registration.check_overridable(report)
     quarantined = ctx.settings.artifacts_dir / version.path
     final = version_path(ctx.settings.artifacts_dir, name, number, quarantine=False)
-    from sandbox.catalog import signing
-
     override: dict[str, Any] = {
         "by": steward.sub, "org": steward.org, "reason": reason, "at": datetime.now(UTC).isoformat(),
         "overrides": [r["check"] for r in report.get("reasons", [])],
         "report_sha256": registration.report_sha256(report)}
-
     # The steward's word, signed with their org's key: the org, not only the platform, vouches for it.
     override["signed"] = signing.sign_version(ctx.settings.keys_dir, steward.org, dict(override))
     version.deid = {**report, "override": override}
@@ -290,8 +287,6 @@ def version_view(version: DatasetVersion, *, steward: bool) -> dict[str, Any]:
     salted with a nonce only the owner's stewards see (`sandbox.catalog.signing`), so it traces a model
     to the exact version and licence without giving a buyer a digest to test guesses against.
     """
-    from sandbox.catalog import signing
-
     view: dict[str, Any] = {"version": version.version, "created_at": version.created_at.isoformat()}
     if version.signature is not None:
         view["signature"] = signing.buyer_view(version.signature)
