@@ -43,6 +43,9 @@ class Dataset(Base):
     card: Mapped[dict[str, Any]] = mapped_column(default=dict)
     privacy_unit: Mapped[str] = mapped_column(String(64))
     privacy_unit_rows: Mapped[str] = mapped_column(String(8), default="many")
+    # "table" (one Parquet table per version) or "files" (a collection of DICOM or image files registered in
+    # place; each version's table is its manifest: one row per file).
+    kind: Mapped[str] = mapped_column(String(8), default="table", server_default="table")
     columns: Mapped[dict[str, Any]] = mapped_column()
     # The data-holder org: its stewards, and only they, act on the dataset, its versions, caps and
     # contracts. The org of the steward who created it (sandbox.auth.orgs.UNKNOWN_OWNER if lost).
@@ -83,6 +86,8 @@ class DatasetVersion(Base):
     diff: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     signature: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     provenance: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # A file collection's folder, read in place and never copied (`path` is then its manifest's Parquet).
+    reference: Mapped[str | None] = mapped_column(String(1000), default=None)
 
     dataset: Mapped[Dataset] = relationship(back_populates="all_versions")
 
@@ -130,6 +135,27 @@ class Contract(Base):
     created_at: Mapped[datetime] = mapped_column()
     # The price list (sandbox.billing.prices.PriceList.stored): decimal strings; {} prices nothing.
     prices: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    parties: Mapped[list[ContractParty]] = relationship(back_populates="contract", order_by="ContractParty.org",
+                                                        lazy="selectin")
+
+
+class ContractParty(Base):
+    """A data-holder org whose datasets a contract names. The contract is usable only once every party
+    consented; each party's policy applies to what leaves, the strictest rule winning."""
+
+    __tablename__ = "contract_parties"
+    __table_args__ = (UniqueConstraint("contract_id", "org"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
+    org: Mapped[str] = mapped_column(String(64), index=True)
+    policy_name: Mapped[str] = mapped_column(String(64))
+    policy_version: Mapped[int] = mapped_column(Integer)
+    consented_by: Mapped[str | None] = mapped_column(String(200), default=None)
+    consented_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    contract: Mapped[Contract] = relationship(back_populates="parties")
 
 
 class IssuedToken(Base):
@@ -192,6 +218,9 @@ class Job(Base):
     submitted_by: Mapped[str] = mapped_column(String(200))
     dataset: Mapped[str] = mapped_column(String(64))
     dataset_version: Mapped[int] = mapped_column(Integer)
+    # Every dataset the job reads, `[{"name", "version", "org"}]`, the first being `dataset` above; None for
+    # jobs from before issue 17, which read only that one (`sandbox.store.parties.job_datasets`).
+    datasets: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
     kind: Mapped[str] = mapped_column(String(16))
     tier: Mapped[str] = mapped_column(String(16))
     policy: Mapped[str] = mapped_column(String(80))
@@ -215,6 +244,22 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
     outputs: Mapped[list[JobOutput]] = relationship(back_populates="job", order_by="JobOutput.path", lazy="selectin")
+    approvals: Mapped[list[JobApproval]] = relationship(order_by="JobApproval.org", lazy="selectin")
+
+
+class JobApproval(Base):
+    """One data-holder org's approval of a job that reads its data; the job is queued once every such org
+    approved (one steward each)."""
+
+    __tablename__ = "job_approvals"
+    __table_args__ = (UniqueConstraint("job_id", "org"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    org: Mapped[str] = mapped_column(String(64))
+    steward: Mapped[str] = mapped_column(String(200))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column()
 
 
 class JobOutput(Base):
