@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     # Per-job DP sockets. Unix socket paths are limited to 108 bytes, so they live under a short root.
     dp_socket_root: Path = Field(default_factory=lambda: _short_runtime_dir("sandbox-dp"))
 
+    # File collections registered in place (issue 17): per org, the folders its stewards may register from
+    # (`SANDBOX_REFERENCE_ROOTS='{"hospital": ["/mnt/pacs-export"]}'`). None configured: no references.
+    reference_roots: dict[str, list[Path]] = Field(default_factory=dict)
+    # Threads that hash and read a collection's files at registration.
+    collection_threads: int = Field(default=4, ge=1, le=64)
+
     # Wheels for the offline image builds, fetched by the host's pip; shared by instances.
     wheel_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "sandbox" / "wheelhouse")
 

@@ -23,14 +23,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from sandbox.auth.tokens import Principal, Role
-from sandbox.catalog import registration, service
+from sandbox.catalog import collections, registration, service
 from sandbox.catalog.cards import DatasetCard
 from sandbox.catalog.diff import version_diff
 from sandbox.catalog.drafting import draft_card
+from sandbox.catalog.ingest import IngestedVersion
 from sandbox.dp import mock_publication, queries
 from sandbox.egress.content import ensure_fingerprints
-from sandbox.errors import Conflict, Forbidden, Invalid
+from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
 from sandbox.instance import Instance
 from sandbox.local_http import Handler, LocalHttpServer, WorkerUnavailable, call, worker_socket
 from sandbox.logs import get_logger
@@ -191,6 +194,68 @@ def _register(instance: Instance, steward: Principal, name: str, card: DatasetCa
     return view
 
 
+@worker_route("/datasets/reference-versions")
+def dataset_reference_version(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
+    """`{principal, dataset, reference}`: walk, hash and read the collection folder in place (never copied),
+    check its DICOM headers and its manifest, and store the manifest as the dataset's next version."""
+    steward, name = principal_of(body), str(body.get("dataset"))
+    settings = instance.settings
+    with instance.read_session() as session:
+        dataset = service.owned_dataset(session, name, steward)
+        service.require_kind(dataset, "files")
+        card = service.card_of(dataset)
+        labels = _labels_manifest(instance, session, card, dataset.owner_org)
+        policy = resolve_policy(session, card.registration_policy, org=dataset.owner_org)
+        rules = registration.RegistrationRules.from_policy(f"{policy.name}@{policy.version}", policy.body)
+        previous = dataset.versions[-1] if dataset.versions else None
+        previous_manifest = settings.artifacts_dir / previous.path if previous is not None else None
+        previous_number = previous.version if previous is not None else None
+    folder = collections.resolve_reference(str(body.get("reference") or ""),
+                                           settings.reference_roots.get(steward.org, []), org=steward.org)
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    staged = settings.tmp_dir / f"manifest-{uuid.uuid4().hex}.parquet"
+    scanned = staged.with_suffix(".scan.parquet")
+    try:
+        collection = collections.build_manifest(folder, card, staged, labels=labels,
+                                                threads=settings.collection_threads)
+        tabular = registration.assess(collections.scannable_copy(staged, scanned), card, rules)
+        report = registration.with_dicom(tabular, collection.dicom, rules)
+        diff = None
+        if previous_manifest is not None:
+            diff = {"from_version": previous_number, **collections.manifest_diff(previous_manifest, staged)}
+        schema = {field.name: str(field.type) for field in pq.read_schema(staged)}
+        total_bytes = int(pq.read_table(staged, columns=["size_bytes"]).column("size_bytes").to_numpy().sum())
+        sha256 = service.file_sha256(staged)
+        with instance.context(steward) as ctx:
+            version = service.add_version(
+                ctx, name=name, staged=staged, sha256=sha256, upload_sha256=sha256, size_bytes=total_bytes,
+                ingested=IngestedVersion(rows=collection.files, schema=schema, source_format="files"),
+                report=report, diff=diff, provenance={"reference": str(folder)}, reference=str(folder))
+            view = service.version_view(version, steward=True)
+    finally:
+        staged.unlink(missing_ok=True)
+        scanned.unlink(missing_ok=True)
+    if view["status"] == service.ACTIVE:
+        _warm_up_later(instance, name, view["version"])
+    return {**view, "files": view["rows"], "reference": str(folder)}
+
+
+def _labels_manifest(instance: Instance, session: Any, card: DatasetCard, org: str) -> Path | None:
+    """The stored Parquet of the latest active version of the tabular dataset the card takes labels from."""
+    if card.collection is None or card.collection.labels is None:
+        return None
+    source = card.collection.labels.dataset
+    try:
+        labels = service.get_dataset(session, source)
+    except NotFound:
+        labels = None
+    if labels is None or labels.owner_org != org or labels.kind != "table":
+        raise Invalid(f"the labels dataset {source!r} is not a table dataset of org {org!r}")
+    if not labels.versions:
+        raise Invalid(f"the labels dataset {source!r} has no active version yet")
+    return instance.settings.artifacts_dir / labels.versions[-1].path
+
+
 @worker_route("/datasets/remediate")
 def dataset_remediate(instance: Instance, body: dict[str, Any]) -> dict[str, Any]:
     """`{principal, dataset, version, drop, generalise, accept}`: a blocked version's fix, as a new version
@@ -199,6 +264,9 @@ def dataset_remediate(instance: Instance, body: dict[str, Any]) -> dict[str, Any
     request = registration.Remediation.model_validate(body.get("remediation") or {})
     with instance.read_session() as session:
         blocked = service.blocked_version(session, name, number, steward, for_update=False)
+        if blocked.dataset.kind == "files":
+            raise Invalid(f"{name} version {number} is a file collection, read in place: fix the files in place "
+                          f"and register a new version, or override where the policy allows")
         card = registration.remediated_card(service.card_of(blocked.dataset), blocked.deid or {}, drop=request.drop,
                                             generalise=request.generalise, accept=request.accept)
         quarantined = instance.settings.artifacts_dir / blocked.path

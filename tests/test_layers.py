@@ -7,7 +7,7 @@ A new package goes into the list below, which the tests read; a failure names ea
 
 Layers, lowest first:
 - sandbox, errors, logs, config, transitions: the base every layer uses; they import nothing of the sandbox
-- duck, store, runners, client, demo: adapters that know no service: DuckDB, the tables, Docker, HTTP, demo data
+- duck, store, runners, client, demo, demo_imaging: adapters that know no service: DuckDB, tables, Docker, HTTP, demos
 - budgets: privacy cost and ledger on the store alone, so datasets and contracts get budgets without DP
 - egress: the output checks, pure rules over files and tables; nothing above DuckDB
 - auth: who is asking (keys, tokens, orgs), known before anything is decided or recorded

@@ -96,6 +96,54 @@ class Generalisation(BaseModel):
     to: Literal["month", "year"] | None = None
 
 
+CollectionFormat = Literal["dicom", "png", "jpeg", "nifti"]
+DEFAULT_FORMATS: tuple[CollectionFormat, ...] = ("dicom",)
+# The columns every collection manifest carries (sandbox.catalog.collections); a card of a files dataset
+# declares those of them it describes, its privacy unit and its label columns.
+MANIFEST_COLUMNS = ("path", "sha256", "size_bytes", "mtime_ns", "format", "modality", "body_part", "study_year",
+                    "pixel_rows", "pixel_columns")
+# Manifest columns a card may declare (and so a DP query may read): not the path, digest or mtime.
+DECLARABLE_MANIFEST_COLUMNS = frozenset({"size_bytes", "format", "modality", "body_part", "study_year",
+                                         "pixel_rows", "pixel_columns"})
+
+
+class CollectionLabels(BaseModel):
+    """Label columns joined into a collection's manifest from a tabular dataset of the same org."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(pattern=NAME_PATTERN)
+    on: str = Field(pattern=COLUMN_PATTERN)  # the tabular dataset's patient column
+    columns: list[str] = Field(min_length=1, max_length=50)
+
+
+class ImageShape(BaseModel):
+    """The size the platform trainer resizes a collection's pixels to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channels: int = Field(default=1, ge=1, le=4)
+    height: int = Field(default=64, ge=4, le=4096)
+    width: int = Field(default=64, ge=4, le=4096)
+
+
+class CollectionSpec(BaseModel):
+    """A files dataset's collection: which formats it holds, who each file belongs to, and what a
+    de-identified header may still carry (`sandbox.catalog.dicom_deid`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    formats: list[CollectionFormat] = Field(default_factory=lambda: list(DEFAULT_FORMATS), min_length=1, max_length=4)
+    # `PatientID` (the DICOM header) or `path:<n>`: the n-th folder of the file's path, from 0.
+    unit_from: str = Field(default="PatientID", pattern=r"^(PatientID|path:[0-9]{1,2})$")
+    labels: CollectionLabels | None = None
+    image: ImageShape = Field(default_factory=ImageShape)
+    pseudonym_pattern: str | None = Field(default=None, max_length=500)
+    uid_root: str = Field(default="2.25", pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)
+    # How the files keep dates: only the year (month and day 01-01), shifted per patient, or removed.
+    dates: Literal["year", "shifted", "removed"] = "year"
+
+
 class DatasetCard(BaseModel):
     """What a steward declares about a dataset; everything but bounds and categories is public."""
 
@@ -128,6 +176,9 @@ class DatasetCard(BaseModel):
     registration_policy: str = Field(default="default", max_length=100)
     # How FHIR R4 NDJSON is flattened to this table (sandbox.catalog.fhir); None for tabular files.
     fhir_mapping: FhirMapping | None = None
+    # "table": versions are uploaded tables; "files": versions are collections of files registered in place.
+    kind: Literal["table", "files"] = "table"
+    collection: CollectionSpec | None = None
 
     @field_validator("licence", mode="before")
     @classmethod
@@ -181,6 +232,46 @@ def card_errors(card: DatasetCard) -> list[str]:
         if first == second:
             errors.append(f"marginal_pairs: ({first!r}, {second!r}) pairs a column with itself")
     errors.extend(_registration_errors(card))
+    errors.extend(_collection_errors(card))
+    return errors
+
+
+def _collection_errors(card: DatasetCard) -> list[str]:
+    if card.kind == "table":
+        return ["collection: only a files dataset (kind: files) has a collection section"] \
+            if card.collection is not None else []
+    collection = card.collection
+    if collection is None:
+        return ["kind: files needs a collection section (formats, unit_from, pseudonym_pattern, ...)"]
+    errors = []
+    if card.fhir_mapping is not None:
+        errors.append("fhir_mapping: a files dataset is not read from FHIR")
+    if len(set(collection.formats)) != len(collection.formats):
+        errors.append("collection.formats: each format once")
+    if collection.unit_from == "PatientID" and "dicom" not in collection.formats:
+        errors.append("collection.unit_from: PatientID comes from DICOM headers; use path:<n> for other formats")
+    if collection.unit_from == "PatientID" and not collection.pseudonym_pattern:
+        errors.append("collection.pseudonym_pattern: the privacy unit comes from PatientID, so the card must "
+                      "say what a de-identified PatientID looks like (a regular expression)")
+    if collection.pseudonym_pattern:
+        try:
+            re.compile(collection.pseudonym_pattern)
+        except re.error as exc:
+            errors.append(f"collection.pseudonym_pattern: not a regular expression ({exc})")
+    labels = collection.labels.columns if collection.labels else []
+    if collection.labels is not None:
+        if collection.labels.dataset == card.name:
+            errors.append("collection.labels.dataset: labels come from another (tabular) dataset")
+        for column in labels:
+            if not _valid_column_name(column) or column in MANIFEST_COLUMNS or column == card.privacy_unit:
+                errors.append(f"collection.labels.columns: {column!r} is not a usable label column name")
+    allowed = DECLARABLE_MANIFEST_COLUMNS | set(labels) | {card.privacy_unit}
+    for column in card.columns:
+        if column not in allowed:
+            errors.append(f"column {column!r}: a files dataset declares only its manifest's columns "
+                          f"({', '.join(sorted(DECLARABLE_MANIFEST_COLUMNS))}), its privacy unit and its labels")
+    if card.rename or card.drop_columns or card.generalise:
+        errors.append("rename, drop_columns and generalise apply to uploaded tables, not to a files dataset")
     return errors
 
 

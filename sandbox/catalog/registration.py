@@ -38,13 +38,15 @@ class RegistrationRules:
     low_k: Decision = "override"
     min_k: int = 5
     min_l: int = 1
+    # A collection's DICOM headers failing the PS3.15 Basic Profile (`sandbox.catalog.dicom_deid`).
+    dicom: Decision = "override"
 
     @classmethod
     def from_policy(cls, reference: str, body: dict[str, Any]) -> RegistrationRules:
         section = body.get("registration") or {}
         return cls(policy=reference, identifiers=section.get("identifiers", "override"),
                    low_k=section.get("low_k", "override"), min_k=int(section.get("min_k", 5)),
-                   min_l=int(section.get("min_l", 1)))
+                   min_l=int(section.get("min_l", 1)), dicom=section.get("dicom", "override"))
 
 
 def assess(parquet: Path, card: DatasetCard, rules: RegistrationRules, *, threads: int = 2) -> dict[str, Any]:
@@ -80,6 +82,20 @@ def assess(parquet: Path, card: DatasetCard, rules: RegistrationRules, *, thread
                   "min_l": rules.min_l},
         "checked_at": datetime.now(UTC).isoformat(),
     }
+
+
+def with_dicom(report: dict[str, Any], dicom: dict[str, Any] | None, rules: RegistrationRules) -> dict[str, Any]:
+    """A collection's report: the tabular one over its manifest, with the DICOM header report beside it
+    (`report["dicom"]`) and a `dicom` reason when any file's header failed the profile."""
+    if dicom is None:
+        return report
+    reasons = list(report["reasons"])
+    if dicom.get("classes"):
+        reasons.append({"check": "dicom", "overridable": rules.dicom == "override",
+                        "detail": f"{dicom['flagged_files']} of {dicom['files']} DICOM file(s) fail the PS3.15 "
+                                  f"Basic Profile: {', '.join(dicom['classes'])}"})
+    return {**report, "blocked": bool(reasons), "reasons": reasons, "dicom": dicom,
+            "rules": {**report["rules"], "dicom": rules.dicom}}
 
 
 def report_sha256(report: dict[str, Any]) -> str:

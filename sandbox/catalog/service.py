@@ -44,6 +44,7 @@ def create_dataset(ctx: Context, card: DatasetCard) -> Dataset:
         card=card.model_dump(mode="json"),
         privacy_unit=card.privacy_unit,
         privacy_unit_rows=card.privacy_unit_rows,
+        kind=card.kind,
         columns={name: spec.model_dump(mode="json") for name, spec in card.columns.items()},
         owner_org=steward.org,
         created_by=steward.sub,
@@ -127,8 +128,12 @@ def add_version(
     report: dict[str, Any] | None = None,
     diff: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    reference: str | None = None,
 ) -> DatasetVersion:
     """Commit a staged Parquet file as the dataset's next immutable version.
+
+    For a files dataset the Parquet is the collection's manifest and `reference` the folder it lists,
+    read in place (`sandbox.catalog.collections`).
 
     With a de-identification `report` that blocks, the version is kept in quarantine (`blocked`): no job,
     query, notebook or buyer sees it until a steward remediates it or signs an override. Otherwise it is
@@ -137,6 +142,7 @@ def add_version(
     steward = ctx.require_role(Role.STEWARD)
     # Row lock on PostgreSQL; SQLite's write lock is already held. Two uploads never share a number.
     dataset = owned_dataset(ctx.session, name, steward, for_update=True)
+    require_kind(dataset, "files" if reference is not None else "table")
     latest = dataset.all_versions[-1] if dataset.all_versions else None
     if latest is not None and latest.sha256 == sha256:
         raise Conflict(f"this file is identical to {name} version {latest.version}"
@@ -167,6 +173,7 @@ def add_version(
         deid=report,
         diff=diff,
         provenance={"nonce": secrets.token_hex(32), **transforms, **(provenance or {})},
+        reference=reference,
     )
     ctx.session.add(version)
     ctx.session.flush()
@@ -179,6 +186,13 @@ def add_version(
         **({"reasons": [r["check"] for r in report.get("reasons", [])]} if report else {}),
     )
     return version
+
+
+def require_kind(dataset: Dataset, kind: str) -> None:
+    """Refuse (422) a version of the other kind: a file upload to a files dataset, a reference to a table."""
+    if dataset.kind != kind:
+        how = "registered by reference to a folder" if dataset.kind == "files" else "uploaded as a file"
+        raise Invalid(f"dataset {dataset.name!r} is a {dataset.kind} dataset: its versions are {how}")
 
 
 def version_path(artifacts_dir: Path, name: str, number: int, *, quarantine: bool) -> Path:
@@ -324,7 +338,15 @@ def dataset_view(dataset: Dataset, *, steward: bool) -> dict[str, Any]:
         "deid": registration.summary(dataset.versions[-1].deid) if dataset.versions else None,
         "versions": [version_view(v, steward=steward) for v in versions],
         "created_at": dataset.created_at.isoformat(),
+        "kind": dataset.kind,
+        **({"collection": _public_collection(card)} if dataset.kind == "files" else {}),
     }
+
+
+def _public_collection(card: dict[str, Any]) -> dict[str, Any]:
+    """What a buyer may know of a collection: its formats and the size images are resized to for training."""
+    collection = card.get("collection") or {}
+    return {"formats": collection.get("formats", ["dicom"]), "image": collection.get("image") or {}}
 
 
 def list_datasets(session: Session) -> list[Dataset]:

@@ -48,14 +48,49 @@ def get_dataset(name: str, instance: InstanceDep, principal: AnyRole) -> dict[st
         return service.dataset_view(dataset, steward=service.steward_view_for(principal, dataset))
 
 
-@router.post("/{name}/versions", status_code=201, response_model=schemas.DatasetVersionView,
-             response_model_exclude_unset=True)
+class ReferenceVersionView(schemas.DatasetVersionView):
+    """A files dataset's new version: its manifest's view, the number of files and the folder read in place."""
+
+    files: int | None = None
+    reference: str | None = None
+
+
+class ReferenceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str = Field(min_length=1, max_length=1000)
+
+
+@router.post("/{name}/versions", status_code=201, response_model=ReferenceVersionView,
+             response_model_exclude_unset=True,
+             openapi_extra={"requestBody": {"content": {
+                 "multipart/form-data": {"schema": {"type": "object", "properties": {
+                     "file": {"type": "string", "format": "binary"}}}},
+                 "application/json": {"schema": ReferenceRequest.model_json_schema()}}}})
 async def add_version(name: str, request: Request, instance: InstanceDep, steward: Steward) -> dict[str, Any]:
-    """Stage the upload, then let the worker read, check and store it: this process opens no dataset file."""
+    """Stage the upload, then let the worker read, check and store it: this process opens no dataset file.
+
+    A files dataset's version is JSON `{"reference": PATH}` instead: a folder under the org's configured
+    reference roots, which the worker hashes and reads in place, never copying it."""
     settings = instance.settings
     with instance.read_session() as session:
         # Before the body is read: another org's steward uploads nothing (404, as for a missing name).
-        service.owned_dataset(session, name, steward)
+        kind = service.owned_dataset(session, name, steward).kind
+    is_json = request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+    if kind == "files" or is_json:
+        if kind != "files":
+            raise Invalid(f"dataset {name!r} is a table dataset: upload its versions as a file")
+        if not is_json:
+            raise Invalid(f"dataset {name!r} is a files dataset: register its versions as JSON {{\"reference\": PATH}}")
+        try:
+            reference = ReferenceRequest.model_validate_json(await request.body())
+        except ValueError as exc:
+            raise Invalid("the body must be JSON {\"reference\": PATH}") from exc
+        require_worker(instance, what="registering a version")
+        return await run_in_threadpool(
+            ask_worker, instance, "/datasets/reference-versions",
+            {"principal": principal_body(steward), "dataset": name, "reference": reference.reference},
+            timeout_s=LONG_TIMEOUT_S, what="registering a version")
     require_worker(instance, what="registering a version")
     upload = await receive_multipart(request, file_fields={"file"}, staging_dir=settings.tmp_dir,
                                      max_file_bytes=settings.max_upload_bytes)
