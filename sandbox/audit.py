@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 
 from sandbox.auth.tokens import Principal, Role
 from sandbox.errors import Forbidden
-from sandbox.store.models import AuditEvent, AuditHead, Contract, Dataset, Job
+from sandbox.store.models import AuditEvent, AuditHead, Dataset, Job
+from sandbox.store.parties import party_contracts
 
 GENESIS_HASH = "0" * 64
 log = structlog.get_logger(__name__)
@@ -302,8 +303,9 @@ def verify_stored_chain(session: Session, public_key: Ed25519PublicKey, checkpoi
 def steward_events(org: str) -> ColumnElement[bool]:
     """The events a steward of `org` reads: those of its own people, those about its own datasets,
     contracts and the jobs under them (whoever acted, refusals included), and the service's own
-    instance, image and shipped-policy events. Another org's business stays theirs (review 11.10)."""
-    granted = select(Contract.id).where(Contract.owner_org == org)
+    instance, image and shipped-policy events. Another org's business stays theirs (review 11.10). A contract
+    naming data of several orgs, and its jobs, are each party's business (issue 17)."""
+    granted = party_contracts(org)
     own_objects = union(select(Dataset.name).where(Dataset.owner_org == org), granted,
                         select(Job.id).where(Job.contract_id.in_(granted)))
     # A prefix compare, not LIKE: '_' is a wildcard there and may appear in dataset names.

@@ -502,14 +502,26 @@ def dataset_create(name: str, card: Annotated[Path, typer.Option("--card", help=
 
 
 @dataset_app.command("add-version")
-def dataset_add_version(name: str, file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-                        as_json: JsonOption = False) -> None:
-    """Upload a file (CSV, Excel, Parquet, SPSS, Stata, SAS or FHIR NDJSON) as the dataset's next version.
+def dataset_add_version(
+        name: str, file: Annotated[Path | None, typer.Argument(exists=True, dir_okay=False)] = None,
+        reference: Annotated[str | None, typer.Option(
+            "--reference", help="a files dataset: the collection's folder, read in place on the server")] = None,
+        as_json: JsonOption = False) -> None:
+    """Upload a file (CSV, Excel, Parquet, SPSS, Stata, SAS or FHIR NDJSON) as the dataset's next version,
+    or, for a files dataset, register a folder of DICOM (or image) files in place with `--reference PATH`.
 
     Every version is checked before use. A blocked one is kept in quarantine and this command exits 3,
     naming what its de-identification report found: fix it with `sandbox dataset remediate`, or let it
     through with `sandbox dataset override` where the policy allows.
     """
+    if (file is None) == (reference is None):
+        _fail("give a FILE to upload or --reference PATH (a files dataset's folder), not both")
+    if reference is not None:
+        with _client() as client:
+            created = _call(client.request, "POST", f"/v1/datasets/{name}/versions", json={"reference": reference})
+        _show_version(name, created, as_json)
+        return
+    assert file is not None
     size = file.stat().st_size
     with _client() as client, Progress(TextColumn("uploading {task.description}"), BarColumn(), DownloadColumn(),
                                        TransferSpeedColumn(), console=console, transient=True) as progress:
@@ -526,7 +538,8 @@ def _show_version(name: str, created: dict[str, Any], as_json: bool) -> None:
     else:
         deid = created.get("deid") or {}
         k = f", k={deid['k']}" if deid.get("k") is not None else ""
-        out.print(f"{name} version {created['version']}: {created['rows']} rows, sha256 {created['sha256'][:16]}…"
+        unit = "files" if created.get("source_format") == "files" else "rows"
+        out.print(f"{name} version {created['version']}: {created['rows']} {unit}, sha256 {created['sha256'][:16]}…"
                   f"{k}, {created.get('status', 'active')}")
         if blocked:
             with _client() as client:
@@ -750,6 +763,25 @@ def contract_list(as_json: JsonOption = False) -> None:
     _emit(contracts, as_json, table)
 
 
+@contract_app.command("consent")
+def contract_consent(
+    contract_id: str,
+    policy: Annotated[str | None, typer.Option("--policy", help="your org's policy, NAME or NAME@VERSION")] = None,
+    comment: Annotated[str, typer.Option("--comment")] = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Consent, as a steward of a party org, to a contract naming your org's data; it is usable once every
+    party consented."""
+    body: dict[str, Any] = {"comment": comment, **({"policy": policy} if policy else {})}
+    with _client() as client:
+        contract = _call(client.request, "POST", f"/v1/contracts/{contract_id}/consent", json=body)
+    if as_json:
+        _emit(contract, True)
+        return
+    waiting = [p["org"] for p in contract.get("parties", []) if not p.get("consented_at")]
+    out.print(f"consented to {contract_id}" + (f"; waiting for {', '.join(waiting)}" if waiting else "; usable"))
+
+
 @contract_app.command("revoke")
 def contract_revoke(contract_id: str, reason: Annotated[str, typer.Option("--reason")] = "") -> None:
     """Revoke a contract; everything it covered stops."""
@@ -848,7 +880,8 @@ TERMINAL_STATES = {"done", "failed", "rejected", "cancelled"}
 def job_submit(
     command: Annotated[list[str], typer.Argument(help="the command, after --")],
     contract: Annotated[str, typer.Option("--contract")],
-    dataset: Annotated[str, typer.Option("--dataset", help="NAME or NAME@VERSION")],
+    dataset: Annotated[list[str], typer.Option("--dataset", help="NAME or NAME@VERSION; repeat for several "
+                                                                  "hospitals' datasets under one contract")],
     code: Annotated[Path, typer.Option("--code", help="folder with your code", exists=True, file_okay=False)],
     image: Annotated[str, typer.Option("--image")] = "analysis",
     kind: Annotated[str, typer.Option("--kind", help="analysis or training (for dp_training: sandbox train)")] = \
@@ -869,13 +902,12 @@ def job_submit(
 
     from sandbox.release.verify import ReleaseError, pack_code
 
-    name, _, version = dataset.partition("@")
-    if version and not version.isdigit():
-        _fail("--dataset takes NAME or NAME@VERSION")
+    (name, version), *_others = [_dataset_option(d) for d in dataset]  # each checked
     spec: dict[str, Any] = {
-        "contract": contract, "dataset": name, "version": int(version) if version else None, "kind": kind,
+        "contract": contract, "dataset": name, "version": version, "kind": kind,
         "image": image, "command": command,
-        "resources": {"cpus": cpus, "memory_mb": memory_mb, "timeout_s": timeout_s, "gpus": gpus}}
+        "resources": {"cpus": cpus, "memory_mb": memory_mb, "timeout_s": timeout_s, "gpus": gpus},
+        **({"datasets": dataset} if len(dataset) > 1 else {})}
     if label or features:
         spec["training"] = {"label": label or "", "features": [c.strip() for c in (features or "").split(",")
                                                                if c.strip()]}
@@ -899,10 +931,19 @@ def job_submit(
     raise typer.Exit(0 if job["state"] in ("done", "in_review") else 1)
 
 
+def _dataset_option(text: str) -> tuple[str, int | None]:
+    """A --dataset value, NAME or NAME@VERSION."""
+    name, _, version = text.partition("@")
+    if not name or (version and not version.isdigit()):
+        _fail("--dataset takes NAME or NAME@VERSION")
+    return name, int(version) if version else None
+
+
 @app.command("train")
 def train(
     contract: Annotated[str, typer.Option("--contract")],
-    dataset: Annotated[str, typer.Option("--dataset", help="NAME or NAME@VERSION")],
+    dataset: Annotated[list[str], typer.Option("--dataset", help="NAME or NAME@VERSION; repeat to train on "
+                                                                  "several hospitals' datasets at once")],
     model: Annotated[Path, typer.Option("--model", help="a Python file with build_model(n_features, n_outputs)",
                                         exists=True, dir_okay=False)],
     label: Annotated[str, typer.Option("--label", help="the column to predict")],
@@ -921,13 +962,12 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Train a model with DP-SGD run by the platform; the weights leave with a signed record of the epsilon."""
-    name, _, version = dataset.partition("@")
-    if version and not version.isdigit():
-        _fail("--dataset takes NAME or NAME@VERSION")
+    (name, version), *_others = [_dataset_option(d) for d in dataset]  # each checked
+    several = {"datasets": dataset} if len(dataset) > 1 else {}
     columns = [c.strip() for c in features.split(",") if c.strip()]
     with _client() as client:
-        created = _call(client.train, contract=contract, dataset=name, version=int(version) if version else None,
-                        model=model, label=label, features=columns, epsilon=epsilon, epochs=epochs,
+        created = _call(client.train, contract=contract, dataset=name, version=version,
+                        **several, model=model, label=label, features=columns, epsilon=epsilon, epochs=epochs,
                         batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
                         delta=delta, resources={"cpus": cpus, "memory_mb": memory_mb, "timeout_s": timeout_s,
                                                 "gpus": gpus})
@@ -940,7 +980,10 @@ def train(
         raise typer.Exit(0 if job["state"] in ("done", "in_review") else 1)
     _print_job(job)
     training = job.get("training") or {}
-    if training.get("epsilon_charged") is not None:
+    if training.get("epsilon_charged_by_dataset"):
+        for charged_on, charged in sorted(training["epsilon_charged_by_dataset"].items()):
+            out.print(f"epsilon charged on {charged_on}: {charged:g} of {training.get('epsilon'):g} held")
+    elif training.get("epsilon_charged") is not None:
         out.print(f"epsilon charged: {training['epsilon_charged']:g} of {training.get('epsilon'):g} held")
     released = [o["path"] for o in job["outputs"] if o["status"] == "released" and o["path"].startswith("model/")]
     if released:
@@ -1250,12 +1293,14 @@ def invoice_command(
             sys.stdout.write(_call(client.invoices, period, csv=True))
             return
         invoices = _call(client.invoices, period)
-    table = Table("contract", "period", "item", "quantity", "unit", "unit price", "amount", "events")
+    # `hospital`: the data-holder org a line is owed to (a contract over several hospitals' data splits by it).
+    table = Table("contract", "period", "hospital", "item", "quantity", "unit", "unit price", "amount", "events")
     for invoice in invoices:
         for line in invoice["lines"]:
-            table.add_row(invoice["contract"], invoice["period"], line["item"], line["quantity"], line["unit"],
-                          line["unit_price"], f"{line['amount']} {invoice['currency']}", str(len(line["events"])))
-        table.add_row(invoice["contract"], invoice["period"], "[bold]total[/]", "", "", "",
+            table.add_row(invoice["contract"], invoice["period"], line.get("org", ""), line["item"], line["quantity"],
+                          line["unit"], line["unit_price"], f"{line['amount']} {invoice['currency']}",
+                          str(len(line["events"])))
+        table.add_row(invoice["contract"], invoice["period"], "", "[bold]total[/]", "", "", "",
                       f"[bold]{invoice['total']} {invoice['currency']}[/]", "", end_section=True)
     _emit(invoices, as_json, table)
 

@@ -150,7 +150,7 @@ class SandboxClient:
     def train(self, *, contract: str, dataset: str, model: Path, label: str, features: list[str], epsilon: float,
               epochs: int = 5, batch_size: int = 256, learning_rate: float = 0.05, max_grad_norm: float = 1.0,
               delta: float | None = None, version: int | None = None,
-              resources: dict[str, Any] | None = None) -> Any:
+              resources: dict[str, Any] | None = None, datasets: list[str] | None = None) -> Any:
         """Submit a DP-SGD run the platform trains: `model` is a Python file with `build_model(n_features,
         n_outputs)`; the job's `training.plan` says how rows become the model's inputs. Returns the job."""
         import io
@@ -163,7 +163,8 @@ class SandboxClient:
         if delta is not None:
             training["delta"] = delta
         spec = {"contract": contract, "dataset": dataset, "version": version, "kind": "dp_training",
-                "training": training, **({"resources": resources} if resources else {})}
+                "training": training, **({"resources": resources} if resources else {}),
+                **({"datasets": datasets} if datasets else {})}
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
             content = model.read_bytes()

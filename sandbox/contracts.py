@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from enum import StrEnum
@@ -17,11 +19,12 @@ from sandbox.auth.tokens import Principal, Role
 from sandbox.billing.prices import PriceList
 from sandbox.budgets.ledger import ensure_ledgers
 from sandbox.catalog.cards import LicenceTerms
-from sandbox.catalog.service import card_of, get_dataset, owned_dataset
+from sandbox.catalog.service import card_of, get_dataset
 from sandbox.context import Context
 from sandbox.errors import Conflict, ContractNotUsable, Forbidden, Invalid, NotFound
 from sandbox.policies import resolve_policy
-from sandbox.store.models import Contract
+from sandbox.store.models import Contract, ContractParty
+from sandbox.store.parties import party_contracts
 
 MAX_EPSILON = 100.0
 
@@ -106,14 +109,23 @@ def create_contract(ctx: Context, request: ContractRequest) -> Contract:
         # A buyer org's members never hold steward rights over its own jobs (review 11.10): the
         # steward who grants a contract would be the one approving and reviewing its work.
         raise Forbidden("a steward may not grant a contract to their own organisation", object="contract")
+    # A contract may name other hospitals' datasets (their public catalog names): each data-holder org
+    # becomes a party that must consent before the contract is usable (issue 17).
+    holders: dict[str, list[str]] = defaultdict(list)
     for name in request.datasets:
         try:
-            dataset = owned_dataset(ctx.session, name, steward)
+            dataset = get_dataset(ctx.session, name)
         except NotFound:
-            # Another org's dataset reads as a missing one: a steward grants only their own org's data.
             errors.append(f"dataset {name!r} does not exist")
             continue
+        holders[dataset.owner_org].append(name)
         errors.extend(licence_problems(card_of(dataset).licence, dataset=name, kinds=request.kinds))
+    if holders and steward.org not in holders:
+        errors.append(f"a contract names at least one dataset of the granting steward's own org ({steward.org}); "
+                      "another org's data is granted by its own stewards")
+    if request.buyer_org in holders:
+        errors.append(f"the buyer org {request.buyer_org} holds a dataset of the contract: no org is granted its "
+                      "own data, since its stewards would approve and review its jobs")
     if errors:
         raise Invalid("the contract is invalid", errors)
     policy = resolve_policy(ctx.session, request.policy, org=steward.org)
@@ -138,21 +150,60 @@ def create_contract(ctx: Context, request: ContractRequest) -> Contract:
     )
     ctx.session.add(contract)
     ctx.session.flush()
+    for org in sorted(holders):
+        # Another party's policy is its own choice, made when it consents; until then it reads as the
+        # creator's, which binds nothing since the contract is unusable.
+        own = org == steward.org
+        ctx.session.add(ContractParty(contract_id=contract.id, org=org, policy_name=policy.name,
+                                      policy_version=policy.version, consented_by=steward.sub if own else None,
+                                      consented_at=now if own else None))
+    ctx.session.flush()
+    ctx.session.refresh(contract, ["parties"])
     ensure_ledgers(ctx.session, contract)
     ctx.record(
         "contract.create", "contract", contract.id, buyer_org=contract.buyer_org, datasets=contract.datasets,
         tier=contract.tier, kinds=contract.kinds, epsilon=contract.epsilon, policy=f"{policy.name}@{policy.version}",
-        prices=contract.prices,
+        prices=contract.prices, parties=sorted(holders),
     )
     return contract
 
 
+def consent_contract(ctx: Context, contract_id: str, *, policy: str | None = None, comment: str = "") -> Contract:
+    """A party org's steward consents to a contract naming its data, under its own policy (`name` or
+    `name@N`, its newest approved `default` when not given). 404 to a steward of no party org."""
+    steward = ctx.require_role(Role.STEWARD)
+    contract = get_contract(ctx, contract_id, for_update=True)
+    party = next((p for p in contract.parties if p.org == steward.org), None)
+    if party is None:
+        raise NotFound(f"contract {contract_id!r} does not exist")
+    if party.consented_at is not None:
+        raise Conflict(f"{steward.org} already consented to contract {contract.id} "
+                       f"({party.consented_by}, {party.consented_at.isoformat()})")
+    if contract.revoked_at is not None:
+        raise Conflict(f"contract {contract.id} was revoked at {contract.revoked_at.isoformat()}")
+    problems = []
+    for name in contract.datasets:
+        dataset = get_dataset(ctx.session, name)
+        if dataset.owner_org == steward.org:
+            problems.extend(licence_problems(card_of(dataset).licence, dataset=name,
+                                             kinds=[JobKind(k) for k in contract.kinds]))
+    if problems:
+        raise Invalid("the contract grants uses the org's licences forbid", problems)
+    chosen = resolve_policy(ctx.session, policy or "default", org=steward.org)
+    party.policy_name, party.policy_version = chosen.name, chosen.version
+    party.consented_by, party.consented_at = steward.sub, datetime.now(UTC)
+    ctx.session.flush()
+    ctx.record("contract.consent", "contract", contract.id, org=steward.org, policy=f"{chosen.name}@{chosen.version}",
+               comment=comment)
+    return contract
+
+
 def _visible(ctx: Context) -> Any:
-    """The contracts the caller may see: a buyer its org's, a steward those its org granted."""
+    """The contracts the caller may see: a buyer its org's, a steward those naming its org's data."""
     if isinstance(ctx.actor, Principal) and ctx.actor.role is Role.BUYER:
         return Contract.buyer_org == ctx.actor.org
     if isinstance(ctx.actor, Principal) and ctx.actor.role is Role.STEWARD:
-        return Contract.owner_org == ctx.actor.org
+        return Contract.id.in_(party_contracts(ctx.actor.org))
     return None  # auditors (and the service itself) read every contract
 
 
@@ -226,7 +277,15 @@ def usability_problems(contract: Contract, use: Use, now: datetime | None = None
         problems.append(f"contract {contract.id} does not cover dataset {use.dataset!r}")
     if use.kind.value not in contract.kinds:
         problems.append(f"contract {contract.id} does not allow {use.kind.value} (allows {', '.join(contract.kinds)})")
+    waiting = missing_consents(contract)
+    if waiting:
+        problems.append(f"contract {contract.id} waits for the consent of {', '.join(waiting)}")
     return problems
+
+
+def missing_consents(contract: Contract) -> list[str]:
+    """The party orgs that have not consented yet, sorted. Pure."""
+    return sorted(party.org for party in contract.parties if party.consented_at is None)
 
 
 def licence_problems(licence: LicenceTerms, *, dataset: str, kinds: list[JobKind]) -> list[str]:
@@ -245,15 +304,21 @@ def licence_problems(licence: LicenceTerms, *, dataset: str, kinds: list[JobKind
     return problems
 
 
-def require_usable(ctx: Context, contract_id: str, *, kind: JobKind, dataset: str) -> Contract:
-    """The contract, if the calling buyer may use it for `kind` on `dataset` right now."""
+def require_usable(ctx: Context, contract_id: str, *, kind: JobKind, dataset: str,
+                   also: Sequence[str] = ()) -> Contract:
+    """The contract, if the calling buyer may use it for `kind` on `dataset` (and the datasets `also`)
+    right now."""
     buyer = ctx.require_role(Role.BUYER)
     contract = get_contract(ctx, contract_id)
-    problems = usability_problems(contract, Use(kind=kind, dataset=dataset, org=buyer.org))
-    if dataset in contract.datasets:
-        # The licence as the dataset's card states it now: terms made stricter stop existing contracts too.
-        problems.extend(licence_problems(card_of(get_dataset(ctx.session, dataset)).licence, dataset=dataset,
-                                         kinds=[kind]))
+    problems = []
+    for name in dict.fromkeys([dataset, *also]):
+        for problem in usability_problems(contract, Use(kind=kind, dataset=name, org=buyer.org)):
+            if problem not in problems:
+                problems.append(problem)
+        if name in contract.datasets:
+            # The licence as the dataset's card states it now: terms made stricter stop existing contracts too.
+            problems.extend(licence_problems(card_of(get_dataset(ctx.session, name)).licence, dataset=name,
+                                             kinds=[kind]))
     if problems:
         raise ContractNotUsable("; ".join(problems))
     return contract
@@ -279,4 +344,12 @@ def contract_view(contract: Contract) -> dict[str, Any]:
         "created_by": contract.created_by,
         "created_at": contract.created_at.isoformat(),
         "prices": contract.prices or {},
+        "parties": [party_view(party) for party in contract.parties],
     }
+
+
+def party_view(party: ContractParty) -> dict[str, Any]:
+    """One data-holder org of a contract: its policy and its consent (None while it has not consented)."""
+    return {"org": party.org, "policy": f"{party.policy_name}@{party.policy_version}",
+            "consented_by": party.consented_by,
+            "consented_at": party.consented_at.isoformat() if party.consented_at else None}

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from jsonschema import Draft202012Validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -18,7 +19,11 @@ from sandbox.audit import SystemActor
 from sandbox.auth.tokens import Principal, Role
 from sandbox.context import Context
 from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
-from sandbox.store.models import Contract, Policy
+from sandbox.store.models import Contract, ContractParty, Job, Policy
+from sandbox.store.parties import job_orgs
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 SCHEMA_FILE = "policy.schema.json"
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
@@ -26,6 +31,10 @@ PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 
 @cache
 def _validator(policies_dir: Path) -> Draft202012Validator:
+    # Imported when a policy is first checked: jsonschema's format checkers cost a second at import, which
+    # every CLI call and process start would otherwise pay.
+    from jsonschema import Draft202012Validator
+
     schema = json.loads((policies_dir / SCHEMA_FILE).read_text())
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema)
@@ -241,3 +250,129 @@ def policy_view(policy: Policy) -> dict[str, Any]:
         "comment": policy.comment,
         "body": policy.body,
     }
+
+
+# --- the strictest of several policies (issue 17) -------------------------------------------------------
+# A job that reads data of several hospitals runs under every party's policy at once: each rule takes its
+# strictest value. One row per rule of policy.schema.json (tests/parties/test_strictest.py walks the schema
+# and fails on a rule missing here). A rule's default is what the code assumes when a policy leaves it out,
+# so a policy silent on a rule still counts with the value it gets.
+#   min / max: the lower / higher number; all: true only if every policy says true; any: true if one does;
+#   same: the values every policy allows (order of the first); lcm: rounding bases (null = none) combined
+#   so every published count is a multiple of each; a list: the values from least to most strict.
+_NOTEBOOK_DEFAULTS: dict[str, Any] = {"allow_comms": False, "max_output_kb": 256, "max_kernels_per_contract": 2,
+                                      "idle_timeout_s": 1800, "kernel_cpus": 1.0, "kernel_memory_mb": 2048,
+                                      "max_kernel_hours": 12, "workspace_mb": 200, "max_messages_per_s": 200}
+_ABSENT = object()
+STRICTEST_RULES: tuple[tuple[tuple[str, ...], Any, Any], ...] = (
+    (("runtime", "allowed_images"), "same", _ABSENT),
+    (("runtime", "max_cpus"), "min", _ABSENT),
+    (("runtime", "max_memory_mb"), "min", _ABSENT),
+    (("runtime", "max_timeout_s"), "min", _ABSENT),
+    (("runtime", "max_gpus"), "min", _ABSENT),
+    (("runtime", "on_node_loss"), ("rerun_once", "fail"), "fail"),
+    (("egress", "allowed_kinds"), "same", _ABSENT),
+    (("egress", "max_file_mb"), "min", _ABSENT),
+    (("egress", "max_total_mb"), "min", _ABSENT),
+    (("egress", "sdc", "min_cell_count"), "max", _ABSENT),
+    (("egress", "sdc", "zeros"), ("allow", "review", "block"), _ABSENT),
+    (("egress", "sdc", "rounding"), "lcm", None),
+    # A cell fails dominance when its n largest contributors hold more than k of it: more of them (n up)
+    # and a lower share (k down) fail more cells.
+    (("egress", "sdc", "dominance_n"), "max", _ABSENT),
+    (("egress", "sdc", "dominance_k"), "min", _ABSENT),
+    (("egress", "sdc", "p_ratio"), "max", _ABSENT),
+    (("egress", "sdc", "min_residual_df"), "max", _ABSENT),
+    (("egress", "leak_scan", "block_rows"), "min", _ABSENT),
+    (("egress", "leak_scan", "block_ids"), "min", _ABSENT),
+    (("egress", "models", "formats"), "same", _ABSENT),
+    (("egress", "models", "release"), ("review", "block"), _ABSENT),
+    (("egress", "models", "gate", "max_auc"), "min", 0.65),
+    (("egress", "models", "gate", "max_tpr_at_fpr"), "min", 0.1),
+    (("egress", "models", "gate", "max_high_risk_fraction"), "min", 0.05),
+    (("egress", "models", "gate", "unattacked"), ("review", "block"), "review"),
+    (("egress", "figures", "release"), ("review", "block"), _ABSENT),
+    (("egress", "logs", "release"), ("if_clean", "review"), "review"),
+    (("egress", "verified_tables", "max_per_job"), "min", 50),
+    (("notebooks", "allow_comms"), "all", _NOTEBOOK_DEFAULTS["allow_comms"]),
+    *((("notebooks", key), "min", value) for key, value in _NOTEBOOK_DEFAULTS.items() if key != "allow_comms"),
+    (("review", "auto_release"), "all", _ABSENT),
+    (("review", "reviewers"), "max", _ABSENT),
+    (("review", "approve_jobs"), "any", False),
+    (("registration", "identifiers"), ("override", "block"), _ABSENT),
+    (("registration", "low_k"), ("override", "block"), _ABSENT),
+    (("registration", "dicom"), ("override", "block"), _ABSENT),
+    (("registration", "min_k"), "max", _ABSENT),
+    (("registration", "min_l"), "max", _ABSENT),
+)
+
+
+def _lookup(body: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = body
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return _ABSENT
+        node = node[key]
+    return node
+
+
+def _strictest_value(rule: Any, values: list[Any]) -> Any:
+    if rule == "min":
+        return min(values)
+    if rule == "max":
+        return max(values)
+    if rule == "all":
+        return all(bool(v) for v in values)
+    if rule == "any":
+        return any(bool(v) for v in values)
+    if rule == "same":
+        return [item for item in values[0] if all(item in other for other in values[1:])]
+    if rule == "lcm":
+        bases = [int(v) for v in values if v]
+        return math.lcm(*bases) if bases else None
+    order: tuple[str, ...] = rule
+    return max(values, key=lambda v: order.index(v) if v in order else len(order))
+
+
+def strictest_policy(bodies: list[dict[str, Any]], *, refs: list[str] | None = None) -> dict[str, Any]:
+    """One policy body holding, for each rule, the strictest value among `bodies` (`STRICTEST_RULES`).
+    A single body comes back as it is. Pure."""
+    if not bodies:
+        raise ValueError("the strictest of no policy is undefined")
+    if len(bodies) == 1:
+        return bodies[0]
+    merged: dict[str, Any] = copy.deepcopy(bodies[0])
+    merged["name"] = "strictest"
+    merged["description"] = "the strictest rule of each of " + ", ".join(refs or [b["name"] for b in bodies])
+    for path, rule, default in STRICTEST_RULES:
+        found = [_lookup(body, path) for body in bodies]
+        if all(value is _ABSENT for value in found):
+            continue
+        values = [default if value is _ABSENT else value for value in found]
+        values = [value for value in values if value is not _ABSENT]
+        node = merged
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = _strictest_value(rule, values)
+    return merged
+
+
+def party_policy_body(session: Session, contract_id: str, orgs: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The strictest of the policies that the party orgs `orgs` of a contract consented under, and their refs."""
+    parties = list(session.execute(select(ContractParty).where(
+        ContractParty.contract_id == contract_id, ContractParty.org.in_(orgs)).order_by(ContractParty.org)).scalars())
+    if {p.org for p in parties} != set(orgs):
+        raise NotFound(f"contract {contract_id} has no party {sorted(set(orgs) - {p.org for p in parties})}")
+    refs = [f"{p.policy_name}@{p.policy_version}" for p in parties]
+    bodies = [get_policy_version(session, p.policy_name, p.policy_version).body for p in parties]
+    return strictest_policy(bodies, refs=refs), refs
+
+
+def job_policy_body(session: Session, job: Job) -> dict[str, Any]:
+    """The policy body a job's run, outputs and review follow: for a job reading data of several orgs the
+    strictest of their policies, otherwise the policy it names (`job.policy`)."""
+    orgs = job_orgs(job)
+    if len(orgs) > 1:
+        return party_policy_body(session, job.contract_id, orgs)[0]
+    name, _, version = job.policy.partition("@")
+    return get_policy_version(session, name, int(version)).body

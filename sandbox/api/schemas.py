@@ -151,6 +151,9 @@ class DatasetView(Shape):
     deid: dict[str, Any] | None = None
     versions: list[DatasetVersionView]
     created_at: Timestamp
+    kind: Literal["table", "files"] = "table"
+    collection: dict[str, Any] | None = Field(default=None, description="a files dataset's formats and the image "
+                                              "size the platform trainer resizes to")
 
 
 # Contracts and policies.
@@ -173,6 +176,15 @@ class ContractPrices(StoredShape):
     released_gb: str | None = None
 
 
+class ContractPartyView(Shape):
+    """A data-holder org whose datasets a contract names (issue 17)."""
+
+    org: str
+    policy: str = Field(description="name@version: the org's policy (the creator's until it consents)")
+    consented_by: str | None
+    consented_at: Timestamp | None
+
+
 class ContractView(Shape):
     id: str
     buyer_org: str
@@ -192,6 +204,8 @@ class ContractView(Shape):
     created_by: str
     created_at: Timestamp
     prices: ContractPrices = Field(default_factory=ContractPrices, description="empty: nothing is priced")
+    parties: list[ContractPartyView] = Field(default_factory=list,
+                                             description="the data-holder orgs; usable once every one consented")
 
 
 class PolicyView(Shape):
@@ -314,6 +328,8 @@ class TrainingView(StoredShape):
     delta: Number | None = None
     max_rows_per_unit: int | None = None
     epsilon_charged: Number | None = Field(default=None, description="settled on the contract's ledger at the end")
+    epsilon_charged_by_dataset: dict[str, Number] | None = Field(
+        default=None, description="a run over several datasets: the epsilon settled on each dataset's ledger")
     progress: TrainingProgress | None = None
     split: dict[str, Any] | None = Field(default=None, description="free-form training: train_rows, holdout_rows, "
                                                                    "holdout_fraction (by privacy unit)")
@@ -325,6 +341,19 @@ class JobCreated(Shape):
     id: str
     state: JobState
     image_id: str
+
+
+class JobDatasetView(Shape):
+    name: str
+    version: int
+    org: str = Field(description="the data-holder org")
+
+
+class JobApprovalView(Shape):
+    org: str
+    steward: str
+    comment: str
+    at: Timestamp
 
 
 class JobView(Shape):
@@ -350,6 +379,9 @@ class JobView(Shape):
     finished_at: Timestamp | None
     outputs: list[OutputView]
     training: TrainingView | None = Field(default=None, description="training and dp_training jobs only")
+    datasets: list[JobDatasetView] = Field(default_factory=list, description="every dataset the job reads, "
+                                                                             "`dataset` first (issue 17)")
+    approvals: list[JobApprovalView] = Field(default_factory=list, description="each data-holder org's approval")
 
 
 class ReportedFile(Shape):
@@ -518,6 +550,8 @@ class InvoiceLine(Shape):
     unit_price: DecimalString
     amount: DecimalString = Field(description="quantity x unit_price, rounded half-up to cents")
     events: list[int] = Field(description="seqs of the audit events the quantity was read from")
+    org: str = Field(description="the data-holder org this line is owed to (a contract over several orgs' data "
+                                 "has each org's lines)")
 
 
 class Invoice(Shape):
@@ -545,7 +579,7 @@ class IdentifierFound(Shape):
 
 
 class BlockReason(Shape):
-    check: Literal["identifiers", "k_anonymity", "l_diversity"]
+    check: Literal["identifiers", "k_anonymity", "l_diversity", "dicom"]
     overridable: bool
     detail: str
 
@@ -566,6 +600,8 @@ class DeidReportView(Shape):
     rules: dict[str, Any]
     checked_at: Timestamp
     override: dict[str, Any] | None = None
+    dicom: dict[str, Any] | None = Field(default=None, description="a collection's DICOM header check (PS3.15 Basic "
+                                         "Profile): files, flagged_files, classes, findings per tag, rules")
 
 
 class VersionDiffView(StoredShape):

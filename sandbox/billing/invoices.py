@@ -1,10 +1,14 @@
 """Invoices: each visible contract's price list applied to its audited usage in one month (UTC).
 
-A steward sees the invoices of the contracts its org granted, a buyer those of its own org's contracts
-(as the usage report, which no other role reads). Quantities come from the audit chain only
-(`sandbox.billing.meters`), and each line names the events it came from. Every invoice has the same
-five lines in the same order, priced or not: an unpriced item shows its quantity at price 0, so an
-invoice is also the contract's usage statement for the month.
+A steward sees the invoices of the contracts naming its org's data, a buyer those of its own org's
+contracts (as the usage report, which no other role reads). A contract naming data of several orgs
+(issue 17) has each org's five lines: a job's compute and released bytes split equally among the orgs
+whose data it read, each epsilon to the org of the dataset that paid it, the flat fee to the contract's
+owner; a steward sees its own org's lines only, the buyer all of them, each naming its `org`.
+Quantities come from the audit chain only (`sandbox.billing.meters`), and each line names the events
+it came from. Every invoice has the same five lines (per org) in the same order, priced or not: an
+unpriced item shows its quantity at price 0, so an invoice is also the contract's usage statement for
+the month.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from sandbox.billing.meters import (
     Metered,
     MeterEvent,
     meter,
+    split_by_org,
 )
 from sandbox.billing.prices import (
     Item,
@@ -41,9 +46,10 @@ from sandbox.billing.prices import (
     total,
 )
 from sandbox.context import Context
-from sandbox.store.models import AuditEvent, Contract, Job
+from sandbox.store.models import AuditEvent, Contract, ContractParty, Dataset, Job
+from sandbox.store.parties import party_contracts
 
-CSV_COLUMNS = ("contract", "period", "currency", "item", "quantity", "unit", "unit_price", "amount", "events")
+CSV_COLUMNS = ("contract", "period", "currency", "item", "quantity", "unit", "unit_price", "amount", "events", "org")
 
 
 def valid_during(contract: Contract, period: Period) -> bool:
@@ -65,25 +71,50 @@ def invoices(ctx: Context, *, period: str | None) -> list[dict[str, Any]]:
     if ctx.is_buyer:
         query = query.where(Contract.buyer_org == principal.org)
     else:
-        query = query.where(Contract.owner_org == principal.org)
+        query = query.where(Contract.id.in_(party_contracts(principal.org)))
     contracts = list(ctx.session.execute(query).scalars())
     if not contracts:
         return []
     ids = {contract.id for contract in contracts}
     events = _metered_events(ctx, ids, month)
+    job_orgs = _job_orgs(ctx, ids)
+    parties: dict[str, list[str]] = {}
+    for contract_id, org in ctx.session.execute(select(ContractParty.contract_id, ContractParty.org).where(
+            ContractParty.contract_id.in_(ids)).order_by(ContractParty.org)).all():
+        parties.setdefault(contract_id, []).append(org)
     created = dict(ctx.session.execute(select(AuditEvent.object_id, AuditEvent.seq).where(
         AuditEvent.action == "contract.create", AuditEvent.object_id.in_(ids))).all())
     found = []
     for contract in contracts:
-        metered = meter(events.get(contract.id, []), month)
+        shares = split_by_org(events.get(contract.id, []), job_orgs=job_orgs, owner=contract.owner_org)
+        orgs = parties.get(contract.id) or [contract.owner_org]
+        metered = {org: meter(shares.get(org, []), month) for org in orgs}
         valid = valid_during(contract, month)
-        if not valid and not metered:
+        if not valid and not any(metered.values()):
             continue
         prices = PriceList.from_stored(contract.prices)
-        lines = _lines(prices, metered, flat=valid, created=created.get(contract.id))
+        lines: list[Line] = []
+        shown: list[dict[str, Any]] = []
+        for org in orgs:
+            if not ctx.is_buyer and org != principal.org:
+                continue  # another hospital's share is between it and the buyer
+            own = _lines(prices, metered[org], flat=valid and org == contract.owner_org,
+                         created=created.get(contract.id))
+            lines.extend(own)
+            shown.extend({**line.as_dict(), "org": org} for line in own)
         found.append({"contract": contract.id, "buyer_org": contract.buyer_org, "owner_org": contract.owner_org,
                       "period": month.label, "currency": prices.currency,
-                      "lines": [line.as_dict() for line in lines], "total": format(total(lines), "f")})
+                      "lines": shown, "total": format(total(lines), "f")})
+    return found
+
+
+def _job_orgs(ctx: Context, contract_ids: set[str]) -> dict[str, list[str]]:
+    """The data-holder orgs of each job of these contracts that names them (`Job.datasets`)."""
+    found: dict[str, list[str]] = {}
+    for job, datasets in ctx.session.execute(select(Job.id, Job.datasets).where(Job.contract_id.in_(contract_ids))):
+        orgs = sorted({str(entry.get("org")) for entry in datasets or [] if entry.get("org")})
+        if orgs:
+            found[job] = orgs
     return found
 
 
@@ -92,18 +123,25 @@ def _metered_events(ctx: Context, contract_ids: set[str], month: Period) -> dict
     job_contract = dict(ctx.session.execute(select(Job.id, Job.contract_id).where(
         Job.contract_id.in_(contract_ids))).all())
     by_contract: dict[str, list[MeterEvent]] = defaultdict(list)
+    holders = dict(ctx.session.execute(select(Dataset.name, Dataset.owner_org)).all())
     rows = ctx.session.execute(select(AuditEvent).where(
         AuditEvent.action.in_(METERED_ACTIONS), AuditEvent.at < month.end).order_by(AuditEvent.seq)).scalars()
     for event in rows:
         details = event.details or {}
+        org: str | None = None
         if event.object_type == "job":
             job: str | None = event.object_id
             contract = job_contract.get(event.object_id)
+            # A training run over several datasets settles each ledger in its own event.
+            org = str(details["dataset_org"]) if details.get("dataset_org") else None
         else:
             job, contract = None, details.get("contract")
+            if event.object_type in ("dataset", "dataset_version"):
+                # A DP query names "dataset@version": its epsilon is that dataset's holder's.
+                org = holders.get(event.object_id.rpartition("@")[0] or event.object_id)
         if isinstance(contract, str) and contract in contract_ids:
             by_contract[contract].append(MeterEvent(seq=event.seq, at=event.at, action=event.action, job=job,
-                                                    details=details))
+                                                    details=details, org=org))
     return by_contract
 
 
@@ -131,5 +169,5 @@ def invoices_csv(found: list[dict[str, Any]]) -> str:
         for line in invoice["lines"]:
             writer.writerow([invoice["contract"], invoice["period"], invoice["currency"], line["item"],
                              line["quantity"], line["unit"], line["unit_price"], line["amount"],
-                             " ".join(str(seq) for seq in line["events"])])
+                             " ".join(str(seq) for seq in line["events"]), line.get("org", "")])
     return buffer.getvalue()

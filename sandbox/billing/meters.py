@@ -59,6 +59,9 @@ class MeterEvent:
     action: str
     job: str | None
     details: dict[str, Any]
+    # The data-holder org the event's quantity is owed to when it is one org's alone (a DP query on its
+    # dataset, a training run's epsilon on its ledger); None: the job's orgs share it (`split_by_org`).
+    org: str | None = None
 
 
 @dataclass
@@ -131,3 +134,32 @@ def meter(events: Iterable[MeterEvent], period: Period) -> dict[str, Metered]:
     for entry in metered.values():
         entry.events.sort()
     return metered
+
+
+# Details that carry a metered amount; a shared event's are scaled to each org's share.
+_AMOUNTS = ("cpu_seconds", "gpu_seconds", "epsilon", "epsilon_charged", "bytes_released", "size")
+
+
+def split_by_org(events: Iterable[MeterEvent], *, job_orgs: dict[str, list[str]], owner: str) -> dict[
+        str, list[MeterEvent]]:
+    """One contract's events as each data-holder org's share (issue 17): an event that is one org's
+    (`MeterEvent.org`) goes to it whole; a job's events are split equally among the orgs whose data the job
+    read (`job_orgs`); anything else (a notebook of an older contract, say) is the contract owner's.
+
+    Running totals split the same way, so each org's period figure is its share of the job's. Pure."""
+    shares: dict[str, list[MeterEvent]] = {}
+    for event in events:
+        if event.org is not None:
+            orgs = [event.org]
+        elif event.job is not None and job_orgs.get(event.job):
+            orgs = job_orgs[event.job]
+        else:
+            orgs = [owner]
+        for org in orgs:
+            shares.setdefault(org, []).append(event if len(orgs) == 1 else _scaled(event, len(orgs)))
+    return shares
+
+
+def _scaled(event: MeterEvent, parts: int) -> MeterEvent:
+    details = {key: (str(_number(value) / parts) if key in _AMOUNTS else value) for key, value in event.details.items()}
+    return MeterEvent(seq=event.seq, at=event.at, action=event.action, job=event.job, details=details, org=event.org)

@@ -31,7 +31,8 @@ from sandbox.dp.duckdb_engine import execute, prepare
 from sandbox.dp.plan import DatasetPrivacy, QueryPlan, plan_query
 from sandbox.errors import Conflict, Forbidden, Invalid
 from sandbox.instance import Instance
-from sandbox.store.models import BudgetLedger, BudgetReservation, Contract, DpAnswer
+from sandbox.store.models import BudgetLedger, BudgetReservation, Contract, Dataset, DpAnswer
+from sandbox.store.parties import party_contracts
 
 
 class QueryRequest(BaseModel):
@@ -335,7 +336,9 @@ def budgets(instance: Instance, actor: Principal) -> list[dict[str, object]]:
         if ctx.is_buyer:
             query = query.where(Contract.buyer_org == actor.org)
         else:
-            query = query.where(Contract.owner_org == actor.org)
+            # A party's steward sees the ledgers of its own datasets under every contract naming them.
+            query = query.where(Contract.id.in_(party_contracts(actor.org)),
+                                BudgetLedger.dataset.in_(select(Dataset.name).where(Dataset.owner_org == actor.org)))
         views = []
         for row, _contract in ctx.session.execute(query.order_by(BudgetLedger.id)).all():
             views.append(ledger.budget_view(row, ledger.dataset_budget(ctx.session, row.dataset),

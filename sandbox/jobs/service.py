@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import Select, func, select
+from sqlalchemy.orm import object_session
 
 from sandbox.auth.tokens import Principal, Role
 from sandbox.catalog.service import get_version
@@ -22,11 +23,20 @@ from sandbox.dp.mock_publication import find_mock
 from sandbox.errors import Conflict, Forbidden, Invalid, NotFound
 from sandbox.jobs.bundles import StagedBundle
 from sandbox.jobs.lifecycle import TERMINAL, JobState, next_state
-from sandbox.policies import get_policy_version
+from sandbox.policies import get_policy_version, job_policy_body, party_policy_body
 from sandbox.release import review
 from sandbox.release.status import OutputStatus
-from sandbox.store.models import AuditEvent, Contract, DatasetVersion, Job, JobOutput, Policy, WorkerRecord
-from sandbox.training.budget import hold_training_budget
+from sandbox.store.models import (
+    AuditEvent,
+    Contract,
+    DatasetVersion,
+    Job,
+    JobApproval,
+    JobOutput,
+    WorkerRecord,
+)
+from sandbox.store.parties import JobDataset, job_datasets, job_orgs, party_contracts
+from sandbox.training.budget import hold_training_budgets
 from sandbox.training.spec import TRAINER_COMMAND, TRAINING_IMAGE, TrainingSpec, training_plan
 
 
@@ -39,19 +49,58 @@ class ResourceRequest(BaseModel):
     gpus: int = Field(default=0, ge=0, le=16)
 
 
+MAX_JOB_DATASETS = 20
+_DATASET_REFERENCE = re.compile(r"([^@\s]{1,64})(?:@([1-9][0-9]{0,8}))?")
+
+
+def dataset_reference(text: str) -> tuple[str, int | None]:
+    """`NAME` or `NAME@VERSION` as (name, version or None); ValueError for anything else. Pure."""
+    found = _DATASET_REFERENCE.fullmatch(text)
+    if found is None:
+        raise ValueError(f"datasets: {text[:80]!r} is not NAME or NAME@VERSION")
+    return found.group(1), int(found.group(2)) if found.group(2) else None
+
+
 class JobSpec(BaseModel):
     """The `spec` part of `POST /v1/jobs`."""
 
     model_config = ConfigDict(extra="forbid")
 
     contract: str = Field(min_length=1, max_length=40)
-    dataset: str = Field(min_length=1, max_length=64)
+    # One dataset (`dataset`, at `version`), or several of different hospitals under one contract (`datasets`,
+    # each NAME or NAME@VERSION; `dataset` may then be left out and is the first).
+    dataset: str = Field(default="", max_length=64)
+    datasets: list[str] = Field(default_factory=list, max_length=MAX_JOB_DATASETS)
     version: int | None = Field(default=None, ge=1)
     kind: Literal["analysis", "training", "dp_training"] = "analysis"
     image: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{0,39}$")
     command: list[str] = Field(default_factory=list, max_length=256)
     resources: ResourceRequest = Field(default_factory=ResourceRequest)
     training: TrainingSpec | None = None
+
+    @model_validator(mode="after")
+    def _dataset_rules(self) -> JobSpec:
+        wanted = [dataset_reference(entry) for entry in self.datasets]
+        if not self.dataset:
+            if not wanted:
+                raise ValueError("dataset: name the dataset the job reads (or several in `datasets`)")
+            self.dataset, first_version = wanted[0]
+            if self.version is not None and first_version is not None and self.version != first_version:
+                raise ValueError(f"version {self.version} differs from the version in datasets[0]")
+            self.version = self.version or first_version
+        names = [name for name, _ in wanted]
+        if len(set(names)) != len(names):
+            raise ValueError("datasets: must not repeat a dataset")
+        for name, version in wanted:
+            if name == self.dataset and version is not None and self.version not in (None, version):
+                raise ValueError(f"datasets: {name}@{version} differs from version {self.version}")
+        return self
+
+    def dataset_references(self) -> list[tuple[str, int | None]]:
+        """Every dataset the job reads with the version asked for (None: the newest active), `dataset` first."""
+        wanted = [dataset_reference(entry) for entry in self.datasets]
+        others = [(name, version) for name, version in wanted if name != self.dataset]
+        return [(self.dataset, self.version), *others]
 
     @model_validator(mode="after")
     def _kind_rules(self) -> JobSpec:
@@ -125,17 +174,31 @@ def submit_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
     blocked every other writer for seconds (review 11.13). Here it only moves into place.
     """
     buyer = ctx.require_role(Role.BUYER)
-    contract = require_usable(ctx, spec.contract, kind=JobKind(spec.kind), dataset=spec.dataset)
-    version = get_version(ctx.session, spec.dataset, spec.version)
-    if (contract.tier == Tier.DP_ONLY.value and spec.kind != JobKind.DP_TRAINING.value
-            and find_mock(ctx.session, version) is None):
-        raise Conflict(f"dp_only jobs run on the DP mock, and {spec.dataset}@{version.version} has none yet; "
-                       "a steward publishes it")
-    policy = get_policy_version(ctx.session, contract.policy_name, contract.policy_version)
-    runtime = policy.body["runtime"]
+    wanted = spec.dataset_references()
+    contract = require_usable(ctx, spec.contract, kind=JobKind(spec.kind), dataset=spec.dataset,
+                              also=[name for name, _ in wanted[1:]])
+    # Each an active version (`get_version` reads only those), each named by the contract (checked above).
+    versions = [get_version(ctx.session, name, number) for name, number in wanted]
+    version = versions[0]
+    if contract.tier == Tier.DP_ONLY.value:
+        files = [v.dataset.name for v in versions if v.dataset.kind == "files"]
+        if files and spec.kind != JobKind.DP_TRAINING.value:
+            # dp_only code sees only DP answers and mocks; images never reach it. The platform's DP-SGD trainer
+            # is the exception, as for tables: the worker decodes the pixels and only the trainer receives them.
+            raise Invalid("a dp_only contract runs no buyer code on a file collection (the platform's DP-SGD "
+                          "training and DP queries over its manifest are allowed)",
+                          [f"dataset {name!r} is a file collection" for name in files])
+        for each in versions:
+            if spec.kind != JobKind.DP_TRAINING.value and find_mock(ctx.session, each) is None:
+                raise Conflict(f"dp_only jobs run on the DP mock, and {each.dataset.name}@{each.version} has none "
+                               "yet; a steward publishes it")
+    entries = [JobDataset(name=v.dataset.name, version=v.version, org=v.dataset.owner_org) for v in versions]
+    orgs = sorted({entry.org for entry in entries})
+    policy_ref, policy_body = _submission_policy(ctx, contract, orgs)
+    runtime = policy_body["runtime"]
     problems = resource_problems(spec.resources, runtime)
     if spec.image_name not in runtime["allowed_images"]:
-        problems.append(f"image {spec.image_name!r} is not allowed by policy {policy.name}@{policy.version}")
+        problems.append(f"image {spec.image_name!r} is not allowed by policy {policy_ref}")
     if spec.resources.gpus and not contract.quotas.get("gpu_hours"):
         problems.append("the contract has no GPU hours")
     if spec.resources.gpus:
@@ -149,7 +212,7 @@ def submit_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
     if spec.kind == JobKind.TRAINING.value and spec.training is None and contract.tier != Tier.DP_ONLY.value:
         problems.append("a training job names its label and features (`training`: {label, features}, or "
                         "--label/--features) so the membership-inference gate can attack the models it writes")
-    training = _training_fields(spec, version, contract) if spec.training is not None else None
+    training = _training_fields(spec, versions, contract) if spec.training is not None else None
     if problems:
         raise Invalid("the job spec exceeds what the contract and policy allow", problems)
     used = usage_totals(ctx, contract.id)
@@ -168,12 +231,15 @@ def submit_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
         if training is not None and spec.kind == JobKind.DP_TRAINING.value:
             if not (directory / "code" / str(training["spec"]["model"])).is_file():
                 raise Invalid(f"the code bundle has no {training['spec']['model']}, the module with build_model")
-            reservation = hold_training_budget(ctx.session, job_id=identifier, contract_id=contract.id,
-                                               dataset=spec.dataset, epsilon=float(training["epsilon"]),
-                                               delta=float(training["delta"]))
-            training["reservation"] = reservation.id
+            # Each dataset's budget pays in full, all or none (hold_training_budgets).
+            reservations = hold_training_budgets(ctx.session, job_id=identifier, contract_id=contract.id,
+                                                 datasets=[entry.name for entry in entries],
+                                                 epsilon=float(training["epsilon"]), delta=float(training["delta"]))
+            training["reservation"] = reservations[spec.dataset].id
+            training["reservations"] = {name: held.id for name, held in reservations.items()}
         return _store_job(ctx, spec=spec, bundle=bundle, image_id=image_id, identifier=identifier,
-                          contract=contract, version=version, policy=policy, buyer=buyer, training=training)
+                          contract=contract, version=version, policy_ref=policy_ref, policy_body=policy_body,
+                          buyer=buyer, training=training, entries=entries)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -183,12 +249,35 @@ def submit_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
 DEFAULT_TRAINING_DELTA = 1e-6
 
 
-def _training_fields(spec: JobSpec, version: DatasetVersion, contract: Contract) -> dict[str, Any]:
+def _submission_policy(ctx: Context, contract: Contract, orgs: list[str]) -> tuple[str, dict[str, Any]]:
+    """The policy a new job runs under, as `name@version` and body: the one of the org whose data it reads,
+    or for data of several orgs the strictest of theirs (named by the contract's own policy; the job's
+    body is always recomputed from the parties by `sandbox.policies.job_policy_body`)."""
+    contract_ref = f"{contract.policy_name}@{contract.policy_version}"
+    if not contract.parties:
+        return contract_ref, get_policy_version(ctx.session, contract.policy_name, contract.policy_version).body
+    body, refs = party_policy_body(ctx.session, contract.id, orgs)
+    return (refs[0] if len(refs) == 1 else contract_ref), body
+
+
+def _training_fields(spec: JobSpec, versions: list[DatasetVersion], contract: Contract) -> dict[str, Any]:
     """What the platform keeps of a training spec: the spec, the encoding fixed from the card now, and for
-    dp_training the (epsilon, delta) to hold and each unit's row bound (as DP queries bound it)."""
+    dp_training the (epsilon, delta) to hold and each unit's row bound (as DP queries bound it).
+
+    Across several datasets the encoding must be the same on every card: one model reads them all."""
     assert spec.training is not None
-    card = version.dataset.card
+    card = versions[0].dataset.card
     plan = training_plan(card, spec.training)
+    differences = []
+    for other in versions[1:]:
+        other_plan = training_plan(other.dataset.card, spec.training).as_dict()
+        for key, value in plan.as_dict().items():
+            if other_plan.get(key) != value:
+                differences.append(f"{key}: {versions[0].dataset.name} has {value!r}, {other.dataset.name} has "
+                                   f"{other_plan.get(key)!r}")
+    if differences:
+        raise Invalid("the datasets' cards encode the training spec differently; one model cannot read them all",
+                      differences)
     fields: dict[str, Any] = {"spec": spec.training.model_dump(), "plan": plan.as_dict()}
     if spec.kind == JobKind.DP_TRAINING.value:
         if not contract.delta:
@@ -196,22 +285,29 @@ def _training_fields(spec: JobSpec, version: DatasetVersion, contract: Contract)
                           ["the contract's delta is 0; a steward grants a delta for dp_training"])
         delta = spec.training.delta if spec.training.delta is not None else min(DEFAULT_TRAINING_DELTA,
                                                                                   contract.delta)
-        settings = card.get("dp") or {}
-        rows = 1 if card.get("privacy_unit_rows") == "one" else \
-            int(settings.get("rows_per_unit", 1)) * int(settings.get("groups_per_unit", 1))
+        rows = max(_rows_per_unit(v.dataset.card) for v in versions)
         fields.update(epsilon=spec.training.epsilon, delta=delta, max_rows_per_unit=rows)
     return fields
 
 
+def _rows_per_unit(card: dict[str, Any]) -> int:
+    """Each privacy unit's row bound on a card, as DP queries bound it."""
+    settings = card.get("dp") or {}
+    return 1 if card.get("privacy_unit_rows") == "one" else \
+        int(settings.get("rows_per_unit", 1)) * int(settings.get("groups_per_unit", 1))
+
+
 def _store_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: str, identifier: str,
-               contract: Contract, version: DatasetVersion, policy: Policy, buyer: Principal,
-               training: dict[str, Any] | None = None) -> Job:
-    needs_approval = bool(policy.body["review"].get("approve_jobs", False))
+               contract: Contract, version: DatasetVersion, policy_ref: str, policy_body: dict[str, Any],
+               buyer: Principal, entries: list[JobDataset], training: dict[str, Any] | None = None) -> Job:
+    # Data of several hospitals: each approves for its own data, whatever its policy says (issue 17).
+    orgs = sorted({entry.org for entry in entries})
+    needs_approval = bool(policy_body["review"].get("approve_jobs", False)) or len(orgs) > 1
     now = datetime.now(UTC)
     job = Job(
         id=identifier, contract_id=contract.id, buyer_org=buyer.org, submitted_by=buyer.sub,
-        dataset=spec.dataset, dataset_version=version.version, kind=spec.kind, tier=contract.tier,
-        policy=f"{policy.name}@{policy.version}", image=spec.image_name, image_id=image_id,
+        dataset=spec.dataset, dataset_version=version.version, datasets=[entry.as_dict() for entry in entries],
+        kind=spec.kind, tier=contract.tier, policy=policy_ref, image=spec.image_name, image_id=image_id,
         command=list(TRAINER_COMMAND) if spec.kind == JobKind.DP_TRAINING.value else spec.command,
         training=training,
         resources=spec.resources.model_dump(), code_sha256=bundle.sha256, code_bytes=bundle.summary.expanded_bytes,
@@ -223,19 +319,18 @@ def _store_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
     ctx.session.flush()
     ctx.record("job.submit", "job", job.id, contract=contract.id, dataset=f"{spec.dataset}@{version.version}",
                image=spec.image_name, image_id=image_id, command=job.command, code_sha256=bundle.sha256,
-               state=job.state, kind=spec.kind,
+               state=job.state, kind=spec.kind, datasets=[f"{e.name}@{e.version}" for e in entries], orgs=orgs,
                **({"training": {k: v for k, v in training.items() if k != "plan"}} if training else {}))
     return job
 
 
 def visible_jobs(ctx: Context, query: Select[Job]) -> Select[Job]:
     """Restrict a query over jobs to those the caller may see: a buyer its org's jobs, a steward the
-    jobs run under contracts its own org granted (review 11.10)."""
+    jobs run under contracts naming its own org's data (review 11.10, issue 17)."""
     if isinstance(ctx.actor, Principal) and ctx.actor.role is Role.BUYER:
         return query.where(Job.buyer_org == ctx.actor.org)
     if isinstance(ctx.actor, Principal) and ctx.actor.role is Role.STEWARD:
-        granted = select(Contract.id).where(Contract.owner_org == ctx.actor.org)
-        return query.where(Job.contract_id.in_(granted))
+        return query.where(Job.contract_id.in_(party_contracts(ctx.actor.org)))
     return query
 
 
@@ -246,9 +341,17 @@ def get_job(ctx: Context, identifier: str, *, for_update: bool = False) -> Job:
     if for_update:
         query = query.with_for_update()
     job = ctx.session.execute(query).scalar_one_or_none()
-    if job is None:
+    if job is None or not reads_stewards_data(ctx, job):
         raise NotFound(f"job {identifier!r} does not exist")
     return job
+
+
+def reads_stewards_data(ctx: Context, job: Job) -> bool:
+    """False for a steward whose org is a party to the job's contract but holds none of the data the job
+    reads: another hospital's job under a shared contract is not theirs to read (its outputs, checks)."""
+    if not (isinstance(ctx.actor, Principal) and ctx.actor.role is Role.STEWARD) or not job.datasets:
+        return True
+    return ctx.actor.org in data_orgs(ctx, job)
 
 
 def job_to_decide(ctx: Context, identifier: str) -> tuple[Principal, Job]:
@@ -260,7 +363,11 @@ def job_to_decide(ctx: Context, identifier: str) -> tuple[Principal, Job]:
     if submitted_by_own_org is not None:
         # 403, not 404: the buyer org's own members know its jobs; it is the right that is refused.
         raise Forbidden("a steward may not decide on their own organisation's jobs or outputs", object=identifier)
-    return steward, get_job(ctx, identifier, for_update=True)
+    job = get_job(ctx, identifier, for_update=True)
+    if steward.org not in data_orgs(ctx, job):
+        # A party to the contract whose data this job does not read has nothing to decide on it.
+        raise NotFound(f"job {identifier!r} does not exist")
+    return steward, job
 
 
 def list_jobs(ctx: Context, *, state: str | None = None, limit: int = 100) -> list[Job]:
@@ -268,7 +375,7 @@ def list_jobs(ctx: Context, *, state: str | None = None, limit: int = 100) -> li
     query = visible_jobs(ctx, select(Job).order_by(Job.created_at.desc()).limit(limit))
     if state:
         query = query.where(Job.state == state)
-    return list(ctx.session.execute(query).scalars())
+    return [job for job in ctx.session.execute(query).scalars() if reads_stewards_data(ctx, job)]
 
 
 def move(ctx: Context, job: Job, target: JobState, reason: str | None = None, **details: Any) -> None:
@@ -296,14 +403,38 @@ def cancel_job(ctx: Context, identifier: str) -> Job:
     return job
 
 
+def data_orgs(ctx: Context, job: Job) -> list[str]:
+    """The orgs whose data `job` reads; an older job's one dataset is its contract owner's."""
+    if job.datasets:
+        return job_orgs(job)
+    owner = ctx.session.execute(select(Contract.owner_org).where(Contract.id == job.contract_id)).scalar_one()
+    return job_orgs(job, owner=str(owner))
+
+
 def decide_approval(ctx: Context, identifier: str, *, approve: bool, comment: str = "") -> Job:
+    """A steward approves or rejects a job for their org's data. A job reading data of several orgs is
+    queued once a steward of each approved; any of them rejecting rejects it."""
     steward, job = job_to_decide(ctx, identifier)
+    orgs = data_orgs(ctx, job)
     if job.state != JobState.PENDING_APPROVAL.value:
         raise Conflict(f"job {job.id} is {job.state}, not pending approval")
-    if approve:
-        move(ctx, job, JobState.QUEUED, reason="", approved_by=steward.sub, comment=comment)
-    else:
-        move(ctx, job, JobState.REJECTED, reason=f"rejected by {steward.sub}: {comment}".strip(": "))
+    if not approve:
+        move(ctx, job, JobState.REJECTED, reason=f"rejected by {steward.sub}: {comment}".strip(": "), org=steward.org)
+        return job
+    if any(approval.org == steward.org for approval in job.approvals):
+        raise Conflict(f"{steward.org} already approved job {job.id}")
+    ctx.session.add(JobApproval(job_id=job.id, org=steward.org, steward=steward.sub, comment=comment,
+                                at=datetime.now(UTC)))
+    ctx.session.flush()
+    ctx.session.refresh(job, ["approvals"])
+    waiting = sorted(set(orgs) - {approval.org for approval in job.approvals})
+    if waiting:
+        ctx.record("job.approve", "job", job.id, approved_by=steward.sub, org=steward.org, comment=comment,
+                   waiting=waiting)
+        job.reason = f"waiting for the approval of {', '.join(waiting)}"
+        job.updated_at = datetime.now(UTC)
+        return job
+    move(ctx, job, JobState.QUEUED, reason="", approved_by=steward.sub, comment=comment, org=steward.org)
     return job
 
 
@@ -351,13 +482,27 @@ def job_view(job: Job, *, steward: bool) -> dict[str, Any]:
         _whole_seconds(job.finished_at),
         "outputs": review.outputs_view(list(job.outputs), steward=steward),
         **({"training": training_view(job.training)} if job.training else {}),
+        "datasets": filled_datasets(job),
+        "approvals": [{"org": a.org, "steward": a.steward, "comment": a.comment, "at": a.at.isoformat()}
+                      for a in job.approvals],
     }
+
+
+def filled_datasets(job: Job) -> list[dict[str, Any]]:
+    """`job_datasets` as dicts, an older job's one dataset given its contract owner's org."""
+    entries = [entry.as_dict() for entry in job_datasets(job)]
+    session = object_session(job)
+    if session is not None and any(not entry["org"] for entry in entries):
+        owner = session.execute(select(Contract.owner_org).where(Contract.id == job.contract_id)).scalar_one_or_none()
+        entries = [{**entry, "org": entry["org"] or (owner or "")} for entry in entries]
+    return entries
 
 
 def training_view(training: dict[str, Any]) -> dict[str, Any]:
     """A training job's spec, encoding, budget and progress as its buyer and the steward see them."""
     return {key: training[key] for key in ("spec", "plan", "epsilon", "delta", "max_rows_per_unit",
-                                           "epsilon_charged", "progress", "split", "gate") if key in training}
+                                           "epsilon_charged", "epsilon_charged_by_dataset", "progress", "split",
+                                           "gate") if key in training}
 
 
 def released_file(ctx: Context, identifier: str, path: str) -> tuple[JobOutput, Path]:
@@ -392,12 +537,12 @@ def review_queue(ctx: Context) -> list[Job]:
     steward = ctx.require_role(Role.STEWARD)
     waiting = select(JobOutput.job_id).where(JobOutput.status == OutputStatus.IN_REVIEW.value).distinct()
     query = visible_jobs(ctx, select(Job).where(Job.id.in_(waiting), Job.buyer_org != steward.org))
-    return list(ctx.session.execute(query.order_by(Job.created_at)).scalars())
+    return [job for job in ctx.session.execute(query.order_by(Job.created_at)).scalars()
+            if steward.org in data_orgs(ctx, job)]
 
 
 def reviewers_needed(ctx: Context, job: Job) -> int:
-    name, _, version = job.policy.partition("@")
-    return int(get_policy_version(ctx.session, name, int(version)).body["review"]["reviewers"])
+    return int(job_policy_body(ctx.session, job)["review"]["reviewers"])
 
 
 def decide_outputs(ctx: Context, identifier: str, *, release: list[str], reject: list[str], comment: str,
@@ -420,19 +565,39 @@ def release_report(ctx: Context, identifier: str) -> dict[str, Any]:
                                  reason=job.reason if steward else buyer_reason(job))
 
 
+def org_usage_totals(ctx: Context, contract: Contract, org: str) -> tuple[int, dict[str, float]]:
+    """The jobs of `contract` that read `org`'s data and `org`'s share of their usage: a job reading data of
+    several orgs is split equally among them (issue 17)."""
+    owner = contract.owner_org
+    totals = {"cpu_seconds": 0.0, "gpu_seconds": 0.0, "wall_seconds": 0.0, "bytes_released": 0.0}
+    count = 0
+    for job in ctx.session.execute(select(Job).where(Job.contract_id == contract.id)).scalars():
+        orgs = job_orgs(job, owner=owner)
+        if org not in orgs:
+            continue
+        count += 1
+        for key in totals:
+            totals[key] += float((job.usage or {}).get(key, 0.0)) / len(orgs)
+    return count, totals
+
+
 def usage_report(ctx: Context) -> list[dict[str, Any]]:
-    """Usage per contract: a steward sees the contracts its org granted, a buyer its own org's."""
+    """Usage per contract: a steward sees its org's share of the contracts naming its data, a buyer all of
+    its own org's."""
     principal = ctx.require_role(Role.STEWARD, Role.BUYER)
     steward = not ctx.is_buyer
     query = select(Contract).order_by(Contract.created_at)
     if ctx.is_buyer:
         query = query.where(Contract.buyer_org == principal.org)
     else:
-        query = query.where(Contract.owner_org == principal.org)
+        query = query.where(Contract.id.in_(party_contracts(principal.org)))
     report = []
     for contract in ctx.session.execute(query).scalars():
-        totals = usage_totals(ctx, contract.id)
-        jobs = ctx.session.execute(select(func.count(Job.id)).where(Job.contract_id == contract.id)).scalar_one()
+        if steward:
+            jobs, totals = org_usage_totals(ctx, contract, principal.org)
+        else:
+            totals = usage_totals(ctx, contract.id)
+            jobs = ctx.session.execute(select(func.count(Job.id)).where(Job.contract_id == contract.id)).scalar_one()
         report.append({"contract": contract.id, "buyer_org": contract.buyer_org, "jobs": jobs,
                        "cpu_hours": round(_seconds(totals["cpu_seconds"], steward) / 3600, 6),
                        "cpu_hours_quota": contract.quotas.get("cpu_hours"),

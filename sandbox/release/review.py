@@ -19,6 +19,7 @@ from sandbox.context import Context
 from sandbox.errors import Conflict, Invalid
 from sandbox.release.status import Origin, OutputStatus, next_status
 from sandbox.store.models import Contract, Dataset, DatasetVersion, Job, JobOutput, OutputReview
+from sandbox.store.parties import job_orgs
 
 WITHHELD = "withheld"  # what a buyer sees of an output it did not get
 
@@ -63,14 +64,16 @@ def outputs_view(outputs: list[JobOutput], *, steward: bool) -> list[dict[str, A
     return views if steward else sorted(views, key=lambda v: v["status"] == WITHHELD)
 
 
-def manifest_data(session: Session, job: Job) -> dict[str, Any]:
-    """The data a job's outputs came from: the exact version, the publishing org's signature over it,
-    and the licence terms it was published under (as signed; the card's while a version is unsigned)."""
+def manifest_data(session: Session, job: Job, name: str | None = None, number: int | None = None) -> dict[str, Any]:
+    """The data a job's outputs came from (its `dataset`, or the version `name`@`number` it also read): the
+    exact version, the publishing org's signature over it, and the licence terms it was published under
+    (as signed; the card's while a version is unsigned)."""
+    name, number = (name, number) if name is not None and number is not None else (job.dataset, job.dataset_version)
     row = session.execute(
         select(Dataset, DatasetVersion).join(DatasetVersion, DatasetVersion.dataset_id == Dataset.id)
-        .where(Dataset.name == job.dataset, DatasetVersion.version == job.dataset_version)).one_or_none()
+        .where(Dataset.name == name, DatasetVersion.version == number)).one_or_none()
     if row is None:
-        raise Invalid(f"job {job.id} names {job.dataset}@{job.dataset_version}, which does not exist")
+        raise Invalid(f"job {job.id} names {name}@{number}, which does not exist")
     dataset, version = row
     signed = version.signature
     if signed is not None:
@@ -95,23 +98,45 @@ def sign_manifest(job: Job, signer: Any) -> None:
     manifest = {"job": job.id, "dataset": f"{job.dataset}@{job.dataset_version}", "code_sha256": job.code_sha256,
                 "image_id": job.image_id, "files": files, "data": manifest_data(session, job),
                 "signed_at": datetime.now(UTC).isoformat()}
+    if job.datasets and len(job.datasets) > 1:
+        # Data of several hospitals: each version read, with its own org's signature and licence (issue 17).
+        manifest["all_data"] = [manifest_data(session, job, str(entry["name"]), int(entry["version"]))
+                                for entry in job.datasets]
     job.manifest = manifest
     job.manifest_signature = signer.sign(canonical(manifest)).hex()
     job.usage = {**job.usage, "bytes_released": sum(f["size"] for f in files)}
 
 
+def reviewing_orgs(session: Session, job_id: str) -> list[str]:
+    """The orgs whose stewards review a job's outputs: those whose data it read (issue 17), or for an older
+    job its contract's owner."""
+    job = session.get(Job, job_id)
+    orgs = job_orgs(job) if job is not None else []
+    if orgs:
+        return orgs
+    owner = session.execute(select(Contract.owner_org).join(Job, Job.contract_id == Contract.id)
+                            .where(Job.id == job_id)).scalar_one_or_none()
+    return [owner] if owner is not None else []
+
+
 def approvals(ctx: Context, output: JobOutput) -> list[OutputReview]:
     """Releases that count for the file as it is now: a changed file resets its reviews, and only
-    stewards of the org that owns the data count, one vote each (the two-person rule, review 11.10)."""
-    owner = ctx.session.execute(select(Contract.owner_org).join(Job, Job.contract_id == Contract.id)
-                                .where(Job.id == output.job_id)).scalar_one_or_none()
+    stewards of the orgs that own the data count, one vote each (the two-person rule, review 11.10)."""
+    orgs = reviewing_orgs(ctx.session, output.job_id)
     reviews = ctx.session.execute(select(OutputReview).where(
         OutputReview.output_id == output.id, OutputReview.decision == "release",
-        OutputReview.sha256 == output.sha256, OutputReview.org == owner).order_by(OutputReview.id)).scalars()
+        OutputReview.sha256 == output.sha256, OutputReview.org.in_(orgs)).order_by(OutputReview.id)).scalars()
     distinct: dict[str, OutputReview] = {}
     for review in reviews:
         distinct.setdefault(review.steward, review)
     return list(distinct.values())
+
+
+def released_by_every_org(ctx: Context, output: JobOutput, needed: int) -> bool:
+    """Whether `needed` different stewards of each org whose data the job read released the file: data of
+    several hospitals leaves only with each one's release."""
+    counted = approvals(ctx, output)
+    return all(sum(1 for a in counted if a.org == org) >= needed for org in reviewing_orgs(ctx.session, output.job_id))
 
 
 def record_decisions(ctx: Context, job: Job, *, steward: Principal, release: list[str], reject: list[str],
@@ -137,7 +162,7 @@ def record_decisions(ctx: Context, job: Job, *, steward: Principal, release: lis
         ctx.session.add(OutputReview(output_id=output.id, steward=steward.sub, org=steward.org, decision=decision,
                                      sha256=output.sha256, comment=comment, at=now))
         ctx.session.flush()
-        released = decision == "release" and len(approvals(ctx, output)) >= needed
+        released = decision == "release" and released_by_every_org(ctx, output, needed)
         if decision == "reject" or released:
             output.status = next_status(output.status,
                                         OutputStatus.RELEASED if released else OutputStatus.BLOCKED).value
@@ -169,7 +194,7 @@ def release_report(ctx: Context, job: Job, *, steward: bool, needed: int, reason
             report["blocked"].append(entry)
         else:
             entry["approvals"] = len(approvals(ctx, output))
-            entry["needed"] = needed
+            entry["needed"] = needed * max(len(reviewing_orgs(ctx.session, job.id)), 1)
             entry["rules"] = [c["rule"] for c in output.checks if c["verdict"] == "review"]
             report["in_review"].append(entry)
     return report

@@ -28,6 +28,23 @@ def hold_training_budget(session: Session, *, job_id: str, contract_id: str, dat
                    query_key=f"training:{job_id}", holder=job_holder(job_id))
 
 
+def hold_training_budgets(session: Session, *, job_id: str, contract_id: str, datasets: list[str], epsilon: float,
+                          delta: float) -> dict[str, BudgetReservation]:
+    """Reserve the run's (epsilon, delta) on each dataset's ledger (a model trained on several hospitals'
+    data spends the whole of it on each), all or nothing: BudgetExhausted on one releases those already held."""
+    held: dict[str, BudgetReservation] = {}
+    try:
+        # Sorted, so two jobs over the same datasets lock their ledgers in one order.
+        for dataset in sorted(datasets):
+            held[dataset] = hold_training_budget(session, job_id=job_id, contract_id=contract_id, dataset=dataset,
+                                                 epsilon=epsilon, delta=delta)
+    except BaseException:
+        for reservation in held.values():
+            settle_part(session, reservation.id, epsilon_units=0, delta_units=0)
+        raise
+    return held
+
+
 def settle_training_budget(session: Session, reservation_id: str, *, spent_epsilon: float | None,
                            whole: bool) -> float:
     """Charge what the run spent (`whole`: all that was held) and give back the rest; the epsilon charged.

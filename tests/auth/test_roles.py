@@ -51,6 +51,7 @@ ROLE_TABLE: dict[tuple[str, str], frozenset[Role]] = {
     ("POST", "/v1/contracts"): STEWARD,
     ("GET", "/v1/contracts/{contract_id}"): CONTRACT_READERS,
     ("POST", "/v1/contracts/{contract_id}/revoke"): STEWARD,
+    ("POST", "/v1/contracts/{contract_id}/consent"): STEWARD,
     ("GET", "/v1/policies"): ANY_ROLE,
     ("POST", "/v1/policies"): STEWARD,
     ("GET", "/v1/policies/{name}/versions/{version}"): ANY_ROLE,

@@ -97,10 +97,12 @@ def decide_job(request: Request, job_id: str, principal: ConsoleUser,
                comment: Annotated[str, Form(max_length=MAX_COMMENT)] = "") -> Response:
     session.check_csrf(request, principal, csrf)
     with _instance(request).context(principal) as ctx:
-        service.decide_approval(ctx, job_id, approve=decision == "approve", comment=comment)
+        job = service.decide_approval(ctx, job_id, approve=decision == "approve", comment=comment)
+        still_pending = job.state == "pending_approval"
     if decision == "approve":
         wake_worker(request)
-    notice = "approved" if decision == "approve" else "rejected"
+    # A job reading several hospitals' data waits for each one's approval: say so rather than "queued".
+    notice = ("approved-waiting" if still_pending else "approved") if decision == "approve" else "rejected"
     return RedirectResponse(f"/console/jobs/{quote(job_id)}?notice={notice}", status_code=303)
 
 

@@ -49,6 +49,7 @@ NAVIGATION: dict[Role, list[tuple[str, str]]] = {
 
 NOTICES = {
     "approved": "The job is approved and queued.",
+    "approved-waiting": "Your organisation's approval is recorded; the job waits for the other hospitals'.",
     "rejected": "The job is rejected.",
     "decided": "Your decision is recorded.",
     "signed-out": "You are signed out.",

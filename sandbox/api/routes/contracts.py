@@ -46,3 +46,19 @@ def revoke_contract(contract_id: str, instance: InstanceDep, steward: Steward,
     with instance.context(steward) as ctx:
         reason = body.reason if body else ""
         return contracts.contract_view(contracts.revoke_contract(ctx, contract_id, reason))
+
+
+class ConsentRequest(BaseModel):
+    policy: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{0,62}(@[0-9]+)?$",
+                               description="the consenting org's policy, name or name@version (default: default)")
+    comment: str = Field(default="", max_length=2000)
+
+
+@router.post("/{contract_id}/consent", response_model=schemas.ContractView, response_model_exclude_unset=True)
+def consent_contract(contract_id: str, instance: InstanceDep, steward: Steward,
+                     body: ConsentRequest | None = None) -> dict[str, Any]:
+    """A steward of a party org consents to the contract naming its data (issue 17)."""
+    with instance.context(steward) as ctx:
+        consent = body or ConsentRequest()
+        return contracts.contract_view(contracts.consent_contract(ctx, contract_id, policy=consent.policy,
+                                                                  comment=consent.comment))
