@@ -51,7 +51,11 @@ class JobDefinition:
     image: str  # an image id (sha256:...), never a mutable tag
     command: list[str]
     code_dir: Path  # host folder mounted read-only at /code
-    data_files: dict[str, Path] = field(default_factory=dict)  # name in /data -> host file, read-only
+    # name in /data -> host file, read-only: "<dataset>.parquet" for a table, "<dataset>/manifest.parquet" for
+    # a file collection's manifest
+    data_files: dict[str, Path] = field(default_factory=dict)
+    # name in /data -> host folder, read-only: "<dataset>/files", a file collection's folder, read in place
+    data_folders: dict[str, Path] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     dp_socket: Path | None = None  # host socket `<folder>/dp.sock`; the folder is mounted at /run/sandbox
     env: dict[str, str] = field(default_factory=dict)

@@ -77,6 +77,9 @@ STATUS_FILE = "status.json"
 # Used with fullmatch: `$` would let a trailing newline through.
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+# A file collection's two mounts in its dataset's own folder: the manifest, and the folder of its files.
+_DATA_MANIFEST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}/manifest\.parquet")
+_DATA_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}/files")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 _IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 _NEVER = "0001-01-01T00:00:00Z"
@@ -137,6 +140,15 @@ def container_options(job: JobDefinition, *, instance_id: str, output_dir: Path,
                 read_only=True,
             )
             for name, path in sorted(job.data_files.items())
+        ),
+        *(
+            docker.types.Mount(
+                target=f"/data/{name}",
+                source=str(_host_path(path, f"data folder {name!r}", "folder")),
+                type="bind",
+                read_only=True,
+            )
+            for name, path in sorted(job.data_folders.items())
         ),
         docker.types.Mount(target="/output", source=str(output_dir), type="bind", read_only=False),
     ]
@@ -237,8 +249,16 @@ def validate_job(job: JobDefinition) -> None:
     if not job.command:
         raise RunnerError(f"job {job.id}: the command is empty")
     for name in job.data_files:
-        if not _DATA_NAME.fullmatch(name):
-            raise RunnerError(f"job {job.id}: data file name {name!r} is not a plain file name")
+        if not (_DATA_NAME.fullmatch(name) or _DATA_MANIFEST.fullmatch(name)):
+            raise RunnerError(f"job {job.id}: data file name {name!r} is not a plain file name "
+                              "or <dataset>/manifest.parquet")
+    for name in job.data_folders:
+        if not _DATA_FOLDER.fullmatch(name):
+            raise RunnerError(f"job {job.id}: data folder name {name!r} is not <dataset>/files")
+    # A plain file named like a collection's folder would be mounted where that folder goes.
+    dataset_folders = {name.partition("/")[0] for name in [*job.data_files, *job.data_folders] if "/" in name}
+    if dataset_folders & set(job.data_files):
+        raise RunnerError(f"job {job.id}: a data file is named like a collection's folder")
     for key, value in job.env.items():
         if not _ENV_NAME.fullmatch(key) or "\0" in value:
             raise RunnerError(f"job {job.id}: environment variable {key!r} is not allowed")

@@ -455,6 +455,10 @@ class SwarmRunner:
     def prepare(self, job: JobDefinition) -> None:
         """Create the output quota and the job's network; in replicated data mode, refuse a job no node can take."""
         validate_job(job)
+        if job.data_folders:
+            # A collection is read in place, from the hospital's own folder: no node but the worker's holds it.
+            raise RunnerError(f"job {job.id}: the swarm runner does not mount file collections yet; run jobs on "
+                              "file collections with the docker runner, on the machine that holds the folder")
         job_dir = self._job_dir(job.id)
         with _failures(f"job {job.id}: creating {job_dir}"):
             job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from runners.base import (
     Collected,
@@ -41,20 +42,21 @@ from runners.images import IMAGES, ImageBuildError, image_digest
 from sandbox.audit import SystemActor
 from sandbox.catalog.service import get_dataset, get_version
 from sandbox.context import Context
-from sandbox.contracts import JobKind, Tier
-from sandbox.dp.mock_publication import mock_path
+from sandbox.contracts import JobKind
 from sandbox.dp.queries import QueryRequest, settle_abandoned_reservations, socket_handler
 from sandbox.dp.socket_server import DpSocket
 from sandbox.egress import CheckResult, OutputFacts, Verdict, detect_kind
 from sandbox.egress.content import ContentContext, content_checks, ensure_fingerprints, sidecar
 from sandbox.egress.leaks import leak_verdict
+from sandbox.errors import Invalid
 from sandbox.instance import Instance
 from sandbox.jobs.lifecycle import TERMINAL, JobState
+from sandbox.jobs.mounts import collection_problems, job_data
 from sandbox.jobs.service import move, settle_review, usage_totals
 from sandbox.logs import get_logger
 from sandbox.notebooks.kernel_runners import kernel_runner, swarm_engines
 from sandbox.notebooks.servers import NotebookServers
-from sandbox.policies import get_policy_version
+from sandbox.policies import job_policy_body
 from sandbox.release.dp_answers import job_answers, platform_answer, record_job_answer
 from sandbox.release.jobs import (
     Checked,
@@ -98,21 +100,19 @@ def dp_socket_path(instance: Instance, job_id: str) -> Path:
     return instance.settings.dp_socket_root / instance.instance_id / job_id / "dp.sock"
 
 
-def job_definition(instance: Instance, job: Job, *, dp_socket: Path | None = None) -> JobDefinition:
+def job_definition(instance: Instance, job: Job, *, dp_socket: Path | None = None,
+                   session: Session | None = None) -> JobDefinition:
     directory = instance.settings.artifacts_dir / "jobs" / job.id
-    data = instance.settings.artifacts_dir / "datasets" / job.dataset / f"v{job.dataset_version}.parquet"
-    if job.tier == Tier.DP_ONLY.value:
-        # dp_only code never sees a real row: /data holds the version's DP mock under the same name.
-        data = mock_path(instance.settings.artifacts_dir, job.dataset, job.dataset_version)
-    elif job.kind == JobKind.TRAINING.value:
-        # Free-form training sees its training rows only; the held-out rows are the gate's.
-        data = training_runs.train_split(instance.settings.artifacts_dir, job.id)[0]
-    # A dp_training container holds no rows until the buyer's code is gone: the trainer asks the socket.
-    data_files = {} if job.kind == JobKind.DP_TRAINING.value else {f"{job.dataset}.parquet": data}
+    if session is None:
+        with instance.read_session() as own:
+            data_files, data_folders = job_data(instance, job, own)
+    else:
+        data_files, data_folders = job_data(instance, job, session)
     resources = job.resources
     return JobDefinition(
         id=job.id, org=job.buyer_org, image=job.image_id, command=list(job.command),
-        code_dir=directory / "code", data_files=data_files, env=training_runs.container_env(job),
+        code_dir=directory / "code", data_files=data_files, data_folders=data_folders,
+        env=training_runs.container_env(job),
         resources=Resources(cpus=float(resources["cpus"]), memory_mb=int(resources["memory_mb"]),
                             timeout_s=int(resources["timeout_s"]), gpus=int(resources.get("gpus", 0))),
         dp_socket=dp_socket, data_version=f"{job.dataset}.v{job.dataset_version}",
@@ -456,7 +456,7 @@ class Worker:
         if status.state is RunState.PREPARED:
             with self.instance.read_session() as session:
                 job = session.get(Job, job_id)
-                definition = job_definition(self.instance, job) if job else None
+                definition = job_definition(self.instance, job, session=session) if job else None
             if definition is not None:
                 return self._in_background(job_id, partial(self.runner.start, definition))
             return None
@@ -505,10 +505,8 @@ class Worker:
             if job is None or job.state != JobState.RUNNING.value:
                 return
             if outcome is not None:
-                policy_name, _, policy_version = job.policy.partition("@")
                 training_runs.store_dp_run(ctx, job, outcome,
-                                           policy=get_policy_version(ctx.session, policy_name,
-                                                                     int(policy_version)).body,
+                                           policy=job_policy_body(ctx.session, job),
                                            artifacts=self.instance.settings.artifacts_dir)
             job.exit_code = status.exit_code
             job.usage = {**job.usage, **_usage(status, gpus=int(job.resources.get("gpus", 0)), earlier=job.usage)}
@@ -539,8 +537,7 @@ class Worker:
                 return
             usage = {**job.usage, **_usage(status, gpus=int(job.resources.get("gpus", 0)), earlier=job.usage)}
             lost_runs = int(float(usage.get("lost_runs", 0))) + 1
-            policy_name, _, policy_version = job.policy.partition("@")
-            policy = get_policy_version(ctx.session, policy_name, int(policy_version)).body
+            policy = job_policy_body(ctx.session, job)
             allowed = policy["runtime"].get("on_node_loss", "fail") == "rerun_once"
             rerun = allowed and lost_runs == 1 and not spent
             job.usage = {**usage, "lost_runs": float(lost_runs)}
@@ -577,8 +574,7 @@ class Worker:
             job = session.get(Job, job_id)
             if job is None or job.state != JobState.RUNNING.value:
                 return checked
-            policy_name, _, policy_version = job.policy.partition("@")
-            policy = get_policy_version(session, policy_name, int(policy_version)).body
+            policy = job_policy_body(session, job)
         found, report = training_runs.gate_results(self.instance, self.runner, job_id, buyer_files(collected),
                                                    policy)
         if not found:
@@ -601,8 +597,7 @@ class Worker:
                 return Checked({}, None, [])
             dataset = get_dataset(session, job.dataset)
             version = get_version(session, job.dataset, job.dataset_version)
-            policy_name, _, policy_version = job.policy.partition("@")
-            policy = get_policy_version(session, policy_name, int(policy_version)).body
+            policy = job_policy_body(session, job)
             card, parquet, number = dataset.card, artifacts / version.path, version.version
             earlier = earlier_releases(session, contract_id=job.contract_id, dataset=job.dataset, artifacts=artifacts)
             tier = job.tier
@@ -631,8 +626,7 @@ class Worker:
         return Checked(results, name_scan, tables)
 
     def _check_outputs(self, ctx: Context, job: Job, collected: Collected, checked: Checked) -> None:
-        policy_name, _, version = job.policy.partition("@")
-        policy = get_policy_version(ctx.session, policy_name, int(version)).body
+        policy = job_policy_body(ctx.session, job)
         declared = _declared_kinds(collected)
         facts: list[OutputFacts] = []
         stored: dict[str, CollectedFile] = {}
@@ -765,10 +759,26 @@ class Worker:
     def _launch(self, job_id: str) -> bool:
         # A training job's files from the rows are written before the transaction: reading a version
         # must not hold the job's lock.
-        prepared = training_runs.prepare_run(self.instance, job_id)
+        refused: str | None = None
+        try:
+            prepared = training_runs.prepare_run(self.instance, job_id)
+        except Invalid as exc:  # the job cannot run as asked (a collection changed, images too large...)
+            prepared, refused = None, "; ".join([exc.detail, *exc.errors])
+        if refused is None:
+            # Walking a collection's folder takes a while: not under the job's lock either.
+            with self.instance.read_session() as session:
+                queued = session.get(Job, job_id)
+                problems = collection_problems(self.instance, queued, session) if queued is not None else []
+            if problems:
+                refused = (f"a file collection changed since it was registered, so it is not mounted: "
+                           f"{'; '.join(problems[:20])}" + (f" (and {len(problems) - 20} more)"
+                                                            if len(problems) > 20 else ""))
         with self.context() as ctx:
             job = ctx.session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.QUEUED.value:
+                return False
+            if refused is not None:
+                move(ctx, job, JobState.FAILED, reason=f"could not start: {refused}")
                 return False
             if prepared:
                 job.training = {**(job.training or {}), **prepared}
@@ -781,7 +791,7 @@ class Worker:
             allows_queries = JobKind.QUERY.value in contract.kinds
             needs_socket = allows_queries or job.kind == JobKind.DP_TRAINING.value
             dp_socket = self._open_dp_socket(job, queries=allows_queries) if needs_socket else None
-            definition = job_definition(self.instance, job, dp_socket=dp_socket)
+            definition = job_definition(self.instance, job, dp_socket=dp_socket, session=ctx.session)
         try:
             self.runner.prepare(definition)
             self.runner.start(definition)

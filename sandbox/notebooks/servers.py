@@ -36,12 +36,11 @@ from runners.base import KernelRunner
 from runners.docker import SANDBOX_USER
 from runners.errors import RunnerError
 from runners.output_quota import ensure_mounted, mount_path, remove
-from sandbox.catalog.service import get_version
 from sandbox.config import Settings
 from sandbox.contracts import JobKind
-from sandbox.dp.mock_publication import mock_path
 from sandbox.instance import Instance
 from sandbox.jobs.lifecycle import JobState
+from sandbox.jobs.mounts import collection_problems, job_data
 from sandbox.notebooks.endpoint import (
     SOCKET_FILE,
     ServerEndpoint,
@@ -156,7 +155,8 @@ class NotebookServers:
                 return
             policy_name, _, policy_version = job.policy.partition("@")
             policy = get_policy_version(session, policy_name, int(policy_version)).body
-            version_path = get_version(session, job.dataset, job.dataset_version).path
+            data_files, data_folders = job_data(self.instance, job, session)
+            problems = collection_problems(self.instance, job, session)
             spec_fields: dict[str, Any] = {
                 "job": job.id, "org": job.buyer_org, "contract": job.contract_id, "dataset": job.dataset,
                 "version": job.dataset_version, "tier": job.tier, "policy": job.policy, "image_id": job.image_id,
@@ -174,12 +174,16 @@ class NotebookServers:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         socket = folder / SOCKET_FILE
         socket.unlink(missing_ok=True)
-        data = settings.artifacts_dir / version_path
-        if spec_fields["tier"] == "dp_only":
-            data = mock_path(settings.artifacts_dir, spec_fields["dataset"], spec_fields["version"])
+        if problems:
+            # A collection's folder changed since registration: its files are not mounted (the manifest is), and
+            # the server's log says why.
+            log.warning("notebook.collection_not_mounted", job=job_id, problems=problems[:20])
+            data_folders = {}
         spec = SessionSpec(
             **spec_fields, base_url=base_url(job_id), socket=str(socket), internal_token=secrets.token_urlsafe(32),
-            workspace=str(workspace), code_dir=str(code_dir), data_file=str(data), kernel_root=str(folder),
+            workspace=str(workspace), code_dir=str(code_dir),
+            data_files={name: str(path) for name, path in data_files.items()},
+            data_folders={name: str(path) for name, path in data_folders.items()}, kernel_root=str(folder),
             settings=settings.model_dump(mode="json"), cull_interval_s=settings.notebook_cull_interval_s,
         )
         spec_path = directory / "session.json"

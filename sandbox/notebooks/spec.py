@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,11 @@ class SessionSpec:
     internal_token: str  # what the proxy presents to the server (`endpoint.server.json`); never leaves the service
     workspace: str  # host folder (a quota file system): the contents root, /output in kernels
     code_dir: str  # host folder mounted read-only at /code (empty: code lives in the workspace)
-    data_file: str  # host file shown at /data/<dataset>.parquet: the mock for dp_only, else the version
+    data_files: dict[str, str]  # name in /data -> host file (`sandbox.jobs.mounts.job_data`: the mock for dp_only)
     kernel_root: str  # short host folder for per-kernel IPC and DP socket folders
     settings: dict[str, Any]  # the service's settings, so the server opens the same store and artifacts
     cull_interval_s: int = 60
+    data_folders: dict[str, str] = field(default_factory=dict)  # name in /data -> host folder (file collections)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

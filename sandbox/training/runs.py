@@ -9,7 +9,10 @@ worker checks the trainer's record and weights, recomputes the epsilon, signs th
 the reservation.
 
 training (free-form): the buyer's job sees only the training rows; the held-out rows stay in the
-platform folder for the membership-inference gate.
+platform folder for the membership-inference gate. It reads one table: the gate has no held-out images.
+
+A dp_training job reads every dataset it names (several hospitals' under one contract), tables or file
+collections, into one set of rows whose units stay apart per dataset (`sandbox.training.data.run_arrays`).
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ from runners.base import Collected, CollectedFile, JobRunner
 from sandbox.catalog.service import get_version
 from sandbox.context import Context
 from sandbox.egress.verdicts import CheckResult, Verdict
-from sandbox.errors import Conflict
+from sandbox.errors import Conflict, Invalid
 from sandbox.instance import Instance
 from sandbox.local_http import BytesHandler
 from sandbox.release.status import Origin, OutputStatus
 from sandbox.release.tables import platform_dir
 from sandbox.store.models import BudgetReservation, ImageRecord, Job, JobOutput
 from sandbox.training.budget import settle_training_budget
-from sandbox.training.data import split_by_unit, training_arrays
+from sandbox.training.data import RowSource, run_arrays, split_by_unit
 from sandbox.training.gate import GateFailed, run_gate
 from sandbox.training.record import RECORD_FILE, WEIGHTS_FILE, RecordProblem, verify_run
 from sandbox.training.record import signed_record as sign_record
@@ -68,15 +71,19 @@ def rows_served(artifacts: Path, job_id: str) -> bool:
 def prepare_run(instance: Instance, job_id: str) -> dict[str, Any] | None:
     """Write what the job's container needs from the rows; what to add to `job.training` (None: nothing to do).
 
-    Idempotent: a worker restarted mid-launch writes the same files again.
+    Idempotent: a worker restarted mid-launch writes the same files again. Invalid: the job cannot run as asked
+    (a collection file changed, images too large to hold, free-form training on a collection); the worker fails
+    it with that reason.
     """
     artifacts = instance.settings.artifacts_dir
     with instance.read_session() as session:
         job = session.get(Job, job_id)
         if job is None or job.kind not in (DP_TRAINING, FREE_FORM):
             return None
-        version = get_version(session, job.dataset, job.dataset_version)
-        parquet, card, training, tier = artifacts / version.path, version.dataset.card, dict(job.training or {}), \
+        versions = [get_version(session, name, number) for name, number in _read_versions(job)]
+        sources = [RowSource(artifacts / version.path, Path(version.reference) if version.reference else None)
+                   for version in versions]
+        parquet, card, training, tier = sources[0].parquet, versions[0].dataset.card, dict(job.training or {}), \
             job.tier
         dataset, number = job.dataset, job.dataset_version
     folder = training_dir(artifacts, job_id)
@@ -84,12 +91,15 @@ def prepare_run(instance: Instance, job_id: str) -> dict[str, Any] | None:
     if job.kind == FREE_FORM:
         if tier == "dp_only":
             return None  # it runs on the DP mock; its models never leave
+        if len(sources) > 1 or sources[0].files is not None:
+            raise Invalid("free-form training reads one table dataset: the membership-inference gate has no "
+                          "held-out rows for file collections or several datasets; use dp_training")
         train, holdout = train_split(artifacts, job_id)
         kept, held = split_by_unit(parquet, str(card["privacy_unit"]), holdout_fraction=HOLDOUT_FRACTION,
                                    key=job_id, train_to=train, holdout_to=holdout)
         return {"split": {"train_rows": kept, "holdout_rows": held, "holdout_fraction": HOLDOUT_FRACTION}}
     plan, spec = plan_from_dict(training["plan"]), training["spec"]
-    arrays = training_arrays(parquet, plan, max_rows_per_unit=int(training["max_rows_per_unit"]), key=job_id)
+    arrays = run_arrays(sources, plan, max_rows_per_unit=int(training["max_rows_per_unit"]), key=job_id)
     staged = folder / "data.npz.partial"
     staged.write_bytes(arrays.to_npz())
     os.replace(staged, folder / "data.npz")
@@ -98,8 +108,17 @@ def prepare_run(instance: Instance, job_id: str) -> dict[str, Any] | None:
                "n_features": plan.n_features, "n_outputs": plan.n_outputs, "epochs": spec["epochs"],
                "batch_size": spec["batch_size"], "learning_rate": spec["learning_rate"],
                "max_grad_norm": spec["max_grad_norm"], "epsilon": training["epsilon"], "delta": training["delta"],
-               "n_units": arrays.n_units, "max_rows_per_unit": int(training["max_rows_per_unit"])}
+               "n_units": arrays.n_units, "max_rows_per_unit": int(training["max_rows_per_unit"]),
+               **({"input_shape": list(plan.image)} if plan.image is not None else {})}
     return {"trainer": trainer}
+
+
+def _read_versions(job: Job) -> list[tuple[str, int]]:
+    """Every (dataset, version) the job reads, its own first: `Job.datasets` as `sandbox.store.parties` reads it
+    (training sits below the jobs package, so it reads the column itself)."""
+    if job.datasets:
+        return [(str(entry["name"]), int(entry["version"])) for entry in job.datasets]
+    return [(job.dataset, job.dataset_version)]
 
 
 def container_env(job: Job) -> dict[str, str]:
@@ -185,6 +204,10 @@ def finish_dp_run(instance: Instance, job_id: str, collected: Collected, exit_co
         training = dict(job.training or {})
         facts = {"job": job.id, "dataset": job.dataset, "version": job.dataset_version,
                  "bundle_sha256": job.code_sha256, "image_id": job.image_id, "contract": job.contract_id}
+        read = _read_versions(job)
+        if len(read) > 1:
+            # The model learned from every hospital's data: the signed record names each version.
+            facts["datasets"] = [{"name": name, "version": number} for name, number in read]
     served = rows_served(artifacts, job_id)
     if exit_code != 0:
         why = TRAINER_EXITS.get(exit_code or -1, f"the trainer was stopped (exit code {exit_code})")
@@ -247,17 +270,30 @@ def store_dp_run(ctx: Context, job: Job, outcome: RunOutcome, *, policy: dict[st
 
 def settle_job_budget(ctx: Context, job: Job, *, spent_epsilon: float | None, whole: bool,
                       why: str | None) -> None:
-    """Settle the job's reservation (a no-op once settled) and keep what was charged on the job."""
+    """Settle the job's reservations, one per dataset it reads (a no-op once settled), and keep what was
+    charged on the job: on each dataset's ledger the same epsilon, since the model saw each in full."""
     training = dict(job.training or {})
-    reservation = training.get("reservation")
-    if not reservation:
+    reservations: dict[str, str] = dict(training.get("reservations") or {})
+    if not reservations and training.get("reservation"):
+        reservations = {job.dataset: str(training["reservation"])}
+    if not reservations:
         return
-    charged = settle_training_budget(ctx.session, reservation, spent_epsilon=spent_epsilon, whole=whole)
+    charged = {dataset: settle_training_budget(ctx.session, reservation, spent_epsilon=spent_epsilon, whole=whole)
+               for dataset, reservation in sorted(reservations.items())}
     if "epsilon_charged" in training:
         return
-    job.training = {**training, "epsilon_charged": charged}
-    ctx.record("training.budget.settle", "job", job.id, epsilon_charged=charged, whole=whole,
-               **({"why": why} if why else {}))
+    first = charged.get(job.dataset, next(iter(charged.values())))
+    job.training = {**training, "epsilon_charged": first,
+                    **({"epsilon_charged_by_dataset": charged} if len(charged) > 1 else {})}
+    if len(charged) == 1:
+        ctx.record("training.budget.settle", "job", job.id, epsilon_charged=first, whole=whole,
+                   **({"why": why} if why else {}))
+        return
+    for dataset, epsilon in charged.items():
+        # One event per dataset: each hospital's ledger and invoice line (sandbox.billing) has its own.
+        org = next((str(e.get("org", "")) for e in (job.datasets or []) if e.get("name") == dataset), "")
+        ctx.record("training.budget.settle", "job", job.id, epsilon_charged=epsilon, whole=whole, dataset=dataset,
+                   dataset_org=org, **({"why": why} if why else {}))
 
 
 def unsettled_jobs(session: Session) -> list[str]:

@@ -4,6 +4,10 @@ The encoding uses only what the card publishes for a column (its bounds or categ
 can apply the same encoding to their own rows and the encoding itself reveals nothing of the data:
 a number becomes `(value - low) / (high - low)` clipped to [0, 1]; a category becomes one column per
 category (one-hot); the label is a class index (categories) or a scaled number (regression).
+
+On a file collection (a card of `kind: files`) the only feature is `image`: each file's pixels, decoded in the
+worker and resized to the card's `collection.image` shape (channels, height, width), values in [0, 1]. The
+label is then a public categorical column of the collection's manifest.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from sandbox.errors import Invalid
 
 NUMERIC_TYPES = frozenset({"integer", "float", "number", "double", "decimal"})
 MAX_ENCODED_FEATURES = 4096
+IMAGE_FEATURE = "image"  # the reserved feature of a file collection: the pixels of each file
+DEFAULT_IMAGE_SHAPE = (1, 64, 64)
+MAX_IMAGE_SIDE = 1024
 # The platform's trainer, the only code that runs once the training rows are in a dp_training container.
 TRAINER_COMMAND = ["python", "-I", "-m", "sandbox_trainer.run"]
 GATE_COMMAND = ["python", "-I", "-m", "sandbox_trainer.gate"]
@@ -72,13 +79,19 @@ class TrainingPlan:
     features: list[Encoded]
     label: Encoded
     task: Literal["classification", "regression"]
+    # (channels, height, width) of each row's image on a file collection (features is then empty); None for tables.
+    image: tuple[int, int, int] | None = None
 
     @property
     def feature_names(self) -> list[str]:
+        if self.image is not None:
+            return [IMAGE_FEATURE]
         return [name for encoded in self.features for name in encoded.names]
 
     @property
     def n_features(self) -> int:
+        if self.image is not None:
+            return self.image[0] * self.image[1] * self.image[2]
         return len(self.feature_names)
 
     @property
@@ -88,7 +101,8 @@ class TrainingPlan:
     def as_dict(self) -> dict[str, Any]:
         return {"unit": self.unit, "task": self.task, "features": [f.as_dict() for f in self.features],
                 "label": self.label.as_dict(), "feature_names": self.feature_names,
-                "n_features": self.n_features, "n_outputs": self.n_outputs}
+                "n_features": self.n_features, "n_outputs": self.n_outputs,
+                **({"image": list(self.image)} if self.image is not None else {})}
 
 
 def _encoding(card: dict[str, Any], column: str, *, as_label: bool, problems: list[str]) -> Encoded | None:
@@ -115,8 +129,40 @@ def _encoding(card: dict[str, Any], column: str, *, as_label: bool, problems: li
     return None
 
 
+def image_shape(card: dict[str, Any]) -> tuple[int, int, int]:
+    """The (channels, height, width) a collection's images are resized to (`collection.image` on its card)."""
+    image = (card.get("collection") or {}).get("image") or {}
+    return (int(image.get("channels", DEFAULT_IMAGE_SHAPE[0])), int(image.get("height", DEFAULT_IMAGE_SHAPE[1])),
+            int(image.get("width", DEFAULT_IMAGE_SHAPE[2])))
+
+
+def _image_plan(card: dict[str, Any], spec: TrainingSpec) -> TrainingPlan:
+    """The plan on a file collection: the pixels as the one feature, a public categorical manifest label."""
+    problems: list[str] = []
+    if spec.features != [IMAGE_FEATURE]:
+        problems.append(f"a file collection's features must be [{IMAGE_FEATURE!r}] (the pixels); other manifest "
+                        "columns are not mixed with images")
+    try:
+        shape = image_shape(card)
+    except (TypeError, ValueError):
+        shape = (0, 0, 0)
+    if shape[0] not in (1, 3) or not all(1 <= side <= MAX_IMAGE_SIDE for side in shape[1:]):
+        problems.append(f"the card's collection.image must have 1 or 3 channels and sides of 1 to {MAX_IMAGE_SIDE}")
+    label = _encoding(card, spec.label, as_label=True, problems=problems)
+    if label is not None and label.kind != "onehot":
+        problems.append(f"the label {spec.label!r} must be a categorical column of the manifest")
+    elif label is not None and len(label.categories) < 2:
+        problems.append(f"the label {spec.label!r} has fewer than two categories")
+    if problems or label is None:
+        raise Invalid("the training spec does not fit the collection's card", problems)
+    return TrainingPlan(unit=str(card["privacy_unit"]), features=[], label=label, task="classification",
+                        image=shape)
+
+
 def training_plan(card: dict[str, Any], spec: TrainingSpec) -> TrainingPlan:
     """The plan for `spec` on a dataset with `card`, or Invalid naming every problem."""
+    if card.get("kind") == "files":
+        return _image_plan(card, spec)
     problems: list[str] = []
     if len(set(spec.features)) != len(spec.features):
         problems.append("features name a column twice")
@@ -146,5 +192,7 @@ def plan_from_dict(stored: dict[str, Any]) -> TrainingPlan:
                        bounds=(float(bounds[0]), float(bounds[1])) if bounds else None,
                        categories=tuple(entry.get("categories") or ()))
 
+    image = stored.get("image")
     return TrainingPlan(unit=str(stored["unit"]), features=[encoded(f) for f in stored["features"]],
-                        label=encoded(stored["label"]), task=stored["task"])
+                        label=encoded(stored["label"]), task=stored["task"],
+                        image=(int(image[0]), int(image[1]), int(image[2])) if image else None)

@@ -24,7 +24,7 @@ def _runtime(instance: Instance, tmp_path: Path) -> Runtime:
     spec = SessionSpec(job="j-release-order", org="acme", contract="c-none", dataset="none", version=1,
                        tier="trusted", policy="default@1", image_id="", base_url="/notebooks/j-release-order/",
                        socket="", internal_token="", workspace=str(tmp_path / "session" / "workspace"), code_dir="",
-                       data_file="", kernel_root=str(tmp_path / "kernels"), settings=settings)
+                       data_files={}, kernel_root=str(tmp_path / "kernels"), settings=settings)
     return Runtime(spec)
 
 

@@ -578,12 +578,19 @@ def _pair(value: Any) -> tuple[int, int]:
 
 # Choosing a clipper and training -------------------------------------------------------------------------
 
-def synthetic_batch(n_features: int, config: DpSgdConfig, *, units: int = 3,
+def row_shape(input_shape: int | tuple[int, ...]) -> tuple[int, ...]:
+    """One row's shape: (n_features,) for a table, (channels, height, width) for images."""
+    return (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
+
+
+def synthetic_batch(input_shape: int | tuple[int, ...], config: DpSgdConfig, *, units: int = 3,
                     device: torch.device | None = None) -> tuple[UnitRows, np.ndarray]:
-    """Random rows shaped like the real data (no data involved): for dry runs before the data arrives."""
+    """Random rows shaped like the real data (no data involved): for dry runs before the data arrives.
+
+    `input_shape` is one row's shape, or its number of features for a table."""
     per_unit = [1 + (index % config.max_rows_per_unit) for index in range(units)]
     unit = torch.repeat_interleave(torch.arange(units), torch.tensor(per_unit))
-    x = torch.randn(unit.numel(), n_features)
+    x = torch.randn(unit.numel(), *row_shape(input_shape))
     if config.task == "classification":
         y = torch.randint(0, config.n_outputs, (unit.numel(),))
     else:
@@ -593,23 +600,25 @@ def synthetic_batch(n_features: int, config: DpSgdConfig, *, units: int = 3,
     return rows, np.arange(units)
 
 
-def choose_clipper(program: Program, n_features: int, config: DpSgdConfig) -> tuple[Clipper, VmapClipper, str]:
+def choose_clipper(program: Program, input_shape: int | tuple[int, ...],
+                   config: DpSgdConfig) -> tuple[Clipper, VmapClipper, str]:
     """The clipper to train with, the vmap fallback, and why the fast path was not taken ("" if it was).
 
-    Runs both on random rows (never the data): a model that cannot be trained per unit is refused here,
-    with the error it raised, before any data is fetched.
+    Runs both on random rows (never the data) of one row's `input_shape` (or number of features): a model
+    that cannot be trained per unit is refused here, with the error it raised, before any data is fetched.
     """
     device = program.device
+    shape = row_shape(input_shape)
     for count in (1, 2, 3, 5):
-        output = program.forward(program.parameters, torch.randn(count, n_features, device=device))
+        output = program.forward(program.parameters, torch.randn(count, *shape, device=device))
         _check_output(output, count, config.n_outputs)
-    rows, units = synthetic_batch(n_features, config, device=device)
+    rows, units = synthetic_batch(shape, config, device=device)
     vmap = VmapClipper(program, config)
     vmap.clipped_sum(program.parameters, rows.batch(units))
     try:
         fast = BookkeepingClipper(program, config)
         for size in (1, 2, 5):
-            sample_rows, sample_units = synthetic_batch(n_features, config, units=size, device=device)
+            sample_rows, sample_units = synthetic_batch(shape, config, units=size, device=device)
             fast.clipped_sum(program.parameters, sample_rows.batch(sample_units))
     except (NotApplicable, NotRowwise) as exc:
         return vmap, vmap, str(exc)

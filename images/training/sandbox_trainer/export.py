@@ -1,6 +1,11 @@
 """The export child: imports the buyer's model, builds it and writes its graph for the trainer to check.
 
-    python -I -m sandbox_trainer.export CODE_DIR MODULE_FILE N_FEATURES N_OUTPUTS OUT_DIR
+    python -I -m sandbox_trainer.export CODE_DIR MODULE_FILE N_FEATURES N_OUTPUTS OUT_DIR [INPUT_SHAPE]
+
+INPUT_SHAPE ("1x64x64": channels x height x width) is given for image datasets: the model then takes input
+(rows, channels, height, width), and `build_model` is called as `build_model(n_features, n_outputs,
+input_shape=(channels, height, width))` if it accepts an `input_shape` argument (n_features is then
+channels x height x width), else as `build_model(n_features, n_outputs)`.
 
 This is the only process that runs buyer code, and it runs before any data is in the container; the
 trainer (`sandbox_trainer.run`) kills it and everything it started before asking for the data. Nothing here
@@ -15,6 +20,7 @@ input (`graph.load_program`). This module only has to make the honest case work 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import sys
@@ -50,21 +56,43 @@ def load_buyer_module(code_dir: Path, module_file: str) -> Any:
     return module
 
 
-def build(module: Any, n_features: int, n_outputs: int) -> torch.nn.Module:
-    """`module.build_model(n_features, n_outputs)`, checked to be an nn.Module."""
+def build(module: Any, n_features: int, n_outputs: int, input_shape: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """`module.build_model(n_features, n_outputs)`, with `input_shape=` for images if it takes it; checked to be
+    an nn.Module."""
     build_model = getattr(module, "build_model", None)
     if not callable(build_model):
         raise ExportFailed("the model file must define build_model(n_features, n_outputs) -> torch.nn.Module")
-    model = build_model(n_features, n_outputs)
+    if input_shape is not None and _takes_input_shape(build_model):
+        model = build_model(n_features, n_outputs, input_shape=input_shape)
+    else:
+        model = build_model(n_features, n_outputs)
     if not isinstance(model, torch.nn.Module):
         raise ExportFailed(f"build_model returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def export_model(model: torch.nn.Module, n_features: int) -> ExportedProgram:
-    """The training-mode graph of `model` on float32 input (rows, n_features), rows dynamic."""
+def _takes_input_shape(function: Any) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return "input_shape" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """"1x64x64" -> (1, 64, 64)."""
+    shape = tuple(int(part) for part in text.split("x"))
+    if not shape or any(size < 1 for size in shape):
+        raise ValueError(f"input shape {text!r} is not sizes joined by 'x'")
+    return shape
+
+
+def export_model(model: torch.nn.Module, input_shape: int | tuple[int, ...]) -> ExportedProgram:
+    """The training-mode graph of `model` on float32 input (rows, *input_shape) (or (rows, n_features) for an
+    int), rows dynamic."""
     model.train()  # dropout stays in the graph; the trainer runs it in training mode
-    example = torch.randn(EXAMPLE_ROWS, n_features)
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
+    example = torch.randn(EXAMPLE_ROWS, *shape)
     return torch.export.export(model, (example,), dynamic_shapes=({0: Dim("rows")},))
 
 
@@ -138,15 +166,16 @@ def _encode(value: Any) -> Any:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 5:
-        print("usage: python -I -m sandbox_trainer.export CODE_DIR MODULE N_FEATURES N_OUTPUTS OUT_DIR",
-              file=sys.stderr)
+    if len(argv) not in (5, 6):
+        print("usage: python -I -m sandbox_trainer.export CODE_DIR MODULE N_FEATURES N_OUTPUTS OUT_DIR "
+              "[INPUT_SHAPE]", file=sys.stderr)
         return 2
     code_dir, module_file, n_features, n_outputs, out_dir = Path(argv[0]), argv[1], int(argv[2]), int(argv[3]), \
         Path(argv[4])
+    input_shape = parse_input_shape(argv[5]) if len(argv) == 6 else None
     try:
-        model = build(load_buyer_module(code_dir, module_file), n_features, n_outputs)
-        program = export_model(model, n_features)
+        model = build(load_buyer_module(code_dir, module_file), n_features, n_outputs, input_shape)
+        program = export_model(model, input_shape or n_features)
         graph, tensors = serialise(program, model)
     except ExportFailed as exc:
         print(f"export failed: {exc}", file=sys.stderr)

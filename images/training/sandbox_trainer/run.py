@@ -2,7 +2,10 @@
 
     python -I -m sandbox_trainer.run        (PID 1, uid 10001, read-only root, no network, no capabilities)
 
-The buyer sends only `model.py` with `build_model(n_features, n_outputs)`. Their code must never run in a
+The buyer sends only `model.py` with `build_model(n_features, n_outputs)`. On an image dataset (features
+["image"], spec `input_shape` [channels, height, width]) each row is one image, float32 in [0, 1], and the model
+takes input (rows, channels, height, width): `build_model` is then called with `input_shape=(channels, height,
+width)` too if its signature accepts it (n_features is channels x height x width). Their code must never run in a
 process that can see the training rows, nor influence the process that does. So:
 
 1. This process makes itself undumpable (no same-uid ptrace, no /proc/1/mem), before anything else runs.
@@ -148,6 +151,8 @@ def run_export_child(spec: TrainingSpec, paths: Paths, export_dir: Path, timeout
     package_root = Path(__file__).resolve().parent.parent
     command = [sys.executable, "-I", "-c", _BOOTSTRAP, str(package_root), str(paths.code), spec.model_module,
                str(spec.n_features), str(spec.n_outputs), str(export_dir)]
+    if spec.is_image:
+        command.append("x".join(str(size) for size in spec.row_shape))
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(paths.work), "TMPDIR": str(paths.work),
            "LANG": os.environ.get("LANG", "C.UTF-8")}
     started = time.monotonic()
@@ -367,8 +372,8 @@ def parse_data(body: bytes, spec: TrainingSpec) -> TrainingRows:
     except Exception as exc:  # numpy raises ValueError, OSError, zipfile.BadZipFile ...
         raise ValueError(f"the data is not a readable .npz ({type(exc).__name__})") from exc
     x, y, unit = arrays["X"], arrays["y"], arrays["unit"]
-    if x.ndim != 2 or x.shape[1] != spec.n_features or not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"X must be a float array of shape (rows, {spec.n_features})")
+    if x.shape[1:] != spec.row_shape or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"X must be a float array of shape (rows, {', '.join(map(str, spec.row_shape))})")
     rows = x.shape[0]
     if unit.shape != (rows,) or not np.issubdtype(unit.dtype, np.integer):
         raise ValueError("unit must be an integer array with one id per row")
@@ -406,7 +411,7 @@ def prepare(spec: TrainingSpec, config: dpsgd.DpSgdConfig, graph_bytes: bytes, t
     """Load and dry-run the export; a refusal is kept, not shown."""
     try:
         program = load_program(graph_bytes, tensor_bytes).to(training_device())
-        clipper, fallback, why_not_fast = dpsgd.choose_clipper(program, spec.n_features, config)
+        clipper, fallback, why_not_fast = dpsgd.choose_clipper(program, spec.row_shape, config)
     except ExportRefused as exc:
         return Prepared(refusal=f"the model was refused: {exc}")
     except Exception as exc:  # a torch error on random rows: the model cannot be trained
@@ -544,6 +549,7 @@ def _train_and_write(spec: TrainingSpec, paths: Paths, config: dpsgd.DpSgdConfig
               "batch_size": spec.batch_size, "learning_rate": spec.learning_rate, "n_units": spec.n_units,
               "max_rows_per_unit": spec.max_rows_per_unit, "features": list(spec.features), "label": spec.label,
               "n_features": spec.n_features, "n_outputs": spec.n_outputs, "task": spec.task,
+              **({"input_shape": list(spec.row_shape)} if spec.is_image else {}),
               "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest()}
     (paths.output / "training-record.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"trained {result.steps} DP-SGD steps ({result.clipper} clipping, noise multiplier "

@@ -193,7 +193,9 @@ class SandboxKernelProvisioner(KernelProvisionerBase):
         assert self.key is not None and self.folders is not None
         job = JobDefinition(
             id=f"{spec.job}-{self.key}", org=spec.org, image=spec.image_id, command=KERNEL_COMMAND,
-            code_dir=Path(spec.code_dir), data_files={f"{spec.dataset}.parquet": Path(spec.data_file)},
+            code_dir=Path(spec.code_dir),
+            data_files={name: Path(path) for name, path in spec.data_files.items()},
+            data_folders={name: Path(path) for name, path in spec.data_folders.items()},
             resources=Resources(cpus=float(settings["kernel_cpus"]), memory_mb=int(settings["kernel_memory_mb"]),
                                 timeout_s=int(float(settings["max_kernel_hours"]) * 3600)),
             dp_socket=self.folders.dp_dir / "dp.sock",
