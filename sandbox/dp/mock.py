@@ -29,14 +29,15 @@ from typing import Any, Literal
 
 import duckdb
 import numpy as np
-import opendp.prelude as dp
 import pyarrow as pa
+from opendp import domains, measurements, metrics
+from opendp.mod import enable_features
 
 from sandbox import duck
 from sandbox.catalog.cards import ColumnSpec, ColumnType
 from sandbox.errors import Invalid
 
-dp.enable_features("contrib")
+enable_features("contrib")
 
 TOTAL_ROWS = "total rows"  # the report's key for the row-count share; column names cannot hold a space
 MOCK_ID_PREFIX = "M"
@@ -285,8 +286,9 @@ def laplace_histogram(counts: CellArray, epsilon_share: float) -> CellArray:
     flat = [int(count) for count in counts.ravel()]
     scale = laplace_scale(epsilon_share)
     for _ in range(64):
-        measurement = dp.m.make_laplace(
-            dp.vector_domain(dp.atom_domain(T="i64"), size=len(flat)), dp.l1_distance(T="i64"), scale=scale
+        measurement = measurements.make_laplace(
+            domains.vector_domain(domains.atom_domain(T="i64"), size=len(flat)), metrics.l1_distance(T="i64"),
+            scale=scale,
         )
         # OpenDP rounds its privacy map conservatively; widen the scale by an ulp until it fits the share.
         if measurement.map(1) <= epsilon_share:  # type: ignore[no-untyped-call]

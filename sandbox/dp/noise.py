@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
-import opendp.prelude as dp
+from opendp import domains, measurements, measures, metrics
 from opendp.accuracy import discrete_gaussian_scale_to_accuracy, discrete_laplacian_scale_to_accuracy
+from opendp.mod import enable_features
 
-dp.enable_features("contrib")
+enable_features("contrib")
 
 CONFIDENCE_ALPHA = 0.05  # accuracies are half-widths of 95% intervals
 # A scale a hair wider than the formula's keeps floating-point rounding in OpenDP's map below budget.
@@ -90,17 +91,17 @@ def gaussian_threshold(l0: int, linf: float, sigma: float, delta: float) -> int:
 
 def add_noise(values: list[int], *, l1: int, l2: float, loss: Loss) -> NoisyVector:
     """Integer vector plus discrete Laplace (pure DP) or discrete Gaussian (zCDP) noise, one draw per cell."""
-    domain = dp.vector_domain(dp.atom_domain(T="i64"))
+    domain = domains.vector_domain(domains.atom_domain(T="i64"))
     if loss.epsilon is not None:
         scale = laplace_scale(l1, loss.epsilon)
-        measurement = dp.m.make_laplace(domain, dp.l1_distance(T="i64"), scale)
+        measurement = measurements.make_laplace(domain, metrics.l1_distance(T="i64"), scale)
         _check(_privacy_loss(measurement, int(l1)), loss.epsilon, "discrete Laplace")
         accuracy = float(discrete_laplacian_scale_to_accuracy(scale, CONFIDENCE_ALPHA))
         mechanism = "discrete_laplace"
     else:
         assert loss.rho is not None
         scale = gaussian_sigma(l2, loss.rho)
-        measurement = dp.m.make_gaussian(domain, dp.l2_distance(T=float), scale)
+        measurement = measurements.make_gaussian(domain, metrics.l2_distance(T=float), scale)
         _check(_privacy_loss(measurement, float(l2)), loss.rho, "discrete Gaussian")
         accuracy = float(discrete_gaussian_scale_to_accuracy(scale, CONFIDENCE_ALPHA))
         mechanism = "discrete_gaussian"
@@ -112,7 +113,7 @@ def threshold_counts(counts: dict[str, int], *, l0: int, l1: int, l2: float, lin
     """Noisy counts of keys that need not exist; keys below a delta-calibrated threshold are dropped."""
     if loss.delta <= 0:
         raise CalibrationError("releasing group keys that are not public needs delta > 0")
-    domain = dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T="i64"))
+    domain = domains.map_domain(domains.atom_domain(T=str), domains.atom_domain(T="i64"))
     if loss.epsilon is not None:
         scale = laplace_scale(l1, loss.epsilon)
         threshold = laplace_threshold(l0, linf, scale, loss.delta)
@@ -141,10 +142,10 @@ def threshold_counts(counts: dict[str, int], *, l0: int, l1: int, l2: float, lin
 
 def select_lowest(scores: list[int], *, d_in: int, loss: Loss) -> int:
     """Index of the (noisily) lowest score: report-noisy-max over negated, non-monotonic scores."""
-    domain = dp.vector_domain(dp.atom_domain(T="i64"))
-    measure = dp.max_divergence() if loss.is_pure else dp.zero_concentrated_divergence()
+    domain = domains.vector_domain(domains.atom_domain(T="i64"))
+    measure = measures.max_divergence() if loss.is_pure else measures.zero_concentrated_divergence()
     scale = noisy_max_scale(d_in, loss)
-    measurement = dp.m.make_noisy_max(domain, dp.linf_distance(T="i64"), measure, scale, negate=True)
+    measurement = measurements.make_noisy_max(domain, metrics.linf_distance(T="i64"), measure, scale, negate=True)
     allowed = loss.epsilon if loss.epsilon is not None else loss.rho
     assert allowed is not None
     _check(_privacy_loss(measurement, int(d_in)), allowed, "noisy max")
@@ -152,13 +153,13 @@ def select_lowest(scores: list[int], *, d_in: int, loss: Loss) -> int:
 
 
 def _laplace_threshold(domain: Any, scale: float, threshold: int) -> Any:
-    return dp.m.make_laplace_threshold(domain, dp.l01inf_distance(dp.absolute_distance(T="i64")),
-                                      scale=scale, threshold=threshold)
+    return measurements.make_laplace_threshold(domain, metrics.l01inf_distance(metrics.absolute_distance(T="i64")),
+                                               scale=scale, threshold=threshold)
 
 
 def _gaussian_threshold(domain: Any, scale: float, threshold: int) -> Any:
-    return dp.m.make_gaussian_threshold(domain, dp.l02inf_distance(dp.absolute_distance(T="i64")),
-                                       scale=scale, threshold=threshold)
+    return measurements.make_gaussian_threshold(domain, metrics.l02inf_distance(metrics.absolute_distance(T="i64")),
+                                                scale=scale, threshold=threshold)
 
 
 def _privacy_loss(measurement: Any, d_in: Any) -> Any:
