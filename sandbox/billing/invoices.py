@@ -47,7 +47,7 @@ from sandbox.billing.prices import (
 )
 from sandbox.context import Context
 from sandbox.store.models import AuditEvent, Contract, ContractParty, Dataset, Job
-from sandbox.store.parties import party_contracts
+from sandbox.store.parties import datasets_orgs, party_contracts
 
 CSV_COLUMNS = ("contract", "period", "currency", "item", "quantity", "unit", "unit_price", "amount", "events", "org")
 
@@ -112,7 +112,7 @@ def _job_orgs(ctx: Context, contract_ids: set[str]) -> dict[str, list[str]]:
     """The data-holder orgs of each job of these contracts that names them (`Job.datasets`)."""
     found: dict[str, list[str]] = {}
     for job, datasets in ctx.session.execute(select(Job.id, Job.datasets).where(Job.contract_id.in_(contract_ids))):
-        orgs = sorted({str(entry.get("org")) for entry in datasets or [] if entry.get("org")})
+        orgs = datasets_orgs(datasets)
         if orgs:
             found[job] = orgs
     return found

@@ -35,7 +35,7 @@ from sandbox.store.models import (
     JobOutput,
     WorkerRecord,
 )
-from sandbox.store.parties import JobDataset, job_datasets, job_orgs, party_contracts
+from sandbox.store.parties import JobDataset, job_data_orgs, job_datasets, job_orgs, party_contracts
 from sandbox.training.budget import hold_training_budgets
 from sandbox.training.spec import TRAINER_COMMAND, TRAINING_IMAGE, TrainingSpec, training_plan
 
@@ -239,7 +239,7 @@ def submit_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: s
             training["reservations"] = {name: held.id for name, held in reservations.items()}
         return _store_job(ctx, spec=spec, bundle=bundle, image_id=image_id, identifier=identifier,
                           contract=contract, version=version, policy_ref=policy_ref, policy_body=policy_body,
-                          buyer=buyer, training=training, entries=entries)
+                          buyer=buyer, training=training, entries=entries, orgs=orgs)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -299,9 +299,9 @@ def _rows_per_unit(card: dict[str, Any]) -> int:
 
 def _store_job(ctx: Context, *, spec: JobSpec, bundle: StagedBundle, image_id: str, identifier: str,
                contract: Contract, version: DatasetVersion, policy_ref: str, policy_body: dict[str, Any],
-               buyer: Principal, entries: list[JobDataset], training: dict[str, Any] | None = None) -> Job:
+               buyer: Principal, entries: list[JobDataset], orgs: list[str],
+               training: dict[str, Any] | None = None) -> Job:
     # Data of several hospitals: each approves for its own data, whatever its policy says (issue 17).
-    orgs = sorted({entry.org for entry in entries})
     needs_approval = bool(policy_body["review"].get("approve_jobs", False)) or len(orgs) > 1
     now = datetime.now(UTC)
     job = Job(
@@ -351,7 +351,7 @@ def reads_stewards_data(ctx: Context, job: Job) -> bool:
     reads: another hospital's job under a shared contract is not theirs to read (its outputs, checks)."""
     if not (isinstance(ctx.actor, Principal) and ctx.actor.role is Role.STEWARD) or not job.datasets:
         return True
-    return ctx.actor.org in data_orgs(ctx, job)
+    return ctx.actor.org in job_data_orgs(ctx.session, job)
 
 
 def job_to_decide(ctx: Context, identifier: str) -> tuple[Principal, Job]:
@@ -364,7 +364,7 @@ def job_to_decide(ctx: Context, identifier: str) -> tuple[Principal, Job]:
         # 403, not 404: the buyer org's own members know its jobs; it is the right that is refused.
         raise Forbidden("a steward may not decide on their own organisation's jobs or outputs", object=identifier)
     job = get_job(ctx, identifier, for_update=True)
-    if steward.org not in data_orgs(ctx, job):
+    if steward.org not in job_data_orgs(ctx.session, job):
         # A party to the contract whose data this job does not read has nothing to decide on it.
         raise NotFound(f"job {identifier!r} does not exist")
     return steward, job
@@ -403,19 +403,11 @@ def cancel_job(ctx: Context, identifier: str) -> Job:
     return job
 
 
-def data_orgs(ctx: Context, job: Job) -> list[str]:
-    """The orgs whose data `job` reads; an older job's one dataset is its contract owner's."""
-    if job.datasets:
-        return job_orgs(job)
-    owner = ctx.session.execute(select(Contract.owner_org).where(Contract.id == job.contract_id)).scalar_one()
-    return job_orgs(job, owner=str(owner))
-
-
 def decide_approval(ctx: Context, identifier: str, *, approve: bool, comment: str = "") -> Job:
     """A steward approves or rejects a job for their org's data. A job reading data of several orgs is
     queued once a steward of each approved; any of them rejecting rejects it."""
     steward, job = job_to_decide(ctx, identifier)
-    orgs = data_orgs(ctx, job)
+    orgs = job_data_orgs(ctx.session, job)
     if job.state != JobState.PENDING_APPROVAL.value:
         raise Conflict(f"job {job.id} is {job.state}, not pending approval")
     if not approve:
@@ -492,9 +484,9 @@ def filled_datasets(job: Job) -> list[dict[str, Any]]:
     """`job_datasets` as dicts, an older job's one dataset given its contract owner's org."""
     entries = [entry.as_dict() for entry in job_datasets(job)]
     session = object_session(job)
-    if session is not None and any(not entry["org"] for entry in entries):
-        owner = session.execute(select(Contract.owner_org).where(Contract.id == job.contract_id)).scalar_one_or_none()
-        entries = [{**entry, "org": entry["org"] or (owner or "")} for entry in entries]
+    if session is not None and not job.datasets:
+        owners = job_data_orgs(session, job)
+        entries = [{**entry, "org": owners[0] if owners else ""} for entry in entries]
     return entries
 
 
@@ -538,7 +530,7 @@ def review_queue(ctx: Context) -> list[Job]:
     waiting = select(JobOutput.job_id).where(JobOutput.status == OutputStatus.IN_REVIEW.value).distinct()
     query = visible_jobs(ctx, select(Job).where(Job.id.in_(waiting), Job.buyer_org != steward.org))
     return [job for job in ctx.session.execute(query.order_by(Job.created_at)).scalars()
-            if steward.org in data_orgs(ctx, job)]
+            if steward.org in job_data_orgs(ctx.session, job)]
 
 
 def reviewers_needed(ctx: Context, job: Job) -> int:

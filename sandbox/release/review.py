@@ -18,8 +18,8 @@ from sandbox.catalog.cards import DatasetCard
 from sandbox.context import Context
 from sandbox.errors import Conflict, Invalid
 from sandbox.release.status import Origin, OutputStatus, next_status
-from sandbox.store.models import Contract, Dataset, DatasetVersion, Job, JobOutput, OutputReview
-from sandbox.store.parties import job_orgs
+from sandbox.store.models import Dataset, DatasetVersion, Job, JobOutput, OutputReview
+from sandbox.store.parties import job_data_orgs
 
 WITHHELD = "withheld"  # what a buyer sees of an output it did not get
 
@@ -111,12 +111,7 @@ def reviewing_orgs(session: Session, job_id: str) -> list[str]:
     """The orgs whose stewards review a job's outputs: those whose data it read (issue 17), or for an older
     job its contract's owner."""
     job = session.get(Job, job_id)
-    orgs = job_orgs(job) if job is not None else []
-    if orgs:
-        return orgs
-    owner = session.execute(select(Contract.owner_org).join(Job, Job.contract_id == Contract.id)
-                            .where(Job.id == job_id)).scalar_one_or_none()
-    return [owner] if owner is not None else []
+    return job_data_orgs(session, job) if job is not None else []
 
 
 def approvals(ctx: Context, output: JobOutput) -> list[OutputReview]:

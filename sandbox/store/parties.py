@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
 
-from sandbox.store.models import ContractParty, Job
+from sandbox.store.models import Contract, ContractParty, Job
 
 
 def party_contracts(org: str) -> Select[str]:
@@ -39,8 +40,21 @@ def job_datasets(job: Job) -> list[JobDataset]:
     return [JobDataset(name=job.dataset, version=job.dataset_version, org="")]
 
 
+def datasets_orgs(datasets: list[Any] | None) -> list[str]:
+    """The data-holder orgs a job's `datasets` column names, sorted; [] for a job from before issue 17."""
+    return sorted({str(entry["org"]) for entry in datasets or [] if entry.get("org")})
+
+
 def job_orgs(job: Job, *, owner: str = "") -> list[str]:
     """The data-holder orgs whose data `job` reads, sorted; for a job from before issue 17, `[owner]` (its
     contract's org) when given, else []."""
-    orgs = sorted({entry.org for entry in job_datasets(job) if entry.org})
-    return orgs or ([owner] if owner else [])
+    return datasets_orgs(job.datasets) or ([owner] if owner else [])
+
+
+def job_data_orgs(session: Session, job: Job) -> list[str]:
+    """The data-holder orgs whose data `job` reads, sorted; a job from before issue 17 read its contract
+    owner's data (looked up only for such a job)."""
+    if job.datasets:
+        return job_orgs(job)
+    owner = session.execute(select(Contract.owner_org).where(Contract.id == job.contract_id)).scalar_one_or_none()
+    return job_orgs(job, owner=owner or "")
