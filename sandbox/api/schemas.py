@@ -600,8 +600,9 @@ class DeidReportView(Shape):
     rules: dict[str, Any]
     checked_at: Timestamp
     override: dict[str, Any] | None = None
-    dicom: dict[str, Any] | None = Field(default=None, description="a collection's DICOM header check (PS3.15 Basic "
-                                         "Profile): files, flagged_files, classes, findings per tag, rules")
+    dicom: dict[str, Any] | None = Field(default=None, description="a collection's file header check (DICOM "
+                                         "against the PS3.15 Basic Profile; the text PNG, JPEG and NIfTI headers "
+                                         "embed): files, flagged_files, classes, findings per tag, rules")
 
 
 class VersionDiffView(StoredShape):

@@ -2,9 +2,10 @@
 
 A collection is never copied. Registration walks the folder (symlinks are refused, never followed), hashes
 every file in parallel threads (hashlib releases the GIL), reads each DICOM header with pydicom
-(`stop_before_pixels`) and PNG or JPEG sizes with Pillow, and writes one manifest row per file (columns in
-`MANIFEST_COLUMNS`, then the privacy unit and the label columns joined from a tabular dataset). The DICOM
-de-identification report (`sandbox.catalog.dicom_deid`) is built from the same reads.
+(`stop_before_pixels`), PNG and JPEG headers with Pillow and NIfTI headers with nibabel, and writes one
+manifest row per file (columns in `MANIFEST_COLUMNS`, then the privacy unit and the label columns joined from
+a tabular dataset). The header report (`sandbox.catalog.dicom_deid` for DICOM, `file_headers` for the text
+the other formats embed) is built from the same reads.
 
 Before a job mounts the folder, `check_in_place` compares it with the pinned manifest: a file missing or
 changed, a file no registered version lists, or a symlink forbids the mount.
@@ -19,14 +20,18 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sandbox.catalog.cards import CollectionSpec, DatasetCard
 from sandbox.catalog.dicom_deid import DicomReport, Finding, HeaderRules, PixelFilters, check_header
+from sandbox.catalog.file_headers import nifti_findings, picture_findings, read_nifti_header
 from sandbox.errors import Forbidden, Invalid
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 DICOM_SUFFIXES = frozenset({"", ".dcm", ".dicom", ".ima"})
 FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".nii": "nifti", ".nii.gz": "nifti"}
@@ -95,7 +100,7 @@ def file_format(relative: str, formats: Sequence[str]) -> str | None:
 @dataclass
 class _FileRead:
     row: dict[str, Any]
-    findings: list[Finding] | None = None  # DICOM files only
+    findings: list[Finding] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -123,14 +128,13 @@ def _read_file(root: Path, relative: str, card: DatasetCard, spec: CollectionSpe
             digest.update(chunk)
         row["sha256"] = digest.hexdigest()
         handle.seek(0)
+        unit_column = card.privacy_unit if spec.unit_from == "PatientID" else None
         if file_kind == "dicom":
-            unit_column = card.privacy_unit if spec.unit_from == "PatientID" else None
             _read_dicom(handle, relative, row, read, rules, pixel_filters, unit_column=unit_column)
         elif file_kind in ("png", "jpeg"):
-            _read_picture(handle, relative, row, read)
-    if file_kind == "nifti":
-        read.problems.append(f"{relative}: NIfTI headers need nibabel, which this installation lacks; "
-                             f"remove the file or the format from the card")
+            _read_picture(handle, relative, row, read, rules)
+        elif file_kind == "nifti":
+            _read_nifti(handle, relative, row, read, rules, pixel_filters, unit_from_header=unit_column)
     if spec.unit_from.startswith("path:"):
         row[card.privacy_unit] = _unit_from_path(relative, spec)
     if not row[card.privacy_unit]:
@@ -153,6 +157,11 @@ def _read_dicom(handle: BinaryIO, relative: str, row: dict[str, Any], read: _Fil
         read.problems.append(f"{relative}: not a readable DICOM file ({str(exc)[:200]})")
         return
     read.findings = check_header(dataset, rules, pixel_filters=pixel_filters)
+    _header_columns(dataset, row, unit_column=unit_column)
+
+
+def _header_columns(dataset: Dataset, row: dict[str, Any], *, unit_column: str | None) -> None:
+    """The manifest's columns drawn from a DICOM header: the patient, modality, body part, study year, size."""
     if unit_column is not None:
         row[unit_column] = str(dataset.get("PatientID", "") or "").strip() or None
     row["modality"] = str(dataset.get("Modality", "") or "").strip() or None
@@ -167,14 +176,29 @@ def _read_dicom(handle: BinaryIO, relative: str, row: dict[str, Any], read: _Fil
         row[column] = int(value) if isinstance(value, int) else None
 
 
-def _read_picture(handle: BinaryIO, relative: str, row: dict[str, Any], read: _FileRead) -> None:
+def _read_picture(handle: BinaryIO, relative: str, row: dict[str, Any], read: _FileRead, rules: HeaderRules) -> None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(handle) as picture:  # reads the header only
+        with Image.open(handle) as picture:
             row["pixel_columns"], row["pixel_rows"] = picture.size
-    except (UnidentifiedImageError, OSError) as exc:
+            read.findings = picture_findings(picture, rules)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         read.problems.append(f"{relative}: not a readable image ({str(exc)[:200]})")
+
+
+def _read_nifti(handle: BinaryIO, relative: str, row: dict[str, Any], read: _FileRead, rules: HeaderRules,
+                pixel_filters: PixelFilters | None, *, unit_from_header: str | None) -> None:
+    try:
+        header = read_nifti_header(handle, compressed=relative.lower().endswith(".gz"))
+    except Exception as exc:  # nibabel, gzip and struct raise many kinds on a malformed file
+        read.problems.append(f"{relative}: not a readable NIfTI file ({type(exc).__name__}: {str(exc)[:200]})")
+        return
+    read.findings, embedded = nifti_findings(header, rules, pixel_filters=pixel_filters)
+    if embedded is not None:  # a DICOM extension: the patient, modality and dates as a DICOM file gives them
+        _header_columns(embedded, row, unit_column=unit_from_header)
+    shape = header.get_data_shape()
+    row["pixel_columns"], row["pixel_rows"] = (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (None, None)
 
 
 @dataclass(frozen=True)
@@ -211,7 +235,7 @@ def build_manifest(root: Path, card: DatasetCard, manifest: Path, *, labels: Pat
     if problems:
         raise Invalid(f"the collection at {root} cannot be registered", problems[:200])
     rules = header_rules(spec)
-    filters = PixelFilters() if pixel_filters and "dicom" in spec.formats else None
+    filters = PixelFilters() if pixel_filters and {"dicom", "nifti"} & set(spec.formats) else None
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         reads = list(pool.map(lambda relative: _read_file(root, relative, card, spec, rules, filters), files))
     problems = [problem for read in reads for problem in read.problems]
@@ -219,8 +243,7 @@ def build_manifest(root: Path, card: DatasetCard, manifest: Path, *, labels: Pat
         raise Invalid(f"the collection at {root} cannot be registered", problems[:200])
     report = DicomReport(rules)
     for read in reads:
-        if read.findings is not None:
-            report.add(read.findings)
+        report.add(read.findings)
     table = _manifest_table([read.row for read in reads], card)
     if spec.labels is not None:
         if labels is None:

@@ -25,7 +25,9 @@ masked example. The rules, by profile class:
   secondary capture SOP class, and any hit of deid's graylist or blacklist pixel filters (`deid` package,
   its default recipe).
 
-A file whose header pydicom cannot read is a finding (`unreadable`), not a crash. Everything here is pure
+A file whose header pydicom cannot read is a finding (`unreadable`), not a crash. The text that PNG, JPEG
+and NIfTI files embed is checked by `sandbox.catalog.file_headers` into the same report, with three more
+classes: `free_text`, `location` and `extensions`. Everything here is pure
 over pydicom datasets: `check_header` judges one file, `DicomReport` tallies a collection.
 """
 
@@ -47,7 +49,9 @@ from pydicom.tag import BaseTag
 DateRule = Literal["year", "shifted", "removed"]
 
 PROFILE_CLASSES = ("names", "ids", "birth_dates", "institutions", "accession_numbers", "uids", "dates",
-                   "private_tags", "identity_removed", "burned_in_annotation", "burned_in_modality", "unreadable")
+                   "private_tags", "identity_removed", "burned_in_annotation", "burned_in_modality", "unreadable",
+                   # What PNG, JPEG and NIfTI headers carry besides (`sandbox.catalog.file_headers`).
+                   "free_text", "location", "extensions")
 
 # PS3.15 Table E.1-1 identifiers beyond names (which the PN rule covers) and UIDs.
 ID_KEYWORDS = frozenset({
@@ -167,11 +171,11 @@ def _check_element(element: DataElement, rules: HeaderRules, findings: list[Find
     elif element.VR == "UI":
         if not rules.uid_allowed(keyword, value):
             findings.append(Finding("uids", _tag(tag), keyword, value))
-    elif element.VR in ("DA", "DT", "TM") and not _date_allowed(element.VR, value, rules.dates):
+    elif element.VR in ("DA", "DT", "TM") and not date_allowed(element.VR, value, rules.dates):
         findings.append(Finding("dates", _tag(tag), keyword, value))
 
 
-def _date_allowed(vr: str, value: str, rule: DateRule) -> bool:
+def date_allowed(vr: str, value: str, rule: DateRule) -> bool:
     if rule == "shifted":
         return True
     if rule == "removed" or vr == "TM":

@@ -38,7 +38,8 @@ class RegistrationRules:
     low_k: Decision = "override"
     min_k: int = 5
     min_l: int = 1
-    # A collection's DICOM headers failing the PS3.15 Basic Profile (`sandbox.catalog.dicom_deid`).
+    # A collection's file headers failing the PS3.15 Basic Profile (`sandbox.catalog.dicom_deid`), or
+    # carrying identifying text in PNG, JPEG or NIfTI headers (`sandbox.catalog.file_headers`).
     dicom: Decision = "override"
 
     @classmethod
@@ -85,15 +86,17 @@ def assess(parquet: Path, card: DatasetCard, rules: RegistrationRules, *, thread
 
 
 def with_dicom(report: dict[str, Any], dicom: dict[str, Any] | None, rules: RegistrationRules) -> dict[str, Any]:
-    """A collection's report: the tabular one over its manifest, with the DICOM header report beside it
-    (`report["dicom"]`) and a `dicom` reason when any file's header failed the profile."""
+    """A collection's report: the tabular one over its manifest, with the file header report beside it
+    (`report["dicom"]`) and a `dicom` reason when any file's header failed the profile or embeds identifying
+    text (PNG, JPEG and NIfTI headers, `sandbox.catalog.file_headers`)."""
     if dicom is None:
         return report
     reasons = list(report["reasons"])
     if dicom.get("classes"):
         reasons.append({"check": "dicom", "overridable": rules.dicom == "override",
-                        "detail": f"{dicom['flagged_files']} of {dicom['files']} DICOM file(s) fail the PS3.15 "
-                                  f"Basic Profile: {', '.join(dicom['classes'])}"})
+                        "detail": f"{dicom['flagged_files']} of {dicom['files']} file(s) carry identifying headers "
+                                  f"(the PS3.15 Basic Profile's classes, or text a PNG, JPEG or NIfTI header "
+                                  f"embeds): {', '.join(dicom['classes'])}"})
     return {**report, "blocked": bool(reasons), "reasons": reasons, "dicom": dicom,
             "rules": {**report["rules"], "dicom": rules.dicom}}
 

@@ -12,8 +12,10 @@ of another, even under the same id.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
+import math
 import os
 import stat
 from collections.abc import Sequence
@@ -34,6 +36,8 @@ MAX_DECODED_BYTES = 2 * 1024**3
 # A file whose pixels would take more than this many values is refused before decoding (a decompression bomb).
 MAX_SOURCE_VALUES = 64 * 1024 * 1024
 MAX_FILE_BYTES = 1024**3
+# A NIfTI header and its extensions, on top of the voxels, when a .nii.gz is unzipped.
+MAX_NIFTI_OVERHEAD = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -235,8 +239,10 @@ def decode_image(content: bytes, file_format: str, shape: tuple[int, int, int]) 
         pixels = _dicom_pixels(content)
     elif file_format in ("png", "jpeg"):
         pixels = _picture_pixels(content)
+    elif file_format == "nifti":
+        pixels = _nifti_pixels(content)
     else:
-        raise Invalid(f"the platform trainer decodes DICOM, PNG and JPEG files, not {file_format!r}")
+        raise Invalid(f"the platform trainer decodes DICOM, PNG, JPEG and NIfTI files, not {file_format!r}")
     return _resized(_with_channels(pixels, shape[0]), shape[1], shape[2])
 
 
@@ -265,6 +271,36 @@ def _dicom_pixels(content: bytes) -> np.ndarray[Any, Any]:
     if str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         scaled = 1.0 - scaled  # 0 is white in MONOCHROME1
     return np.clip(scaled, 0.0, 1.0)
+
+
+def _nifti_pixels(content: bytes) -> np.ndarray[Any, Any]:
+    """(height, width) in [0, 1], min-max scaled after the header's slope and intercept: a 2-D image, or the
+    middle slice along the third axis of a volume (the first volume of a series)."""
+    import nibabel  # imported here: only workers that train on NIfTI collections need it
+
+    from sandbox.catalog.file_headers import NIFTI_HEADER_SIZES
+
+    try:
+        if content[:2] == b"\x1f\x8b":
+            with gzip.GzipFile(fileobj=io.BytesIO(content)) as unzipped:
+                content = unzipped.read(MAX_SOURCE_VALUES * 8 + MAX_NIFTI_OVERHEAD + 1)
+            if len(content) > MAX_SOURCE_VALUES * 8 + MAX_NIFTI_OVERHEAD:
+                raise Invalid(f"a NIfTI file's voxels exceed {MAX_SOURCE_VALUES} values")
+        version = NIFTI_HEADER_SIZES.get(int.from_bytes(content[:4], "little")) or NIFTI_HEADER_SIZES.get(
+            int.from_bytes(content[:4], "big"))
+        image: Any = (nibabel.Nifti1Image if version == 1 else nibabel.Nifti2Image).from_bytes(content)
+        shape = tuple(int(size) for size in image.header.get_data_shape())
+        if len(shape) < 2 or math.prod(shape) > MAX_SOURCE_VALUES:
+            raise Invalid(f"a NIfTI file must hold a 2-D image or a volume of at most {MAX_SOURCE_VALUES} values")
+        index = tuple([slice(None), slice(None)] + ([shape[2] // 2] if len(shape) > 2 else [])
+                      + [0] * max(0, len(shape) - 3))
+        pixels = np.asarray(image.dataobj[index], dtype=np.float64)
+    except Invalid:
+        raise
+    except Exception as exc:  # nibabel and gzip raise many kinds on a malformed file
+        raise Invalid(f"a NIfTI file's voxels cannot be decoded ({type(exc).__name__})") from exc
+    # NIfTI's first axis runs left to right (columns) and its second front to back (rows).
+    return _min_max(pixels.T)
 
 
 def _picture_pixels(content: bytes) -> np.ndarray[Any, Any]:

@@ -189,3 +189,63 @@ def test_the_cli_registers_a_reference_and_says_how_many_files(api: TestClient, 
     both = runner.invoke(cli.app, ["dataset", "add-version", NAME, str(next(folder.rglob("*.dcm"))),
                                    "--reference", str(folder)])
     assert both.exit_code == 1 and "not both" in both.output
+
+
+def test_dp_queries_read_the_manifests_declared_columns_only(api: TestClient, tokens: Tokens,
+                                                             tmp_path: Path) -> None:
+    steward, buyer = tokens.steward(), tokens.buyer(org="acme")
+    folder = tmp_path / "exports" / "retina"
+    write_collection(folder, hospital="north", patients=6, images_per_patient=2)
+    register_labels(api, steward, tmp_path, patients=6)
+    card = collection_card()
+    card["columns"]["study_year"] = {"type": "integer", "bounds": [2000, 2030], "public": True}
+    card["columns"]["label"]["public"] = True
+    assert api.post("/v1/datasets", json=card, headers=auth(steward)).status_code == 201
+    assert api.post(f"/v1/datasets/{NAME}/versions", json={"reference": str(folder)},
+                    headers=auth(steward)).status_code == 201
+    contract = api.post("/v1/contracts", headers=auth(steward), json={
+        "buyer_org": "acme", "datasets": [NAME], "tier": "aggregate", "kinds": ["query"],
+        "purpose": "grading prevalence", "valid_until": "2099-01-01", "epsilon": 1.0}).json()["id"]
+
+    def query(sql: str) -> Any:
+        return api.post("/v1/queries", headers=auth(buyer), json={
+            "contract": contract, "dataset": NAME, "sql": sql, "epsilon": 0.2})
+
+    counted = query(f'SELECT COUNT(*) FROM "{NAME}" WHERE label = 1')
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["epsilon_spent"] == pytest.approx(0.2)
+    averaged = query(f'SELECT AVG(study_year) FROM "{NAME}"')
+    assert averaged.status_code == 200, averaged.text
+    assert averaged.json()["epsilon_remaining"] == pytest.approx(0.6)
+    # What the platform wrote (paths, digests, times) and what the card keeps private are not queryable.
+    for column in ("path", "sha256", "mtime_ns"):
+        refused = query(f'SELECT COUNT(*) FROM "{NAME}" WHERE {column} IS NOT NULL')
+        assert refused.status_code == 422 and f"unknown column '{column}'" in refused.text, refused.text
+    grouped = query(f'SELECT patient_id, COUNT(*) FROM "{NAME}" GROUP BY patient_id')
+    assert grouped.status_code == 422, grouped.text
+    budget = api.get("/v1/budgets", headers=auth(buyer)).json()
+    assert any(row["dataset"] == NAME and row["epsilon_spent"] == pytest.approx(0.4) for row in budget), budget
+
+
+def test_a_photo_collection_whose_exif_names_a_person_is_blocked(api: TestClient, tokens: Tokens,
+                                                                  tmp_path: Path) -> None:
+    from PIL import Image
+
+    steward = tokens.steward()
+    folder = tmp_path / "exports" / "fundus"
+    for number in range(3):
+        (folder / f"p{number}").mkdir(parents=True)
+        exif = Image.Exif()
+        if number == 1:
+            exif[0x013B] = "Roe Jane"  # Artist: the photographer, or the patient's name typed into the camera
+        Image.new("RGB", (12, 12)).save(folder / f"p{number}" / "od.jpg", exif=exif)
+    card = {"name": "fundus", "title": "Fundus photographs", "kind": "files", "privacy_unit": "patient_id",
+            "columns": {"patient_id": {"type": "string"}},
+            "collection": {"formats": ["jpeg"], "unit_from": "path:0"}}
+    assert api.post("/v1/datasets", json=card, headers=auth(steward)).status_code == 201
+    created = api.post("/v1/datasets/fundus/versions", json={"reference": str(folder)}, headers=auth(steward))
+    assert created.status_code == 201 and created.json()["status"] == "blocked", created.text
+    report = api.get("/v1/datasets/fundus/versions/1/deid", headers=auth(steward)).json()
+    assert report["dicom"]["classes"] == ["names"] and report["dicom"]["flagged_files"] == 1
+    assert report["dicom"]["findings"][0]["keyword"] == "Artist"
+    assert "Roe" not in str(report), "the report repeats the name"

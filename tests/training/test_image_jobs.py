@@ -29,9 +29,10 @@ NAME = "retina-north"
 PATIENTS = 12
 CNN = (Path(__file__).resolve().parent / "buyer_code" / "small_cnn.py").read_text()
 LIST_FILES = """
-import os, pyarrow.parquet as pq
+import os, pyarrow.parquet as pq, pydicom, nibabel, PIL  # the readers a collection's formats need
 files = sorted(os.path.join(d, f) for d, _, names in os.walk("/data/retina-north/files") for f in names)
 print(len(files), "files;", pq.read_table("/data/retina-north/manifest.parquet").num_rows, "manifest rows")
+assert pydicom.dcmread(files[0]).PatientID.startswith("PSN-")
 """
 
 

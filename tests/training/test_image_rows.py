@@ -100,8 +100,8 @@ def test_colour_becomes_grey_and_grey_becomes_three_channels_and_sizes_change() 
 
 
 def test_unknown_formats_and_garbage_are_refused() -> None:
-    with pytest.raises(Invalid, match="not 'nifti'"):
-        decode_image(b"\0" * 400, "nifti", (1, 8, 8))
+    with pytest.raises(Invalid, match="not 'tiff'"):
+        decode_image(b"\0" * 400, "tiff", (1, 8, 8))
     with pytest.raises(Invalid, match="cannot be decoded"):
         decode_image(b"not a dicom file at all", "dicom", (1, 8, 8))
     with pytest.raises(Invalid, match="cannot be decoded"):
