@@ -1,10 +1,12 @@
-"""Synthetic retinal-style DICOM collections for tests, the bench and the demo: clean or carrying identifiers.
+"""Synthetic retinal-style collections for tests, the bench and the demo: clean or carrying identifiers.
 
-Every file is a small 8-bit ophthalmic photograph written with pydicom. Clean files are de-identified as the
-DICOM PS3.15 Basic Application Level Confidentiality Profile asks: a pseudonymous PatientID (and the same
-PatientName), UIDs under 2.25, dates kept only as their year (January 1st), no institution, accession
-number or private tag, PatientIdentityRemoved YES and BurnedInAnnotation NO. `identifying` names the profile
-classes (`IDENTIFYING_CLASSES`) whose identifying headers each file also carries, as a careless export would.
+Every file is a small 8-bit ophthalmic photograph written with pydicom (or, with `file_format="png"`, an RGB
+PNG written with Pillow, with no metadata: its patient is its folder, `unit_from: path:0`). Clean DICOM files
+are de-identified as the DICOM PS3.15 Basic Application Level Confidentiality Profile asks: a pseudonymous
+PatientID (and the same PatientName), UIDs under 2.25, dates kept only as their year (January 1st), no
+institution, accession number or private tag, PatientIdentityRemoved YES and BurnedInAnnotation NO.
+`identifying` names the profile classes (`IDENTIFYING_CLASSES`) whose identifying headers each file also
+carries, as a careless export would.
 
 The pixels carry a learnable signal: a patient with label 1 has bright lesion spots on a darker fundus.
 """
@@ -15,7 +17,7 @@ import csv
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -41,13 +43,15 @@ def patient_label(hospital: str, patient: int, seed: int) -> int:
 
 def write_collection(root: Path, *, hospital: str, patients: int, images_per_patient: int,
                      size: tuple[int, int] = (16, 16), seed: int = 0, identifying: Iterable[str] = frozenset(),
-                     first_patient: int = 0) -> list[Path]:
-    """Write `patients` x `images_per_patient` DICOM files under `root/<pseudonym>/`, numbering patients from
-    `first_patient` (a later week adds patients after the first ones); returns their paths."""
+                     first_patient: int = 0, file_format: Literal["dicom", "png"] = "dicom") -> list[Path]:
+    """Write `patients` x `images_per_patient` DICOM (or PNG) files under `root/<pseudonym>/`, numbering
+    patients from `first_patient` (a later week adds patients after the first ones); returns their paths."""
     classes = frozenset(identifying)
     unknown = classes - IDENTIFYING_CLASSES
     if unknown:
         raise ValueError(f"unknown identifying classes: {', '.join(sorted(unknown))}")
+    if classes and file_format != "dicom":
+        raise ValueError("identifying headers are written into DICOM files only")
     rng = np.random.default_rng(seed)
     written = []
     for patient in range(first_patient, first_patient + patients):
@@ -57,6 +61,11 @@ def write_collection(root: Path, *, hospital: str, patients: int, images_per_pat
         folder.mkdir(parents=True, exist_ok=True)
         study_uid = str(generate_uid(prefix=None, entropy_srcs=[hospital, str(seed), patient_id, "study"]))
         for image in range(images_per_patient):
+            if file_format == "png":
+                path = folder / f"img{image:04d}.png"
+                _photo(_fundus(rng, size, label)).save(path)
+                written.append(path)
+                continue
             path = folder / f"img{image:04d}.dcm"
             dataset = _image(hospital=hospital, patient=patient, patient_id=patient_id, image=image,
                              study_uid=study_uid, pixels=_fundus(rng, size, label), seed=seed, classes=classes)
@@ -94,6 +103,14 @@ def _fundus(rng: np.random.Generator, size: tuple[int, int], label: int) -> np.n
             image[max(cy - 1, 0):cy + 1, max(cx - 1, 0):cx + 1] = 240
     pixels: np.ndarray[Any, np.dtype[np.uint8]] = np.clip(image, 0, 255).astype(np.uint8)
     return pixels
+
+
+def _photo(pixels: np.ndarray[Any, np.dtype[np.uint8]]) -> Any:
+    """A fundus photograph's colours from grey levels: red-orange, as a retina looks."""
+    from PIL import Image
+
+    colour = np.stack([pixels, (pixels * 0.55).astype(np.uint8), (pixels * 0.25).astype(np.uint8)], axis=-1)
+    return Image.fromarray(colour, mode="RGB")
 
 
 def _image(*, hospital: str, patient: int, patient_id: str, image: int, study_uid: str,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from fastapi.testclient import TestClient
@@ -49,9 +49,9 @@ def settings(tmp_path: Path, database_url: str | None) -> Settings:
 
 
 def register(api: TestClient, steward: str, tmp_path: Path, *, org: str = "hospital", hospital: str = "north",
-             patients: int = PATIENTS) -> Path:
+             patients: int = PATIENTS, file_format: Literal["dicom", "png"] = "dicom") -> Path:
     """The labels table and the collection (`patients` x 2 images, 16x16) of `hospital`, registered by reference
-    by a steward of `org`."""
+    by a steward of `org`: DICOM files (the patient in PatientID) or RGB PNG photographs (in the folder name)."""
     name = f"retina-{hospital}"
     labels_name = f"{name}-labels"
     labels = {"name": labels_name, "title": "Retinopathy grades", "privacy_unit": "patient_id",
@@ -69,11 +69,12 @@ def register(api: TestClient, steward: str, tmp_path: Path, *, org: str = "hospi
             "columns": {"patient_id": {"type": "string"}, "modality": {"type": "string", "public": True},
                         "label": {"type": "integer", "categories": [0, 1], "public": True}},
             "collection": {"pseudonym_pattern": PSEUDONYM_PATTERN, "image": {"channels": 1, "height": 16, "width": 16},
-                           "labels": {"dataset": labels_name, "on": "patient_id", "columns": ["label"]}}}
+                           "labels": {"dataset": labels_name, "on": "patient_id", "columns": ["label"]},
+                           "formats": [file_format], "unit_from": "PatientID" if file_format == "dicom" else "path:0"}}
     created = api.post("/v1/datasets", json=card, headers=auth(steward))
     assert created.status_code == 201, created.text
     folder = tmp_path / org / "exports" / "retina"
-    write_collection(folder, hospital=hospital, patients=patients, images_per_patient=2)
+    write_collection(folder, hospital=hospital, patients=patients, images_per_patient=2, file_format=file_format)
     version = api.post(f"/v1/datasets/{name}/versions", json={"reference": str(folder)}, headers=auth(steward))
     assert version.status_code == 201 and version.json()["status"] == "active", version.text
     return folder
@@ -179,10 +180,11 @@ def test_an_analysis_job_reads_the_collection_and_a_changed_folder_is_never_moun
 def test_a_dp_cnn_trains_on_two_hospitals_collections_after_both_approve(
         api: TestClient, instance: Instance, tokens: Tokens, tmp_path: Path, training_image: str) -> None:
     """The acceptance run: retinal photographs held by two hospitals, one contract, both stewards approve, one
-    model, each hospital's patients counted apart and each dataset's budget charged."""
+    model, each hospital's patients counted apart and each dataset's budget charged. North exports DICOM, south
+    colour PNG photographs: the trainer takes both, as one grey channel."""
     north, south = tokens.steward("ana", org="north"), tokens.steward("carl", org="south")
     register(api, north, tmp_path, org="north", hospital="north", patients=8)
-    register(api, south, tmp_path, org="south", hospital="south", patients=6)
+    register(api, south, tmp_path, org="south", hospital="south", patients=6, file_format="png")
     runner = DockerRunner(state_dir=tmp_path / "runner", instance_id=instance.instance_id)
     worker = Worker(instance, runner, Capacity(cpus=4, memory_mb=8192))
     worker.refresh_images()
