@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +250,31 @@ def test_a_photo_collection_whose_exif_names_a_person_is_blocked(api: TestClient
     assert report["dicom"]["classes"] == ["names"] and report["dicom"]["flagged_files"] == 1
     assert report["dicom"]["findings"][0]["keyword"] == "Artist"
     assert "Roe" not in str(report), "the report repeats the name"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_console_shows_a_collections_header_findings_and_file_diff(api: TestClient, tokens: Tokens,
+                                                                       tmp_path: Path) -> None:
+    from console.test_console_registration import section, signed_in
+
+    steward = tokens.steward()
+    folder = tmp_path / "exports" / "retina"
+    write_collection(folder, hospital="north", patients=2, images_per_patient=2)
+    register_labels(api, steward, tmp_path, patients=3)
+    assert api.post("/v1/datasets", json=collection_card(), headers=auth(steward)).status_code == 201
+    assert api.post(f"/v1/datasets/{NAME}/versions", json={"reference": str(folder)},
+                    headers=auth(steward)).status_code == 201
+    write_collection(folder, hospital="north", patients=1, images_per_patient=2, seed=3, first_patient=2,
+                     identifying={"names", "institutions"})
+    second = api.post(f"/v1/datasets/{NAME}/versions", json={"reference": str(folder)}, headers=auth(steward))
+    assert second.json()["status"] == "blocked", second.text
+
+    page = signed_in(api, steward).get(f"/console/datasets/{NAME}/versions/2")
+    assert page.status_code == 200, page.text[:300]
+    headers = section(page.text, 'id="file-headers"')
+    assert "<code>PatientName</code>" in headers and "<code>InstitutionName</code>" in headers
+    for value in ("DOE^JANE", "North General Hospital", "Hospital Road"):
+        assert value not in page.text, f"the page repeats {value!r}"
+    changes = section(page.text, 'id="file-changes"')
+    assert re.search(r'<td class="number">4</td><td class="number">6</td><td class="number">2</td>', changes), changes
+    assert "PSN-" in page.text.split('id="file-changes"', 1)[1], "the added files are not listed"
