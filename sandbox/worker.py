@@ -51,7 +51,7 @@ from sandbox.egress.leaks import leak_verdict
 from sandbox.errors import Invalid
 from sandbox.instance import Instance
 from sandbox.jobs.lifecycle import TERMINAL, JobState
-from sandbox.jobs.mounts import collection_problems, job_data
+from sandbox.jobs.mounts import collection_problems, job_data, not_mounted
 from sandbox.jobs.service import move, settle_review, usage_totals
 from sandbox.logs import get_logger
 from sandbox.notebooks.kernel_runners import kernel_runner, swarm_engines
@@ -770,9 +770,7 @@ class Worker:
                 queued = session.get(Job, job_id)
                 problems = collection_problems(self.instance, queued, session) if queued is not None else []
             if problems:
-                refused = (f"a file collection changed since it was registered, so it is not mounted: "
-                           f"{'; '.join(problems[:20])}" + (f" (and {len(problems) - 20} more)"
-                                                            if len(problems) > 20 else ""))
+                refused = not_mounted(problems)
         with self.context() as ctx:
             job = ctx.session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.QUEUED.value:

@@ -519,6 +519,8 @@ class NotebookSession(Shape):
     usage: Usage
     created_at: Timestamp
     exports: list[NotebookExport]
+    notice: str | None = Field(default=None, description="why the session lacks data it would have: a file "
+                               "collection whose folder changed since registration is not mounted (its manifest is)")
     url: str | None = Field(default=None, description="the Jupyter server's URL, when the session is started")
     token: str | None = Field(default=None, description="a new session token, when the session is started")
     lab_url: str | None = Field(default=None, description="JupyterLab in a browser, with the new session token "

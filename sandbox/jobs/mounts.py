@@ -76,3 +76,12 @@ def collection_problems(instance: Instance, job: Job, session: Session) -> list[
         problems += [f"{dataset} v{entry.version}: {problem}" for problem in
                      check_in_place(Path(pinned.reference), artifacts / pinned.path, known)]
     return problems
+
+
+NOT_MOUNTED = "a file collection changed since it was registered, so it is not mounted"
+
+
+def not_mounted(problems: list[str], *, shown: int = 20) -> str:
+    """What a job's refusal and a notebook session's notice say of `collection_problems`."""
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return f"{NOT_MOUNTED}: {'; '.join(problems[:shown])}{more}"

@@ -40,7 +40,7 @@ from sandbox.config import Settings
 from sandbox.contracts import JobKind
 from sandbox.instance import Instance
 from sandbox.jobs.lifecycle import JobState
-from sandbox.jobs.mounts import collection_problems, job_data
+from sandbox.jobs.mounts import collection_problems, job_data, not_mounted
 from sandbox.notebooks.endpoint import (
     SOCKET_FILE,
     ServerEndpoint,
@@ -147,6 +147,16 @@ class NotebookServers:
             write_failure(folder, ServerFailure(detail=str(error)))
             raise
 
+    def _notice_not_mounted(self, job_id: str, problems: list[str]) -> None:
+        notice = not_mounted(problems)
+        with self.instance.system_context() as ctx:
+            job = ctx.session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.RUNNING.value or job.reason == notice:
+                return
+            job.reason = notice
+            ctx.record("notebook.collection_not_mounted", "job", job_id, problems=problems[:50],
+                       count=len(problems))
+
     def _start(self, job_id: str) -> None:
         settings = self.instance.settings
         with self.instance.read_session() as session:
@@ -175,10 +185,11 @@ class NotebookServers:
         socket = folder / SOCKET_FILE
         socket.unlink(missing_ok=True)
         if problems:
-            # A collection's folder changed since registration: its files are not mounted (the manifest is), and
-            # the server's log says why.
+            # A collection's folder changed since registration: its files are not mounted (the manifest is). The
+            # session says why (`notice`, as a job's refusal would), and the audit log keeps the problems.
             log.warning("notebook.collection_not_mounted", job=job_id, problems=problems[:20])
             data_folders = {}
+            self._notice_not_mounted(job_id, problems)
         spec = SessionSpec(
             **spec_fields, base_url=base_url(job_id), socket=str(socket), internal_token=secrets.token_urlsafe(32),
             workspace=str(workspace), code_dir=str(code_dir),

@@ -23,6 +23,7 @@ from sandbox.contracts import JobKind, Tier, Use, get_contract, require_usable, 
 from sandbox.dp.mock_publication import find_mock
 from sandbox.errors import Conflict, Forbidden, NotFound
 from sandbox.jobs.lifecycle import JobState
+from sandbox.jobs.mounts import NOT_MOUNTED
 from sandbox.jobs.service import (
     buyer_usage,
     get_job,
@@ -226,6 +227,8 @@ def session_view(job: Job, *, steward: bool = False, url: str | None = None,
                             "usage": job.usage if steward else buyer_usage(job.usage),
                             "created_at": job.created_at.isoformat(),
                             "exports": [{"path": o["path"], "status": o["status"], "kind": o["kind"]} for o in outputs]}
+    if job.reason.startswith(NOT_MOUNTED):
+        view["notice"] = job.reason
     if url is not None:
         view["url"] = url
     if token is not None:

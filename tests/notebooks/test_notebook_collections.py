@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import Tokens, auth
@@ -46,22 +47,44 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NotebookWo
         instance.close()
 
 
-def test_an_aggregate_kernel_reads_the_collection_read_only(world: tuple[NotebookWorld, Path]) -> None:
-    nb_world, folder = world
+def look(nb_world: NotebookWorld, purpose: str) -> tuple[dict[str, Any], str]:
+    """A new aggregate contract's notebook session on the collection, and what its kernel saw (`LOOK`)."""
     created = nb_world.http.post("/v1/contracts", headers=auth(nb_world.steward), json={
         "buyer_org": "acme", "datasets": [NAME], "tier": "aggregate", "kinds": ["notebook"],
-        "purpose": "retina notebook", "valid_until": "2099-01-01", "epsilon": 1.0})
+        "purpose": purpose, "valid_until": "2099-01-01", "epsilon": 1.0})
     assert created.status_code == 201, created.text
-    nb_world.contracts["retina"] = created.json()["id"]
     session = nb_world.http.post("/v1/notebooks", headers=auth(nb_world.buyer),
                                  json={"contract": created.json()["id"], "dataset": NAME})
     assert session.status_code == 201, session.text
-    body = session.json()
+    body: dict[str, Any] = session.json()
     nb_world.sessions.append(body["id"])
     wait_for_server(body)
     result = nb_world.kernel(body).execute(LOOK)
     assert result.reply["content"]["status"] == "ok", result.text
-    seen = (nb_world.workspace(body["id"]) / "seen.txt").read_text()
+    return body, (nb_world.workspace(body["id"]) / "seen.txt").read_text()
+
+
+def test_an_aggregate_kernel_reads_the_collection_read_only(world: tuple[NotebookWorld, Path]) -> None:
+    nb_world, folder = world
+    body, seen = look(nb_world, "retina notebook")
+    assert "notice" not in body
     count = len(list(folder.rglob("*.dcm")))
     assert seen == f"['files', 'manifest.parquet'] {count} files {count} rows read-only", seen
     assert not (folder / "new.dcm").exists(), "the kernel wrote into the hospital's folder"
+
+
+def test_a_changed_folder_is_not_mounted_and_the_session_says_why(world: tuple[NotebookWorld, Path]) -> None:
+    nb_world, folder = world
+    added = folder / "unregistered.dcm"
+    added.write_bytes(b"a file no version lists")
+    try:
+        body, seen = look(nb_world, "retina notebook, second look")
+        assert seen.startswith("['manifest.parquet'] 0 files"), seen
+        view = nb_world.http.get(f"/v1/notebooks/{body['id']}", headers=auth(nb_world.buyer)).json()
+        assert "not mounted" in view.get("notice", "") and "unregistered.dcm" in view["notice"], view
+        events = nb_world.http.get("/v1/audit", params={"action": "notebook.collection_not_mounted"},
+                                   headers=auth(nb_world.steward)).json()
+        assert [e["object_id"] for e in events] == [body["id"]], events
+        assert "unregistered.dcm" in str(events[0]["details"]["problems"])
+    finally:
+        added.unlink()
