@@ -12,8 +12,10 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
+from rich.text import Text
 
 from sandbox.auth.tokens import Role
 from sandbox.client import ApiError, SandboxClient
@@ -551,11 +553,20 @@ def _show_version(name: str, created: dict[str, Any], as_json: bool) -> None:
 def _print_report(report: dict[str, Any]) -> None:
     for reason in report.get("reasons", []):
         fix = "override or remediate" if reason.get("overridable") else "remediate (no override)"
-        console.print(f"[red]blocked[/]: {reason['detail']} [{fix}]")
+        console.print(f"[red]blocked[/]: {escape(reason['detail'])} {escape(f'[{fix}]')}")
     if report.get("identifiers"):
         table = Table("column", "kind", "rows", "examples (masked)", title="direct identifiers")
         for found in report["identifiers"]:
             table.add_row(found["column"], found["kind"], str(found["count"]), ", ".join(found.get("examples", [])))
+        out.print(table)
+    headers = report.get("dicom") or {}
+    if headers.get("findings"):
+        table = Table("class", "tag", "element", "files", "example (masked)",
+                      title=f"file headers: {headers.get('flagged_files')} of {headers.get('files')} files flagged")
+        for found in headers["findings"]:
+            # Tags and element names of PNG text chunks come from the files: text, never markup.
+            table.add_row(found["class"], Text(found["tag"]), Text(found["keyword"]), str(found["files"]),
+                          Text(found["example"]))
         out.print(table)
     anonymity = report.get("k_anonymity") or {}
     if anonymity.get("quasi_identifiers"):

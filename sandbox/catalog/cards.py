@@ -248,8 +248,10 @@ def _collection_errors(card: DatasetCard) -> list[str]:
         errors.append("fhir_mapping: a files dataset is not read from FHIR")
     if len(set(collection.formats)) != len(collection.formats):
         errors.append("collection.formats: each format once")
-    if collection.unit_from == "PatientID" and "dicom" not in collection.formats:
-        errors.append("collection.unit_from: PatientID comes from DICOM headers; use path:<n> for other formats")
+    headerless = sorted(set(collection.formats) - {"dicom", "nifti"})
+    if collection.unit_from == "PatientID" and headerless:
+        errors.append(f"collection.unit_from: PatientID comes from DICOM headers (a DICOM file's, or a NIfTI "
+                      f"file's DICOM extension), which {' and '.join(headerless)} files lack; use path:<n>")
     if collection.unit_from == "PatientID" and not collection.pseudonym_pattern:
         errors.append("collection.pseudonym_pattern: the privacy unit comes from PatientID, so the card must "
                       "say what a de-identified PatientID looks like (a regular expression)")

@@ -187,6 +187,13 @@ def test_the_cli_registers_a_reference_and_says_how_many_files(api: TestClient, 
     done = runner.invoke(cli.app, ["dataset", "add-version", NAME, "--reference", str(folder)])
     assert done.exit_code == 0, done.output
     assert f"{NAME} version 1: 6 files" in done.output
+    write_collection(folder, hospital="north", patients=1, images_per_patient=1, seed=3, first_patient=2,
+                     identifying={"names"})
+    blocked = runner.invoke(cli.app, ["dataset", "add-version", NAME, "--reference", str(folder)])
+    assert blocked.exit_code == 3, blocked.output
+    assert "file headers: 1 of 7 files flagged" in blocked.output and "PatientName" in blocked.output
+    assert "[override or remediate]" in blocked.output, "the CLI hides what the steward may do"
+    assert "DOE^JANE" not in blocked.output, "the CLI prints a patient's name"
     both = runner.invoke(cli.app, ["dataset", "add-version", NAME, str(next(folder.rglob("*.dcm"))),
                                    "--reference", str(folder)])
     assert both.exit_code == 1 and "not both" in both.output

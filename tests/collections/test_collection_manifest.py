@@ -63,6 +63,11 @@ def test_a_files_card_is_validated() -> None:
     body["collection"] = None
     body["kind"] = "files"
     assert any("needs a collection section" in error for error in card_errors(DatasetCard.model_validate(body)))
+    # PatientID is read from DICOM headers: a NIfTI file's DICOM extension has one, a PNG or JPEG never does.
+    assert card_errors(collection_card(formats=["dicom", "nifti"])) == []
+    for formats in (["png"], ["dicom", "jpeg"]):
+        errors = card_errors(collection_card(formats=formats))
+        assert any("PatientID comes from DICOM headers" in e and "use path:<n>" in e for e in errors), errors
 
 
 def test_a_weekly_version_diff_lists_added_changed_and_removed(tmp_path: Path) -> None:
