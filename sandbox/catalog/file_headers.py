@@ -89,6 +89,13 @@ def picture_findings(picture: Any, rules: HeaderRules) -> list[Finding]:
     return findings
 
 
+def nifti_version(start: bytes) -> int | None:
+    """1 or 2 when `start` (a file's first four bytes, unzipped) is a NIfTI-1 or NIfTI-2 sizeof_hdr in either
+    byte order; None otherwise."""
+    return NIFTI_HEADER_SIZES.get(int.from_bytes(start[:4], "little")) or NIFTI_HEADER_SIZES.get(
+        int.from_bytes(start[:4], "big"))
+
+
 def read_nifti_header(handle: BinaryIO, *, compressed: bool) -> Any:
     """The NIfTI-1 or NIfTI-2 header of a single-file image (`.nii`, `.nii.gz`), extensions included,
     read by nibabel without the voxels. Raises ValueError for a file that is neither."""
@@ -96,8 +103,7 @@ def read_nifti_header(handle: BinaryIO, *, compressed: bool) -> Any:
 
     source: Any = gzip.GzipFile(fileobj=handle, mode="rb") if compressed else handle
     start = source.read(4)
-    version = NIFTI_HEADER_SIZES.get(int.from_bytes(start, "little")) or NIFTI_HEADER_SIZES.get(
-        int.from_bytes(start, "big"))
+    version = nifti_version(start)
     if version is None:
         raise ValueError("no NIfTI-1 or NIfTI-2 header (sizeof_hdr is neither 348 nor 540)")
     rest = source.read({1: 344, 2: 536}[version])

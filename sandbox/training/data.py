@@ -278,7 +278,7 @@ def _nifti_pixels(content: bytes) -> np.ndarray[Any, Any]:
     middle slice along the third axis of a volume (the first volume of a series)."""
     import nibabel  # imported here: only workers that train on NIfTI collections need it
 
-    from sandbox.catalog.file_headers import NIFTI_HEADER_SIZES
+    from sandbox.catalog.file_headers import nifti_version
 
     try:
         if content[:2] == b"\x1f\x8b":
@@ -286,9 +286,7 @@ def _nifti_pixels(content: bytes) -> np.ndarray[Any, Any]:
                 content = unzipped.read(MAX_SOURCE_VALUES * 8 + MAX_NIFTI_OVERHEAD + 1)
             if len(content) > MAX_SOURCE_VALUES * 8 + MAX_NIFTI_OVERHEAD:
                 raise Invalid(f"a NIfTI file's voxels exceed {MAX_SOURCE_VALUES} values")
-        version = NIFTI_HEADER_SIZES.get(int.from_bytes(content[:4], "little")) or NIFTI_HEADER_SIZES.get(
-            int.from_bytes(content[:4], "big"))
-        image: Any = (nibabel.Nifti1Image if version == 1 else nibabel.Nifti2Image).from_bytes(content)
+        image: Any = (nibabel.Nifti1Image if nifti_version(content) == 1 else nibabel.Nifti2Image).from_bytes(content)
         shape = tuple(int(size) for size in image.header.get_data_shape())
         if len(shape) < 2 or math.prod(shape) > MAX_SOURCE_VALUES:
             raise Invalid(f"a NIfTI file must hold a 2-D image or a volume of at most {MAX_SOURCE_VALUES} values")
