@@ -128,6 +128,8 @@ def container_options(job: JobDefinition, *, instance_id: str, output_dir: Path,
     resources = job.resources
     memory = f"{resources.memory_mb}m"
     output_bytes = resources.output_mb * MIB
+    data: tuple[tuple[Literal["file", "folder"], dict[str, Path]], ...] = (
+        ("file", job.data_files), ("folder", job.data_folders))
     mounts = [
         docker.types.Mount(
             target="/code", source=str(_host_path(job.code_dir, "code folder", "folder")), type="bind", read_only=True
@@ -135,20 +137,12 @@ def container_options(job: JobDefinition, *, instance_id: str, output_dir: Path,
         *(
             docker.types.Mount(
                 target=f"/data/{name}",
-                source=str(_host_path(path, f"data file {name!r}", "file")),
+                source=str(_host_path(path, f"data {kind} {name!r}", kind)),
                 type="bind",
                 read_only=True,
             )
-            for name, path in sorted(job.data_files.items())
-        ),
-        *(
-            docker.types.Mount(
-                target=f"/data/{name}",
-                source=str(_host_path(path, f"data folder {name!r}", "folder")),
-                type="bind",
-                read_only=True,
-            )
-            for name, path in sorted(job.data_folders.items())
+            for kind, paths in data
+            for name, path in sorted(paths.items())
         ),
         docker.types.Mount(target="/output", source=str(output_dir), type="bind", read_only=False),
     ]
