@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import http.server
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,17 @@ from sandbox.instance import Instance
 
 def demo_card(name: str = "carotid-stenting") -> dict[str, Any]:
     return {**CARD, "name": name}
+
+
+def ids_in(text: str, ids: Iterable[str]) -> list[str]:
+    """The patient ids (P + digits) that `text` carries: whole, or as their digits standing alone.
+
+    The digits are matched only as a token of their own: a digest, a signature or a byte count the
+    platform wrote can hold any six digits in a row by chance, and a check that fails by chance
+    cannot tell a leak from luck.
+    """
+    tokens = set(re.findall(r"[0-9A-Za-z]+", text))
+    return sorted(pid for pid in ids if pid in text or pid[1:] in tokens)
 
 
 def auth(token: str) -> dict[str, str]:
