@@ -25,10 +25,11 @@ def demo_card(name: str = "carotid-stenting") -> dict[str, Any]:
 def ids_in(text: str, ids: Iterable[str]) -> list[str]:
     """The patient ids (P + digits) that `text` carries: whole, or as their digits standing alone.
 
-    The digits are matched only as a token of their own: a digest, a signature or a byte count the
-    platform wrote can hold any six digits in a row by chance, and a check that fails by chance
-    cannot tell a leak from luck.
+    The digits are matched only as a token of their own, and not as a timestamp's fraction of a second: a
+    digest, a signature, a byte count or a time the platform wrote can hold any six digits by chance, and
+    a check that fails by chance cannot tell a leak from luck.
     """
+    text = re.sub(r"(?<=\d\d:\d\d:\d\d)\.\d+", "", text)  # a timestamp's microseconds are six digits too
     tokens = set(re.findall(r"[0-9A-Za-z]+", text))
     return sorted(pid for pid in ids if pid in text or pid[1:] in tokens)
 

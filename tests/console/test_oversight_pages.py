@@ -204,14 +204,23 @@ def test_audit_search_finds_events_by_action_object_and_text_and_shows_the_chain
     assert 'data-chain="broken"' in broken and f"at event {query_seq}" in broken, "a rewritten event went unseen"
 
 
+def _query_time(world: World) -> datetime:
+    """When the world's DP query was audited: the day and month its charge belongs to (a test that read the
+    clock instead would fail when it ran across midnight)."""
+    with world.instance.read_session() as session:
+        at = session.scalars(select(AuditEvent.at).where(AuditEvent.action == "dp.query")).one()
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
 def test_usage_charts_the_days_epsilon_from_the_audited_query(world: World) -> None:
     html = world.browser("buyer").get("/console/usage").text
     chart = section(html, f'class="card usage-chart" data-contract="{world.contract}"')
-    today = datetime.now(UTC).date().isoformat()
-    assert f"<td>{today}</td><td>0.0</td><td>0.5</td>" in chart, "today's epsilon is not in the table"
+    day = _query_time(world).date().isoformat()
+    assert f"<td>{day}</td><td>0.0</td><td>0.5</td>" in chart, "the query's day and epsilon are not in the table"
     figure = chart[chart.index("ε per day"):]
     heights = [float(h) for h in re.findall(r'<rect class="column"[^>]*height="([0-9.]+)"', figure)]
-    assert len(heights) == 30 and heights[-1] == pytest.approx(CHART_HEIGHT) and sum(heights[:-1]) == 0
+    assert len(heights) == 30 and max(heights) == pytest.approx(CHART_HEIGHT) == sum(heights), heights
+    assert heights.index(max(heights)) >= 28, "the query's column is not today's (or yesterday's, past midnight)"
     assert world.other_contract not in html, "a buyer sees another org's usage"
     assert world.contract not in world.browser("other_steward").get("/console/usage").text
 
@@ -227,7 +236,7 @@ def test_invoices_trace_each_line_to_its_audited_events_and_export_csv(world: Wo
     assert len(seqs) == 1, "the epsilon line does not link its event"
     traced = steward.get(f"/console/audit?seq={seqs[0]}").text
     assert "<code>dp.query</code>" in traced and world.contract in traced
-    period = datetime.now(UTC).strftime("%Y-%m")
+    period = _query_time(world).strftime("%Y-%m")
     csv = steward.get(f"/console/invoices.csv?period={period}")
     assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
     assert f"{world.contract},{period},EUR,epsilon,0.500000,epsilon,10,5.00,{seqs[0]}" in csv.text

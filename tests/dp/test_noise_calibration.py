@@ -24,7 +24,8 @@ def test_sample_standard_deviation_matches_theory(kind: str, model: str) -> None
     expected = math.sqrt(2) * norms.l1 / 0.5 if model == "pure" else norms.l2 / math.sqrt(2 * 0.125)
     observed = statistics.stdev(errors)
     assert abs(observed - expected) <= 0.1 * expected, f"{model} {kind}: sd {observed:.2f}, theory {expected:.2f}"
-    assert abs(statistics.mean(errors)) <= 4 * expected / math.sqrt(DRAWS), "the noise is biased"
+    # 5.5 standard errors: an unbiased mechanism fails this about once in 25 million runs (4 failed 1 in 16,000).
+    assert abs(statistics.mean(errors)) <= 5.5 * expected / math.sqrt(DRAWS), "the noise is biased"
 
 
 def test_stated_accuracy_covers_about_95_percent() -> None:

@@ -11,7 +11,7 @@ import http.client
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -117,14 +117,15 @@ def test_encoded_climbs_never_reach_the_server(nb_world: NotebookWorld) -> None:
 
 
 @contextlib.contextmanager
-def _bearer_kernel_socket(session: dict[str, Any], jwt: str) -> Iterator[Any]:
-    """A kernel started with the session token, its websocket opened with the service JWT `jwt`."""
+def _bearer_kernel_socket(session: dict[str, Any], jwt: Callable[[], str]) -> Iterator[Any]:
+    """A kernel started with the session token, its websocket opened with the service JWT that `jwt` mints
+    once the kernel is up (a short-lived token must not spend its life on the kernel's start)."""
     token = {"Authorization": f"token {session['token']}"}
     started = httpx.post(f"{session['url']}api/kernels", headers=token, json={"name": "sandbox"}, timeout=60)
     assert started.status_code == 201, started.text
     kernel_id = started.json()["id"]
     url = session["url"].replace("http://", "ws://") + f"api/kernels/{kernel_id}/channels"
-    socket = connect(f"{url}?session_id={uuid.uuid4().hex}", additional_headers=auth(jwt), open_timeout=30)
+    socket = connect(f"{url}?session_id={uuid.uuid4().hex}", additional_headers=auth(jwt()), open_timeout=30)
     try:
         yield socket
     finally:
@@ -157,7 +158,7 @@ def quick_checks(nb_world: NotebookWorld) -> Iterator[None]:
 @SQLITE_WORLD
 def test_a_revoked_jwt_closes_its_open_kernel_socket(nb_world: NotebookWorld, quick_checks: None) -> None:
     issued = nb_world.instance.issue_token(sub="revoked-later", org="acme", role=Role.BUYER, ttl_s=3600)
-    with _bearer_kernel_socket(nb_world.session("trusted"), issued.token) as socket:
+    with _bearer_kernel_socket(nb_world.session("trusted"), lambda: issued.token) as socket:
         assert _closed_within(socket, 1.5) is None, "the socket closed before anything was revoked"
         nb_world.instance.revoke_token(issued.jti)
         closed = _closed_within(socket, 15)
@@ -172,8 +173,10 @@ def test_an_expired_jwt_closes_its_open_kernel_socket(nb_world: NotebookWorld, q
     instance.settings.token_leeway_s = 0
     instance.__dict__.pop("verifier", None)  # built from the settings once; rebuilt with no leeway
     try:
-        issued = instance.issue_token(sub="expires-soon", org="acme", role=Role.BUYER, ttl_s=5)
-        with _bearer_kernel_socket(nb_world.session("trusted"), issued.token) as socket:
+        def expires_soon() -> str:
+            return instance.issue_token(sub="expires-soon", org="acme", role=Role.BUYER, ttl_s=8).token
+
+        with _bearer_kernel_socket(nb_world.session("trusted"), expires_soon) as socket:
             closed = _closed_within(socket, 30)
             assert closed is not None and closed.rcvd is not None and closed.rcvd.code == 1008, \
                 "an expired token's kernel socket stayed open"
