@@ -107,7 +107,10 @@ case "${1:-}" in
     "$VENV/bin/sandbox" images build
     log "running the test suite on SQLite and PostgreSQL"
     export SANDBOX_REQUIRE_POSTGRES=1 SANDBOX_REQUIRE_DOCKER=1
-    exec "$VENV/bin/pytest" --durations=25 "$@"
+    # One pytest-xdist worker per core, at most four. Tests that share one thing on the machine run on one
+    # worker (tests/conftest.py); SANDBOX_TEST_WORKERS=0 runs the suite in this one process.
+    workers=$(( $(nproc) < 4 ? $(nproc) : 4 ))
+    exec "$VENV/bin/pytest" --numprocesses="${SANDBOX_TEST_WORKERS:-$workers}" --dist loadgroup --durations=25 "$@"
     ;;
   *)
     echo "usage: ./run.sh demo [--port N] | ./run.sh test [pytest args]" >&2

@@ -89,8 +89,26 @@ def api(instance: Instance, worker_service: LocalHttpServer) -> Iterator[TestCli
         yield client
 
 
+# Tests that share one thing on this machine run on one pytest-xdist worker (`--dist loadgroup`): the swarm
+# lab (three nodes, one registry port, one per session), and the image builds (one wheel cache, real tags).
+SERIAL_GROUPS = {"swarm": "swarm", "images": "images", "deploy": "images"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        parts = item.path.relative_to(tests).parts
+        if len(parts) > 1 and parts[0] in SERIAL_GROUPS:
+            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS[parts[0]]))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """After the whole suite, no container with the project's labels may be left running."""
+    """After the whole suite, no container with the project's labels may be left running.
+
+    Under pytest-xdist only the controller looks, once every worker has finished: a worker would see the
+    containers of tests still running on the others."""
+    if hasattr(session.config, "workerinput"):
+        return
     try:
         import docker
 
