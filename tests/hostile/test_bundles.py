@@ -128,8 +128,9 @@ def test_too_many_files(tmp_path: Path) -> None:
         unpack_bundle(path, tmp_path / "out" / "code", BundleLimits(max_files=20))
 
 
-@pytest.mark.parametrize("content", [b"", b"not a tarball", gzip.compress(b"not a tar inside"),
-                                     gzip.compress(b"x" * 2000)[:50]])
+@pytest.mark.parametrize("content", [b"", b"not a tarball", gzip.compress(b"not a tar inside", mtime=0),
+                                     gzip.compress(b"x" * 2000, mtime=0)[:50]],
+                         ids=["empty", "not a tarball", "gzip of no tar", "truncated gzip"])
 def test_corrupt_bundles_are_refused(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "code.tar.gz"
     path.write_bytes(content)
