@@ -110,7 +110,7 @@ case "${1:-}" in
     # One pytest-xdist worker per core, at most four. Tests that share one thing on the machine run on one
     # worker (tests/conftest.py); SANDBOX_TEST_WORKERS=0 runs the suite in this one process.
     workers=$(( $(nproc) < 4 ? $(nproc) : 4 ))
-    exec "$VENV/bin/pytest" --numprocesses="${SANDBOX_TEST_WORKERS:-$workers}" --dist loadgroup --durations=25 "$@"
+    exec "$VENV/bin/pytest" --numprocesses="${SANDBOX_TEST_WORKERS:-$workers}" --dist load --durations=25 "$@"
     ;;
   *)
     echo "usage: ./run.sh demo [--port N] | ./run.sh test [pytest args]" >&2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -89,17 +90,28 @@ def api(instance: Instance, worker_service: LocalHttpServer) -> Iterator[TestCli
         yield client
 
 
-# Tests that share one thing on this machine run on one pytest-xdist worker (`--dist loadgroup`): the swarm
-# lab (three nodes, one registry port, one per session), and the image builds (one wheel cache, real tags).
+# Tests that share one thing on this machine run on one pytest-xdist worker: the swarm lab (three nodes, one
+# registry port, one per session), and the image builds (one wheel cache, real tags). pytest-xdist's own
+# `xdist_group` marks cannot do it here: with pytest 9 they no longer reach the test ids its scheduler reads.
 SERIAL_GROUPS = {"swarm": "swarm", "images": "images", "deploy": "images"}
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    tests = Path(__file__).parent
-    for item in items:
-        parts = item.path.relative_to(tests).parts
-        if len(parts) > 1 and parts[0] in SERIAL_GROUPS:
-            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS[parts[0]]))
+def serial_group(nodeid: str) -> str | None:
+    """The group of tests that must share a worker with the test `nodeid`, if any."""
+    parts = nodeid.split("::", 1)[0].split("/")
+    return SERIAL_GROUPS.get(parts[1]) if len(parts) > 2 and parts[0] == "tests" else None
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent when it is not installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Each test its own unit of work, except that a serial group's tests go to one worker, in their order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedThingsScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return serial_group(nodeid) or nodeid
+
+    return SharedThingsScheduling(config, log)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

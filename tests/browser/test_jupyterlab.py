@@ -117,11 +117,29 @@ def _open_new_notebook(page: Any, session: dict[str, Any], name: str) -> None:
     page.locator(".jp-NotebookPanel:visible .jp-Notebook .jp-Cell").first.wait_for()
 
 
+def _answer_dialog(page: Any) -> None:
+    """Answer a dialog Lab shows, as a person would, or fail with its words: a dialog blocks every click, and a
+    click's timeout says only that something was in the way.
+
+    "Select Kernel" is expected: a cell run while the notebook's kernel container is still starting (slow on
+    a busy machine) makes Lab ask which kernel to use; the researcher picks the sandbox's, the only one.
+    """
+    dialog = page.locator(".jp-Dialog")
+    if not dialog.count():
+        return
+    text = dialog.first.inner_text()
+    if "Select Kernel" not in text or "Python 3 (sandbox)" not in text:
+        raise AssertionError(f"JupyterLab shows a dialog: {text!r}")
+    dialog.first.locator("button:has-text('Select')").click()
+    dialog.first.wait_for(state="detached")
+
+
 def _run_cell(page: Any, index: int, code: str) -> Any:
     """Type `code` into the notebook's cell `index` and run it; its output area."""
     editor = page.locator(".jp-NotebookPanel:visible .jp-Notebook .jp-Cell").nth(index).locator(".cm-content")
     editor.wait_for()
     for _ in range(20):  # a click that lands while Lab is still attaching the editor types nowhere: again
+        _answer_dialog(page)
         editor.click()
         page.keyboard.insert_text(code)  # no key events: the editor's bracket closing does not rewrite the code
         if code[:20] in editor.inner_text():
@@ -132,6 +150,7 @@ def _run_cell(page: Any, index: int, code: str) -> Any:
     for _ in range(10):
         # A run asked for while Lab still connects the notebook to its kernel is dropped (the prompt stays
         # "[ ]"); one that was taken shows "[*]" or a count, and is never asked for twice.
+        _answer_dialog(page)
         editor.click()
         page.keyboard.press("Shift+Enter")
         try:
