@@ -325,6 +325,10 @@ def test_jobs_land_by_data_and_gpus_and_stop_at_their_time_limit(small_runner: t
         with pytest.raises(RunnerError, match="no Ready node has that many free"):
             runner.start(second)
         assert runner.capacity().nodes == 3 and runner.capacity().gpus == 1
+        # Running first, and only then polled: a task still waiting for a node has its time counted from its
+        # service's creation, and on a busy machine a poll 2 s after that would rightly stop it before it ran.
+        for job in overdue:
+            wait_task_state(manager, job.id, "running")
         for job, by in ((overdue[0], runner), (overdue[1], blind)):
             late = wait_exited(by, job.id)
             assert late.timed_out and late.exit_code == 137 and late.lost is None, late
@@ -456,6 +460,19 @@ def contract_with_rerun(w: SwarmWorld, tokens: Tokens) -> str:
         "policy": f"default@{version}", "quotas": {"concurrent_jobs": 4, "cpu_hours": 10}})
     assert contract.status_code == 201, contract.text
     return str(contract.json()["id"])
+
+
+def wait_task_state(manager: Any, job_id: str, state: str) -> None:
+    """Wait, asking the manager and not the runner (whose polls act), until the job's task is in `state`."""
+    deadline = time.monotonic() + WAIT_S
+    tasks: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        services = manager.services.list(filters={"name": service_name(job_id)})
+        tasks = services[0].tasks() if services else []
+        if any(task["Status"]["State"] == state for task in tasks):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id}'s task never reached {state}: {tasks}")
 
 
 def wait_exited(runner: SwarmRunner, job_id: str) -> Any:
