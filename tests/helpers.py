@@ -22,6 +22,14 @@ def demo_card(name: str = "carotid-stenting") -> dict[str, Any]:
     return {**CARD, "name": name}
 
 
+def patient_ids(*registries: Path) -> list[str]:
+    """The patient ids in demo registry Parquet files (`write_registry`'s), in order, each once."""
+    import pyarrow.parquet as pq
+
+    ids = (str(v) for path in registries for v in pq.read_table(path, columns=["patient_id"]).column(0).to_pylist())
+    return list(dict.fromkeys(ids))
+
+
 def ids_in(text: str, ids: Iterable[str]) -> list[str]:
     """The patient ids (P + digits) that `text` carries: whole, or as their digits standing alone.
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cli.server import Server
+from helpers import patient_ids
 from nbworld import JupyterKernel, show_spec
 
 from sandbox.demo import CARD, write_registry
@@ -48,7 +49,7 @@ def test_start_connect_explore_export_and_stop(server: Server, tmp_path: Path, a
         table = counts.of_type("display_data")[0]["content"]["data"]["text/plain"]
         assert "F" in table and "M" in table, "the platform's recomputed table comes back"
         rows = kernel.execute("print(df.head(10).to_string())")
-        assert "withheld" in rows.stdout and not any(pid in rows.text for pid in df_ids(registry))
+        assert "withheld" in rows.stdout and not any(pid in rows.text for pid in patient_ids(registry))
         kernel.execute("import matplotlib\nmatplotlib.use('agg')\nimport matplotlib.pyplot as plt\n"
                        "plt.hist(df['age']); plt.savefig('/output/ages.png')")
     finally:
@@ -64,10 +65,6 @@ def test_start_connect_explore_export_and_stop(server: Server, tmp_path: Path, a
     assert "in_review" in stopped, "the export still waits for its review"
 
 
-def df_ids(registry: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return [str(v) for v in pq.read_table(registry, columns=["patient_id"]).column(0).to_pylist()]
 
 
 # The store is not what this tour tests (the API and worker tests run on both stores): SQLite only, to keep

@@ -13,7 +13,7 @@ import pyarrow.parquet
 import pytest
 import yaml
 from cli.server import Server, base_env, free_port, stop, wait_healthy
-from helpers import ids_in
+from helpers import ids_in, patient_ids
 
 from sandbox.demo import CARD, write_registry
 
@@ -44,9 +44,7 @@ def test_tour_register_contract_and_audit(server: Server, tmp_path: Path) -> Non
 
     catalog = json.loads(server.cli("dataset", "list", "--json", token=buyer).stdout)
     assert [d["name"] for d in catalog] == ["carotid-stenting"]
-    registered = set(pyarrow.parquet.read_table(week2, columns=["patient_id"]).column(0).to_pylist())
-    registered |= set(pyarrow.parquet.read_table(parquet, columns=["patient_id"]).column(0).to_pylist())
-    assert not ids_in(json.dumps(catalog), registered), "a patient id reached the catalog"
+    assert not ids_in(json.dumps(catalog), patient_ids(parquet, week2)), "a patient id reached the catalog"
     shown = server.cli("dataset", "show", "carotid-stenting", token=buyer).stdout
     assert "stenosis_pct" in shown
 

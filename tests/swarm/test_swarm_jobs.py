@@ -94,8 +94,7 @@ class SwarmWorld(JobWorld):
 
     def task(self, job_id: str) -> dict[str, Any] | None:
         """The job's task on the manager (None until its service exists)."""
-        services = self.manager.services.list(filters={"name": service_name(job_id)})
-        tasks = services[0].tasks() if services else []
+        tasks = job_tasks(self.manager, job_id)
         return tasks[0] if tasks else None
 
     def node_of(self, job_id: str) -> str:
@@ -462,13 +461,18 @@ def contract_with_rerun(w: SwarmWorld, tokens: Tokens) -> str:
     return str(contract.json()["id"])
 
 
+def job_tasks(manager: Any, job_id: str) -> list[dict[str, Any]]:
+    """The tasks of the job's service on the manager (none until the service exists)."""
+    services = manager.services.list(filters={"name": service_name(job_id)})
+    return list(services[0].tasks()) if services else []
+
+
 def wait_task_state(manager: Any, job_id: str, state: str) -> None:
     """Wait, asking the manager and not the runner (whose polls act), until the job's task is in `state`."""
     deadline = time.monotonic() + WAIT_S
     tasks: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        services = manager.services.list(filters={"name": service_name(job_id)})
-        tasks = services[0].tasks() if services else []
+        tasks = job_tasks(manager, job_id)
         if any(task["Status"]["State"] == state for task in tasks):
             return
         time.sleep(0.2)
