@@ -121,11 +121,18 @@ class SandboxKernelManager(AsyncMappingKernelManager):
 
 
 class SandboxSessionManager(SessionManager):
-    """Creates one session per path at a time, so two requests at once share one kernel.
+    """Creates one session per path at a time, so two requests at once share one kernel; and keeps a session's
+    live kernel when a client asks for a new kernel of the one spec there is.
 
     JupyterLab opening a notebook may ask for its session twice at once; Jupyter's handler checks for a
     session before creating one, so both requests started a kernel container, and the browser could stay
     attached to the one that was then shut down, its cells never running.
+
+    A cell run before Lab has bound the notebook to its session makes Lab ask for a kernel by name
+    (`PATCH /api/sessions/<id>` with `{"kernel": {"name": "sandbox"}}`) once the session exists. Jupyter
+    would start a second container and shut the first down: a contract's second kernel, and once the new
+    one is up Lab drops the cells it had sent to the old one, their output never shown. A fresh kernel is
+    what Restart gives.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -142,6 +149,23 @@ class SandboxSessionManager(SessionManager):
             created: dict[str, Any] = await super().create_session(path=path, name=name, type=type,
                                                                    kernel_name=kernel_name, kernel_id=kernel_id)
             return created
+
+    async def start_kernel_for_session(self, session_id: str, path: str | None, name: Any, type: str | None,
+                                       kernel_name: Any, kernel_id: str | None = None) -> str:
+        if kernel_id is None and kernel_name in (None, KERNEL_NAME):
+            live = await self._live_kernel(session_id)
+            if live is not None:
+                return live
+        started: str = await super().start_kernel_for_session(session_id, path, name, type, kernel_name, kernel_id)
+        return started
+
+    async def _live_kernel(self, session_id: str) -> str | None:
+        """The session's kernel, if the session exists and its kernel runs (a new session has none)."""
+        row = self.cursor.execute("SELECT kernel_id FROM session WHERE session_id=?", (session_id,)).fetchone()
+        if row is None or row[0] is None or row[0] not in self.kernel_manager:
+            return None
+        alive = await self.kernel_manager.is_alive(row[0])
+        return str(row[0]) if alive else None
 
 
 class KernelFolders:
