@@ -158,13 +158,15 @@ def unshare_works() -> bool:
 @pytest.mark.skipif(not unshare_works(), reason="needs unshare --pid (root or user namespaces)")
 def test_as_pid_1_the_trainer_kills_what_the_models_code_left_running(tmp_path: Path, worker: WorkerStub) -> None:
     """In a PID namespace of its own, as in a container, the trainer is PID 1 and kills every other process
-    before it asks for the data: a detached process the model's code forked never gets it. (A private tmpfs
-    on /dev/shm, which PID 1 wipes, keeps the host's own.)"""
+    before it asks for the data: when it asks, it is alone, and the detached process the model's code forked
+    (which asks once the trainer has the data) never gets it. (A private tmpfs on /dev/shm, which PID 1 wipes,
+    keeps the host's own.)"""
     outcome = train(tmp_path, worker, "leaves_a_daemon.py",
                     wrap=["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
                           'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh"])
     assert outcome.returncode == 0, outcome.stderr
-    assert worker.data_requests == 1
+    assert len(worker.askers) == 1 and worker.askers[0].neighbours == [], \
+        f"processes that ran beside the trainer when it asked for the data: {worker.askers}"
     assert not (tmp_path / "daemon-ran").exists(), "a process the model's code left behind got the data"
 
 

@@ -1,13 +1,21 @@
 """A stand-in for the worker's side of a dp_training container: `POST /training/data` (served once, then
-409, as the worker does) and `POST /training/progress`, over HTTP on a Unix socket, from a thread."""
+409, as the worker does) and `POST /training/progress`, over HTTP on a Unix socket, from a thread.
+
+For each data request it notes who asked (the peer's pid, from SO_PEERCRED) and which other processes then
+ran in the asker's PID namespace, and once the data is served it leaves a `served` file beside the socket."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import socket
 import socketserver
+import struct
 import tempfile
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -33,11 +41,15 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         stub = self.server.stub
         if self.path == "/training/data":
+            pid, _, _ = struct.unpack("3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                    struct.calcsize("3i")))
             with stub.lock:
                 stub.data_requests += 1
                 first = stub.data_requests == 1
+                stub.askers.append(DataRequest(pid, neighbours(pid)))
             if first:
                 self._send(200, stub.data, "application/octet-stream")
+                stub.served.touch()
             else:
                 self._send(409, json.dumps({"title": "Conflict", "detail": "already served"}).encode(),
                            "application/json")
@@ -58,16 +70,42 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
 
+@dataclass(frozen=True)
+class DataRequest:
+    pid: int
+    neighbours: list[str]   # the other processes in the asker's PID namespace then: "pid command line"
+
+
+def neighbours(pid: int) -> list[str]:
+    """The processes other than `pid` in its PID namespace (on the host's /proc: a namespace's processes all
+    show there), each as "pid command line"."""
+    try:
+        namespace = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == pid:
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+            if os.readlink(f"/proc/{entry}/ns/pid") == namespace:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{entry} {command.strip()}")
+    return found
+
+
 class WorkerStub:
     """Serves `data` (npz bytes) once at a short socket path; records progress posts."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.data_requests = 0
+        self.askers: list[DataRequest] = []
         self.progress: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.folder = Path(tempfile.mkdtemp(prefix="dpsock-", dir="/tmp"))  # Unix socket paths are short
         self.path = self.folder / "dp.sock"
+        self.served = self.folder / "served"
         self._server = _Server(str(self.path), _Handler)
         self._server.stub = self
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -77,4 +115,5 @@ class WorkerStub:
         self._server.shutdown()
         self._server.server_close()
         self.path.unlink(missing_ok=True)
+        self.served.unlink(missing_ok=True)
         self.folder.rmdir()

@@ -1,9 +1,8 @@
-"""Hostile: leaves a detached process behind that waits for the data to arrive, then asks for it too."""
+"""Hostile: leaves a detached process behind that waits for the data to reach the trainer, then asks for it too."""
 
 import http.client
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 SOCKET = (Path(__file__).parent / "socket_path.txt").read_text().strip()
 MARKER = Path(__file__).parent.parent / "daemon-ran"   # outside the read-only bundle in the host test
+SERVED = Path(SOCKET).parent / "served"   # the worker stub's: the data went to the trainer
 
 
 class _Unix(http.client.HTTPConnection):
@@ -19,22 +19,22 @@ class _Unix(http.client.HTTPConnection):
         self.sock.connect(SOCKET)
 
 
-def _lurk(export_folder: Path) -> None:
-    while not (export_folder / "tensors.safetensors").exists():
+def _lurk() -> None:
+    # Asks only once the trainer has had the data: had the trainer left it running, it would take part in
+    # the run; killed first (as it must be), it never asks.
+    while not SERVED.exists():
         time.sleep(0.05)
-    time.sleep(1.5)   # the export is written and the child has exited: the trainer fetches the data now
     connection = _Unix("sandbox")
     connection.request("POST", "/training/data", body=b"{}", headers={"Content-Length": "2"})
     MARKER.write_bytes(connection.getresponse().read())
 
 
 def build_model(n_features: int, n_outputs: int) -> torch.nn.Module:
-    export_folder = Path(sys.argv[-1])
     if os.fork() == 0:
         os.setsid()   # out of the child's process group and session
         if os.fork() == 0:
             try:
-                _lurk(export_folder)
+                _lurk()
             finally:
                 os._exit(0)
         os._exit(0)
