@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 from sandbox_trainer import run
 from sandbox_trainer.spec import SpecError, parse_spec
-from worker_stub import WorkerStub, npz_bytes
+from worker_stub import WorkerStub, npz_bytes, socket_folder
 
 from sandbox.budgets import rdp
 
@@ -66,20 +66,26 @@ def worker() -> Iterator[WorkerStub]:
     stub.close()
 
 
-def train(tmp_path: Path, worker: WorkerStub, model_file: str, *, export_timeout_s: float = 120,
-          wrap: list[str] | None = None, **spec_changes: Any) -> Outcome:
+def trainer(tmp_path: Path, socket_path: Path, model_file: str, *, export_timeout_s: float = 120,
+            **spec_changes: Any) -> tuple[list[str], dict[str, str]]:
+    """The trainer's command line and environment, with its folders under `tmp_path` and `model_file` as model.py."""
     code, output, work = tmp_path / "code", tmp_path / "output", tmp_path / "tmp"
     for folder in (code, output, work):
         folder.mkdir()
     shutil.copy(BUYER_CODE / model_file, code / "model.py")
-    (code / "socket_path.txt").write_text(str(worker.path))   # for the hostile model that looks for the socket
+    (code / "socket_path.txt").write_text(str(socket_path))   # for the hostile model that looks for the socket
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SANDBOX_TRAINING": json.dumps(spec(**spec_changes)),
            "SANDBOX_TRAINER_CODE": str(code), "SANDBOX_TRAINER_OUTPUT": str(output),
-           "SANDBOX_TRAINER_TMP": str(work), "SANDBOX_DP_SOCKET": str(worker.path),
+           "SANDBOX_TRAINER_TMP": str(work), "SANDBOX_DP_SOCKET": str(socket_path),
            "SANDBOX_TRAINER_EXPORT_TIMEOUT_S": str(export_timeout_s)}
-    done = subprocess.run([*(wrap or []), sys.executable, "-I", "-c", BOOTSTRAP, str(PACKAGE_ROOT)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    return Outcome(done.returncode, done.stdout, done.stderr, output, work, worker)
+    return [sys.executable, "-I", "-c", BOOTSTRAP, str(PACKAGE_ROOT)], env
+
+
+def train(tmp_path: Path, worker: WorkerStub, model_file: str, *, export_timeout_s: float = 120,
+          wrap: list[str] | None = None, **spec_changes: Any) -> Outcome:
+    command, env = trainer(tmp_path, worker.path, model_file, export_timeout_s=export_timeout_s, **spec_changes)
+    done = subprocess.run([*(wrap or []), *command], env=env, capture_output=True, text=True, timeout=300)
+    return Outcome(done.returncode, done.stdout, done.stderr, tmp_path / "output", tmp_path / "tmp", worker)
 
 
 def test_a_run_trains_and_writes_weights_that_load_into_build_model(tmp_path: Path, worker: WorkerStub) -> None:
@@ -145,6 +151,35 @@ def test_a_model_that_takes_the_data_fails_the_run_and_its_output_is_withheld(tm
     assert outcome.stdout == ""
     assert worker.data_requests == 2 and worker.progress == []
     assert os.listdir(outcome.output) == [] and os.listdir(outcome.work) == []
+
+
+def test_a_worker_that_does_not_answer_is_waited_for(tmp_path: Path) -> None:
+    """The worker restarts while the model's code runs: nothing serves the socket when the trainer asks for the
+    data. It says so and waits; once a worker serves the socket again, it trains as usual."""
+    folder = socket_folder()
+    command, env = trainer(tmp_path, folder / "dp.sock", "tiny_mlp.py")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        assert process.stderr is not None
+        said = []
+        while not any("the worker does not answer" in line for line in said):
+            line = process.stderr.readline()
+            assert line, f"the trainer ended without waiting for the worker: {''.join(said)}"
+            said.append(line)
+        worker = WorkerStub(npz_bytes(*training_rows()), folder=folder)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+        process.wait()
+        if worker is not None:
+            worker.close()
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    assert process.returncode == 0, "".join(said) + stderr
+    assert "building a tiny MLP for 4 features" in stdout
+    assert worker.data_requests == 1 and worker.progress[-1]["step"] == 20
+    assert sorted(os.listdir(tmp_path / "output")) == ["model.safetensors", "training-record.json"]
 
 
 def unshare_works() -> bool:

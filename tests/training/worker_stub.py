@@ -94,16 +94,21 @@ def neighbours(pid: int) -> list[str]:
     return found
 
 
+def socket_folder() -> Path:
+    return Path(tempfile.mkdtemp(prefix="dpsock-", dir="/tmp"))  # Unix socket paths are short
+
+
 class WorkerStub:
     """Serves `data` (npz bytes) once at a short socket path; records progress posts."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, folder: Path | None = None) -> None:
+        """`folder`: where the socket goes (a worker coming back serves the same path); else a new one."""
         self.data = data
         self.data_requests = 0
         self.askers: list[DataRequest] = []
         self.progress: list[dict[str, Any]] = []
         self.lock = threading.Lock()
-        self.folder = Path(tempfile.mkdtemp(prefix="dpsock-", dir="/tmp"))  # Unix socket paths are short
+        self.folder = folder or socket_folder()
         self.path = self.folder / "dp.sock"
         self.served = self.folder / "served"
         self._server = _Server(str(self.path), _Handler)

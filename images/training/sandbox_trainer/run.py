@@ -14,7 +14,8 @@ process that can see the training rows, nor influence the process that does. So:
 3. When it exits (or its time is up), every other process in the container is killed (PID 1 kills -1 and
    reaps until /proc lists no one else), the export is read into memory through a folder descriptor opened
    before the child ran, and /tmp and /output are wiped.
-4. The data is fetched from the worker (`POST /training/data`), once: it serves it only once. A 409 means
+4. The data is fetched from the worker (`POST /training/data`), once: it serves it only once (a worker that
+   does not answer, restarting, is waited for up to WORKER_WAIT_S; the request was never delivered). A 409 means
    some other process took it, which can only be the buyer's code: the run fails, and NOTHING derived from
    the child is shown (its output, its exit status, even our findings about its export could carry data),
    nor is the export even looked at (how long that takes could carry data too).
@@ -82,6 +83,8 @@ EXPORT_TIMEOUT_S = 300.0
 KILL_DEADLINE_S = 10.0
 PROGRESS_TIMEOUT_S = 5.0
 DATA_TIMEOUT_S = 600.0
+WORKER_WAIT_S = 300.0  # how long the data request waits for a worker that is not answering (restarting)
+WORKER_RETRY_S = 0.5
 PR_SET_DUMPABLE = 4
 # The container's own tmpfs mounts (a fresh, private container: not a shared host /tmp).
 CONTAINER_TMP = Path("/tmp")  # noqa: S108
@@ -313,9 +316,31 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(str(self._path))
 
 
-def post(path: Path, route: str, body: dict[str, Any], timeout: float) -> tuple[int, bytes]:
+def connect(path: Path, timeout: float, wait_s: float = 0.0) -> _UnixConnection:
+    """A connection to the worker's socket at `path`. While nothing listens there (a worker restarting serves
+    it again once up) it tries again for up to `wait_s` seconds: no request was delivered, so nothing was
+    served, and asking again is safe."""
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        connection = _UnixConnection(path, timeout)
+        try:
+            connection.connect()
+            return connection
+        except (FileNotFoundError, ConnectionRefusedError):
+            connection.close()
+            if time.monotonic() >= deadline:
+                raise
+            if not told:
+                say(f"the worker does not answer at {path} (restarting?): waiting up to {wait_s:.0f} s for it")
+                told = True
+            time.sleep(WORKER_RETRY_S)
+
+
+def post(path: Path, route: str, body: dict[str, Any], timeout: float, *,
+         wait_s: float = 0.0) -> tuple[int, bytes]:
     """POST JSON `body` to `route` on the Unix socket at `path`; (status, response body)."""
-    connection = _UnixConnection(path, timeout)
+    connection = connect(path, timeout, wait_s)
     try:
         payload = json.dumps(body).encode()
         connection.request("POST", route, body=payload,
@@ -335,7 +360,7 @@ class DataUnavailable(Exception):
 def fetch_data(path: Path) -> bytes:
     """The training rows (.npz bytes); DataUnavailable(EXIT_DATA_TAKEN) on a 409."""
     try:
-        status, body = post(path, "/training/data", {}, DATA_TIMEOUT_S)
+        status, body = post(path, "/training/data", {}, DATA_TIMEOUT_S, wait_s=WORKER_WAIT_S)
     except (OSError, http.client.HTTPException) as exc:
         raise DataUnavailable(EXIT_WORKER, f"cannot reach the worker at {path}: {exc}") from exc
     if status == 409:
