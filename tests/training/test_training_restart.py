@@ -37,7 +37,8 @@ def test_sigkill_mid_run_then_restart_releases_the_model_and_charges_once(
                         code={"model.py": SLOW_MODEL}, submit_s=120, finish_s=180) as run:
         job = run.job
         outputs = {o["path"]: o for o in job["outputs"]}
-        assert job["state"] in ("in_review", "done") and job["exit_code"] == 0, job
+        assert job["state"] in ("in_review", "done") and job["exit_code"] == 0, \
+            f"{job['state']} (exit {job['exit_code']}): {job['reason']}"
         assert outputs["model/model.safetensors"]["status"] == "released", outputs
         [budget] = [b for b in httpx.get(f"{run.url}/v1/budgets", headers=run.buyer).json()
                     if b["contract"] == run.contract["id"]]
