@@ -44,9 +44,8 @@ class _Handler(BaseHTTPRequestHandler):
             pid, _, _ = struct.unpack("3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                     struct.calcsize("3i")))
             with stub.lock:
-                stub.data_requests += 1
-                first = stub.data_requests == 1
                 stub.askers.append(DataRequest(pid, neighbours(pid)))
+                first = stub.data_requests == 1
             if first:
                 self._send(200, stub.data, "application/octet-stream")
                 stub.served.touch()
@@ -104,7 +103,6 @@ class WorkerStub:
     def __init__(self, data: bytes, folder: Path | None = None) -> None:
         """`folder`: where the socket goes (a worker coming back serves the same path); else a new one."""
         self.data = data
-        self.data_requests = 0
         self.askers: list[DataRequest] = []
         self.progress: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -115,6 +113,10 @@ class WorkerStub:
         self._server.stub = self
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    @property
+    def data_requests(self) -> int:
+        return len(self.askers)
 
     def close(self) -> None:
         self._server.shutdown()
